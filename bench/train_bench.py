@@ -1,0 +1,227 @@
+"""Throughput benchmark: matmul peak, train/eval step tokens/s and MFU, sampler tokens/s.
+
+Everything is measured in one process so the MFU is relative to the matmul peak of the same machine in
+the same state: MFU = model FLOP/s (from `model.flops_per_token`) / best measured matmul FLOP/s with
+bf16 inputs and f32 accumulation (`preferred_element_type=f32`, the model's own matmul recipe).
+Timings are the best of several repeats after warm-up (compilation excluded), with `block_until_ready`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forgetting.core import model, optim, sampling, step
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark the training stack: matmul peak, train/eval/sampler throughput, MFU."""
+
+    d_model: int = 128  # model width D
+    n_layers: int = 4  # transformer blocks L
+    head_dim: int = 32  # per-head width
+    seq_len: int = 128  # sequence length T
+    vocab_size: int = 4096  # vocabulary V
+    dtype: str = "bfloat16"  # matmul input dtype: bfloat16 (f32 accumulation) or float32
+    batch_size: int = 32  # train/eval batch rows
+    steps: int = 10  # timed steps per repeat
+    warmup: int = 3  # untimed steps after compilation
+    repeats: int = 3  # timed repeats; the best is reported
+    sampler_batch: int = 32  # rows sampled at once (0 skips the sampler)
+    kl_pre: bool = True  # also time a kl_pre train step with a replay batch of batch_size // 2
+    matmul_sizes: tuple[int, ...] = (512, 1024, 2048)  # square matmul sizes for the peak
+    json: str = ""  # write the results here as JSON (empty: print only)
+
+    def model_config(self) -> model.ModelConfig:
+        return model.ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                                 head_dim=self.head_dim, seq_len=self.seq_len, dtype=self.dtype)
+
+    def validate(self) -> None:
+        self.model_config()
+        if self.batch_size < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("batch_size, steps and repeats must be >= 1 and warmup >= 0")
+
+
+def _best_time(fn: Callable[[], Any], n: int, repeats: int) -> float:
+    """Best over `repeats` of the mean seconds per call of `n` back-to-back calls (blocking at the end)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(n):
+            out = fn()
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def matmul_peak(sizes: tuple[int, ...], repeats: int = 5) -> dict[str, dict[str, float]]:
+    """GFLOP/s of jitted square matmuls per recipe and size."""
+    recipes = {
+        "bf16_in_f32_acc": (jnp.bfloat16, jnp.float32),
+        "f32": (jnp.float32, jnp.float32),
+        "bf16_in_bf16_out": (jnp.bfloat16, jnp.bfloat16),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, (in_dtype, acc_dtype) in recipes.items():
+        f = jax.jit(lambda a, b, acc=acc_dtype: jnp.matmul(a, b, preferred_element_type=acc))
+        out[name] = {}
+        for n in sizes:
+            a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(in_dtype)
+            b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(in_dtype)
+            jax.block_until_ready(f(a, b))
+            calls = max(1, int(2e9 // (2 * n**3)))  # ~2 GFLOP per timed batch of calls
+            seconds = _best_time(lambda: f(a, b), calls, repeats)
+            out[name][str(n)] = 2 * n**3 / seconds / 1e9
+    return out
+
+
+def _tokens(key: jax.Array, rows: int, cfg: model.ModelConfig) -> jax.Array:
+    return jax.random.randint(key, (rows, cfg.seq_len), 0, cfg.vocab_size, jnp.int32)
+
+
+def _time_train(cfg: model.ModelConfig, bc: BenchConfig, params: Any, reg: str) -> dict[str, float]:
+    opt = optim.optimizer("adamw", 1e-4)
+    fn = step.make_train_step(cfg, opt, reg_method=reg, reg_coeff=1.0)
+    batch = {"tokens": _tokens(jax.random.key(1), bc.batch_size, cfg)}
+    frozen = {"ref": None, "base": None}
+    replay_rows = 0
+    if reg == "kl_pre":
+        replay_rows = max(1, bc.batch_size // 2)
+        batch["replay"] = _tokens(jax.random.key(2), replay_rows, cfg)
+        frozen["ref"] = params
+    holder = {"state": step.init_state(params, opt)}
+
+    def one():
+        holder["state"], metrics = fn(holder["state"], batch, frozen)
+        return metrics
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(one())
+    compile_s = time.perf_counter() - t0
+    for _ in range(bc.warmup):
+        jax.block_until_ready(one())
+    seconds = _best_time(one, bc.steps, bc.repeats)
+    new_tokens = bc.batch_size * cfg.seq_len
+    per_token = model.flops_per_token(cfg)
+    # model FLOPs per step: fwd+bwd over new and replay rows, plus a forward (1/3) of the reference
+    flops = per_token * (bc.batch_size + replay_rows + replay_rows / 3) * cfg.seq_len
+    return {"step_ms": seconds * 1e3, "tokens_per_s": new_tokens / seconds,
+            "all_tokens_per_s": (bc.batch_size + replay_rows) * cfg.seq_len / seconds,
+            "model_gflops": flops / seconds / 1e9, "compile_s": compile_s}
+
+
+def _time_eval(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[str, float]:
+    fn = step.make_eval_step(cfg)
+    tokens = _tokens(jax.random.key(3), bc.batch_size, cfg)
+    jax.block_until_ready(fn(params, tokens))
+    for _ in range(bc.warmup):
+        jax.block_until_ready(fn(params, tokens))
+    seconds = _best_time(lambda: fn(params, tokens), bc.steps, bc.repeats)
+    flops = model.flops_per_token(cfg) / 3 * bc.batch_size * cfg.seq_len
+    return {"step_ms": seconds * 1e3, "tokens_per_s": bc.batch_size * cfg.seq_len / seconds,
+            "model_gflops": flops / seconds / 1e9}
+
+
+def _time_sampler(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[str, float]:
+    prompt = jnp.zeros((bc.sampler_batch,), jnp.int32)
+    keys = iter(jax.random.split(jax.random.key(4), 2 + bc.repeats * max(1, bc.steps // 5)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0))
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0))
+    seconds = _best_time(lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0),
+                         max(1, bc.steps // 5), bc.repeats)
+    generated = bc.sampler_batch * (cfg.seq_len - 1)
+    return {"call_ms": seconds * 1e3, "tokens_per_s": generated / seconds, "compile_s": compile_s}
+
+
+def run(bc: BenchConfig) -> dict[str, Any]:
+    """Runs every measurement and returns the results dict (also written to `bc.json` if set)."""
+    bc.validate()
+    cfg = bc.model_config()
+    params = model.init(cfg, jax.random.key(0))
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(bc),
+        "env": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+                "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(),
+                "processor": platform.processor()},
+        "model": {"param_count": model.param_count(cfg), "paper_param_count": model.paper_param_count(cfg),
+                  "flops_per_token": model.flops_per_token(cfg)},
+    }
+    peaks = matmul_peak(tuple(bc.matmul_sizes))
+    results["matmul_gflops"] = peaks
+    best = {name: max(v.values()) for name, v in peaks.items()}
+    results["matmul_best_gflops"] = best
+    peak = best["bf16_in_f32_acc"]
+    results["train"] = _time_train(cfg, bc, params, "none")
+    results["train"]["mfu"] = results["train"]["model_gflops"] / peak
+    results["train"]["mfu_vs_f32_peak"] = results["train"]["model_gflops"] / best["f32"]
+    results["eval"] = _time_eval(cfg, bc, params)
+    results["eval"]["mfu"] = results["eval"]["model_gflops"] / peak
+    if bc.sampler_batch > 0:
+        results["sampler"] = _time_sampler(cfg, bc, params)
+    if bc.kl_pre:
+        results["train_kl_pre"] = _time_train(cfg, bc, params, "kl_pre")
+        results["train_kl_pre"]["mfu"] = results["train_kl_pre"]["model_gflops"] / peak
+    if bc.json:
+        from forgetting.stages.cli import write_json_atomic
+
+        write_json_atomic(Path(bc.json), results)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """A readable summary of `run`'s results."""
+    c, m = results["config"], results["model"]
+    lines = [
+        f"model D={c['d_model']} L={c['n_layers']} head={c['head_dim']} T={c['seq_len']} V={c['vocab_size']} "
+        f"dtype={c['dtype']} batch={c['batch_size']}: {m['param_count']:,} params, "
+        f"{m['flops_per_token'] / 1e6:.2f} MFLOP/token (fwd+bwd)",
+        f"backend {results['env']['backend']} x{results['env']['devices']}, jax {results['env']['jax']}",
+        "",
+        "matmul GFLOP/s     " + "".join(f"{n:>9}" for n in next(iter(results["matmul_gflops"].values()))),
+    ]
+    for name, row in results["matmul_gflops"].items():
+        lines.append(f"  {name:<17}" + "".join(f"{v:9.1f}" for v in row.values()))
+    peak = results["matmul_best_gflops"]["bf16_in_f32_acc"]
+    lines += ["", f"{'':<22}{'ms/step':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>8}"]
+    for key, label in (("train", "train step (reg none)"), ("train_kl_pre", "train step (kl_pre)"),
+                       ("eval", "eval step")):
+        if key in results:
+            r = results[key]
+            lines.append(f"{label:<22}{r['step_ms']:10.1f}{r['tokens_per_s']:12.0f}{r['model_gflops']:10.1f}"
+                         f"{100 * r['mfu']:7.1f}%")
+    if "sampler" in results:
+        r = results["sampler"]
+        lines.append(f"{'sampler (T=1, full)':<22}{r['call_ms']:10.1f}{r['tokens_per_s']:12.0f}"
+                     f"{'':>10}{'':>8}  (ms per {c['sampler_batch']}x{c['seq_len']} call)")
+    lines.append(f"MFU = model FLOP/s / best bf16-in f32-acc matmul ({peak:.1f} GFLOP/s); "
+                 f"train vs f32 peak: {100 * results['train']['mfu_vs_f32_peak']:.1f}%")
+    if "train_kl_pre" in results:
+        lines.append("kl_pre: tokens/s counts new-data tokens; FLOPs include replay fwd+bwd and the "
+                     "reference forward")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from forgetting.stages import cli
+
+    bc = cli.parse(BenchConfig, argv)
+    results = run(bc)
+    print(table(results))
+    if bc.json:
+        print(f"wrote {bc.json}")
+    return results
+
+
+def to_json(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2, default=lambda x: np.asarray(x).tolist())

@@ -1,0 +1,257 @@
+"""Token files and training batches (numpy only).
+
+A token file is a flat little-endian uint16 `.bin` (nanoGPT's format, the paper's too) plus a JSON
+sidecar `<file>.json` with at least dataset_id, num_tokens, vocab_size, tokenizer_sha256, eos_id, dtype.
+
+`SequenceDataset` cuts the file into consecutive T-token sequences (a trailing partial one is dropped),
+takes a validation split once from a seeded permutation, and serves training batches as a stateless
+function of (seed, step): sample k of the run is position k % num_train of the permutation for
+(seed, epoch = k // num_train). A resumed run therefore sees exactly the batches it would have seen.
+The dataset id overwrites token 0 of every sequence (the paper's convention).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+DTYPE = np.dtype("<u2")
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning for the maximum id (32 MiB)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(str(path) + ".json")
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class TokenWriter:
+    """Streams uint16 tokens to `path` (via a temp file renamed on `close`), then writes the sidecar."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(str(self.path) + ".tmp")
+        self._f = open(self._tmp, "wb")
+        self.num_tokens = 0
+        self.max_id = -1
+
+    def write(self, tokens: np.ndarray | Sequence[int]) -> None:
+        arr = np.asarray(tokens)
+        if arr.size == 0:
+            return
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError("token ids must be in [0, 65535] to fit a uint16 .bin file")
+        self.max_id = max(self.max_id, int(arr.max()))
+        self._f.write(arr.astype(DTYPE, copy=False).tobytes())
+        self.num_tokens += arr.size
+
+    def close(self, meta: dict) -> dict:
+        """Finishes the file; `meta` is completed with num_tokens and dtype and written as the sidecar."""
+        self._f.close()
+        if self.num_tokens == 0:
+            self._tmp.unlink()
+            raise ValueError(f"refusing to write {self.path}: the corpus is empty (no tokens)")
+        os.replace(self._tmp, self.path)
+        full = {"dtype": "uint16", **meta, "num_tokens": self.num_tokens, "max_token_id": self.max_id}
+        write_json_atomic(sidecar_path(self.path), full)
+        return full
+
+    def abort(self) -> None:
+        self._f.close()
+        if self._tmp.exists():
+            self._tmp.unlink()
+
+
+def write_token_file(path: str | Path, tokens: np.ndarray, meta: dict) -> dict:
+    """Writes an in-memory token array and its sidecar in one go."""
+    writer = TokenWriter(path)
+    try:
+        writer.write(np.asarray(tokens).ravel())
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(meta)
+
+
+class TokenFile:
+    """A memmapped `.bin` token file with its validated sidecar."""
+
+    def __init__(self, path: str | Path, *, vocab_size: int | None = None, tokenizer_sha256: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"token file not found: {self.path}")
+        meta_path = sidecar_path(self.path)
+        if not meta_path.exists():
+            raise FileNotFoundError(f"sidecar {meta_path} not found; token files are written with one by the tokenize/generate stages")
+        try:
+            self.meta: dict = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"sidecar {meta_path} is not valid JSON: {e}") from None
+        size = self.path.stat().st_size
+        if size == 0:
+            raise ValueError(f"token file {self.path} is empty (0 bytes)")
+        if size % DTYPE.itemsize:
+            raise ValueError(f"token file {self.path} has {size} bytes, not a multiple of 2: not a uint16 token file (truncated?)")
+        self.num_tokens = size // DTYPE.itemsize
+        if self.meta.get("dtype", "uint16") != "uint16":
+            raise ValueError(f"{meta_path}: dtype {self.meta['dtype']!r} is not supported (uint16 only)")
+        if self.meta.get("num_tokens") not in (None, self.num_tokens):
+            raise ValueError(f"{meta_path} says {self.meta['num_tokens']} tokens but {self.path} holds {self.num_tokens}")
+        if "dataset_id" not in self.meta:
+            raise ValueError(f"{meta_path} has no dataset_id")
+        self.dataset_id: int = int(self.meta["dataset_id"])
+        self.vocab_size: int = int(self.meta.get("vocab_size") or 0)
+        if tokenizer_sha256 is not None and self.meta.get("tokenizer_sha256") != tokenizer_sha256:
+            raise ValueError(
+                f"{self.path} was tokenized with tokenizer sha256 {self.meta.get('tokenizer_sha256')}, "
+                f"but the tokenizer in use has sha256 {tokenizer_sha256}; re-tokenize with the same tokenizer"
+            )
+        self.tokens = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(self.num_tokens,))
+        if vocab_size is not None:
+            self.check_vocab(vocab_size)
+
+    def max_token_id(self) -> int:
+        """The largest id in the file, scanned in chunks so memory stays flat."""
+        return max(int(self.tokens[i : i + _SCAN_CHUNK].max()) for i in range(0, self.num_tokens, _SCAN_CHUNK))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.dataset_id >= vocab_size or self.dataset_id < 0:
+            raise ValueError(f"{self.path}: dataset_id {self.dataset_id} is outside the model's vocab of {vocab_size}")
+        top = self.max_token_id()
+        if top >= vocab_size:
+            raise ValueError(
+                f"{self.path} holds token id {top} but the model's vocab has {vocab_size} ids; "
+                "use a model vocab_size at least the tokenizer's"
+            )
+
+
+class SequenceDataset:
+    """Consecutive `seq_len`-token sequences of a TokenFile with a seeded validation split."""
+
+    def __init__(self, token_file: TokenFile, seq_len: int, *, num_tokens_valid: int, split_seed: int,
+                 overwrite_first_with_id: bool = True):
+        if seq_len < 1:
+            raise ValueError("seq_len must be >= 1")
+        self.token_file = token_file
+        self.seq_len = seq_len
+        self.overwrite_first_with_id = overwrite_first_with_id
+        self.num_sequences = token_file.num_tokens // seq_len
+        if self.num_sequences == 0:
+            raise ValueError(f"{token_file.path} has {token_file.num_tokens} tokens: fewer than one sequence of {seq_len}")
+        self._rows = token_file.tokens[: self.num_sequences * seq_len].reshape(self.num_sequences, seq_len)
+        n_valid = math.ceil(num_tokens_valid / seq_len) if num_tokens_valid > 0 else 0
+        if n_valid >= self.num_sequences:
+            raise ValueError(
+                f"{token_file.path}: a validation split of {n_valid} sequences leaves no training sequences "
+                f"(only {self.num_sequences} of {seq_len} tokens); lower num_tokens_valid"
+            )
+        perm = np.random.default_rng(split_seed).permutation(self.num_sequences)
+        # Sorted within each split so memmap reads are as sequential as possible; the split itself is random.
+        self.valid_indices = np.sort(perm[:n_valid])
+        self.train_indices = np.sort(perm[n_valid:])
+        self.num_valid = int(n_valid)
+        self.num_train = int(self.num_sequences - n_valid)
+        self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _rows_of(self, sequence_ids: np.ndarray) -> np.ndarray:
+        order = np.argsort(sequence_ids, kind="stable")  # read the memmap in increasing offset order
+        out = np.empty((len(sequence_ids), self.seq_len), dtype=np.int32)
+        out[order] = self._rows[sequence_ids[order]]
+        if self.overwrite_first_with_id:
+            out[:, 0] = self.token_file.dataset_id
+        return out
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.num_train < batch_size:
+            raise ValueError(
+                f"{self.token_file.path}: the training split has {self.num_train} sequences of {self.seq_len} tokens, "
+                f"fewer than one batch of {batch_size}; use more data, a smaller batch, or a smaller validation split"
+            )
+
+    def epoch_of(self, step: int, batch_size: int) -> int:
+        return (step * batch_size) // self.num_train
+
+    def _epoch_permutation(self, seed: int, epoch: int) -> np.ndarray:
+        key = (seed, epoch)
+        perm = self._perm_cache.get(key)
+        if perm is None:  # memoized only: the value is a pure function of (seed, epoch)
+            perm = np.random.default_rng([seed, epoch]).permutation(self.num_train)
+            self._perm_cache[key] = perm
+            while len(self._perm_cache) > 2:
+                self._perm_cache.popitem(last=False)
+        return perm
+
+    def train_positions(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """Indices into the training split for batch `step` (rows wrap into the next epoch's order)."""
+        self.check_batch_size(batch_size)
+        k = step * batch_size + np.arange(batch_size, dtype=np.int64)
+        epochs, within = np.divmod(k, self.num_train)
+        out = np.empty(batch_size, dtype=np.int64)
+        for e in np.unique(epochs):
+            mask = epochs == e
+            out[mask] = self._epoch_permutation(seed, int(e))[within[mask]]
+        return out
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """int32 [batch_size, seq_len]: the training batch number `step` of a run with this `seed`."""
+        return self.train_sequences(self.train_positions(step, batch_size, seed))
+
+    def train_sequences(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """int32 rows of the training split by index (0..num_train-1), e.g. for real replay."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_train):
+            raise IndexError(f"training sequence index out of range [0, {self.num_train})")
+        return self._rows_of(self.train_indices[idx])
+
+    def valid_batches(self, batch_size: int, *, drop_last: bool = False) -> Iterator[np.ndarray]:
+        """The whole validation split in a fixed order; the last batch is smaller unless `drop_last`."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        for start in range(0, self.num_valid, batch_size):
+            ids = self.valid_indices[start : start + batch_size]
+            if drop_last and len(ids) < batch_size:
+                return
+            yield self._rows_of(ids)
+
+
+def _num_rows(fraction: float, batch_size: int) -> int:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return int(math.floor(fraction * batch_size + 1e-9))  # epsilon: 0.29 * 100 is 28.999... in floating point
+
+
+def _swap_rows(main_bt: np.ndarray, other_bt: np.ndarray, fraction: float) -> np.ndarray:
+    n = _num_rows(fraction, main_bt.shape[0])
+    if n == 0:
+        return main_bt
+    if other_bt.shape[0] < n or other_bt.shape[1:] != main_bt.shape[1:]:
+        raise ValueError(f"need at least {n} rows of shape {main_bt.shape[1:]} from the other batch, got {other_bt.shape}")
+    out = np.array(main_bt, copy=True)
+    out[:n] = other_bt[:n]
+    return out
+
+
+def mix_batch(main_bt: np.ndarray, other_bt: np.ndarray, fraction: float) -> np.ndarray:
+    """Pretraining mixture: the first floor(fraction * B) rows come from `other_bt`."""
+    return _swap_rows(main_bt, other_bt, fraction)
+
+
+def replace_batch(main_bt: np.ndarray, old_bt: np.ndarray, fraction: float) -> np.ndarray:
+    """`replace` replay: the first floor(fraction * B) rows of the new-data batch become old-data rows."""
+    return _swap_rows(main_bt, old_bt, fraction)

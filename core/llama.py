@@ -1,0 +1,369 @@
+"""The Llama architecture (Llama 2/3, 3.1, 3.2) as pure functions over a layer-stacked parameter pytree.
+
+Pre-norm decoder: RMSNorm with a learned gain before attention, MLP and unembedding; grouped-query
+causal attention (`n_kv_heads` key/value heads shared by groups of `n_heads // n_kv_heads` query heads;
+query head h reads kv head h // group, as Hugging Face's `repeat_kv`); RoPE in the rotate-half convention
+of Hugging Face's `LlamaForCausalLM` (whose converted q/k weights are permuted for it, so HF checkpoints
+load without any permutation) with the checkpoint's theta and optional Llama-3 frequency scaling; SwiGLU
+MLP `down(silu(gate(x)) * up(x))`; no biases; tied or untied input/output embeddings.
+
+`LlamaConfig` plugs into the shared code through the protocol of `core.model`: `forward`, `init_cache`,
+`lora_views`, `param_specs`, `seq_len`, `vocab_size`. So `sampling.sample`, `step.make_train_step`,
+`lora` and `losses` work unchanged.
+
+Parameter layout (a flat dict; "L" = layers stacked on the leading axis and run with `lax.scan`):
+
+    embed       [V, D]          token embedding (HF model.embed_tokens.weight)
+    lm_head     [V, D]          output embedding, only when untied (HF lm_head.weight)
+    final_norm  [D]             gain of the last RMSNorm (HF model.norm.weight)
+    attn_norm   [L, D]          HF input_layernorm.weight
+    wq          [L, D, H, hd]   HF q_proj.weight [H*hd, D] transposed
+    wk          [L, D, K, hd]   HF k_proj.weight [K*hd, D] transposed (K = n_kv_heads)
+    wv          [L, D, K, hd]   HF v_proj.weight
+    wo          [L, H, hd, D]   HF o_proj.weight [D, H*hd] transposed
+    mlp_norm    [L, D]          HF post_attention_layernorm.weight
+    w_gate      [L, D, F]       HF mlp.gate_proj.weight [F, D] transposed
+    w_up        [L, D, F]       HF mlp.up_proj.weight
+    w_down      [L, F, D]       HF mlp.down_proj.weight [D, F] transposed
+
+Numerics: leaves are stored in `param_dtype` (f32 by default, bf16 to halve memory); matmuls take
+`dtype` inputs (bf16 by default) with f32 accumulation; the residual stream, norms, softmax, RoPE and
+logits are f32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forgetting.core.model import ParamSpec
+
+Params = dict[str, jax.Array]
+Cache = dict[str, jax.Array]
+
+LAYER_LEAVES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (HF `rope_scaling` with rope_type "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama-family decoder (hashable: a static jit argument)."""
+
+    vocab_size: int = 512  # V
+    d_model: int = 64  # D (HF hidden_size)
+    n_layers: int = 2  # L (HF num_hidden_layers)
+    n_heads: int = 4  # H (HF num_attention_heads)
+    n_kv_heads: int = 2  # K (HF num_key_value_heads); H must be a multiple of K
+    head_dim: int = 16  # hd (HF head_dim, default hidden_size // heads)
+    d_mlp: int = 128  # F (HF intermediate_size)
+    rope_theta: float = 500000.0  # RoPE base
+    rope_scaling: RopeScaling | None = None  # Llama-3 frequency scaling, or None for plain RoPE
+    norm_eps: float = 1e-5  # RMSNorm epsilon (HF rms_norm_eps)
+    tie_embeddings: bool = True  # output embedding = input embedding (HF tie_word_embeddings)
+    seq_len: int = 256  # maximum sequence length used here (KV-cache size, sampler length)
+    dtype: str = "bfloat16"  # matmul input dtype (f32 accumulation); "float32" for exact arithmetic
+    param_dtype: str = "float32"  # storage dtype of the parameters: "float32" or "bfloat16"
+    bos_id: int = 0  # beginning-of-text token (the self-generated replay prompt)
+    eos_id: int = 1  # end-of-text token
+    init_std: float = 0.02  # HF initializer_range, for `init`
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp",
+                     "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("bfloat16", "float32"):
+                raise ValueError(f"{name} must be 'bfloat16' or 'float32', got {getattr(self, name)!r}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    # --- the protocol used by core.model / lora / sharding -------------------------------------------
+    def forward(self, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
+                pos: jax.Array | int = 0):
+        return forward(self, params, tokens_bt, cache, pos)
+
+    def init_cache(self, batch_size: int) -> Cache:
+        return init_cache(self, batch_size)
+
+    def lora_views(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        return dict(_LORA_VIEWS)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return param_specs(self)
+
+
+# leaf -> (permutation to [L, in..., out...], number of "in" axes): every non-embedding matrix.
+_LORA_VIEWS: dict[str, tuple[tuple[int, ...], int]] = {
+    "wq": ((0, 1, 2, 3), 1),  # [L, D | H, hd]
+    "wk": ((0, 1, 2, 3), 1),
+    "wv": ((0, 1, 2, 3), 1),
+    "wo": ((0, 1, 2, 3), 2),  # [L, H, hd | D]
+    "w_gate": ((0, 1, 2), 1),
+    "w_up": ((0, 1, 2), 1),
+    "w_down": ((0, 1, 2), 1),
+}
+
+
+def param_specs(cfg: LlamaConfig) -> dict[str, ParamSpec]:
+    """The abstract parameter tree. Norm gains have init_std 0 and are initialized to 1 by `init`."""
+    V, D, L, H, K, hd, F = (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                            cfg.head_dim, cfg.d_mlp)
+    std, dt = cfg.init_std, cfg.storage_dtype
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), std, dt),
+        "final_norm": ParamSpec((D,), (None,), 0.0, dt),
+        "attn_norm": ParamSpec((L, D), ("layers", None), 0.0, dt),
+        "wq": ParamSpec((L, D, H, hd), ("layers", "embed", "heads", "head_dim"), std, dt),
+        "wk": ParamSpec((L, D, K, hd), ("layers", "embed", "heads", "head_dim"), std, dt),
+        "wv": ParamSpec((L, D, K, hd), ("layers", "embed", "heads", "head_dim"), std, dt),
+        "wo": ParamSpec((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), std, dt),
+        "mlp_norm": ParamSpec((L, D), ("layers", None), 0.0, dt),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), std, dt),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), std, dt),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), std, dt),
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((V, D), ("vocab", "embed"), std, dt)
+    return specs
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("norm")
+
+
+def init(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random parameters as HF initializes Llama: N(0, init_std) matrices, unit norm gains."""
+    return _init_jit(cfg, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_jit(cfg: LlamaConfig, key: jax.Array) -> Params:
+    # One normal draw sliced into the matrices (sorted by name): a single RNG op compiles several times
+    # faster on CPU than one per leaf.
+    specs = param_specs(cfg)
+    mats = [(name, spec) for name, spec in sorted(specs.items()) if not is_norm(name)]
+    z = jax.random.normal(key, (sum(math.prod(s.shape) for _, s in mats),), jnp.float32)
+    out, offset = {}, 0
+    for name, spec in mats:
+        size = math.prod(spec.shape)
+        out[name] = (spec.init_std * z[offset:offset + size].reshape(spec.shape)).astype(spec.dtype)
+        offset += size
+    for name, spec in specs.items():
+        if is_norm(name):
+            out[name] = jnp.ones(spec.shape, spec.dtype)
+    return out
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    return sum(math.prod(s.shape) for s in param_specs(cfg).values())
+
+
+def bos_prompts(cfg: LlamaConfig, n: int) -> jax.Array:
+    """int32 [n] of BOS: the one-token prompts of self-generated replay (no chat template)."""
+    return jnp.full((n,), cfg.bos_id, jnp.int32)
+
+
+# --- the computation -----------------------------------------------------------------------------------
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [hd/2] (f32) with Llama-3 scaling applied when configured (as HF computes)."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is not None:
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    assert inv_freq.shape == (half,)
+    return inv_freq.astype(np.float32)
+
+
+def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with gain, in f32."""
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * gain.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def rope(x_bthd: jax.Array, positions_t: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (HF convention) at integer positions; f32 out."""
+    half = x_bthd.shape[-1] // 2
+    x = x_bthd.astype(jnp.float32)
+    angles_tf = positions_t.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    sin, cos = jnp.sin(angles_tf)[None, :, None, :], jnp.cos(angles_tf)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
+              k_positions_s: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Causal grouped-query attention: q [B,t,H,e], k/v [B,s,K,e] with H a multiple of K; query head h
+    attends with kv head h // (H // K). Key s is visible to query t iff k_pos[s] <= q_pos[t]. f32 out."""
+    B, t, H, e = q_bthe.shape
+    K = k_bske.shape[2]
+    q = q_bthe.reshape(B, t, K, H // K, e)
+    scores = _mm("btkge,bske->bkgts", q, k_bske, dtype) / math.sqrt(e)
+    visible_ts = k_positions_s[None, :] <= q_positions_t[:, None]
+    scores = jnp.where(visible_ts[None, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = _mm("bkgts,bske->btkge", probs, v_bske, dtype)
+    return out.reshape(B, t, H, e)
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int) -> Cache:
+    """Empty KV cache [L, B, seq_len, K, hd] (compute dtype) for keys and values."""
+    shape = (cfg.n_layers, batch_size, cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+def _block(cfg: LlamaConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
+           inv_freq: np.ndarray, kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int):
+    cdt = cfg.compute_dtype
+    h = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
+    q = rope(_mm("btd,dhe->bthe", h, layer["wq"], cdt), positions_t, inv_freq)
+    k = rope(_mm("btd,dke->btke", h, layer["wk"], cdt), positions_t, inv_freq)
+    v = _mm("btd,dke->btke", h, layer["wv"], cdt)
+    if kv_cache is None:
+        keys, values, key_positions = k, v, positions_t
+    else:
+        cache_k, cache_v = kv_cache
+        keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, pos, 0, 0))
+        values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, pos, 0, 0))
+        kv_cache = (keys, values)
+        key_positions = jnp.arange(cache_k.shape[1])
+    attended = attention(q, keys, values, positions_t, key_positions, cdt)
+    x_btd = x_btd + _mm("bthe,hed->btd", attended, layer["wo"], cdt)
+    h = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
+    hidden = jax.nn.silu(_mm("btd,df->btf", h, layer["w_gate"], cdt)) * _mm("btd,df->btf", h, layer["w_up"], cdt)
+    x_btd = x_btd + _mm("btf,fd->btd", hidden, layer["w_down"], cdt)
+    return x_btd, kv_cache
+
+
+def forward(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
+            pos: jax.Array | int = 0):
+    """Logits f32 [B, t, V] for int tokens [B, t] at positions pos..pos+t-1; with a cache (from
+    `init_cache`) also returns the updated cache (same contract as `core.model.forward`)."""
+    t = tokens_bt.shape[1]
+    positions_t = pos + jnp.arange(t)
+    inv_freq = rope_inv_freq(cfg)
+    x_btd = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.float32)
+    layers = {name: params[name] for name in LAYER_LEAVES}
+    if cache is None:
+        def body(x, layer):
+            x, _ = _block(cfg, x, layer, positions_t, inv_freq, None, pos)
+            return x, None
+
+        x_btd, _ = jax.lax.scan(body, x_btd, layers)
+        new_cache = None
+    else:
+        def body(x, layer_and_cache):
+            layer, k, v = layer_and_cache
+            x, (k, v) = _block(cfg, x, layer, positions_t, inv_freq, (k, v), pos)
+            return x, (k, v)
+
+        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]))
+        new_cache = {"k": ks, "v": vs}
+    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    h = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
+    logits_btv = _mm("btd,vd->btv", h, head, cfg.compute_dtype)
+    return logits_btv if cache is None else (logits_btv, new_cache)
+
+
+# --- Hugging Face config.json ----------------------------------------------------------------------------
+def from_hf_config(hf: dict, *, seq_len: int | None = None, dtype: str = "bfloat16",
+                   param_dtype: str = "float32", max_seq_len: int = 2048) -> LlamaConfig:
+    """A LlamaConfig from a HF `config.json` dict (model_type "llama").
+
+    `seq_len` defaults to min(max_position_embeddings, `max_seq_len`): the KV cache and the sampler's
+    length are sized by it, and Llama 3.2's 131072 positions would not fit a cache.
+    """
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"only model_type 'llama' is supported, got {model_type!r}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("Llama checkpoints with attention/MLP biases are not supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act must be 'silu', got {act!r}")
+    scaling = None
+    rs = hf.get("rope_scaling")
+    if rs:
+        rope_type = rs.get("rope_type", rs.get("type"))
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
+                                  float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+        else:
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r} (only 'llama3')")
+    n_heads = int(hf["num_attention_heads"])
+    d_model = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim") or d_model // n_heads
+    max_pos = int(hf.get("max_position_embeddings", max_seq_len))
+    eos = hf.get("eos_token_id", 1)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    bos = hf.get("bos_token_id", 0)
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=int(head_dim),
+        d_mlp=int(hf["intermediate_size"]), rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        seq_len=int(seq_len or min(max_pos, max_seq_len)), dtype=dtype, param_dtype=param_dtype,
+        bos_id=int(0 if bos is None else bos), eos_id=int(1 if eos is None else eos),
+        init_std=float(hf.get("initializer_range", 0.02)))
+
+
+def to_hf_config(cfg: LlamaConfig, *, torch_dtype: str | None = None) -> dict:
+    """The HF `config.json` dict of a LlamaConfig (as `transformers` writes for LlamaForCausalLM)."""
+    out = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "hidden_act": "silu",
+        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp, "num_attention_heads": cfg.n_heads,
+        "num_hidden_layers": cfg.n_layers, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "initializer_range": cfg.init_std, "max_position_embeddings": cfg.seq_len,
+        "pretraining_tp": 1, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": torch_dtype or cfg.param_dtype, "use_cache": True, "vocab_size": cfg.vocab_size,
+    }
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                               "high_freq_factor": s.high_freq_factor,
+                               "original_max_position_embeddings": s.original_max_position_embeddings}
+    return out

@@ -1,0 +1,213 @@
+"""The paper's decoder-only transformer as pure functions over a parameter pytree.
+
+Pre-norm blocks; RMSNorm without gain before attention, MLP and unembedding; QK-norm (RMSNorm on q and
+k per head) before RoPE; causal attention; GELU MLP of width `mlp_ratio * d_model`; no biases; untied
+input/output embeddings. Layers are stacked on a leading axis and run with `lax.scan`, so compile time
+does not grow with depth. Parameters are f32; matmuls take `cfg.dtype` inputs (bf16 by default) and
+accumulate in f32; norms, softmax and logits are f32.
+
+The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,D], `embed_out` [V,D],
+`qkv` [L,3,H,D,hd], `out` [L,H,hd,D], `up` [L,D,4D], `down` [L,4D,D].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, jax.Array]
+Cache = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the paper's transformer."""
+
+    vocab_size: int = 4096  # V: number of token ids
+    d_model: int = 256  # D: residual width
+    n_layers: int = 6  # L: transformer blocks
+    head_dim: int = 64  # per-head width; heads = d_model / head_dim
+    seq_len: int = 256  # T: maximum sequence length (RoPE table and KV-cache size)
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    rope_base: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    dtype: str = "bfloat16"  # matmul input dtype (f32 accumulation); "float32" for exact arithmetic
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.head_dim:
+            raise ValueError(f"d_model={self.d_model} must be a multiple of head_dim={self.head_dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_model // self.head_dim
+
+    @property
+    def d_mlp(self) -> int:
+        return self.mlp_ratio * self.d_model
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+class ParamSpec(NamedTuple):
+    """One leaf of the abstract parameter tree: init and shardings both derive from it."""
+
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    init_std: float
+    dtype: Any = jnp.float32
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The abstract parameter tree (shape, logical axes, init std). Init N(0, D^-1/2) everywhere except
+    the MLP down projection, N(0, (mlp width)^-1/2), as in the paper."""
+    V, D, L, H, hd, F = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.d_mlp
+    std = D**-0.5
+    return {
+        "embed_in": ParamSpec((V, D), ("vocab", "embed"), std),
+        "embed_out": ParamSpec((V, D), ("vocab", "embed"), std),
+        "qkv": ParamSpec((L, 3, H, D, hd), ("layers", None, "heads", "embed", "head_dim"), std),
+        "out": ParamSpec((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), std),
+        "up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), std),
+        "down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), F**-0.5),
+    }
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype) for k, s in param_specs(cfg).items()}
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Samples parameters from the paper's init; one independent key per leaf (sorted by name)."""
+    specs = param_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    return {
+        name: (spec.init_std * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype)
+        for k, (name, spec) in zip(keys, sorted(specs.items()))
+    }
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """The true number of parameters (sum of leaf sizes)."""
+    return sum(math.prod(s.shape) for s in param_specs(cfg).values())
+
+
+def paper_param_count(cfg: ModelConfig) -> int:
+    """The paper's count for tokens-per-parameter and size labels: 12·L·D² + D·V (one embedding)."""
+    return 12 * cfg.n_layers * cfg.d_model**2 + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward+backward matmul FLOPs per trained token (6·N_matmul + attention), for MFU figures."""
+    T = seq_len or cfg.seq_len
+    n_matmul = 12 * cfg.n_layers * cfg.d_model**2 + cfg.d_model * cfg.vocab_size
+    attention = 12 * cfg.n_layers * cfg.d_model * T / 2  # causal: half the score/value matmuls are used
+    return 6 * n_matmul + attention
+
+
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without gain, computed in f32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding (rotate-half form) at integer positions; f32 in and out."""
+    half = x_bthd.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_tf = positions_t.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    sin, cos = jnp.sin(angles_tf)[None, :, None, :], jnp.cos(angles_tf)[None, :, None, :]
+    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """einsum with `dtype` inputs and f32 accumulation."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
+    """An empty KV cache for `batch_size` rows and `cfg.seq_len` positions."""
+    shape = (cfg.n_layers, batch_size, cfg.seq_len, cfg.n_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
+           kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int):
+    cdt = cfg.compute_dtype
+    h = rms_norm(x_btd, cfg.norm_eps)
+    qkv = _mm("btd,khde->kbthe", h, layer["qkv"], cdt)  # [3, B, t, H, hd]
+    q = rope(rms_norm(qkv[0], cfg.norm_eps), positions_t, cfg.rope_base)
+    k = rope(rms_norm(qkv[1], cfg.norm_eps), positions_t, cfg.rope_base)
+    v = qkv[2]
+    if kv_cache is None:
+        keys, values, key_positions = k, v, positions_t
+    else:
+        cache_k, cache_v = kv_cache
+        keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, pos, 0, 0))
+        values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, pos, 0, 0))
+        kv_cache = (keys, values)
+        key_positions = jnp.arange(cache_k.shape[1])
+    scores_bhts = _mm("bthe,bshe->bhts", q, keys, cdt) / math.sqrt(cfg.head_dim)
+    causal_ts = key_positions[None, :] <= positions_t[:, None]
+    scores_bhts = jnp.where(causal_ts[None, None], scores_bhts, -1e30)
+    probs_bhts = jax.nn.softmax(scores_bhts, axis=-1)
+    attended = _mm("bhts,bshe->bthe", probs_bhts, values, cdt)
+    x_btd = x_btd + _mm("bthe,hed->btd", attended, layer["out"], cdt)
+    h = rms_norm(x_btd, cfg.norm_eps)
+    hidden = jax.nn.gelu(_mm("btd,df->btf", h, layer["up"], cdt))
+    x_btd = x_btd + _mm("btf,fd->btd", hidden, layer["down"], cdt)
+    return x_btd, kv_cache
+
+
+def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
+            pos: jax.Array | int = 0):
+    """Logits f32 [B, t, V] for int tokens [B, t] at positions pos..pos+t-1.
+
+    Without a cache: plain causal forward (pos is normally 0). With a cache (from `init_cache`): the
+    new keys/values are written at `pos` and attention runs over all earlier cached positions; returns
+    (logits, new_cache). Config types other than ModelConfig (e.g. a Llama config) supply their own
+    `forward(params, tokens, cache, pos)` method and share everything built on this function.
+    """
+    if not isinstance(cfg, ModelConfig):
+        return cfg.forward(params, tokens_bt, cache, pos)
+    t = tokens_bt.shape[1]
+    positions_t = pos + jnp.arange(t)
+    x_btd = params["embed_in"].astype(jnp.float32)[tokens_bt]
+    layers = {name: params[name] for name in ("qkv", "out", "up", "down")}
+
+    if cache is None:
+        def body(x, layer):
+            x, _ = _block(cfg, x, layer, positions_t, None, pos)
+            return x, None
+
+        x_btd, _ = jax.lax.scan(body, x_btd, layers)
+        new_cache = None
+    else:
+        def body(x, layer_and_cache):
+            layer, k, v = layer_and_cache
+            x, (k, v) = _block(cfg, x, layer, positions_t, (k, v), pos)
+            return x, (k, v)
+
+        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]))
+        new_cache = {"k": ks, "v": vs}
+    logits_btv = _mm("btd,vd->btv", rms_norm(x_btd, cfg.norm_eps), params["embed_out"], cfg.compute_dtype)
+    return logits_btv if cache is None else (logits_btv, new_cache)
+
+
+def cache_for(cfg: Any, batch_size: int) -> Cache:
+    """`init_cache` for any supported config type."""
+    if not isinstance(cfg, ModelConfig):
+        return cfg.init_cache(batch_size)
+    return init_cache(cfg, batch_size)

@@ -1,0 +1,147 @@
+"""Shared command-line plumbing for every stage: typed dataclass configs <-> flags, JSON, hashes.
+
+Every stage is a frozen dataclass plus a plain function taking it. `parse` turns argv into that dataclass
+with simple-parsing's nested mode, so a nested field `opt.peak_lr` is always the flag `--opt.peak_lr`
+(never silently renamed); `to_argv` is the inverse, used by experiments' `--list` to print commands.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+C = TypeVar("C")
+
+
+def parse(config_cls: type[C], argv: Sequence[str] | None = None, *, description: str | None = None) -> C:
+    """Parses argv into `config_cls`. `--config_path file.json` seeds defaults from a JSON file."""
+    from simple_parsing import ArgumentGenerationMode, ArgumentParser, NestedMode
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = ArgumentParser(
+        argument_generation_mode=ArgumentGenerationMode.NESTED,
+        nested_mode=NestedMode.WITHOUT_ROOT,
+        add_config_path_arg=True,
+        description=description or (config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else None,
+    )
+    parser.add_arguments(config_cls, dest="config")
+    args = parser.parse_args(argv)
+    cfg = args.config
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as e:  # a bad flag combination: argparse-style message and exit code 2
+            parser.error(str(e))
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-ready dict of a (nested) dataclass config; tuples become lists, enums their values."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def from_dict(config_cls: type[C], data: dict) -> C:
+    """Builds `config_cls` from `to_dict` output (unknown keys are an error, missing keys take defaults)."""
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{config_cls.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if _is_dataclass_type(tp) and isinstance(value, dict):
+            value = from_dict(tp, value)
+        elif isinstance(value, list) and typing.get_origin(tp) in (tuple,):
+            value = tuple(value)
+        kwargs[name] = value
+    return config_cls(**kwargs)
+
+
+def config_hash(cfg: Any, length: int = 10) -> str:
+    """A short stable hash of the resolved config (sorted JSON), used to name run directories."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def _flag_value(value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return [str(value.value)]
+    return [str(value)]
+
+
+def to_argv(cfg: Any, *, only_changed: bool = True, _prefix: str = "") -> list[str]:
+    """Flags that `parse(type(cfg), flags)` turns back into `cfg` (fields equal to defaults are left out)."""
+    out: list[str] = []
+    default = type(cfg)() if only_changed and _has_all_defaults(type(cfg)) else None
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{_prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += to_argv(value, only_changed=only_changed, _prefix=name + ".")
+            continue
+        if default is not None and getattr(default, f.name) == value:
+            continue
+        if value is None:
+            continue
+        out += [f"--{name}", *_flag_value(value)]
+    return out
+
+
+def _has_all_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def command_line(module: str, cfg: Any) -> str:
+    """One shell command that runs `python -m module` with `cfg` (for `--list` and Slurm arrays)."""
+    import shlex
+
+    return " ".join(["python", "-m", module, *map(shlex.quote, to_argv(cfg))])
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Writes JSON through a temp file + fsync + rename, so a reader never sees half a file."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,91 @@
+"""The evaluate stage: NTP (and KL to a reference) of a finished run on a token file's validation split.
+
+    python -m forgetting.stages.evaluate --model.load_path runs/<run> --data.path es.bin
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from forgetting.core import step as step_lib
+from forgetting.stages import cli, evaluation, runs
+from forgetting.stages.train_setup import _open_dataset
+
+
+@dataclass(frozen=True)
+class EvalModelArgs:
+    """The model to evaluate."""
+
+    load_path: str = ""  # a finished run directory (or an authors' weights.npz directory)
+    ref_path: str = ""  # optional reference run: also report KL(ref ‖ model)
+    dtype: str = "bfloat16"  # matmul input dtype: bfloat16 or float32
+
+
+@dataclass(frozen=True)
+class EvalDataArgs:
+    """The data to evaluate on (its validation split, as the train stage splits it)."""
+
+    path: str = ""  # .bin token file; default: the run's own training data
+    num_tokens_valid: int = 0  # 0 = the run's own setting when evaluating its own data, else 262144
+    split_seed: int = -1  # -1 = the run's own split seed
+    batch_size: int = 32  # sequences per eval batch
+    max_tokens: int = 0  # cap on evaluated tokens (0 = the whole split)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate a trained model: mean NTP loss, second-half NTP, KL to a reference, task accuracy."""
+
+    model: EvalModelArgs = field(default_factory=EvalModelArgs)
+    data: EvalDataArgs = field(default_factory=EvalDataArgs)
+
+    def validate(self) -> None:
+        if not self.model.load_path:
+            raise ValueError("pass --model.load_path RUN_DIR (a finished run)")
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    cfg.validate()
+    loaded = runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype)
+    path = cfg.data.path or loaded.data_path
+    if not path:
+        raise ValueError(f"{loaded.path} does not record its data; pass --data.path FILE.bin")
+    own = path == loaded.data_path
+    n_valid = cfg.data.num_tokens_valid or (loaded.num_tokens_valid if own else 0) or 262_144
+    seed = cfg.data.split_seed if cfg.data.split_seed >= 0 else (loaded.split_seed if own else 0)
+    mc = loaded.model_cfg
+    dataset = _open_dataset(path, mc.vocab_size, mc.seq_len, n_valid, seed, "--data.path")
+    ref = None
+    if cfg.model.ref_path:
+        ref_run = runs.load_run(cfg.model.ref_path, dtype=cfg.model.dtype)
+        if ref_run.model_cfg.vocab_size != mc.vocab_size or ref_run.model_cfg.seq_len != mc.seq_len:
+            raise ValueError("--model.ref_path has a different vocab or sequence length than --model.load_path")
+        ref = ref_run.params
+    eval_step = step_lib.make_eval_step(mc) if ref is None or ref_run.model_cfg == mc else None
+    if eval_step is None:
+        raise ValueError("KL across different architectures is not supported; use runs of the same shape")
+    metrics = evaluation.ntp_and_kl(eval_step, loaded.params, dataset, cfg.data.batch_size, ref, cfg.data.max_tokens)
+    span = evaluation.answer_span(dataset.token_file.meta)
+    if span:
+        metrics["acc"] = evaluation.exact_match(mc, loaded.params, dataset, cfg.data.batch_size, span,
+                                                cfg.data.max_tokens)
+    return {"run_dir": str(loaded.path), "data": str(path), "num_valid_sequences": dataset.num_valid, **metrics}
+
+
+run = evaluate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = cli.parse(EvaluateConfig, argv)
+    try:
+        result = evaluate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(result, sort_keys=True))
+    return result
+
+
+if __name__ == "__main__":
+    main()

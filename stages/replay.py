@@ -1,0 +1,63 @@
+"""Replay sources for the train stage: rows of old-distribution sequences for a given step.
+
+Both are stateless in the step, so a resumed run replays exactly what an uninterrupted one would:
+real replay draws from the old dataset's training split (never its validation split) by the same
+seeded, step-indexed order as training batches; self-generated replay samples `buffer × rows`
+sequences at once from the frozen reference, with key fold_in(seed key, buffer index) — a fresh key per
+buffer, never reused — and hands out one slice per step.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from forgetting.core import data as data_lib
+from forgetting.core import sampling
+
+# Offsets keep the replay streams independent of the training-batch stream of the same seed.
+_REAL_REPLAY_SEED_OFFSET = 1_000_003
+_SYNTH_REPLAY_KEY_SALT = 0x5E1F
+
+
+class RealReplay:
+    """Old-data rows from a dataset's training split."""
+
+    def __init__(self, dataset: data_lib.SequenceDataset, rows: int, seed: int):
+        dataset.check_batch_size(rows)
+        self.dataset, self.rows_per_step, self.seed = dataset, rows, seed + _REAL_REPLAY_SEED_OFFSET
+
+    def rows(self, step: int) -> np.ndarray:
+        return self.dataset.train_batch(step, self.rows_per_step, self.seed)
+
+
+class SelfGeneratedReplay:
+    """Sequences sampled from the frozen reference model, prompted by old dataset ids in equal shares."""
+
+    def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int], rows: int, buffer: int,
+                 temperature: float, seed: int):
+        if not prompt_ids:
+            raise ValueError("self-generated replay needs at least one prompt id (--reg.prompt_ids)")
+        self.model_cfg, self.ref_params = model_cfg, ref_params
+        self.rows_per_step, self.buffer, self.temperature = rows, buffer, temperature
+        n = rows * buffer
+        # Cycling the ids gives every step's slice equal shares whenever rows is a multiple of len(ids).
+        self.prompts = np.asarray(prompt_ids, np.int32)[np.arange(n) % len(prompt_ids)]
+        self.key = jax.random.fold_in(jax.random.key(seed), _SYNTH_REPLAY_KEY_SALT)
+        self._buffer_index, self._buffer = -1, None
+        self.sampling_seconds = 0.0
+
+    def rows(self, step: int) -> np.ndarray:
+        index = step // self.buffer
+        if index != self._buffer_index:
+            import time
+
+            start = time.perf_counter()
+            tokens = sampling.sample(self.model_cfg, self.ref_params, self.prompts,
+                                     jax.random.fold_in(self.key, index), self.temperature)
+            self._buffer = np.asarray(tokens)
+            self._buffer_index = index
+            self.sampling_seconds += time.perf_counter() - start
+        offset = (step % self.buffer) * self.rows_per_step
+        return self._buffer[offset: offset + self.rows_per_step]

@@ -1,0 +1,101 @@
+"""The sample stage: print sequences sampled from a finished run.
+
+    python -m forgetting.stages.sample --model.load_path runs/<run> --tokenizer tok.tiktoken
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from forgetting.core import sampling
+from forgetting.stages import cli, runs
+
+
+@dataclass(frozen=True)
+class SampleModelArgs:
+    """The model to sample from."""
+
+    load_path: str = ""  # a finished run directory (or an authors' weights.npz directory)
+    dtype: str = "bfloat16"  # matmul input dtype: bfloat16 or float32
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sample text (or token ids) from a trained model, prompted by a dataset id token."""
+
+    model: SampleModelArgs = field(default_factory=SampleModelArgs)
+    tokenizer: str = ""  # .tiktoken file to decode with; empty = print token ids
+    num_samples: int = 4  # sequences to sample
+    prompt_id: int = -1  # first token of every sample; -1 = the run's dataset id
+    temperature: float = 1.0  # 0 = greedy
+    length: int = 0  # tokens per sample including the prompt; 0 = the model's sequence length
+    stop_at_eos: bool = True  # end a sample at the tokenizer's EOS (the rest is padding, not printed)
+    seed: int = 0  # sampling key
+    json: bool = False  # print one JSON object per sample instead of plain text
+
+    def validate(self) -> None:
+        if not self.model.load_path:
+            raise ValueError("pass --model.load_path RUN_DIR (a finished run)")
+        if self.num_samples <= 0:
+            raise ValueError(f"--num_samples must be positive, got {self.num_samples}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+
+
+def sample(cfg: SampleConfig) -> list[dict]:
+    cfg.validate()
+    loaded = runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype)
+    mc = loaded.model_cfg
+    encoding = eos_id = None
+    if cfg.tokenizer:
+        from forgetting.stages import tokenizer as tokenizer_stage
+
+        encoding = tokenizer_stage.load(cfg.tokenizer)
+        if encoding.n_vocab != mc.vocab_size:
+            raise ValueError(f"tokenizer {cfg.tokenizer} has {encoding.n_vocab} ids but the model has "
+                             f"{mc.vocab_size}; pass the tokenizer the run's data was made with")
+        eos_id = encoding.eot_token if cfg.stop_at_eos else None
+    prompt_id = cfg.prompt_id if cfg.prompt_id >= 0 else loaded.lineage_ids[-1]
+    if not 0 <= prompt_id < mc.vocab_size:
+        raise ValueError(f"--prompt_id {prompt_id} is outside the model's vocab [0, {mc.vocab_size})")
+    prompts = np.full((cfg.num_samples,), prompt_id, np.int32)
+    tokens = np.asarray(sampling.sample(mc, loaded.params, prompts, jax.random.key(cfg.seed), cfg.temperature,
+                                        eos_id=eos_id, length=cfg.length or None))
+    out = []
+    for row in tokens:
+        ids = row.tolist()
+        if eos_id is not None and eos_id in ids[1:]:
+            ids = ids[: ids.index(eos_id, 1) + 1]
+        item = {"tokens": ids}
+        if encoding is not None:
+            # Column 0 is the dataset-id prompt, not text: decode from column 1.
+            item["text"] = encoding.decode([t for t in ids[1:] if t != eos_id])
+        out.append(item)
+    return out
+
+
+run = sample
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = cli.parse(SampleConfig, argv)
+    try:
+        samples = sample(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for i, item in enumerate(samples):
+        if cfg.json:
+            print(json.dumps(item))
+        else:
+            print(f"--- sample {i} ---")
+            print(item.get("text", " ".join(map(str, item["tokens"]))))
+    return samples
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Resolves a TrainConfig into everything the loop needs: data, model, reference, replay, schedule,
+placement. All validation that needs files happens here, before any training compute."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from forgetting.core import data as data_lib
+from forgetting.core import lora, optim, sharding
+from forgetting.core import model as model_lib
+from forgetting.core import step as step_lib
+from forgetting.stages import cli, replay, runs
+from forgetting.stages.train_config import TrainConfig
+
+
+@dataclasses.dataclass
+class Setup:
+    model_cfg: model_lib.ModelConfig
+    dataset: data_lib.SequenceDataset
+    prev_dataset: data_lib.SequenceDataset | None
+    mix_dataset: data_lib.SequenceDataset | None
+    extra_datasets: dict[str, data_lib.SequenceDataset]
+    replay: Any
+    frozen: dict
+    use_lora: bool
+    trainable: Any
+    optimizer: Any
+    schedule: Callable
+    train_step: Callable
+    total_steps: int | None
+    length_criterion: str | None
+    eval_every: int
+    tokens_per_step: int
+    eval_batch_size: int
+    ref_init_distance: float | None
+    resolved: dict
+    put_batch: Callable
+    put_state: Callable
+    first_step_timed: int = 0
+    throughput_seconds: float = 0.0
+    data_lib: Any = data_lib
+
+    def initial_state(self) -> step_lib.TrainState:
+        return self.put_state(step_lib.init_state(self.trainable, self.optimizer))
+
+
+def _open_dataset(path: str, vocab_size: int, seq_len: int, num_tokens_valid: int, split_seed: int,
+                  what: str) -> data_lib.SequenceDataset:
+    try:
+        token_file = data_lib.TokenFile(path, vocab_size=vocab_size)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what}: {e}") from None
+    return data_lib.SequenceDataset(token_file, seq_len, num_tokens_valid=num_tokens_valid, split_seed=split_seed)
+
+
+def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: int) -> model_lib.ModelConfig:
+    if loaded is not None:
+        if data_vocab and data_vocab != loaded.model_cfg.vocab_size:
+            raise ValueError(f"the checkpoint {loaded.path} has a vocab of {loaded.model_cfg.vocab_size} but "
+                             f"{cfg.data.path} was made with a vocab of {data_vocab}; tokenize the new data with "
+                             "the checkpoint's tokenizer")
+        return loaded.model_cfg
+    vocab = cfg.model.vocab_size or data_vocab
+    if not vocab:
+        raise ValueError(f"{cfg.data.path}: the sidecar has no vocab_size; pass --model.vocab_size")
+    if data_vocab and vocab < data_vocab:
+        raise ValueError(f"--model.vocab_size {vocab} is smaller than the data's vocab {data_vocab}")
+    m = cfg.model
+    return model_lib.ModelConfig(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim,
+                                 seq_len=m.seq_len, dtype=m.dtype)
+
+
+def _steps(cfg: TrainConfig, model_cfg: model_lib.ModelConfig, dataset: data_lib.SequenceDataset,
+           tokens_per_step: int) -> tuple[int | None, str | None]:
+    s = cfg.stop
+    if s.num_tokens_train:
+        return max(1, math.ceil(s.num_tokens_train / tokens_per_step)), "num_tokens_train"
+    if s.tokens_per_param:
+        tokens = s.tokens_per_param * model_lib.paper_param_count(model_cfg)
+        return max(1, math.ceil(tokens / tokens_per_step)), "tokens_per_param"
+    if s.num_epochs:
+        return max(1, math.ceil(s.num_epochs * dataset.num_train / cfg.opt.batch_size)), "num_epochs"
+    return None, None
+
+
+def build_setup(cfg: TrainConfig) -> Setup:
+    loaded = runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype) if cfg.model.load_path else None
+    probe = data_lib.TokenFile(cfg.data.path)
+    if loaded is not None and loaded.tokenizer_sha256 and probe.meta.get("tokenizer_sha256") not in (
+            None, loaded.tokenizer_sha256):
+        raise ValueError(f"{cfg.data.path} was tokenized with tokenizer {probe.meta['tokenizer_sha256'][:12]}…, but "
+                         f"the checkpoint {loaded.path} was trained with {loaded.tokenizer_sha256[:12]}…; "
+                         "re-tokenize the new data with the checkpoint's tokenizer")
+    model_cfg = _model_config(cfg, loaded, int(probe.meta.get("vocab_size") or 0))
+    T, V = model_cfg.seq_len, model_cfg.vocab_size
+    dataset = _open_dataset(cfg.data.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--data.path")
+    dataset.check_batch_size(cfg.opt.batch_size)
+
+    prev_dataset = None
+    if loaded is not None and loaded.data_path:
+        if Path(loaded.data_path).exists():
+            prev_dataset = _open_dataset(loaded.data_path, V, T, loaded.num_tokens_valid or cfg.data.num_tokens_valid,
+                                         loaded.split_seed, "the loaded run's data")
+        else:
+            print(f"warning: {loaded.path} was trained on {loaded.data_path}, which is not here; prev_* metrics "
+                  "are skipped", file=sys.stderr)
+    mix_dataset = None
+    if cfg.mix.path:
+        mix_dataset = _open_dataset(cfg.mix.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--mix.path")
+    extra = {Path(p).stem: _open_dataset(p, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed,
+                                         "--eval.extra_paths") for p in cfg.eval.extra_paths}
+
+    key = jax.random.key(cfg.run.seed)
+    params = loaded.params if loaded is not None else model_lib.init(model_cfg, key)
+    params = jax.tree.map(jnp.asarray, params)
+    use_lora = cfg.model.lora_rank > 0
+    ref = params if loaded is not None else None  # the frozen reference p_ref: the loaded model
+    trainable = lora.init(model_cfg, params, cfg.model.lora_rank, jax.random.fold_in(key, 1)) if use_lora else params
+    frozen = {"ref": ref, "base": params if use_lora else None}
+
+    # Replay source.
+    r = cfg.reg
+    replay_source = None
+    if r.method in ("ntp_pre", "kl_pre", "replace"):
+        rows = r.batch_size if r.method != "replace" else max(1, math.floor(r.coeff * cfg.opt.batch_size + 1e-9))
+        if r.synth:
+            prompt_ids = r.prompt_ids or loaded.lineage_ids
+            replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
+                                                       cfg.run.seed)
+        else:
+            if r.path:
+                old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
+            elif prev_dataset is not None:
+                old = prev_dataset  # its training split only: the validation split stays unseen
+            else:
+                raise ValueError("real replay needs old data: the loaded run's data is not available; pass "
+                                 "--reg.path OLD.bin or use --reg.synth true")
+            replay_source = replay.RealReplay(old, rows, cfg.run.seed)
+
+    tokens_per_step = cfg.opt.batch_size * T
+    total_steps, length_criterion = _steps(cfg, model_cfg, dataset, tokens_per_step)
+    warmup_steps = round(cfg.opt.warmup_tokens / tokens_per_step)
+    schedule = optim.schedule(cfg.opt.peak_lr, warmup_steps, total_steps, cfg.opt.lr_decay)
+    opt = optim.optimizer(cfg.opt.optimizer, schedule, b1=cfg.opt.b1, b2=cfg.opt.b2,
+                          weight_decay=cfg.opt.weight_decay, momentum=cfg.opt.b1 if cfg.opt.optimizer == "sgd" else 0.0)
+    eval_every = cfg.log.every_steps or max(1, round(cfg.log.every_tokens / tokens_per_step))
+
+    put_batch, put_state, state_sharding, batch_sharding = _placement(cfg, model_cfg, trainable, opt, use_lora)
+    if put_batch is not _identity:
+        frozen = {k: (None if v is None else put_state.params_like(v)) for k, v in frozen.items()}
+        if replay_source is not None and hasattr(replay_source, "ref_params"):
+            replay_source.ref_params = frozen["ref"]
+    train_step = step_lib.make_train_step(
+        model_cfg, opt, reg_method=r.method if r.method != "replace" else "none", reg_coeff=r.coeff,
+        use_lora=use_lora, state_sharding=state_sharding, batch_sharding=batch_sharding)
+
+    ref_init_distance = None
+    if loaded is not None and not (loaded.path / "weights.npz").exists():
+        loaded_seed = int(_json(loaded.path / runs.CONFIG_FILE)["config"]["run"]["seed"])
+        if _json(loaded.path / runs.CONFIG_FILE)["config"]["model"]["load_path"] == "":
+            init_params = model_lib.init(model_cfg, jax.random.key(loaded_seed))
+            ref_init_distance = float(jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
+                jax.tree.leaves(loaded.params), jax.tree.leaves(init_params)))))
+
+    lineage = tuple(dict.fromkeys((*(loaded.lineage_ids if loaded else ()), dataset.token_file.dataset_id)))
+    resolved = {"model": cli.to_dict(model_cfg), "lineage_ids": list(lineage),
+                "dataset_id": dataset.token_file.dataset_id,
+                "tokenizer_sha256": dataset.token_file.meta.get("tokenizer_sha256"),
+                "total_steps": total_steps, "warmup_steps": warmup_steps, "eval_every": eval_every,
+                "param_count": model_lib.param_count(model_cfg),
+                "paper_param_count": model_lib.paper_param_count(model_cfg),
+                "loaded_from": str(loaded.path) if loaded else None}
+    return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
+                 opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
+                 cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state)
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _identity(x):
+    return x
+
+
+class _Placer:
+    """Moves states (and params-shaped trees) onto the mesh."""
+
+    def __init__(self, state_sharding, param_sharding):
+        self.state_sharding, self.param_sharding = state_sharding, param_sharding
+
+    def __call__(self, state):
+        return sharding.shard(state, self.state_sharding) if self.state_sharding is not None else state
+
+    def params_like(self, tree):
+        return sharding.shard(tree, self.param_sharding)
+
+
+def _placement(cfg: TrainConfig, model_cfg, trainable, opt, use_lora: bool):
+    """(put_batch, put_state, state_sharding, batch_sharding) for `--run.mesh`; identity on one device."""
+    if not cfg.run.mesh:
+        return _identity, _identity, None, None
+    n = jax.device_count()
+    if n % cfg.run.mesh_model:
+        raise ValueError(f"--run.mesh_model {cfg.run.mesh_model} does not divide the {n} devices")
+    mesh = sharding.make_mesh(n // cfg.run.mesh_model, cfg.run.mesh_model)
+    data_size = n // cfg.run.mesh_model
+    if cfg.opt.batch_size % data_size or (cfg.reg.method in ("ntp_pre", "kl_pre") and cfg.reg.batch_size % data_size):
+        raise ValueError(f"--opt.batch_size and --reg.batch_size must be multiples of the data axis ({data_size} "
+                         "devices) with --run.mesh")
+    strategy = cfg.run.mesh
+    param_sh = sharding.param_shardings(model_cfg, mesh, strategy)
+    batch_sh = sharding.batch_sharding(mesh)
+    if use_lora:  # adapters are small: replicate them, shard only the frozen base
+        state_sh = None
+        placer = _Placer(None, param_sh)
+    else:
+        abstract = jax.eval_shape(lambda p: step_lib.init_state(p, opt), trainable)
+        state_sh = sharding.state_shardings(abstract, param_sh, mesh)
+        placer = _Placer(state_sh, param_sh)
+
+    def put_batch(batch: dict) -> dict:
+        return {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+
+    return put_batch, placer, state_sh, ({"tokens": batch_sh, "replay": batch_sh}
+                                         if cfg.reg.method in ("ntp_pre", "kl_pre") else {"tokens": batch_sh})

@@ -1,0 +1,62 @@
+"""Shared test setup: strict numerics, a fast Hypothesis profile, and tiny model configs.
+
+Keep shapes few: every distinct (config, shape) pair costs a JAX compilation, so the fixtures below are
+session-scoped and the property tests draw values, not shapes, wherever they can.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Implicit rank promotion hides broadcasting bugs ([B] + [B, 1] -> [B, B]); make it an error.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The first example of a JAX property pays for compilation, so no per-example deadline; few examples
+# keep the core suite at about a minute on 2 CPU cores. HYPOTHESIS_PROFILE=thorough for a longer run.
+settings.register_profile(
+    "fast", deadline=None, max_examples=10, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "thorough", deadline=None, max_examples=200, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+
+def tiny_config(dtype: str = "float32", **overrides):
+    """A tiny transformer (2 heads of 16, 2 layers, vocab 64, 16 positions): compiles in a second."""
+    from forgetting.core import model
+
+    fields = dict(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16, dtype=dtype)
+    fields.update(overrides)
+    return model.ModelConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """f32 compute: properties hold to float32 rounding."""
+    return tiny_config("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_bf16():
+    """The paper's numerics (bf16 matmul inputs, f32 accumulation) at the tiny shape."""
+    return tiny_config("bfloat16")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    """Parameters for `tiny_cfg` (the bf16 config has the same tree). Never donate these: copy first."""
+    from forgetting.core import model
+
+    return jax.jit(model.init, static_argnums=0)(tiny_cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_ref_params(tiny_cfg):
+    """A second, independent draw: a reference model different from `tiny_params`."""
+    from forgetting.core import model
+
+    return jax.jit(model.init, static_argnums=0)(tiny_cfg, jax.random.key(1))

@@ -1,0 +1,186 @@
+"""Properties of the sampler: greedy = argmax of the full forward, key determinism, the sampled
+distribution equals the model's (chi-square), EOS padding, and no recompilation per call."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forgetting.core import model, sampling
+
+fwd = jax.jit(model.forward, static_argnums=0)
+B = 8
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _assert_is_argmax(tokens_bt: np.ndarray, logits_btv: np.ndarray, start: int = 1) -> None:
+    """tokens[:, i] is the argmax of logits[:, i-1] for i >= start (up to float ties of 1e-4)."""
+    chosen = np.take_along_axis(logits_btv[:, start - 1:-1], tokens_bt[:, start:, None], axis=-1)[..., 0]
+    best = logits_btv[:, start - 1:-1].max(-1)
+    assert np.all(chosen >= best - 1e-4)
+    top2 = np.sort(logits_btv[:, start - 1:-1], axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 1e-4
+    assert np.array_equal(tokens_bt[:, start:][clear], logits_btv[:, start - 1:-1].argmax(-1)[clear])
+
+
+@given(seed=seeds)
+def test_greedy_sampling_is_argmax_of_full_forward(tiny_cfg, tiny_params, seed):
+    prompt = jnp.asarray(np.random.default_rng(seed).integers(0, tiny_cfg.vocab_size, B), jnp.int32)
+    out = sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(seed), temperature=0.0)
+    assert out.shape == (B, tiny_cfg.seq_len) and out.dtype == jnp.int32
+    assert np.array_equal(np.asarray(out[:, 0]), np.asarray(prompt))
+    _assert_is_argmax(np.asarray(out), np.asarray(fwd(tiny_cfg, tiny_params, out)))
+    # greedy ignores the key
+    again = sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(seed + 1), temperature=0.0)
+    assert np.array_equal(np.asarray(again), np.asarray(out))
+
+
+@given(seed=seeds, prompt_len=st.sampled_from([1, 9]))
+def test_greedy_complete_is_argmax_of_full_forward(tiny_cfg, tiny_params, seed, prompt_len):
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, tiny_cfg.vocab_size, (B, tiny_cfg.seq_len)),
+                         jnp.int32)
+    out = np.asarray(sampling.greedy_complete(tiny_cfg, tiny_params, tokens, prompt_len))
+    assert np.array_equal(out[:, :prompt_len], np.asarray(tokens[:, :prompt_len]))
+    _assert_is_argmax(out, np.asarray(fwd(tiny_cfg, tiny_params, jnp.asarray(out))), start=prompt_len)
+
+
+def test_greedy_bf16_matches_its_own_forward(tiny_cfg_bf16, tiny_params):
+    prompt = jnp.arange(B, dtype=jnp.int32)
+    out = np.asarray(sampling.sample(tiny_cfg_bf16, tiny_params, prompt, jax.random.key(0), temperature=0.0))
+    logits = np.asarray(fwd(tiny_cfg_bf16, tiny_params, jnp.asarray(out)))
+    chosen = np.take_along_axis(logits[:, :-1], out[:, 1:, None], axis=-1)[..., 0]
+    assert np.all(chosen >= logits[:, :-1].max(-1) - 0.05)  # bf16 cache vs full forward: loose
+
+
+@given(seed=seeds, temperature=st.sampled_from([0.7, 1.0, 1.5]))
+def test_same_key_same_samples_different_key_different(tiny_cfg, tiny_params, seed, temperature):
+    prompt = jnp.asarray(np.random.default_rng(seed).integers(0, tiny_cfg.vocab_size, B), jnp.int32)
+    key = jax.random.key(seed)
+    a = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompt, key, temperature))
+    b = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompt, key, temperature))
+    c = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.fold_in(key, 1), temperature))
+    assert np.array_equal(a, b)
+    # 8 rows x 15 sampled tokens from ~64-way distributions: equal by chance with probability ~0
+    assert not np.array_equal(a[:, 1:], c[:, 1:])
+    assert np.all((a >= 0) & (a < tiny_cfg.vocab_size))
+
+
+# ---------------------------------------------------------------- distribution
+
+def _chi2_stat(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson statistic, with categories of expected count < 5 pooled into one."""
+    n = counts.sum()
+    expected = n * probs
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(np.sum((obs - exp) ** 2 / exp)), len(obs) - 1
+
+
+def _chi2_critical(df: int, z: float = 3.719) -> float:
+    """Upper quantile of chi-square(df) at P(Z > z) (z=3.719: p = 1e-4), Wilson-Hilferty approximation."""
+    c = 2.0 / (9.0 * df)
+    return df * (1 - c + z * math.sqrt(c)) ** 3
+
+
+N_ROWS = 4096
+
+
+@pytest.fixture(scope="module")
+def peaked_params(tiny_params):
+    """A sharper next-token distribution than at init, so temperature changes it visibly."""
+    return dict(tiny_params, embed_out=tiny_params["embed_out"] * 6.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampled_frequencies_match_softmax(tiny_cfg, peaked_params, temperature):
+    prompt_token = 7
+    logits = np.asarray(fwd(tiny_cfg, peaked_params, jnp.array([[prompt_token]], jnp.int32)))[0, 0]
+    logits = logits.astype(np.float64)
+
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    out = sampling.sample(tiny_cfg, peaked_params, jnp.full((N_ROWS,), prompt_token, jnp.int32),
+                          jax.random.key(1234), temperature, length=2)
+    counts = np.bincount(np.asarray(out[:, 1]), minlength=tiny_cfg.vocab_size)
+    stat, df = _chi2_stat(counts, softmax(logits / temperature))
+    assert stat < _chi2_critical(df), (stat, df)
+    # the test has power: the same counts reject the untempered (or T=1 vs T=2) distribution
+    wrong = softmax(logits / (1.0 if temperature != 1.0 else 2.0))
+    wstat, wdf = _chi2_stat(counts, wrong)
+    assert wstat > _chi2_critical(wdf), (wstat, wdf)
+
+
+def test_rows_are_independent(tiny_cfg, tiny_params):
+    """Identical prompts in one batch give different continuations (per-row randomness)."""
+    out = np.asarray(sampling.sample(tiny_cfg, tiny_params, jnp.full((B,), 3, jnp.int32), jax.random.key(9)))
+    assert len({tuple(r) for r in out}) > 1
+
+
+# ---------------------------------------------------------------- EOS
+
+@settings(max_examples=3)  # eos_id/pad_id are static: each drawn pair compiles a program
+@given(seed=seeds)
+def test_eos_stop_pads_after_first_eos(tiny_cfg, tiny_params, seed):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, tiny_cfg.vocab_size, B)
+    key = jax.random.key(seed)
+    free = np.asarray(sampling.sample(tiny_cfg, tiny_params, jnp.asarray(prompt, jnp.int32), key, 1.0))
+    # the most frequent sampled token as EOS, so that some rows stop; pad is another id
+    eos = int(np.bincount(free[:, 1:].ravel(), minlength=tiny_cfg.vocab_size).argmax())
+    pad = (eos + 1) % tiny_cfg.vocab_size
+    prompt[0] = eos  # a row that starts with EOS stops at once
+    free = np.asarray(sampling.sample(tiny_cfg, tiny_params, jnp.asarray(prompt, jnp.int32), key, 1.0))
+    out = np.asarray(sampling.sample(tiny_cfg, tiny_params, jnp.asarray(prompt, jnp.int32), key, 1.0,
+                                     eos_id=eos, pad_id=pad))
+    assert out.shape == free.shape
+    stopped = 0
+    for row_out, row_free in zip(out, free):
+        hits = np.flatnonzero(row_free == eos)
+        if hits.size == 0:  # rows without EOS are unaffected by the EOS setting
+            assert np.array_equal(row_out, row_free)
+            continue
+        first = hits[0]
+        stopped += 1
+        assert np.array_equal(row_out[:first + 1], row_free[:first + 1])  # same draws up to the EOS
+        assert np.all(row_out[first + 1:] == pad)
+    assert stopped >= 1
+    assert np.all(out[0, 1:] == pad)
+
+
+def test_sampling_length_and_prompt_validation(tiny_cfg, tiny_params):
+    with pytest.raises(ValueError):
+        sampling.sample(tiny_cfg, tiny_params, jnp.zeros((2,), jnp.int32), jax.random.key(0),
+                        length=tiny_cfg.seq_len + 1)
+    with pytest.raises(ValueError):
+        sampling.sample(tiny_cfg, tiny_params, jnp.zeros((2, 3), jnp.int32), jax.random.key(0))
+
+
+# ---------------------------------------------------------------- compilation
+
+def test_sampler_does_not_recompile(tiny_cfg, tiny_params, tiny_ref_params):
+    length = 5  # a shape no other test uses, so the first call must compile
+    prompt = jnp.arange(3, dtype=jnp.int32)
+    before = sampling._sample._cache_size()
+    first = sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(0), 1.0, length=length)
+    after_first = sampling._sample._cache_size()
+    assert after_first == before + 1
+    # new key, temperature (incl. greedy), parameter values and prompt values: same program
+    sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(1), 0.5, length=length)
+    sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(2), 0.0, length=length)
+    sampling.sample(tiny_cfg, tiny_ref_params, prompt + 1, jax.random.key(3), 2, length=length)
+    sampling.sample(tiny_cfg, tiny_params, np.arange(3), jax.random.key(4), 1.0, length=length)
+    assert sampling._sample._cache_size() == after_first
+    # a real cache miss is seen by the counter
+    sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(0), 1.0, length=length + 1)
+    assert sampling._sample._cache_size() == after_first + 1
+    assert first.shape == (3, length)
