@@ -84,6 +84,24 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int = 5) -> dict[str, dict[str,
     return out
 
 
+def shaped_matmuls(cfg: model.ModelConfig, batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s (bf16 in, f32 acc) of the model's own matmul shapes at this batch: [B·T, D] x [D, N] for
+    N = 3D (qkv), 4D (up), V (logits), and [B·T, 4D] x [4D, D] (down). Skinny matmuls (small D) are
+    bound by memory traffic, not the multiply units, so they show the attainable ceiling for this model."""
+    rows, D = batch_size * cfg.seq_len, cfg.d_model
+    shapes = {"qkv": (rows, D, 3 * D), "up": (rows, D, cfg.d_mlp), "down": (rows, cfg.d_mlp, D),
+              "logits": (rows, D, cfg.vocab_size)}
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a = jnp.ones((m, k), jnp.bfloat16)
+        b = jnp.ones((k, n), jnp.bfloat16)
+        jax.block_until_ready(f(a, b))
+        calls = max(1, int(1e9 // (2 * m * k * n)))
+        out[f"{name} {m}x{k}x{n}"] = 2 * m * k * n / _best_time(lambda: f(a, b), calls, repeats) / 1e9
+    return out
+
+
 def _tokens(key: jax.Array, rows: int, cfg: model.ModelConfig) -> jax.Array:
     return jax.random.randint(key, (rows, cfg.seq_len), 0, cfg.vocab_size, jnp.int32)
 
@@ -162,6 +180,7 @@ def run(bc: BenchConfig) -> dict[str, Any]:
     best = {name: max(v.values()) for name, v in peaks.items()}
     results["matmul_best_gflops"] = best
     peak = best["bf16_in_f32_acc"]
+    results["model_shaped_matmul_gflops"] = shaped_matmuls(cfg, bc.batch_size)
     results["train"] = _time_train(cfg, bc, params, "none")
     results["train"]["mfu"] = results["train"]["model_gflops"] / peak
     results["train"]["mfu_vs_f32_peak"] = results["train"]["model_gflops"] / best["f32"]
@@ -193,6 +212,8 @@ def table(results: dict[str, Any]) -> str:
     for name, row in results["matmul_gflops"].items():
         lines.append(f"  {name:<17}" + "".join(f"{v:9.1f}" for v in row.values()))
     peak = results["matmul_best_gflops"]["bf16_in_f32_acc"]
+    lines += ["", "model-shaped matmuls (bf16 in, f32 acc), GFLOP/s:"]
+    lines += [f"  {name:<26}{v:9.1f}" for name, v in results.get("model_shaped_matmul_gflops", {}).items()]
     lines += ["", f"{'':<22}{'ms/step':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>8}"]
     for key, label in (("train", "train step (reg none)"), ("train_kl_pre", "train step (kl_pre)"),
                        ("eval", "eval step")):

@@ -2,6 +2,14 @@
 
 A token file is a flat little-endian uint16 `.bin` (nanoGPT's format, the paper's too) plus a JSON
 sidecar `<file>.json` with at least dataset_id, num_tokens, vocab_size, tokenizer_sha256, eos_id, dtype.
+Vocabularies above 65536 ids (Llama 3: 128256) use `"dtype": "uint32"` (little-endian); uint16 stays the
+default and the only choice for smaller vocabularies.
+
+Packed files (`pack_documents`, written by `stages/tokenize_hf.py --pack true`) hold whole documents
+placed in rows of exactly `packed_seq_len` tokens, each row right-padded with `pad_id`; the sidecar
+records both. `SequenceDataset.loss_mask` then marks the target tokens that count (every token that is
+not padding), which the train stage passes as `batch["mask"]`. Without `pad_id` there is no mask: every
+position counts (the paper's path).
 
 `SequenceDataset` cuts the file into consecutive T-token sequences (a trailing partial one is dropped),
 takes a validation split once from a seeded permutation, and serves training batches as a stateless
@@ -17,16 +25,22 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 DTYPE = np.dtype("<u2")
+DTYPES = {"uint16": DTYPE, "uint32": np.dtype("<u4")}
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning for the maximum id (32 MiB)
 
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The token file dtype for a vocabulary: uint16 up to 65536 ids, else uint32."""
+    return "uint16" if vocab_size <= 65536 else "uint32"
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
@@ -39,9 +53,14 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
 
 
 class TokenWriter:
-    """Streams uint16 tokens to `path` (via a temp file renamed on `close`), then writes the sidecar."""
+    """Streams tokens (uint16, or uint32 for vocabularies > 65536) to `path` (via a temp file renamed on
+    `close`), then writes the sidecar."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, dtype: str = "uint16"):
+        if dtype not in DTYPES:
+            raise ValueError(f"token file dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self._np_dtype = DTYPES[dtype]
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(str(self.path) + ".tmp")
@@ -53,10 +72,11 @@ class TokenWriter:
         arr = np.asarray(tokens)
         if arr.size == 0:
             return
-        if arr.min() < 0 or arr.max() > 65535:
-            raise ValueError("token ids must be in [0, 65535] to fit a uint16 .bin file")
+        top = int(np.iinfo(self._np_dtype).max)
+        if arr.min() < 0 or arr.max() > top:
+            raise ValueError(f"token ids must be in [0, {top}] to fit a {self.dtype} .bin file")
         self.max_id = max(self.max_id, int(arr.max()))
-        self._f.write(arr.astype(DTYPE, copy=False).tobytes())
+        self._f.write(arr.astype(self._np_dtype, copy=False).tobytes())
         self.num_tokens += arr.size
 
     def close(self, meta: dict) -> dict:
@@ -65,8 +85,13 @@ class TokenWriter:
         if self.num_tokens == 0:
             self._tmp.unlink()
             raise ValueError(f"refusing to write {self.path}: the corpus is empty (no tokens)")
+        vocab = int(meta.get("vocab_size") or 0)
+        if self.dtype != "uint16" and vocab and vocab <= 65536:
+            self._tmp.unlink()
+            raise ValueError(f"a vocabulary of {vocab} ids fits uint16; {self.dtype} is only for vocabularies "
+                             "above 65536")
         os.replace(self._tmp, self.path)
-        full = {"dtype": "uint16", **meta, "num_tokens": self.num_tokens, "max_token_id": self.max_id}
+        full = {**meta, "dtype": self.dtype, "num_tokens": self.num_tokens, "max_token_id": self.max_id}
         write_json_atomic(sidecar_path(self.path), full)
         return full
 
@@ -76,9 +101,9 @@ class TokenWriter:
             self._tmp.unlink()
 
 
-def write_token_file(path: str | Path, tokens: np.ndarray, meta: dict) -> dict:
-    """Writes an in-memory token array and its sidecar in one go."""
-    writer = TokenWriter(path)
+def write_token_file(path: str | Path, tokens: np.ndarray, meta: dict, dtype: str | None = None) -> dict:
+    """Writes an in-memory token array and its sidecar in one go (dtype: from the meta's vocab_size)."""
+    writer = TokenWriter(path, dtype or dtype_for_vocab(int(meta.get("vocab_size") or 0)))
     try:
         writer.write(np.asarray(tokens).ravel())
     except BaseException:
@@ -104,11 +129,14 @@ class TokenFile:
         size = self.path.stat().st_size
         if size == 0:
             raise ValueError(f"token file {self.path} is empty (0 bytes)")
-        if size % DTYPE.itemsize:
-            raise ValueError(f"token file {self.path} has {size} bytes, not a multiple of 2: not a uint16 token file (truncated?)")
-        self.num_tokens = size // DTYPE.itemsize
-        if self.meta.get("dtype", "uint16") != "uint16":
-            raise ValueError(f"{meta_path}: dtype {self.meta['dtype']!r} is not supported (uint16 only)")
+        dtype_name = self.meta.get("dtype", "uint16")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"{meta_path}: dtype {dtype_name!r} is not supported ({' or '.join(DTYPES)})")
+        self.dtype = DTYPES[dtype_name]
+        if size % self.dtype.itemsize:
+            raise ValueError(f"token file {self.path} has {size} bytes, not a multiple of {self.dtype.itemsize}: "
+                             f"not a {dtype_name} token file (truncated?)")
+        self.num_tokens = size // self.dtype.itemsize
         if self.meta.get("num_tokens") not in (None, self.num_tokens):
             raise ValueError(f"{meta_path} says {self.meta['num_tokens']} tokens but {self.path} holds {self.num_tokens}")
         if "dataset_id" not in self.meta:
@@ -120,7 +148,7 @@ class TokenFile:
                 f"{self.path} was tokenized with tokenizer sha256 {self.meta.get('tokenizer_sha256')}, "
                 f"but the tokenizer in use has sha256 {tokenizer_sha256}; re-tokenize with the same tokenizer"
             )
-        self.tokens = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(self.num_tokens,))
+        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         if vocab_size is not None:
             self.check_vocab(vocab_size)
 
@@ -146,6 +174,13 @@ class SequenceDataset:
                  overwrite_first_with_id: bool = True):
         if seq_len < 1:
             raise ValueError("seq_len must be >= 1")
+        packed = token_file.meta.get("packed_seq_len")
+        if packed is not None and int(packed) != seq_len:
+            raise ValueError(f"{token_file.path} was packed into rows of {packed} tokens, but the model's sequence "
+                             f"length is {seq_len}; pack it again with --seq_len {seq_len} (or pass --model.seq_len "
+                             f"{packed})")
+        pad = token_file.meta.get("pad_id")
+        self.pad_id: int | None = None if pad is None else int(pad)
         self.token_file = token_file
         self.seq_len = seq_len
         self.overwrite_first_with_id = overwrite_first_with_id
@@ -174,6 +209,12 @@ class SequenceDataset:
         if self.overwrite_first_with_id:
             out[:, 0] = self.token_file.dataset_id
         return out
+
+    def loss_mask(self, tokens_bt: np.ndarray) -> np.ndarray | None:
+        """float32 [B, T]: 1 where the token counts as a target (not padding); None for unpadded files."""
+        if self.pad_id is None:
+            return None
+        return (np.asarray(tokens_bt) != self.pad_id).astype(np.float32)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size < 1:
@@ -255,3 +296,45 @@ def mix_batch(main_bt: np.ndarray, other_bt: np.ndarray, fraction: float) -> np.
 def replace_batch(main_bt: np.ndarray, old_bt: np.ndarray, fraction: float) -> np.ndarray:
     """`replace` replay: the first floor(fraction * B) rows of the new-data batch become old-data rows."""
     return _swap_rows(main_bt, old_bt, fraction)
+
+
+def iter_packed_rows(documents: Iterable[Sequence[int]], seq_len: int, pad_id: int) -> Iterator[np.ndarray]:
+    """Streams the rows of `pack_documents` (int64 [seq_len] each)."""
+    if seq_len < 2:
+        raise ValueError("seq_len must be >= 2 for packing")
+    current: list[int] = []
+
+    def padded() -> np.ndarray:
+        row = np.asarray(current + [pad_id] * (seq_len - len(current)), np.int64)
+        current.clear()
+        return row
+
+    for doc in documents:
+        doc = list(doc)
+        if pad_id in doc:
+            raise ValueError(f"a document contains the padding id {pad_id}; choose a pad id the text cannot produce")
+        if current and len(current) + len(doc) > seq_len:
+            yield padded()
+        while len(doc) > seq_len:
+            yield np.asarray(doc[:seq_len], np.int64)
+            doc = doc[seq_len:]
+        current.extend(doc)
+        if len(current) == seq_len:
+            yield padded()
+    if current:
+        yield padded()
+
+
+def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, pad_id: int) -> np.ndarray:
+    """Packs documents (token lists, each already BOS + text + EOS) into rows of `seq_len` tokens.
+
+    Next-fit in document order: a document goes into the current row if it fits, otherwise the row is
+    right-padded with `pad_id` and a new one begins; a document longer than a row is cut into row-sized
+    pieces (its last piece starts a new partial row). Documents are never cut except when longer than a
+    row, so the only positions that do not count are the padding (see `SequenceDataset.loss_mask`).
+    Returns int64 [N, seq_len].
+    """
+    rows = list(iter_packed_rows(documents, seq_len, pad_id))
+    if not rows:
+        raise ValueError("nothing to pack: no documents")
+    return np.stack(rows)

@@ -4,7 +4,10 @@ A run directory holds `config.json` (the flags plus what was resolved from data 
 `metrics.jsonl` (one JSON object per eval), `state.msgpack` (the resumable training state),
 `params.msgpack` (final weights, LoRA merged) and `done.json` (the completion marker with the final
 metrics). Finished runs also load as `--model.load_path`, as do checkpoints written by the authors'
-released code (a directory with `weights.npz` and `config.yaml`).
+released code (a directory with `weights.npz` and `config.yaml`) and Llama-family checkpoints in the
+Hugging Face layout (a directory whose `config.json` has `model_type` and holds `*.safetensors`).
+A run's resolved model config records `"family": "llama"` for Llama models, so a finetuned Llama run
+loads again as a LlamaConfig.
 """
 from __future__ import annotations
 
@@ -80,13 +83,17 @@ class LoadedRun:
     tokenizer_sha256: str | None
 
 
-def load_run(path: str | Path, *, dtype: str | None = None) -> LoadedRun:
-    """Loads a finished run directory of this project, or an authors' `weights.npz` directory."""
+def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None = None) -> LoadedRun:
+    """Loads a finished run directory of this project, an authors' `weights.npz` directory, or a Hugging
+    Face Llama checkpoint directory (`seq_len`: its sequence length here; ignored for run directories,
+    which keep their own)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--model.load_path {path} does not exist; pass a finished run directory")
     if (path / "weights.npz").exists():
         return _load_authors_checkpoint(path, dtype)
+    if is_hf_checkpoint(path):
+        return _load_hf_checkpoint(path, dtype, seq_len)
     if not (path / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{path} is neither a run directory (no {CONFIG_FILE}) nor an authors' "
                                 "checkpoint (no weights.npz)")
@@ -98,11 +105,66 @@ def load_run(path: str | Path, *, dtype: str | None = None) -> LoadedRun:
     model_dict = dict(resolved["model"])
     if dtype:
         model_dict["dtype"] = dtype
-    model_cfg = model_lib.ModelConfig(**model_dict)
-    params = checkpoint.restore(path / PARAMS_FILE, model_lib.abstract_params(model_cfg))
+    model_cfg = model_config_from_dict(model_dict)
+    params = checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))
     data = saved["config"]["data"]
     return LoadedRun(path, model_cfg, params, data["path"], data["num_tokens_valid"], data["split_seed"],
                      tuple(resolved["lineage_ids"]), resolved.get("tokenizer_sha256"))
+
+
+def model_to_dict(model_cfg: Any) -> dict:
+    """The resolved-model record of a run: the config's fields, plus `"family": "llama"` for Llama models
+    (paper-model records stay exactly as before: no family key)."""
+    from forgetting.core import llama  # noqa: PLC0415
+
+    d = cli.to_dict(model_cfg)
+    if isinstance(model_cfg, llama.LlamaConfig):
+        d["family"] = "llama"
+    return d
+
+
+def model_config_from_dict(model_dict: dict) -> Any:
+    """Inverse of `model_to_dict`: a ModelConfig, or a LlamaConfig when the record says family llama."""
+    d = dict(model_dict)
+    family = d.pop("family", "paper")
+    if family == "paper":
+        return model_lib.ModelConfig(**d)
+    if family == "llama":
+        from forgetting.core import llama  # noqa: PLC0415
+
+        rs = d.pop("rope_scaling", None)
+        return llama.LlamaConfig(**d, rope_scaling=llama.RopeScaling(**rs) if rs else None)
+    raise ValueError(f"unknown model family {family!r} in a run's resolved config")
+
+
+def abstract_params(model_cfg: Any) -> dict:
+    """Shape/dtype tree of the parameters of either model family."""
+    if isinstance(model_cfg, model_lib.ModelConfig):
+        return model_lib.abstract_params(model_cfg)
+    import jax  # noqa: PLC0415
+
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype) for k, s in model_cfg.param_specs().items()}
+
+
+def is_hf_checkpoint(path: str | Path) -> bool:
+    """A Hugging Face checkpoint directory: `config.json` with a `model_type` (our run directories' config.json
+    has `config`/`resolved` instead) and safetensors weights."""
+    path = Path(path)
+    try:
+        conf = json.loads((path / CONFIG_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(conf, dict) and "model_type" in conf and "resolved" not in conf and any(path.glob("*.safetensors"))
+
+
+def _load_hf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
+    """A HF Llama checkpoint as a LoadedRun: no training data is known (real replay needs --reg.path), and
+    self-generated replay is prompted by BOS (the lineage is just the BOS id)."""
+    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
+
+    model_cfg, params, _ = hf_checkpoint.load_hf(path, dtype=dtype or "bfloat16", param_dtype="float32",
+                                                 seq_len=seq_len or None)
+    return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), None)
 
 
 def parse_simple_yaml(text: str) -> dict:

@@ -62,6 +62,9 @@ class _Trainer:
         elif cfg.reg.method in ("ntp_pre", "kl_pre"):
             batch["replay"] = s.replay.rows(step)
         batch["tokens"] = tokens
+        mask = s.dataset.loss_mask(tokens)  # packed data: padding targets do not count
+        if mask is not None:
+            batch["mask"] = mask
         return s.put_batch(batch)
 
     # ----- evaluation ----------------------------------------------------------------------------
@@ -255,6 +258,10 @@ run = train  # the name experiments' framework calls
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli.parse(TrainConfig, argv)
+    if cfg.run.mesh:
+        from forgetting.core import sharding
+
+        sharding.initialize_distributed()  # multi-host when FORGETTING_COORDINATOR etc. are set; else no-op
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:

@@ -90,7 +90,8 @@ def _steps(cfg: TrainConfig, model_cfg: model_lib.ModelConfig, dataset: data_lib
 
 
 def build_setup(cfg: TrainConfig) -> Setup:
-    loaded = runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype) if cfg.model.load_path else None
+    loaded = (runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len)
+              if cfg.model.load_path else None)
     probe = data_lib.TokenFile(cfg.data.path)
     if loaded is not None and loaded.tokenizer_sha256 and probe.meta.get("tokenizer_sha256") not in (
             None, loaded.tokenizer_sha256):
@@ -151,7 +152,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
                           weight_decay=cfg.opt.weight_decay, momentum=cfg.opt.b1 if cfg.opt.optimizer == "sgd" else 0.0)
     eval_every = cfg.log.every_steps or max(1, round(cfg.log.every_tokens / tokens_per_step))
 
-    put_batch, put_state, state_sharding, batch_sharding = _placement(cfg, model_cfg, trainable, opt, use_lora)
+    put_batch, put_state, state_sharding, batch_sharding = _placement(cfg, model_cfg, trainable, opt, use_lora,
+                                                                      masked=dataset.pad_id is not None)
     if put_batch is not _identity:
         frozen = {k: (None if v is None else put_state.params_like(v)) for k, v in frozen.items()}
         if replay_source is not None and hasattr(replay_source, "ref_params"):
@@ -161,7 +163,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
         use_lora=use_lora, state_sharding=state_sharding, batch_sharding=batch_sharding)
 
     ref_init_distance = None
-    if loaded is not None and not (loaded.path / "weights.npz").exists():
+    if (loaded is not None and not (loaded.path / "weights.npz").exists()
+            and isinstance(model_cfg, model_lib.ModelConfig)):  # the paper model's init only
         loaded_seed = int(_json(loaded.path / runs.CONFIG_FILE)["config"]["run"]["seed"])
         if _json(loaded.path / runs.CONFIG_FILE)["config"]["model"]["load_path"] == "":
             init_params = model_lib.init(model_cfg, jax.random.key(loaded_seed))
@@ -169,11 +172,11 @@ def build_setup(cfg: TrainConfig) -> Setup:
                 jax.tree.leaves(loaded.params), jax.tree.leaves(init_params)))))
 
     lineage = tuple(dict.fromkeys((*(loaded.lineage_ids if loaded else ()), dataset.token_file.dataset_id)))
-    resolved = {"model": cli.to_dict(model_cfg), "lineage_ids": list(lineage),
+    resolved = {"model": runs.model_to_dict(model_cfg), "lineage_ids": list(lineage),
                 "dataset_id": dataset.token_file.dataset_id,
                 "tokenizer_sha256": dataset.token_file.meta.get("tokenizer_sha256"),
                 "total_steps": total_steps, "warmup_steps": warmup_steps, "eval_every": eval_every,
-                "param_count": model_lib.param_count(model_cfg),
+                "param_count": sum(math.prod(a.shape) for a in runs.abstract_params(model_cfg).values()),
                 "paper_param_count": model_lib.paper_param_count(model_cfg),
                 "loaded_from": str(loaded.path) if loaded else None}
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
@@ -204,7 +207,7 @@ class _Placer:
         return sharding.shard(tree, self.param_sharding)
 
 
-def _placement(cfg: TrainConfig, model_cfg, trainable, opt, use_lora: bool):
+def _placement(cfg: TrainConfig, model_cfg, trainable, opt, use_lora: bool, masked: bool = False):
     """(put_batch, put_state, state_sharding, batch_sharding) for `--run.mesh`; identity on one device."""
     if not cfg.run.mesh:
         return _identity, _identity, None, None
@@ -228,7 +231,13 @@ def _placement(cfg: TrainConfig, model_cfg, trainable, opt, use_lora: bool):
         placer = _Placer(state_sh, param_sh)
 
     def put_batch(batch: dict) -> dict:
-        return {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+        # Every process builds the same global batch (the order is a pure function of the step), and each
+        # device takes its own rows: the same code serves one host and many (`jax.distributed`).
+        return {k: jax.make_array_from_callback(v.shape, batch_sh, lambda index, v=v: v[index])
+                for k, v in batch.items()}
 
-    return put_batch, placer, state_sh, ({"tokens": batch_sh, "replay": batch_sh}
-                                         if cfg.reg.method in ("ntp_pre", "kl_pre") else {"tokens": batch_sh})
+    batch_shardings = ({"tokens": batch_sh, "replay": batch_sh}
+                       if cfg.reg.method in ("ntp_pre", "kl_pre") else {"tokens": batch_sh})
+    if masked:  # packed data: the loss mask travels with the tokens
+        batch_shardings["mask"] = batch_sh
+    return put_batch, placer, state_sh, batch_shardings

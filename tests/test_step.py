@@ -15,7 +15,7 @@ from forgetting.core import losses, model, optim, step
 
 fwd = jax.jit(model.forward, static_argnums=0)
 B, R, T, V = 4, 4, 16, 64
-LR = 0.1
+LR = 0.5
 seeds = st.integers(0, 2**31 - 1)
 SGD = optim.optimizer("sgd", LR, weight_decay=0.0)
 
@@ -95,35 +95,33 @@ def test_kl_pre_gradient_vanishes_at_reference(tiny_cfg, tiny_params, tiny_ref_p
 
 @given(seed=seeds)
 def test_objective_is_ntp_plus_coeff_times_reg(tiny_cfg, tiny_params, tiny_ref_params, seed):
-    """Gradient linear in the coefficient, and the reg metric equals the direct regularizer."""
+    """The metrics equal direct numpy computations, and loss = ntp + coeff * reg."""
     batch = _batch(seed)
     frozen = {"ref": tiny_ref_params, "base": None}
-    g0, _ = _grad(tiny_cfg, "none", 0.0)(tiny_params, frozen, batch)
-    g1, m1 = _grad(tiny_cfg, "kl_pre", 1.0)(tiny_params, frozen, batch)
-    g10, m10 = _grad(tiny_cfg, "kl_pre", 10.0)(tiny_params, frozen, batch)
-    _tree_allclose(jax.tree.map(lambda a, b: a - b, g10, g0),
-                   jax.tree.map(lambda a, b: 10 * (a - b), g1, g0), rtol=1e-3, atol=1e-5)
+    _, m10 = _grad(tiny_cfg, "kl_pre", 10.0)(tiny_params, frozen, batch)
     rep = np.asarray(batch["replay"])
     want_reg = _np_kl(fwd(tiny_cfg, tiny_params, rep), fwd(tiny_cfg, tiny_ref_params, rep)).mean()
     want_ntp = _np_nll(fwd(tiny_cfg, tiny_params, batch["tokens"]), batch["tokens"]).mean()
-    np.testing.assert_allclose(m1["reg"], want_reg, rtol=1e-4)
-    np.testing.assert_allclose(m1["ntp"], want_ntp, rtol=1e-5)
+    np.testing.assert_allclose(m10["reg"], want_reg, rtol=1e-4)
+    np.testing.assert_allclose(m10["ntp"], want_ntp, rtol=1e-5)
     np.testing.assert_allclose(m10["loss"], want_ntp + 10 * want_reg, rtol=1e-4)
+
+
+@functools.cache
+def _loss(cfg, reg_method: str, coeff: float):
+    return jax.jit(step.make_loss_fn(cfg, reg_method=reg_method, reg_coeff=coeff))
 
 
 def test_other_regularizers_metrics(tiny_cfg, tiny_params, tiny_ref_params):
     batch = _batch(0)
     frozen = {"ref": tiny_ref_params, "base": None}
     tokens, rep = np.asarray(batch["tokens"]), np.asarray(batch["replay"])
-    _, m = _grad(tiny_cfg, "ntp_pre", 0.5)(tiny_params, frozen, batch)
+    _, m = _loss(tiny_cfg, "ntp_pre", 0.5)(tiny_params, frozen, batch)
     np.testing.assert_allclose(m["reg"], _np_nll(fwd(tiny_cfg, tiny_params, rep), rep).mean(), rtol=1e-5)
-    _, m = _grad(tiny_cfg, "kl_dwn", 0.5)(tiny_params, frozen, batch)
+    _, m = _loss(tiny_cfg, "kl_dwn", 0.5)(tiny_params, frozen, batch)
     want = _np_kl(fwd(tiny_cfg, tiny_params, tokens), fwd(tiny_cfg, tiny_ref_params, tokens)).mean()
     np.testing.assert_allclose(m["reg"], want, rtol=1e-4)
-    # the reference is a constant: no gradient flows into it
-    g_ref = jax.jit(jax.grad(lambda ref: step.make_loss_fn(tiny_cfg, reg_method="kl_dwn", reg_coeff=1.0)(
-        tiny_params, {"ref": ref, "base": None}, batch)[0]))(tiny_ref_params)
-    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g_ref))
+    np.testing.assert_allclose(m["loss"], m["ntp"] + 0.5 * want, rtol=1e-4)
     with pytest.raises(ValueError):
         step.make_loss_fn(tiny_cfg, reg_method="kl_post")
 
@@ -131,15 +129,15 @@ def test_other_regularizers_metrics(tiny_cfg, tiny_params, tiny_ref_params):
 def test_mask_in_batch_is_a_masked_mean(tiny_cfg, tiny_params):
     batch = _batch(1)
     mask = np.random.default_rng(1).random((B, T)) < 0.5
-    _, m = _grad(tiny_cfg, "none", 0.0)(tiny_params, {"ref": None, "base": None},
+    _, m = _loss(tiny_cfg, "none", 0.0)(tiny_params, {"ref": None, "base": None},
                                          dict(batch, mask=jnp.asarray(mask)))
     nll = _np_nll(fwd(tiny_cfg, tiny_params, batch["tokens"]), batch["tokens"])
     np.testing.assert_allclose(m["ntp"], (nll * mask[:, 1:]).sum() / mask[:, 1:].sum(), rtol=1e-5)
 
 
-def test_step_metrics_and_state(tiny_cfg, tiny_params):
+def test_step_metrics_and_state(tiny_cfg, tiny_params, tiny_ref_params):
     batch = _batch(2)
-    frozen = {"ref": None, "base": None}
+    frozen = {"ref": tiny_ref_params, "base": None}  # same tree structure as elsewhere: no recompile
     keep = jax.tree.map(np.array, tiny_params)
     state = step.init_state(tiny_params, SGD)
     new, metrics = _train_step(tiny_cfg, "none", 0.0)(state, batch, frozen)
@@ -154,14 +152,14 @@ def test_step_metrics_and_state(tiny_cfg, tiny_params):
     np.testing.assert_allclose(metrics["update_norm"], LR * gnorm, rtol=1e-5)  # plain SGD
 
 
-def test_few_steps_overfit_a_fixed_batch(tiny_cfg, tiny_params):
-    opt = optim.optimizer("adamw", 1e-2)
-    train = step.make_train_step(tiny_cfg, opt)
-    state = step.init_state(tiny_params, opt)
-    batch = {"tokens": _batch(3)["tokens"]}
+def test_few_steps_overfit_a_fixed_batch(tiny_cfg, tiny_params, tiny_ref_params):
+    train = _train_step(tiny_cfg, "none", 0.0)  # SGD at LR 0.5, shared with the tests above
+    state = step.init_state(tiny_params, SGD)
+    batch = _batch(3)
+    frozen = {"ref": tiny_ref_params, "base": None}
     first = None
     for _ in range(40):
-        state, metrics = train(state, batch, {"ref": None, "base": None})
+        state, metrics = train(state, batch, frozen)
         first = float(metrics["loss"]) if first is None else first
     final = float(losses.next_token_loss(fwd(tiny_cfg, state.params, batch["tokens"]), batch["tokens"]))
     assert first > 0.8 * np.log(V)  # starts near chance
@@ -182,7 +180,7 @@ def test_bf16_train_step_tracks_f32(tiny_cfg, tiny_cfg_bf16, tiny_params):
 
 # ---------------------------------------------------------------- eval
 
-@given(seed=seeds, length=st.sampled_from([9, 16]))
+@given(seed=seeds, length=st.sampled_from([16]))
 def test_eval_sums_equal_direct_computation(tiny_cfg, tiny_params, tiny_ref_params, seed, length):
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, length)), jnp.int32)
     ev = _eval(tiny_cfg)

@@ -1,0 +1,132 @@
+"""2-D grid (claim 4): model size × pretraining length, without regularization vs with KL.
+
+Every (width D, tokens per parameter) cell is pretrained on the old data for exactly that many tokens,
+then finetuned on the new data until the new-data loss reaches `finetune_target` (capped at
+`finetune_max_tokens`) twice: with no regularization and with the KL penalty on real old-data replay
+(coefficient `kl_coeff`). Per cell and setting:
+
+- loss delta = old-data loss after finetuning − old-data loss after pretraining;
+- compute multiplier = the fraction of the pretraining run's tokens at which its validation loss first
+  reached the finetuned model's old-data loss (linear interpolation between evaluations; 1 = nothing
+  forgotten). Read from the pretraining run's metrics.jsonl, whose eval cadence is set by `evals`.
+
+Figure: four heatmaps (loss delta / compute multiplier × none / KL), rows = D, columns = TPP.
+`summary.json`: {"widths", "tpps", "delta": {"none": [[...]], "kl": [[...]]}, "multiplier": {...},
+"rows": [one per cell and setting]}.
+Paper (13 widths × 13 TPPs): multiplier ≈0.48 for small models without regularization, ≈0.85–0.92
+everywhere with KL.
+
+    python -m forgetting.experiments.grid_2d                     # mini: synthetic languages, ≈25 min on 2 cores
+    python -m forgetting.experiments.grid_2d --scale paper --old_path c4_en.bin --new_path c4_es.bin
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetting.experiments import common_lm as C
+from forgetting.experiments import framework
+from forgetting.experiments.framework import RunSpec
+
+SETTINGS = ("none", "kl")
+
+
+@dataclass(frozen=True)
+class Knobs(C.LMKnobs):
+    """Knobs of the 2-D grid (shared data/model/optimizer knobs first)."""
+
+    widths: tuple[int, ...] = (16, 32, 64)  # model widths D (grid rows)
+    tpps: tuple[float, ...] = (10.0, 31.6, 100.0, 316.0)  # pretraining tokens per parameter (grid columns)
+    finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
+    finetune_max_tokens: int = 1_000_000  # cap on finetuning tokens
+    kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
+    replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+
+_PAPER_WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768)
+_PAPER_TPPS = (1.0, 2.0, 4.0, 10.0, 20.0, 31.6, 50.0, 100.0, 200.0, 316.0, 1000.0, 3160.0, 10000.0)
+PRESETS = {
+    "mini": Knobs(),
+    "paper": Knobs(widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
+                   dtype="bfloat16", batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100,
+                   finetune_target=2.76, finetune_max_tokens=2_000_000_000, kl_coeff=10.0, replay_batch=64),
+}
+
+
+def pre_name(d: int, t: float) -> str:
+    return f"pre-d{d}-tpp{C.fmt(t)}"
+
+
+def fine_name(d: int, t: float, setting: str) -> str:
+    return f"ft-d{d}-tpp{C.fmt(t)}-{setting}"
+
+
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    specs, paths, after = C.data_specs(k, out)
+    for d in k.widths:
+        for t in k.tpps:
+            pre = C.pretrain_config(k, out, paths, d, name=pre_name(d, t), tokens_per_param=t)
+            specs.append(RunSpec(pre_name(d, t), pre, module=C.TRAIN, after=after))
+            for s in SETTINGS:
+                fine = C.finetune_config(k, pre, paths, name=fine_name(d, t, s), max_tokens=k.finetune_max_tokens,
+                                         target_loss=k.finetune_target, method="kl_pre" if s == "kl" else "none",
+                                         coeff=k.kl_coeff, replay_batch=k.replay_batch)
+                specs.append(RunSpec(fine_name(d, t, s), fine, module=C.TRAIN, after=(pre_name(d, t),)))
+    return specs
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    dirs = framework.locate(runs(k, out), out)
+    delta = {s: [[None] * len(k.tpps) for _ in k.widths] for s in SETTINGS}
+    mult = {s: [[None] * len(k.tpps) for _ in k.widths] for s in SETTINGS}
+    rows = []
+    for i, d in enumerate(k.widths):
+        for j, t in enumerate(k.tpps):
+            pre_dir = dirs[pre_name(d, t)]
+            tokens, losses = C.curve(framework.read_metrics(pre_dir))
+            pre_loss = C.final(pre_dir).get("valid_ntp")
+            for s in SETTINGS:
+                done = C.final(dirs[fine_name(d, t, s)])
+                old = done.get("prev_ntp")
+                dl = None if old is None or pre_loss is None else old - pre_loss
+                m = None if old is None or not tokens else C.nan_to_none(C.compute_multiplier(tokens, losses, old))
+                delta[s][i][j], mult[s][i][j] = dl, m
+                rows.append({"d_model": d, "tpp": t, "setting": s, "pretrain_loss": pre_loss, "old_loss": old,
+                             "new_loss": done.get("valid_ntp"), "delta": dl, "multiplier": m,
+                             "reached_target": C.reached(done, k.finetune_target)})
+    return {"widths": list(k.widths), "tpps": list(k.tpps), "delta": delta, "multiplier": mult, "rows": rows,
+            "finetune_target": k.finetune_target, "kl_coeff": k.kl_coeff}
+
+
+def plot(k: Knobs, out: Path, summary: dict) -> None:
+    import numpy as np
+
+    from forgetting.experiments import plotting
+
+    fig, axes = plotting.subplots(2, 2, figsize=(10, 7.5))
+    titles = {"none": "no regularization", "kl": f"KL (coeff {C.fmt(summary['kl_coeff'])})"}
+    for r, (key, label, cmap) in enumerate((("delta", "Δ old-data loss (nats)", "magma_r"),
+                                            ("multiplier", "compute multiplier", "viridis"))):
+        vals = [v for s in SETTINGS for row in summary[key][s] for v in row if v is not None]
+        lo, hi = (min(vals), max(vals)) if vals else (0, 1)
+        if key == "multiplier":
+            lo, hi = 0.0, 1.0
+        for c, s in enumerate(SETTINGS):
+            ax = axes[r][c]
+            grid = np.array([[np.nan if v is None else v for v in row] for row in summary[key][s]], dtype=float)
+            im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
+            for (a, b), v in np.ndenumerate(grid):
+                if np.isfinite(v):
+                    ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+            ax.set_xticks(range(len(summary["tpps"])), [C.fmt(t) for t in summary["tpps"]], fontsize=8)
+            ax.set_yticks(range(len(summary["widths"])), [str(d) for d in summary["widths"]], fontsize=8)
+            ax.set_xlabel("pretraining tokens per parameter")
+            ax.set_ylabel("width D")
+            ax.set_title(f"{label}: {titles[s]}", fontsize=10)
+            ax.grid(False)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    plotting.save(fig, Path(out) / "grid_2d")
+
+
+if __name__ == "__main__":
+    framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)

@@ -1,0 +1,127 @@
+"""High LR vs replay (claim 6): a low finetuning LR protects old data only at a large cost in steps;
+replay at a high LR gets the same protection far cheaper.
+
+One model is pretrained on the old data (`pretrain_tpp` tokens per parameter), then finetuned on the
+new data until the new-data loss reaches `finetune_target` (capped at `finetune_max_tokens`) in two
+families:
+
+- lowered LR, no replay: every finetuning LR in `lowered_lrs`;
+- high LR + replay: LR `high_lr` with the first ⌊f·B⌋ rows of each batch replaced by old-data rows
+  (`--reg.method replace`) for every f in `replace_fracs` (f = 0 is plain finetuning at `high_lr`).
+
+Figure: old-data loss after finetuning against the measured training time (`train_seconds`, log x),
+one curve per family. `summary.json`: {"lowered_lr": [{lr, old_loss, new_loss, seconds, tokens,
+reached_target}], "replay": [{fraction, ...}], "compute_ratio": {level, time_slow, time_fast, ratio}} —
+ratio = time the lowered-LR family needs to reach the lowest old loss both families reach, over the
+replay family's time (log-time interpolation along each family's frontier).
+Paper: LR 1e-3 → 1e-7 vs fraction 0 → 0.125 at 1e-3; replay reaches ≈3.37 vs ≈3.63 at ≈38× less time.
+
+    python -m forgetting.experiments.high_lr                     # mini: synthetic languages, ≈20 min on 2 cores
+    python -m forgetting.experiments.high_lr --scale paper --old_path c4_en.bin --new_path c4_es.bin
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetting.experiments import common_lm as C
+from forgetting.experiments import framework
+from forgetting.experiments.framework import RunSpec
+
+
+@dataclass(frozen=True)
+class Knobs(C.LMKnobs):
+    """Knobs of the high-LR-vs-replay figure (shared data/model/optimizer knobs first)."""
+
+    d_model: int = 32  # the one model width D
+    pretrain_tpp: float = 300.0  # pretraining tokens per parameter
+    high_lr: float = 3e-3  # finetuning LR of the replay family (and the top of the lowered family)
+    lowered_lrs: tuple[float, ...] = (3e-3, 1e-3, 3e-4, 1e-4)  # finetuning LRs of the no-replay family
+    replace_fracs: tuple[float, ...] = (0.0, 0.0625, 0.125, 0.25)  # replaced fraction of each batch at high_lr
+    finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
+    finetune_max_tokens: int = 3_000_000  # cap on finetuning tokens (the lowest LRs need many steps)
+
+
+PRESETS = {
+    "mini": Knobs(),
+    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+                   batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100, pretrain_tpp=1000.0,
+                   high_lr=1e-3, lowered_lrs=(1e-3, 1e-4, 1e-5, 1e-6, 1e-7),
+                   replace_fracs=(0.0, 0.0156, 0.03125, 0.0625, 0.125), finetune_target=2.76,
+                   finetune_max_tokens=5_000_000_000),
+}
+
+
+def lr_name(lr: float) -> str:
+    return f"ft-lr{C.fmt(lr)}"
+
+
+def frac_name(f: float) -> str:
+    return f"ft-replace{C.fmt(f)}"
+
+
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    specs, paths, after = C.data_specs(k, out)
+    pre = C.pretrain_config(k, out, paths, k.d_model, name="pretrain", tokens_per_param=k.pretrain_tpp)
+    specs.append(RunSpec("pretrain", pre, module=C.TRAIN, after=after))
+    fine = lambda name, **kw: RunSpec(name, C.finetune_config(k, pre, paths, name=name, max_tokens=k.finetune_max_tokens,
+                                                                target_loss=k.finetune_target, **kw),
+                                       module=C.TRAIN, after=("pretrain",))
+    for lr in k.lowered_lrs:
+        specs.append(fine(lr_name(lr), lr=lr))
+    for f in k.replace_fracs:
+        if f > 0:
+            specs.append(fine(frac_name(f), lr=k.high_lr, method="replace", coeff=f))
+        elif k.high_lr not in k.lowered_lrs:
+            specs.append(fine(lr_name(k.high_lr), lr=k.high_lr))
+    return specs
+
+
+def _point(done: dict, target: float) -> dict:
+    return {"old_loss": done.get("prev_ntp"), "new_loss": done.get("valid_ntp"), "seconds": done.get("train_seconds"),
+            "tokens": done.get("tokens"), "reached_target": C.reached(done, target)}
+
+
+def family_points(rows: list[dict]) -> list[tuple[float, float]]:
+    """(seconds, old loss) of a family's runs that reached the target (all finished runs if none did)."""
+    ok = [r for r in rows if r["reached_target"] and r["old_loss"] is not None and r["seconds"] is not None]
+    pool = ok or [r for r in rows if r["old_loss"] is not None and r["seconds"] is not None]
+    return [(r["seconds"], r["old_loss"]) for r in pool]
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    dirs = framework.locate(runs(k, out), out)
+    low = [{"lr": lr, **_point(C.final(dirs[lr_name(lr)]), k.finetune_target)} for lr in k.lowered_lrs]
+    rep = [{"fraction": f, **_point(C.final(dirs[frac_name(f) if f > 0 else lr_name(k.high_lr)]), k.finetune_target)}
+           for f in k.replace_fracs]
+    ratio = C.compute_ratio_at_equal_loss(family_points(low), family_points(rep))
+    pre = C.final(dirs["pretrain"])
+    return {"lowered_lr": low, "replay": rep, "compute_ratio": ratio, "pretrain_loss": pre.get("valid_ntp"),
+            "high_lr": k.high_lr, "finetune_target": k.finetune_target}
+
+
+def plot(k: Knobs, out: Path, summary: dict) -> None:
+    from forgetting.experiments import plotting
+
+    fig, ax = plotting.subplots(figsize=(6.5, 4.2))
+    for key, lab, label in (("lowered_lr", "lr", "lowered LR, no replay"),
+                            ("replay", "fraction", f"LR {C.fmt(summary['high_lr'])} + replaced fraction")):
+        pts = [p for p in summary[key] if p["old_loss"] is not None and p["seconds"] is not None]
+        ax.plot([p["seconds"] for p in pts], [p["old_loss"] for p in pts], "o-", label=label)
+        for p in pts:
+            ax.annotate(C.fmt(p[lab]), (p["seconds"], p["old_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if summary.get("pretrain_loss") is not None:
+        ax.axhline(summary["pretrain_loss"], color="gray", ls="--", lw=0.8, label="before finetuning")
+    r = summary["compute_ratio"]
+    if r.get("ratio"):
+        ax.axhline(r["level"], color="k", lw=0.5, ls=":")
+        ax.set_title(f"equal old loss {r['level']:.3f}: lowered LR needs {r['ratio']:.1f}× the time", fontsize=10)
+    ax.set_xscale("log")
+    ax.set_xlabel("finetuning time to target (s, measured)")
+    ax.set_ylabel("old-data loss after finetuning (nats)")
+    ax.legend(fontsize=8)
+    plotting.save(fig, Path(out) / "high_lr")
+
+
+if __name__ == "__main__":
+    framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)

@@ -1,0 +1,338 @@
+"""Instruction-tuned model (claim 3): finetune Llama-3.2-1B-Instruct on Verilog; KL on BOS-prompted
+self-generated text keeps its benchmark accuracy about as well as KL on real pretraining-like data.
+
+The paper: the average of MMLU, ARC-Challenge and CommonsenseQA starts at 53.7%; after finetuning on
+Verilog it ends ≈52.7% with KL (real Olmo data or self-generated), ≈51.6% with NTP on self-generated
+text, ≈49.1% with standard finetuning and ≈46.0% with NTP on real Olmo data.
+
+Runs: standard finetuning (`none`), then for every coefficient in `coeffs`: NTP and KL replay
+(`ntp_pre`, `kl_pre`) on real old data (`--reg.path old.bin`) and on self-generated text sampled from
+the frozen starting model prompted with only BOS (`--reg.synth true`; no chat template, temperature 1,
+full length). Each finetuned model and the starting model are evaluated by the `evaluate_benchmarks`
+stage: benchmark average (the paper's number) and per-token accuracy on the Verilog validation split.
+
+Figure `instruct.png/pdf`: benchmark average accuracy (y) vs Verilog per-token accuracy (x), one point
+per run, the starting model as a star. `summary.json`: {"start": {...}, "runs": {name: {"method",
+"source", "coeff", "average", "mmlu", "arc_challenge", "commonsense_qa", "domain_token_acc",
+"valid_ntp", "old_ntp" (NTP on the old/replay data's validation split), "steps"}}}.
+
+Scales:
+- `--scale mini` (minutes on 2 CPU cores): the project writes a tiny random Llama-architecture checkpoint
+  in the Hugging Face layout (2 layers, D=64, vocab 512, tiktoken-format tokenizer), pretrains it for a
+  few hundred steps on a synthetic English-like corpus (so that there is something to forget) and writes
+  the result again as a HF checkpoint: that directory plays Llama-3.2-1B-Instruct. The new domain is a
+  synthetic templated-Verilog corpus, the real replay data the English-like corpus, and the benchmarks
+  are a few hand-made questions in the MMLU/ARC/CSQA layouts (`benchmarks.write_tiny_benchmarks`). The
+  accuracies are near chance and mean nothing about the claim: the preset only runs the whole pipeline
+  (HF loading, BOS-prompted sampling, KL/NTP replay, benchmark scoring, domain accuracy, figure).
+- `--scale paper` needs local files (nothing is downloaded; see the knobs):
+  `data/instruct/Llama-3.2-1B-Instruct/` (the HF snapshot: config.json, model.safetensors,
+  tokenizer.json or original/tokenizer.model), `data/instruct/verilog.bin` and `data/instruct/olmo.bin`
+  (made with `python -m forgetting.stages.tokenize_hf --hf_tokenizer data/instruct/Llama-3.2-1B-Instruct
+  --sources ... --out ...`; uint32 token files, BOS + text + EOS per document), and the benchmark files
+  under `data/instruct/benchmarks/` (`mmlu`, `arc_challenge`, `commonsense_qa`: .jsonl/.parquet in the
+  cais/mmlu, allenai/ai2_arc, tau/commonsense_qa layouts, or `hf:` ids with the `datasets` package).
+  Settings (the paper gives none for this run beyond the model, the data and c): full finetuning in
+  bf16 compute / f32 weights, T=1024, batch 32 sequences (32K tokens), replay batch 32, buffer 16,
+  AdamW peak LR 1e-5 with 5M-token warm-up, constant, weight decay 0, 1 epoch over the Verilog train
+  split capped at 100M tokens, c ∈ {1, 10}; `--run.mesh tp` splits the model over devices if needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from forgetting.experiments import framework
+from forgetting.experiments.framework import RunSpec
+from forgetting.stages import train_config as tc
+from forgetting.stages.train_config import TrainConfig
+
+SWEEP = (("ntp_pre", "real"), ("ntp_pre", "self"), ("kl_pre", "real"), ("kl_pre", "self"))
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Knobs of the instruction-tuned-model figure."""
+
+    hf_path: str = ""  # the starting HF checkpoint ("" = mini: written by the `prepare` run)
+    domain_path: str = ""  # new-domain token file (Verilog) ("" = mini: written by `prepare`)
+    old_path: str = ""  # real replay data (Olmo) ("" = mini: written by `prepare`)
+    mmlu: str = ""  # MMLU questions ("" = mini: written by `prepare`)
+    arc: str = ""  # ARC-Challenge questions ("" = mini)
+    csqa: str = ""  # CommonsenseQA questions ("" = mini)
+    bench_limit: int = 0  # at most this many questions per benchmark (0 = all)
+    coeffs: tuple[float, ...] = (10.0,)  # replay coefficients c (objective NTP + c·R)
+    methods: tuple[str, ...] = ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")  # runs of the sweep
+    seq_len: int = 128  # training sequence length T
+    batch_size: int = 16  # new-data sequences per step
+    replay_batch: int = 16  # replay sequences per step
+    buffer: int = 4  # self-generated replay: steps of replay sampled at once
+    peak_lr: float = 3e-3  # finetuning peak learning rate (AdamW)
+    warmup_tokens: int = 4096  # linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    num_tokens_train: int = 60 * 16 * 128  # finetuning length in new-data tokens
+    num_tokens_valid: int = 16 * 128  # validation split of the domain data (and of the old data)
+    eval_every_tokens: int = 30 * 16 * 128  # evaluation cadence of the train stage
+    dtype: str = "float32"  # matmul dtype (bfloat16 at paper scale)
+    mesh: str = ""  # --run.mesh for the finetunes ("" one device, tp for tensor parallel)
+    mesh_model: int = 1  # --run.mesh_model
+    bench_seq_len: int = 128  # longest scored benchmark prompt + answer
+    domain_eval_rows: int = 0  # cap on domain validation rows for token accuracy (0 = all)
+    # mini only: the stand-in checkpoint and corpora
+    mini_docs: int = 600  # documents per synthetic corpus
+    mini_pretrain_steps: int = 300  # steps pretraining the random checkpoint on the English-like corpus
+    seed: int = 0  # seed of the runs (and of the synthetic corpora)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from none ntp_real ntp_self kl_real kl_self")
+        paper_inputs = (self.hf_path, self.domain_path, self.old_path)
+        if any(paper_inputs) and not all(paper_inputs):
+            raise ValueError("give all of --hf_path, --domain_path, --old_path (or none of them for mini data)")
+
+
+PRESETS = {
+    "mini": Knobs(),
+    "paper": Knobs(hf_path="data/instruct/Llama-3.2-1B-Instruct", domain_path="data/instruct/verilog.bin",
+                   old_path="data/instruct/olmo.bin", mmlu="data/instruct/benchmarks/mmlu",
+                   arc="data/instruct/benchmarks/arc_challenge", csqa="data/instruct/benchmarks/commonsense_qa",
+                   coeffs=(1.0, 10.0), seq_len=1024, batch_size=32, replay_batch=32, buffer=16, peak_lr=1e-5,
+                   warmup_tokens=5_000_000, num_tokens_train=100_000_000, num_tokens_valid=2_000_000,
+                   eval_every_tokens=10_000_000, dtype="bfloat16", bench_seq_len=2048, domain_eval_rows=512,
+                   mini_docs=0, mini_pretrain_steps=0),
+}
+
+
+# ------------------------------------------------------------------------------- mini data and model
+_WORDS = ("river", "mountain", "teacher", "garden", "city", "window", "market", "forest", "letter", "music",
+          "winter", "village", "doctor", "bridge", "kitchen", "island", "library", "station", "summer", "ocean")
+_VERBS = ("sees", "builds", "finds", "likes", "paints", "visits", "keeps", "opens", "reads", "crosses")
+_ADJS = ("old", "quiet", "bright", "small", "green", "busy", "warm", "long", "happy", "cold")
+
+
+def english_like_corpus(n: int, seed: int) -> list[str]:
+    """Templated English-like paragraphs: the mini stand-in for pretraining text (Olmo)."""
+    rng = np.random.default_rng([seed, 1])
+    docs = []
+    for _ in range(n):
+        sents = []
+        for _ in range(int(rng.integers(2, 5))):
+            a, b = rng.choice(_WORDS, 2, replace=False)
+            sents.append(f"The {rng.choice(_ADJS)} {a} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {b}.")
+        q = rng.choice(_WORDS)
+        sents.append(f"Question: Where is the {q}? Answer: near the {rng.choice(_WORDS)}.")
+        docs.append(" ".join(sents))
+    return docs
+
+
+def verilog_corpus(n: int, seed: int) -> list[str]:
+    """Templated Verilog modules: the mini stand-in for the new domain."""
+    rng = np.random.default_rng([seed, 2])
+    ops = ("+", "-", "^", "&", "|")
+    docs = []
+    for i in range(n):
+        name = f"{rng.choice(('counter', 'adder', 'shift', 'mux', 'reg'))}_{i % 97}"
+        w = int(rng.choice((3, 7, 15, 31)))
+        a, q = rng.choice(("a", "b", "din", "x"), 1)[0], rng.choice(("q", "y", "dout", "acc"), 1)[0]
+        op = rng.choice(ops)
+        docs.append(
+            f"module {name}(input clk, input rst, input [{w}:0] {a}, output reg [{w}:0] {q});\n"
+            f"  always @(posedge clk) begin\n"
+            f"    if (rst) {q} <= {w + 1}'d0;\n"
+            f"    else {q} <= {q} {op} {a};\n"
+            f"  end\nendmodule\n")
+    return docs
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """mini: write the stand-in checkpoint, corpora and benchmark files into the run directory."""
+
+    knobs: Knobs = field(default_factory=Knobs)
+
+
+def prepare(cfg: PrepareConfig, run_dir: Path) -> dict:
+    """Random tiny HF-layout Llama -> pretrained briefly on the English-like corpus -> written back as the
+    HF checkpoint `ckpt/`; `domain.bin`, `old.bin` (tokenized with its tokenizer); `bench/*.jsonl`."""
+    import jax
+
+    from forgetting.stages import benchmarks, hf_checkpoint, runs, tokenize_hf, train
+
+    k = cfg.knobs
+    run_dir = Path(run_dir)
+    random_dir = run_dir / "random"
+    tiny = hf_checkpoint.tiny_config(seq_len=k.seq_len, dtype=k.dtype)
+    hf_checkpoint.write_tiny_hf_checkpoint(random_dir, tiny, jax.random.key(k.seed))
+    for name, docs in (("domain", verilog_corpus(k.mini_docs, k.seed)), ("old", english_like_corpus(k.mini_docs, k.seed))):
+        src = run_dir / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(random_dir),
+                                                out=str(run_dir / f"{name}.bin")))
+    bench = benchmarks.write_tiny_benchmarks(run_dir / "bench")
+    pre = TrainConfig(
+        run=tc.RunConfig(dir=str(run_dir / "pretrain_runs"), name="pretrain", seed=k.seed),
+        data=tc.DataConfig(path=str(run_dir / "old.bin"), num_tokens_valid=k.num_tokens_valid),
+        model=tc.ModelArgs(load_path=str(random_dir), seq_len=k.seq_len, dtype=k.dtype),
+        opt=tc.OptConfig(batch_size=k.batch_size, peak_lr=3e-3, warmup_tokens=k.warmup_tokens, weight_decay=0.0),
+        stop=tc.StopConfig(num_tokens_train=k.mini_pretrain_steps * k.batch_size * k.seq_len),
+        log=tc.LogConfig(every_steps=max(1, k.mini_pretrain_steps), progress=False))
+    result = train.train(pre)
+    loaded = runs.load_run(result["run_dir"])
+    hf_checkpoint.write_tiny_hf_checkpoint(run_dir / "ckpt", tiny, params=jax.device_get(loaded.params))
+    return {"pretrain_valid_ntp": result["metrics"]["valid_ntp"], "bench": {n: str(p) for n, p in bench.items()}}
+
+
+@dataclass(frozen=True)
+class BenchRunConfig:
+    """One benchmark evaluation (the `evaluate_benchmarks` stage's config, as a plain record)."""
+
+    load_path: str = ""
+    knobs: Knobs = field(default_factory=Knobs)
+
+
+def bench_run(cfg: BenchRunConfig, run_dir: Path) -> dict:
+    from forgetting.stages import evaluate_benchmarks as eb
+
+    return eb.evaluate(bench_config(cfg.knobs, cfg.load_path, _inputs_of(cfg.knobs, run_dir.parent)))
+
+
+# ------------------------------------------------------------------------------------------ the runs
+def _prepare_spec(knobs: Knobs) -> RunSpec:
+    return RunSpec("prepare", PrepareConfig(knobs=_data_knobs(knobs)), fn=prepare)
+
+
+def _data_knobs(knobs: Knobs) -> Knobs:
+    """The knobs `prepare` depends on (the others are reset, so changing them reuses the prepared data)."""
+    d = Knobs()
+    return dataclasses.replace(d, seq_len=knobs.seq_len, batch_size=knobs.batch_size, dtype=knobs.dtype,
+                               warmup_tokens=knobs.warmup_tokens, num_tokens_valid=knobs.num_tokens_valid,
+                               mini_docs=knobs.mini_docs, mini_pretrain_steps=knobs.mini_pretrain_steps,
+                               seed=knobs.seed)
+
+
+def _inputs_of(knobs: Knobs, out: Path) -> dict:
+    """Paths of the checkpoint, data and benchmarks: the knobs' (paper) or the prepare run's (mini)."""
+    if knobs.hf_path:
+        return {"hf": knobs.hf_path, "domain": knobs.domain_path, "old": knobs.old_path,
+                "mmlu": knobs.mmlu, "arc": knobs.arc, "csqa": knobs.csqa}
+    p = framework.run_dir(_prepare_spec(knobs), out)
+    return {"hf": str(p / "ckpt"), "domain": str(p / "domain.bin"), "old": str(p / "old.bin"),
+            "mmlu": knobs.mmlu or str(p / "bench" / "mmlu.jsonl"),
+            "arc": knobs.arc or str(p / "bench" / "arc_challenge.jsonl"),
+            "csqa": knobs.csqa or str(p / "bench" / "commonsense_qa.jsonl")}
+
+
+def bench_config(knobs: Knobs, load_path: str, inputs: dict):
+    from forgetting.stages import evaluate_benchmarks as eb
+
+    return eb.BenchConfig(
+        model=eb.BenchModelArgs(load_path=load_path, dtype=knobs.dtype, seq_len=knobs.bench_seq_len),
+        domain=eb.DomainArgs(path=inputs["domain"], seq_len=knobs.seq_len, num_tokens_valid=knobs.num_tokens_valid,
+                             split_seed=0, max_rows=knobs.domain_eval_rows),
+        mmlu=inputs["mmlu"], arc=inputs["arc"], csqa=inputs["csqa"], limit=knobs.bench_limit)
+
+
+def finetune_config(knobs: Knobs, inputs: dict, method: str, source: str, coeff: float) -> TrainConfig:
+    reg = tc.RegConfig(method=method, coeff=coeff, synth=source == "self", batch_size=knobs.replay_batch,
+                       buffer=knobs.buffer, path=inputs["old"] if source == "real" else "")
+    tokens_per_step = knobs.batch_size * knobs.seq_len
+    return TrainConfig(
+        run=tc.RunConfig(dir=str(Path(inputs["out"]) / "runs"), name=f"{method}-{source}", seed=knobs.seed,
+                         mesh=knobs.mesh, mesh_model=knobs.mesh_model),
+        data=tc.DataConfig(path=inputs["domain"], num_tokens_valid=knobs.num_tokens_valid),
+        model=tc.ModelArgs(load_path=inputs["hf"], seq_len=knobs.seq_len, dtype=knobs.dtype),
+        reg=reg,
+        opt=tc.OptConfig(batch_size=knobs.batch_size, peak_lr=knobs.peak_lr, warmup_tokens=knobs.warmup_tokens,
+                         weight_decay=knobs.weight_decay),
+        stop=tc.StopConfig(num_tokens_train=knobs.num_tokens_train),
+        eval=tc.EvalConfig(extra_paths=(inputs["old"],) if inputs["old"] else (),
+                           max_tokens=knobs.num_tokens_valid),
+        log=tc.LogConfig(every_steps=max(1, round(knobs.eval_every_tokens / tokens_per_step)), progress=False))
+
+
+def _sweep(knobs: Knobs) -> list[tuple[str, str, str, float]]:
+    """(run name, method, source, coeff) for every finetune."""
+    out = []
+    if "none" in knobs.methods:
+        out.append(("ft_none", "none", "", 0.0))
+    for coeff in knobs.coeffs:
+        for method, source in SWEEP:
+            short = f"{method.split('_')[0]}_{source}"
+            if short in knobs.methods:
+                out.append((f"ft_{short}_c{coeff:g}", method, source, coeff))
+    return out
+
+
+def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+    from forgetting.stages import train
+
+    out = Path(out)
+    inputs = dict(_inputs_of(knobs, out), out=str(out))
+    specs: list[RunSpec] = []
+    first = ()
+    if not knobs.hf_path:
+        specs.append(_prepare_spec(knobs))
+        first = ("prepare",)
+    eval_knobs = dataclasses.replace(knobs, coeffs=(), methods=())  # the sweep does not change an eval
+    specs.append(RunSpec("eval_start", BenchRunConfig(inputs["hf"], eval_knobs), fn=bench_run, after=first))
+    for name, method, source, coeff in _sweep(knobs):
+        cfg = finetune_config(knobs, inputs, method, source, coeff)
+        specs.append(RunSpec(name, cfg, module="forgetting.stages.train", after=first))
+        specs.append(RunSpec(f"eval_{name}", BenchRunConfig(str(train.run_dir(cfg)), eval_knobs), fn=bench_run,
+                             after=(name,)))
+    return specs
+
+
+def summarize(knobs: Knobs, out: Path) -> dict:
+    dirs = framework.locate(runs(knobs, out), out)
+    keys = ("average", "mmlu", "arc_challenge", "commonsense_qa", "domain_token_acc")
+    start = framework.read_result(dirs["eval_start"])
+    summary: dict = {"start": {k: start[k] for k in keys if k in start}, "runs": {}}
+    old_stem = Path(_inputs_of(knobs, Path(out))["old"]).stem  # the train stage logs ntp/<stem> of the old data
+    for name, method, source, coeff in _sweep(knobs):
+        r = framework.read_result(dirs[f"eval_{name}"])
+        done = framework.read_done(dirs[name])
+        summary["runs"][name] = {"method": method, "source": source or "none", "coeff": coeff,
+                                 **{k: r[k] for k in keys if k in r},
+                                 "valid_ntp": done.get("valid_ntp"), "old_ntp": done.get(f"ntp/{old_stem}"),
+                                 "steps": done.get("steps")}
+    return summary
+
+
+_STYLE = {("none", "none"): ("tab:gray", "o", "standard"), ("ntp_pre", "real"): ("tab:orange", "s", "NTP real"),
+          ("ntp_pre", "self"): ("tab:red", "s", "NTP self-gen."), ("kl_pre", "real"): ("tab:blue", "D", "KL real"),
+          ("kl_pre", "self"): ("tab:green", "D", "KL self-gen.")}
+
+
+def plot(knobs: Knobs, out: Path, summary: dict) -> None:
+    from forgetting.experiments import plotting
+
+    fig, ax = plotting.subplots(1, 1, figsize=(6.2, 4.6))
+    s = summary["start"]
+    if "domain_token_acc" in s:
+        ax.scatter([100 * s["domain_token_acc"]], [100 * s["average"]], marker="*", s=260, color="k",
+                   label="start", zorder=4)
+    labelled = set()
+    for name, r in summary["runs"].items():
+        color, marker, label = _STYLE[(r["method"], r["source"])]
+        ax.scatter([100 * r["domain_token_acc"]], [100 * r["average"]], color=color, marker=marker, s=60,
+                   label=None if label in labelled else label, zorder=3)
+        labelled.add(label)
+        if len(knobs.coeffs) > 1 and r["method"] != "none":
+            ax.annotate(f"c={r['coeff']:g}", (100 * r["domain_token_acc"], 100 * r["average"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("new-domain (Verilog) per-token accuracy [%]")
+    ax.set_ylabel("benchmark average accuracy [%]\n(MMLU, ARC-Challenge, CommonsenseQA)")
+    ax.set_title("Instruction-tuned model finetuned on Verilog" + (" (mini)" if not knobs.hf_path else ""))
+    ax.legend(fontsize=8, loc="best")
+    plotting.save(fig, Path(out) / "instruct")
+
+
+if __name__ == "__main__":
+    framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)

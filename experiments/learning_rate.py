@@ -1,0 +1,118 @@
+"""Learning rate (claim 5): a high pretraining LR and a low finetuning LR both reduce forgetting.
+
+One width is pretrained on the old data for `pretrain_tpp` tokens per parameter at every LR in
+`pretrain_lrs`; each checkpoint is finetuned on the new data at every LR in `finetune_lrs` until the
+new-data loss reaches `finetune_target` (capped at `finetune_max_tokens`), without regularization and
+with the KL penalty on real old-data replay (`kl_coeff`).
+
+Figure: (left, middle) old-data loss after finetuning against the finetuning LR, one line per
+pretraining LR, without / with KL; (right) finetuning LR × steps to the target against the finetuning
+LR (flat = steps ∝ 1/LR). `summary.json`: {"rows": [{pretrain_lr, finetune_lr, setting, pretrain_loss,
+old_loss, new_loss, steps_to_target, lr_x_steps, reached_target}], ...}.
+Paper: 6 pretraining × 7 finetuning LRs; higher pretraining LR and lower finetuning LR forget less;
+steps to target ≈ ∝ 1/LR.
+
+    python -m forgetting.experiments.learning_rate               # mini: synthetic languages, ≈25 min on 2 cores
+    python -m forgetting.experiments.learning_rate --scale paper --old_path c4_en.bin --new_path c4_es.bin
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetting.experiments import common_lm as C
+from forgetting.experiments import framework
+from forgetting.experiments.framework import RunSpec
+
+SETTINGS = ("none", "kl")
+
+
+@dataclass(frozen=True)
+class Knobs(C.LMKnobs):
+    """Knobs of the learning-rate figure (shared data/model/optimizer knobs first; `lr` is unused)."""
+
+    d_model: int = 32  # the one model width D
+    pretrain_tpp: float = 100.0  # pretraining tokens per parameter
+    pretrain_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # pretraining peak LRs
+    finetune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)  # finetuning peak LRs
+    finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
+    finetune_max_tokens: int = 1_500_000  # cap on finetuning tokens (low LRs need many steps)
+    kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
+    replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+
+PRESETS = {
+    "mini": Knobs(),
+    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+                   batch_size=256, warmup_steps=150, valid_tokens=262_144, evals=100, pretrain_tpp=100.0,
+                   pretrain_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+                   finetune_lrs=(1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3), finetune_target=2.76,
+                   finetune_max_tokens=2_000_000_000, kl_coeff=10.0, replay_batch=64),
+}
+
+
+def pre_name(lr: float) -> str:
+    return f"pre-lr{C.fmt(lr)}"
+
+
+def fine_name(plr: float, flr: float, s: str) -> str:
+    return f"ft-plr{C.fmt(plr)}-flr{C.fmt(flr)}-{s}"
+
+
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    specs, paths, after = C.data_specs(k, out)
+    for plr in k.pretrain_lrs:
+        pre = C.pretrain_config(k, out, paths, k.d_model, name=pre_name(plr), tokens_per_param=k.pretrain_tpp, lr=plr)
+        specs.append(RunSpec(pre_name(plr), pre, module=C.TRAIN, after=after))
+        for flr in k.finetune_lrs:
+            for s in SETTINGS:
+                fine = C.finetune_config(k, pre, paths, name=fine_name(plr, flr, s), max_tokens=k.finetune_max_tokens,
+                                         target_loss=k.finetune_target, method="kl_pre" if s == "kl" else "none",
+                                         coeff=k.kl_coeff, lr=flr, replay_batch=k.replay_batch, evals=2 * k.evals)
+                specs.append(RunSpec(fine_name(plr, flr, s), fine, module=C.TRAIN, after=(pre_name(plr),)))
+    return specs
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    dirs = framework.locate(runs(k, out), out)
+    rows = []
+    for plr in k.pretrain_lrs:
+        pre_loss = C.final(dirs[pre_name(plr)]).get("valid_ntp")
+        for flr in k.finetune_lrs:
+            for s in SETTINGS:
+                path = dirs[fine_name(plr, flr, s)]
+                done = C.final(path)
+                steps = C.steps_to_target(framework.read_metrics(path), k.finetune_target)
+                rows.append({"pretrain_lr": plr, "finetune_lr": flr, "setting": s, "pretrain_loss": pre_loss,
+                             "old_loss": done.get("prev_ntp"), "new_loss": done.get("valid_ntp"),
+                             "steps_to_target": steps, "lr_x_steps": None if steps is None else flr * steps,
+                             "reached_target": steps is not None})
+    return {"rows": rows, "d_model": k.d_model, "pretrain_tpp": k.pretrain_tpp, "finetune_target": k.finetune_target}
+
+
+def plot(k: Knobs, out: Path, summary: dict) -> None:
+    from forgetting.experiments import plotting
+
+    rows = summary["rows"]
+    fig, axes = plotting.subplots(1, 3, figsize=(14, 3.8))
+    for plr in k.pretrain_lrs:
+        for ax, s in zip(axes[:2], SETTINGS):
+            rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == s and r["old_loss"] is not None]
+            ax.plot([r["finetune_lr"] for r in rs], [r["old_loss"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
+            hit = [r for r in rs if not r["reached_target"]]
+            ax.plot([r["finetune_lr"] for r in hit], [r["old_loss"] for r in hit], "kx", ms=8)
+            ax.set_title("no regularization" if s == "none" else "KL", fontsize=10)
+        rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == "none" and r["lr_x_steps"] is not None]
+        axes[2].plot([r["finetune_lr"] for r in rs], [r["lr_x_steps"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("finetuning LR")
+    axes[0].set_ylabel("old-data loss after finetuning (×: target not reached)")
+    axes[2].set_ylabel("LR × steps to target (no reg.)")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    plotting.save(fig, Path(out) / "learning_rate")
+
+
+if __name__ == "__main__":
+    framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)

@@ -1,0 +1,126 @@
+"""Model size (claim 4): small models trained to saturation forget more; forgetting shrinks as width grows.
+
+Every width D in `widths` is pretrained on the old data until its validation loss reaches
+`pretrain_target` (capped at `pretrain_max_tokens`), so all sizes start from the same old-data loss.
+Each is then finetuned on the new data until the new-data loss reaches `finetune_target` (capped at
+`finetune_max_tokens`) with the KL penalty on real old-data replay (`--reg.method kl_pre`) at every
+coefficient in `kl_coeffs` (0 = plain finetuning). Per size the figure reports the best old-data loss
+after finetuning over the coefficients, among runs that reached the new-data target (all runs if none
+did): the least forgetting that size can afford while learning the new data.
+
+Figure: best old-data loss after finetuning (and its increase over the pretrained loss) against the
+parameter count 12·L·D² + D·V. `summary.json`: {"rows": [{d_model, params, pretrain_loss, best_old_loss,
+forgetting, best_coeff, reached_target, per_coeff: {...}}], "pretrain_target", "finetune_target"}.
+Paper (L=6, D 256..768, C4-en → C4-es, pretrain to 3.0, finetune to 2.76): 6M ≈3.26 (+0.26) … 46M ≈3.005.
+
+    python -m forgetting.experiments.model_size                 # mini: synthetic languages, ≈20 min on 2 cores
+    python -m forgetting.experiments.model_size --scale paper --old_path c4_en.bin --new_path c4_es.bin
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetting.experiments import common_lm as C
+from forgetting.experiments import framework
+from forgetting.experiments.framework import RunSpec
+
+
+@dataclass(frozen=True)
+class Knobs(C.LMKnobs):
+    """Knobs of the model-size figure (shared data/model/optimizer knobs first)."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # model widths D swept
+    pretrain_target: float = 1.45  # every size is pretrained until old-data valid loss <= this
+    pretrain_max_tokens: int = 6_000_000  # cap on pretraining tokens (a size that cannot reach the target stops here)
+    finetune_target: float = 1.5  # finetuning stops once new-data valid loss <= this
+    finetune_max_tokens: int = 3_000_000  # cap on finetuning tokens
+    kl_coeffs: tuple[float, ...] = (0.0, 1.0, 10.0)  # KL coefficients swept (0 = no regularization)
+    replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+
+PRESETS = {
+    "mini": Knobs(),
+    "paper": Knobs(widths=(256, 320, 384, 448, 512, 576, 640, 704, 768), n_layers=6, head_dim=64, seq_len=256,
+                   vocab_size=4096, dtype="bfloat16", batch_size=256, lr=1e-3, warmup_steps=150,
+                   valid_tokens=262_144, evals=100, pretrain_target=3.0, pretrain_max_tokens=20_000_000_000,
+                   finetune_target=2.76, finetune_max_tokens=2_000_000_000, kl_coeffs=(0.0, 0.1, 1.0, 10.0, 100.0),
+                   replay_batch=64),
+}
+
+
+def pre_name(d: int) -> str:
+    return f"pre-d{d}"
+
+
+def fine_name(d: int, c: float) -> str:
+    return f"ft-d{d}-kl{C.fmt(c)}"
+
+
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    specs, paths, after = C.data_specs(k, out)
+    for d in k.widths:
+        pre = C.pretrain_config(k, out, paths, d, name=pre_name(d), max_tokens=k.pretrain_max_tokens,
+                                target_loss=k.pretrain_target)
+        specs.append(RunSpec(pre_name(d), pre, module=C.TRAIN, after=after))
+        for c in k.kl_coeffs:
+            fine = C.finetune_config(k, pre, paths, name=fine_name(d, c), max_tokens=k.finetune_max_tokens,
+                                     target_loss=k.finetune_target, method="kl_pre" if c > 0 else "none",
+                                     coeff=c, replay_batch=k.replay_batch)
+            specs.append(RunSpec(fine_name(d, c), fine, module=C.TRAIN, after=(pre_name(d),)))
+    return specs
+
+
+def best_over(per_coeff: dict, target: float) -> tuple[float | None, str | None, bool]:
+    """(best old loss, its coefficient, whether it reached the target) over {coeff: done-row}."""
+    ok = {c: r for c, r in per_coeff.items() if C.reached(r, target)}
+    pool = ok or {c: r for c, r in per_coeff.items() if r}
+    if not pool:
+        return None, None, False
+    c = min(pool, key=lambda c: pool[c]["prev_ntp"])
+    return pool[c]["prev_ntp"], c, bool(ok)
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    specs = runs(k, out)
+    dirs = framework.locate(specs, out)
+    rows = []
+    for d in k.widths:
+        pre = C.final(dirs[pre_name(d)])
+        per = {C.fmt(c): C.final(dirs[fine_name(d, c)]) for c in k.kl_coeffs}
+        best, coeff, ok = best_over(per, k.finetune_target)
+        pre_loss = pre.get("valid_ntp")
+        rows.append({"d_model": d, "params": C.paper_params(k, d), "pretrain_loss": pre_loss,
+                     "pretrain_tokens": pre.get("tokens"), "pretrain_reached": C.reached(pre, k.pretrain_target),
+                     "best_old_loss": best, "forgetting": None if best is None or pre_loss is None else best - pre_loss,
+                     "best_coeff": coeff, "reached_target": ok,
+                     "per_coeff": {c: {"old_loss": r.get("prev_ntp"), "new_loss": r.get("valid_ntp"),
+                                       "tokens": r.get("tokens"), "reached": C.reached(r, k.finetune_target)}
+                                   for c, r in per.items()}})
+    return {"rows": rows, "pretrain_target": k.pretrain_target, "finetune_target": k.finetune_target}
+
+
+def plot(k: Knobs, out: Path, summary: dict) -> None:
+    from forgetting.experiments import plotting
+
+    rows = [r for r in summary["rows"] if r["best_old_loss"] is not None]
+    fig, axes = plotting.subplots(1, 2, figsize=(10, 3.8))
+    x = [r["params"] for r in rows]
+    axes[0].plot(x, [r["best_old_loss"] for r in rows], "o-", label="best over KL coefficients")
+    axes[0].plot(x, [r["pretrain_loss"] for r in rows], "s--", color="gray", label="before finetuning")
+    for c in (C.fmt(v) for v in k.kl_coeffs):
+        axes[0].plot(x, [r["per_coeff"][c]["old_loss"] for r in rows], ".", alpha=0.5, label=f"KL coeff {c}")
+    axes[0].set_ylabel("old-data loss after finetuning (nats)")
+    axes[1].plot(x, [r["forgetting"] for r in rows], "o-")
+    axes[1].axhline(0, color="gray", lw=0.8)
+    axes[1].set_ylabel("forgetting: Δ old-data loss (nats)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (12·L·D² + D·V)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"pretrained to {summary['pretrain_target']}, finetuned to {summary['finetune_target']} on new data")
+    plotting.save(fig, Path(out) / "model_size")
+
+
+if __name__ == "__main__":
+    framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)

@@ -1,0 +1,110 @@
+"""Pretraining length (claim 4): the longer a fixed-size model is pretrained, the more it forgets.
+
+One width `d_model` is pretrained on the old data for every tokens-per-parameter value in `tpps`
+(TPP = tokens / (12·L·D² + D·V); ≥ 2 decades), then each checkpoint is finetuned on the new data until
+the new-data loss reaches `finetune_target` (capped at `finetune_max_tokens`) with the KL penalty on
+real old-data replay at every coefficient in `kl_coeffs` (0 = plain finetuning). Forgetting = the best
+old-data loss after finetuning (over coefficients, among runs that reached the target) minus the
+pretrained model's old-data loss.
+
+Figure: old-data loss before/after finetuning and the forgetting against TPP (log x).
+`summary.json`: {"rows": [{tpp, pretrain_tokens, pretrain_loss, best_old_loss, forgetting, best_coeff,
+reached_target, per_coeff}], "d_model", "finetune_target"}.
+Paper (6M model, C4-en → C4-es, TPP 10 … 10000): forgetting ≈0 up to TPP 31.6, growing to ≈+0.18.
+
+    python -m forgetting.experiments.pretrain_length             # mini: synthetic languages, ≈20 min on 2 cores
+    python -m forgetting.experiments.pretrain_length --scale paper --old_path c4_en.bin --new_path c4_es.bin
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetting.experiments import common_lm as C
+from forgetting.experiments import framework
+from forgetting.experiments.framework import RunSpec
+from forgetting.experiments.model_size import best_over
+
+
+@dataclass(frozen=True)
+class Knobs(C.LMKnobs):
+    """Knobs of the pretraining-length figure (shared data/model/optimizer knobs first)."""
+
+    d_model: int = 32  # the one model width D
+    tpps: tuple[float, ...] = (3.0, 10.0, 31.6, 100.0, 316.0, 1000.0)  # tokens per parameter of pretraining
+    finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
+    finetune_max_tokens: int = 2_000_000  # cap on finetuning tokens
+    kl_coeffs: tuple[float, ...] = (0.0, 1.0, 10.0)  # KL coefficients swept (0 = no regularization)
+    replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+
+PRESETS = {
+    "mini": Knobs(),
+    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+                   batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100,
+                   tpps=(10.0, 31.6, 100.0, 316.0, 1000.0, 3160.0, 10000.0), finetune_target=2.76,
+                   finetune_max_tokens=2_000_000_000, kl_coeffs=(0.0, 0.1, 1.0, 10.0, 100.0), replay_batch=64),
+}
+
+
+def pre_name(t: float) -> str:
+    return f"pre-tpp{C.fmt(t)}"
+
+
+def fine_name(t: float, c: float) -> str:
+    return f"ft-tpp{C.fmt(t)}-kl{C.fmt(c)}"
+
+
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    specs, paths, after = C.data_specs(k, out)
+    for t in k.tpps:
+        pre = C.pretrain_config(k, out, paths, k.d_model, name=pre_name(t), tokens_per_param=t)
+        specs.append(RunSpec(pre_name(t), pre, module=C.TRAIN, after=after))
+        for c in k.kl_coeffs:
+            fine = C.finetune_config(k, pre, paths, name=fine_name(t, c), max_tokens=k.finetune_max_tokens,
+                                     target_loss=k.finetune_target, method="kl_pre" if c > 0 else "none",
+                                     coeff=c, replay_batch=k.replay_batch)
+            specs.append(RunSpec(fine_name(t, c), fine, module=C.TRAIN, after=(pre_name(t),)))
+    return specs
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    dirs = framework.locate(runs(k, out), out)
+    rows = []
+    for t in k.tpps:
+        pre = C.final(dirs[pre_name(t)])
+        per = {C.fmt(c): C.final(dirs[fine_name(t, c)]) for c in k.kl_coeffs}
+        best, coeff, ok = best_over(per, k.finetune_target)
+        pre_loss = pre.get("valid_ntp")
+        rows.append({"tpp": t, "pretrain_tokens": pre.get("tokens"), "pretrain_loss": pre_loss, "best_old_loss": best,
+                     "forgetting": None if best is None or pre_loss is None else best - pre_loss,
+                     "best_coeff": coeff, "reached_target": ok,
+                     "per_coeff": {c: {"old_loss": r.get("prev_ntp"), "new_loss": r.get("valid_ntp"),
+                                       "tokens": r.get("tokens"), "reached": C.reached(r, k.finetune_target)}
+                                   for c, r in per.items()}})
+    return {"rows": rows, "d_model": k.d_model, "params": C.paper_params(k, k.d_model),
+            "finetune_target": k.finetune_target}
+
+
+def plot(k: Knobs, out: Path, summary: dict) -> None:
+    from forgetting.experiments import plotting
+
+    rows = [r for r in summary["rows"] if r["best_old_loss"] is not None]
+    x = [r["tpp"] for r in rows]
+    fig, axes = plotting.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(x, [r["pretrain_loss"] for r in rows], "s--", color="gray", label="after pretraining")
+    axes[0].plot(x, [r["best_old_loss"] for r in rows], "o-", label="after finetuning (best KL coeff)")
+    axes[0].set_ylabel("old-data loss (nats)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(x, [r["forgetting"] for r in rows], "o-")
+    axes[1].axhline(0, color="gray", lw=0.8)
+    axes[1].set_ylabel("forgetting: Δ old-data loss (nats)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("pretraining tokens per parameter")
+    fig.suptitle(f"D={summary['d_model']} ({summary['params']:,} params), finetuned to {summary['finetune_target']}")
+    plotting.save(fig, Path(out) / "pretrain_length")
+
+
+if __name__ == "__main__":
+    framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)

@@ -1,0 +1,164 @@
+"""Stage `tokenize_hf`: text sources -> a token file made with a Hugging Face (Llama) checkpoint's tokenizer.
+
+    python -m forgetting.stages.tokenize_hf --sources verilog.jsonl --hf_tokenizer ckpt/Llama-3.2-1B-Instruct \
+        --out verilog.bin [--pack true --seq_len 1024]
+
+Every document is written as BOS + text + EOS (`encode_ordinary`: special-token text in the data stays
+plain text). Vocabularies above 65536 ids (Llama 3: 128256) give a uint32 file (`"dtype": "uint32"` in
+the sidecar), smaller ones uint16. The sidecar's dataset_id is BOS by default, so the train stage's
+"token 0 of every sequence is the dataset id" convention puts BOS at the start of every row: the same
+token that prompts self-generated replay.
+
+Without `--pack` documents are concatenated and cut into T-token rows by the train stage (every position
+counts, as for the paper's data). With `--pack true --seq_len T` whole documents are placed in T-token
+rows (next-fit, see `core.data.pack_documents`), right-padded with `<|finetune_right_pad_id|>` (or
+`--pad_id`), and the train stage masks the padding out of the loss (`batch["mask"]`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from forgetting.core import data
+from forgetting.stages import cli, sources as sources_lib
+
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tokenize text sources with a Hugging Face checkpoint's tokenizer (BOS + text + EOS per document)."""
+
+    sources: tuple[str, ...] = ()  # .txt / .jsonl files, directories of them, or hf:NAME[:CONFIG][:SPLIT]
+    hf_tokenizer: str = ""  # a HF checkpoint directory (tokenizer.json or tokenizer.model, config.json)
+    out: str = "data.bin"  # output .bin; the sidecar goes to OUT.json
+    dataset_id: int = -1  # written to the sidecar (overwrites token 0 of every row); -1 = the BOS id
+    pack: bool = False  # pack whole documents into --seq_len rows with padding (masked out of the loss)
+    seq_len: int = 0  # row length for --pack (the train stage's --model.seq_len)
+    pad_id: int = -1  # padding id for --pack; -1 = <|finetune_right_pad_id|> of the tokenizer
+    max_tokens: int = 0  # stop after about this many tokens (0 = all; with --pack: whole rows, so a little more)
+    max_documents: int = 0  # keep at most this many documents (0 = all)
+    text_field: str = "text"  # field holding the text in .jsonl / Hugging Face rows
+
+    def validate(self) -> None:
+        if not self.hf_tokenizer:
+            raise ValueError("pass --hf_tokenizer DIR (a Hugging Face checkpoint directory)")
+        if self.pack and self.seq_len < 2:
+            raise ValueError("--pack true needs --seq_len T (the training sequence length)")
+        if self.max_tokens < 0 or self.max_documents < 0:
+            raise ValueError("--max_tokens and --max_documents must be >= 0")
+
+
+def tokenizer_sha256(directory: str | Path) -> str:
+    """sha256 over the tokenizer files of a HF checkpoint directory (whichever are present)."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "tokenizer_config.json"):
+        f = directory / name
+        if f.exists():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _documents(cfg: Config, srcs: list[str]) -> Iterator[str]:
+    """Whole documents (pieces joined up to each document end)."""
+    parts: list[str] = []
+    for piece in sources_lib.iter_pieces(srcs, cfg.text_field):
+        parts.append(piece.text)
+        if piece.ends_document:
+            yield "".join(parts)
+            parts = []
+    if parts:
+        yield "".join(parts)
+
+
+def _pad_id(cfg: Config, tok) -> int:
+    if cfg.pad_id >= 0:
+        return cfg.pad_id
+    try:
+        return int(tok.encoding.encode_single_token(PAD_TOKEN))
+    except KeyError:
+        raise ValueError(f"the tokenizer has no {PAD_TOKEN}; pass --pad_id (an id the text never produces)") from None
+
+
+def tokenize(cfg: Config) -> dict:
+    """Tokenizes `cfg.sources` into `cfg.out`; returns the sidecar dict."""
+    import json
+
+    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
+
+    cfg.validate()
+    directory = Path(cfg.hf_tokenizer)
+    hf_config = {}
+    if (directory / "config.json").exists():
+        hf_config = json.loads((directory / "config.json").read_text())
+    tok = hf_checkpoint.load_tokenizer(directory, hf_config or None)
+    vocab = max(tok.n_vocab, int(hf_config.get("vocab_size") or 0))
+    dataset_id = tok.bos_id if cfg.dataset_id < 0 else cfg.dataset_id
+    if dataset_id >= vocab:
+        raise ValueError(f"dataset_id {dataset_id} is not an id of the tokenizer ({vocab} ids)")
+    start = time.perf_counter()
+    srcs = sources_lib.expand_sources(cfg.sources)
+    counts = {"docs": 0, "tokens": 0}
+
+    def documents():
+        for text in _documents(cfg, srcs):
+            if cfg.max_documents and counts["docs"] >= cfg.max_documents:
+                return
+            if cfg.max_tokens and counts["tokens"] >= cfg.max_tokens:
+                return
+            ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+            counts["docs"] += 1
+            counts["tokens"] += len(ids)
+            yield ids
+
+    meta: dict = {"dataset_id": dataset_id, "vocab_size": vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+                  "tokenizer": str(directory), "tokenizer_sha256": tokenizer_sha256(directory), "kind": "text",
+                  "sources": list(cfg.sources), "config": cli.to_dict(cfg)}
+    writer = data.TokenWriter(cfg.out, data.dtype_for_vocab(vocab))
+    n_pad = 0
+    try:
+        if cfg.pack:  # streamed: one row at a time
+            pad = _pad_id(cfg, tok)
+            for row in data.iter_packed_rows(documents(), cfg.seq_len, pad):
+                writer.write(row)
+                n_pad += int(np.sum(row == pad))
+            meta.update(pad_id=pad, packed_seq_len=cfg.seq_len)
+        else:
+            for ids in documents():
+                room = cfg.max_tokens - writer.num_tokens if cfg.max_tokens else len(ids)
+                writer.write(np.asarray(ids[:room], np.int64))
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.num_tokens == 0:
+        writer.abort()
+        raise ValueError(f"the corpus is empty: no text in {', '.join(cfg.sources)}")
+    if cfg.pack:
+        meta["pad_fraction"] = round(n_pad / writer.num_tokens, 4)
+    meta.update(num_documents=counts["docs"], seconds=round(time.perf_counter() - start, 3))
+    return writer.close(meta)
+
+run = tokenize
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = cli.parse(Config, argv)
+    try:
+        meta = tokenize(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tokenize_hf: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {cfg.out}: {meta['num_tokens']} tokens ({meta['dtype']}), {meta['num_documents']} documents, "
+          f"{meta['seconds']:.1f}s")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
