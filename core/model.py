@@ -202,7 +202,7 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
             x, (k, v) = _block(cfg, x, layer, positions_t, (k, v), pos)
             return x, (k, v)
 
-        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]))
+        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]), unroll=True)
         new_cache = {"k": ks, "v": vs}
     logits_btv = _mm("btd,vd->btv", rms_norm(x_btd, cfg.norm_eps), params["embed_out"], cfg.compute_dtype)
     return logits_btv if cache is None else (logits_btv, new_cache)

@@ -16,10 +16,16 @@ from forgetting.core import model
 
 
 def _next_token(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array) -> jax.Array:
-    """Categorical sample at `temperature`; temperature 0 means greedy (argmax)."""
+    """Categorical sample at `temperature`; temperature 0 means greedy (argmax).
+
+    Inverse-CDF sampling: one uniform per row instead of the Gumbel trick's one per vocabulary entry,
+    which on CPU made random-bit generation the cost of every decoding step.
+    """
     greedy = jnp.argmax(logits_bv, axis=-1)
     scaled = logits_bv / jnp.maximum(temperature, 1e-6)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
+    cdf_bv = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)
+    u_b1 = jax.random.uniform(key, (logits_bv.shape[0], 1), jnp.float32) * cdf_bv[:, -1:]
+    sampled = jnp.minimum(jnp.sum(cdf_bv <= u_b1, axis=-1), logits_bv.shape[-1] - 1)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 

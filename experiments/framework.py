@@ -437,6 +437,9 @@ def main(
     if plot is not None:
         plot(knobs, out, summary)
     _log(f"wrote {out / 'summary.json'}")
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    for figure in sorted(out.glob("*.png")):
+        print(f"figure: {figure} (and {figure.with_suffix('.pdf').name})")
     return summary
 
 

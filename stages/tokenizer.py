@@ -124,7 +124,9 @@ def count_words(cfg: Config) -> tuple[Counter, dict]:
     counts: Counter = Counter()
     workers = cfg.workers or os.cpu_count() or 1
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # fork is fastest, but forking a process in which JAX's threads already run can deadlock.
+        method = "spawn" if "jax" in sys.modules else "fork"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
             for c in pool.imap(_count_chunk, chunks, chunksize=1):
                 counts.update(c)
     else:
