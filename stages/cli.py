@@ -11,7 +11,6 @@ import enum
 import hashlib
 import json
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -145,3 +144,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def run_and_print(config_cls: type[C], fn, argv: Sequence[str] | None = None) -> Any:
+    """A stage's `main`: parse flags, run `fn(cfg)`, print the result as one JSON line on stdout.
+
+    Bad input (ValueError, FileNotFoundError) becomes `error: ...` on stderr and exit status 2.
+    """
+    cfg = parse(config_cls, argv)
+    try:
+        result = fn(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(result, sort_keys=True))
+    return result

@@ -4,8 +4,6 @@
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
 
 from forgetting.core import step as step_lib
@@ -77,14 +75,7 @@ run = evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli.parse(EvaluateConfig, argv)
-    try:
-        result = evaluate(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps(result, sort_keys=True))
-    return result
+    return cli.run_and_print(EvaluateConfig, evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,14 +155,7 @@ run = evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli.parse(BenchConfig, argv)
-    try:
-        result = evaluate(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps(result, sort_keys=True))
-    return result
+    return cli.run_and_print(BenchConfig, evaluate, argv)
 
 
 if __name__ == "__main__":

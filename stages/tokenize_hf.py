@@ -21,7 +21,6 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -66,18 +65,6 @@ def tokenizer_sha256(directory: str | Path) -> str:
     return h.hexdigest()
 
 
-def _documents(cfg: Config, srcs: list[str]) -> Iterator[str]:
-    """Whole documents (pieces joined up to each document end)."""
-    parts: list[str] = []
-    for piece in sources_lib.iter_pieces(srcs, cfg.text_field):
-        parts.append(piece.text)
-        if piece.ends_document:
-            yield "".join(parts)
-            parts = []
-    if parts:
-        yield "".join(parts)
-
-
 def _pad_id(cfg: Config, tok) -> int:
     if cfg.pad_id >= 0:
         return cfg.pad_id
@@ -108,7 +95,7 @@ def tokenize(cfg: Config) -> dict:
     counts = {"docs": 0, "tokens": 0}
 
     def documents():
-        for text in _documents(cfg, srcs):
+        for text in sources_lib.iter_documents(srcs, cfg.text_field):
             if cfg.max_documents and counts["docs"] >= cfg.max_documents:
                 return
             if cfg.max_tokens and counts["tokens"] >= cfg.max_tokens:

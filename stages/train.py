@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import checkpoint, lora, optim, step as step_lib
-from forgetting.core import model as model_lib
+from forgetting.core import checkpoint, lora, step as step_lib
 from forgetting.stages import cli, runs
 from forgetting.stages.train_config import TrainConfig, replace  # noqa: F401  (re-exported for experiments)
 from forgetting.stages.train_setup import Setup, build_setup

@@ -15,7 +15,7 @@ from forgetting.core import data as data_lib
 from forgetting.core import lora, optim, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
-from forgetting.stages import cli, replay, runs
+from forgetting.stages import replay, runs
 from forgetting.stages.train_config import TrainConfig
 
 

@@ -1,7 +1,6 @@
 """Checkpoints: exact round trips, refusal of damaged files, atomic replacement, template checks."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
