@@ -146,16 +146,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
-def run_and_print(config_cls: type[C], fn, argv: Sequence[str] | None = None) -> Any:
-    """A stage's `main`: parse flags, run `fn(cfg)`, print the result as one JSON line on stdout.
+def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,
+                prefix: str = "error") -> tuple[C, Any]:
+    """A stage's `main` core: parse flags and run `fn(cfg)`; returns (cfg, result).
 
-    Bad input (ValueError, FileNotFoundError) becomes `error: ...` on stderr and exit status 2.
+    Bad input (ValueError, FileNotFoundError) becomes `<prefix>: <message>` on stderr and exit status 2.
     """
     cfg = parse(config_cls, argv)
     try:
-        result = fn(cfg)
+        return cfg, fn(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prefix}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_and_print(config_cls: type[C], fn, argv: Sequence[str] | None = None) -> Any:
+    """`run_or_exit`, then print the result as one JSON line on stdout."""
+    _, result = run_or_exit(config_cls, fn, argv)
     print(json.dumps(result, sort_keys=True))
     return result

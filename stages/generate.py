@@ -12,7 +12,6 @@ language index. Both are deterministic in their seeds.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 from forgetting.core import data
@@ -103,12 +102,7 @@ def generate(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = cli.parse(Config, argv)
-    try:
-        meta = generate(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cfg, meta = cli.run_or_exit(Config, generate, argv, prefix="generate: error")
     extra = f", entropy rate {meta['entropy_rate_nats']:.4f} nats" if meta["kind"] == "synthetic" else ""
     print(f"wrote {cfg.out}: {meta['num_tokens']} tokens ({meta['kind']}){extra}, {meta['seconds']:.1f}s")
 

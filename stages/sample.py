@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 
 import jax
@@ -82,12 +81,7 @@ run = sample
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    cfg = cli.parse(SampleConfig, argv)
-    try:
-        samples = sample(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg, samples = cli.run_or_exit(SampleConfig, sample, argv)
     for i, item in enumerate(samples):
         if cfg.json:
             print(json.dumps(item))

@@ -163,12 +163,7 @@ def tokenize(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = cli.parse(Config, argv)
-    try:
-        meta = tokenize(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tokenize: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cfg, meta = cli.run_or_exit(Config, tokenize, argv, prefix="tokenize: error")
     print(f"wrote {cfg.out}: {meta['num_tokens']} tokens, {meta['num_documents']} documents, {meta['seconds']:.1f}s")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import sys
 import time
 from pathlib import Path
 
@@ -136,12 +135,7 @@ run = tokenize
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli.parse(Config, argv)
-    try:
-        meta = tokenize(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tokenize_hf: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg, meta = cli.run_or_exit(Config, tokenize, argv, prefix="tokenize_hf: error")
     print(f"wrote {cfg.out}: {meta['num_tokens']} tokens ({meta['dtype']}), {meta['num_documents']} documents, "
           f"{meta['seconds']:.1f}s")
     return meta

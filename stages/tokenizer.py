@@ -290,12 +290,7 @@ def train_tokenizer(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = cli.parse(Config, argv)
-    try:
-        meta = train_tokenizer(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tokenizer: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cfg, meta = cli.run_or_exit(Config, train_tokenizer, argv, prefix="tokenizer: error")
     s = meta["stats"]
     print(f"wrote {cfg.out}: {cfg.vocab_size} ids, {s['chars']} chars, {s['unique_pretokens']} unique pre-tokens, "
           f"{s['seconds_total']:.1f}s")
