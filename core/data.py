@@ -271,14 +271,15 @@ class SequenceDataset:
             yield self._rows_of(ids)
 
 
-def _num_rows(fraction: float, batch_size: int) -> int:
+def num_rows(fraction: float, batch_size: int) -> int:
+    """Rows of a batch of `batch_size` that a mixture or replacement `fraction` takes: floor(fraction * B)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     return int(math.floor(fraction * batch_size + 1e-9))  # epsilon: 0.29 * 100 is 28.999... in floating point
 
 
 def _swap_rows(main_bt: np.ndarray, other_bt: np.ndarray, fraction: float) -> np.ndarray:
-    n = _num_rows(fraction, main_bt.shape[0])
+    n = num_rows(fraction, main_bt.shape[0])
     if n == 0:
         return main_bt
     if other_bt.shape[0] < n or other_bt.shape[1:] != main_bt.shape[1:]:

@@ -51,8 +51,8 @@ class LMKnobs:
     lr: float = 3e-3  # peak learning rate (pretraining; finetuning unless the figure sweeps it)
     warmup_steps: int = 20  # linear warm-up steps (repeated at the start of finetuning)
     weight_decay: float = 0.02  # AdamW decoupled weight decay
-    valid_tokens: int = 32_768  # validation tokens per dataset
-    evals: int = 40  # evaluations per run (eval cadence = run length / evals; the compute multiplier reads them)
+    valid_tokens: int = 16_384  # validation tokens per dataset
+    evals: int = 100  # evaluations per run (eval cadence = run length / evals; the compute multiplier reads them)
     seed: int = 0  # training seed (init, batch order, replay sampling)
 
     @property
@@ -268,6 +268,18 @@ def pareto_frontier(points: Iterable[tuple[float, float]]) -> list[tuple[float, 
                 front.append((x, y))
             best_y = y
     return front
+
+
+def behind_frontier(front: Sequence[tuple[float, float]], x: float, y: float) -> float | None:
+    """How far the point (x, y) lies behind the frontier (`pareto_frontier` output, x increasing, y
+    decreasing): y minus the frontier's y at x, linearly interpolated between frontier points. > 0: behind
+    (dominated side), < 0: beyond it. None where x is outside the frontier's x range."""
+    if not front or not front[0][0] <= x <= front[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(front, front[1:]):
+        if x0 <= x <= x1:
+            return float(y - (y0 + (y1 - y0) * (x - x0) / (x1 - x0)))
+    return float(y - front[0][1])  # a one-point frontier and x equal to it
 
 
 def time_to_reach(points: Iterable[tuple[float, float]], level: float, *, log_time: bool = True) -> float | None:

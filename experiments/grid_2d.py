@@ -16,7 +16,7 @@ Figure: four heatmaps (loss delta / compute multiplier × none / KL), rows = D, 
 Paper (13 widths × 13 TPPs): multiplier ≈0.48 for small models without regularization, ≈0.85–0.92
 everywhere with KL.
 
-    python -m forgetting.experiments.grid_2d                     # mini: synthetic languages, ≈25 min on 2 cores
+    python -m forgetting.experiments.grid_2d                     # mini: synthetic languages, ≈8 min on 2 cores
     python -m forgetting.experiments.grid_2d --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ SETTINGS = ("none", "kl")
 class Knobs(C.LMKnobs):
     """Knobs of the 2-D grid (shared data/model/optimizer knobs first)."""
 
-    widths: tuple[int, ...] = (16, 32, 64)  # model widths D (grid rows)
+    widths: tuple[int, ...] = (8, 16, 32, 64)  # model widths D (grid rows)
     tpps: tuple[float, ...] = (10.0, 31.6, 100.0, 316.0)  # pretraining tokens per parameter (grid columns)
-    finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
-    finetune_max_tokens: int = 1_000_000  # cap on finetuning tokens
+    finetune_target: float = 1.7  # finetuning stops once new-data valid loss <= this
+    finetune_max_tokens: int = 2_000_000  # cap on finetuning tokens
     kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
 
@@ -103,6 +103,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
 
     from forgetting.experiments import plotting
 
+    reached = {(r["d_model"], r["tpp"], r["setting"]) for r in summary["rows"] if r["reached_target"]}
     fig, axes = plotting.subplots(2, 2, figsize=(10, 7.5))
     titles = {"none": "no regularization", "kl": f"KL (coeff {C.fmt(summary['kl_coeff'])})"}
     for r, (key, label, cmap) in enumerate((("delta", "Δ old-data loss (nats)", "magma_r"),
@@ -117,7 +118,10 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
             im = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
             for (a, b), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+                    red, green, blue, _ = im.cmap(im.norm(v))
+                    star = "" if (summary["widths"][a], summary["tpps"][b], s) in reached else "*"
+                    ax.text(b, a, f"{v:.2f}{star}", ha="center", va="center", fontsize=7,
+                            color="k" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "w")
             ax.set_xticks(range(len(summary["tpps"])), [C.fmt(t) for t in summary["tpps"]], fontsize=8)
             ax.set_yticks(range(len(summary["widths"])), [str(d) for d in summary["widths"]], fontsize=8)
             ax.set_xlabel("pretraining tokens per parameter")
@@ -125,6 +129,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
             ax.set_title(f"{label}: {titles[s]}", fontsize=10)
             ax.grid(False)
             fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"finetuned to new-data loss {summary['finetune_target']} (*: target not reached within the cap)",
+                 fontsize=10)
     plotting.save(fig, Path(out) / "grid_2d")
 
 

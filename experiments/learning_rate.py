@@ -12,7 +12,7 @@ old_loss, new_loss, steps_to_target, lr_x_steps, reached_target}], ...}.
 Paper: 6 pretraining × 7 finetuning LRs; higher pretraining LR and lower finetuning LR forget less;
 steps to target ≈ ∝ 1/LR.
 
-    python -m forgetting.experiments.learning_rate               # mini: synthetic languages, ≈25 min on 2 cores
+    python -m forgetting.experiments.learning_rate               # mini: synthetic languages, ≈8 min on 2 cores
     python -m forgetting.experiments.learning_rate --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
 from __future__ import annotations
@@ -31,12 +31,12 @@ SETTINGS = ("none", "kl")
 class Knobs(C.LMKnobs):
     """Knobs of the learning-rate figure (shared data/model/optimizer knobs first; `lr` is unused)."""
 
-    d_model: int = 32  # the one model width D
-    pretrain_tpp: float = 100.0  # pretraining tokens per parameter
-    pretrain_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # pretraining peak LRs
+    d_model: int = 16  # the one model width D
+    pretrain_tpp: float = 300.0  # pretraining tokens per parameter
+    pretrain_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # pretraining peak LRs
     finetune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)  # finetuning peak LRs
     finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
-    finetune_max_tokens: int = 1_500_000  # cap on finetuning tokens (low LRs need many steps)
+    finetune_max_tokens: int = 3_000_000  # cap on finetuning tokens (low LRs need many steps)
     kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
 
@@ -105,7 +105,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == "none" and r["lr_x_steps"] is not None]
         axes[2].plot([r["finetune_lr"] for r in rs], [r["lr_x_steps"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
     for ax in axes:
-        ax.set_xscale("log")
+        plotting.log_ticks(ax, k.finetune_lrs, C.fmt)
         ax.set_xlabel("finetuning LR")
     axes[0].set_ylabel("old-data loss after finetuning (×: target not reached)")
     axes[2].set_ylabel("LR × steps to target (no reg.)")

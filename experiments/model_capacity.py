@@ -36,12 +36,12 @@ MODELS = ("over", "light")
 class Knobs(C.LMKnobs):
     """Knobs of the model-capacity figure (shared data/model/optimizer knobs first)."""
 
-    d_model: int = 16  # the one model width D (small: it must saturate)
-    mix_fracs: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)  # new-data fraction of each batch
-    mix_max_tokens: int = 4_000_000  # length of each mixture run (long enough to converge a saturated model)
+    d_model: int = 8  # the one model width D (small: it must saturate)
+    mix_fracs: tuple[float, ...] = (0.0, 0.0625, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)  # new-data fraction of each batch
+    mix_max_tokens: int = 6_000_000  # length of each mixture run (long enough to converge a saturated model)
     patience: int = 0  # >0: also stop after this many evals without a new best old-data valid loss
-    over_tpp: float = 800.0  # tokens per parameter of the overtrained model
-    light_tpp: float = 20.0  # tokens per parameter of the lightly trained model
+    over_tpp: float = 2000.0  # tokens per parameter of the overtrained model
+    light_tpp: float = 100.0  # tokens per parameter of the lightly trained model (20 is 28 steps at D=8: mostly warm-up)
     finetune_tokens: int = 1_000_000  # finetuning length of every trajectory
     kl_coeffs: tuple[float, ...] = (0.0, 0.3, 3.0, 30.0)  # KL coefficients (0 = plain finetuning)
     replay_batch: int = 32  # self-generated replay rows per step
@@ -114,7 +114,8 @@ def summarize(k: Knobs, out: Path) -> dict:
             if pts:
                 ends[m][C.fmt(c)] = {"old_start": pts[0][0], "new_start": pts[0][1], "old_end": pts[-1][0],
                                      "new_end": pts[-1][1], "d_old": pts[-1][0] - pts[0][0],
-                                     "d_new": pts[-1][1] - pts[0][1]}
+                                     "d_new": pts[-1][1] - pts[0][1],
+                                     "behind_frontier": C.behind_frontier(front, pts[-1][1], pts[-1][0])}
     return {"mixtures": mixtures, "frontier": [list(p) for p in front], "trajectories": traj, "endpoints": ends,
             "d_model": k.d_model, "over_tpp": k.over_tpp, "light_tpp": k.light_tpp}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from forgetting.core import data as data_lib
+
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 MESH_STRATEGIES = ("", "dp", "fsdp", "tp")
 
@@ -173,6 +175,13 @@ class TrainConfig:
             raise ValueError(f"--reg.coeff must be >= 0, got {r.coeff}")
         if self.mix.path and not 0 < self.mix.coeff < 1:
             raise ValueError(f"--mix.coeff must be in (0, 1) when --mix.path is given, got {self.mix.coeff}")
+        for flag, frac, on in (("--mix.coeff", self.mix.coeff, bool(self.mix.path)),
+                               ("--reg.coeff", r.coeff, r.method == "replace")):
+            rows = data_lib.num_rows(frac, self.opt.batch_size) if 0 <= frac <= 1 else 0
+            if on and not 1 <= rows < self.opt.batch_size:
+                raise ValueError(f"{flag} {frac} takes floor({frac} * {self.opt.batch_size}) = {rows} rows of each "
+                                 f"batch of --opt.batch_size {self.opt.batch_size}; it must give 1 to "
+                                 f"{self.opt.batch_size - 1} rows: raise the fraction or the batch size")
         if self.mix.coeff and not self.mix.path:
             raise ValueError("--mix.coeff given without --mix.path")
         if self.model.lora_rank < 0:

@@ -129,7 +129,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     r = cfg.reg
     replay_source = None
     if r.method in ("ntp_pre", "kl_pre", "replace"):
-        rows = r.batch_size if r.method != "replace" else max(1, math.floor(r.coeff * cfg.opt.batch_size + 1e-9))
+        rows = r.batch_size if r.method != "replace" else data_lib.num_rows(r.coeff, cfg.opt.batch_size)
         if r.synth:
             prompt_ids = r.prompt_ids or loaded.lineage_ids
             replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,

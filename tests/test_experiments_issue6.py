@@ -80,6 +80,11 @@ def test_pareto_frontier():
     pts = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (2.0, 2.5)]
     assert C.pareto_frontier(pts) == [(1.0, 5.0), (2.0, 2.5), (3.0, 1.0)]
     assert C.pareto_frontier([]) == []
+    front = [(1.0, 5.0), (2.0, 2.5), (3.0, 1.0)]
+    assert C.behind_frontier(front, 1.5, 4.0) == pytest.approx(0.25)  # frontier at 1.5 is 3.75
+    assert C.behind_frontier(front, 2.5, 1.5) == pytest.approx(-0.25)  # beyond: frontier there is 1.75
+    assert C.behind_frontier(front, 2.0, 2.5) == pytest.approx(0.0)
+    assert C.behind_frontier(front, 0.5, 9.0) is None and C.behind_frontier(front, 3.5, 0.0) is None
 
 
 def test_compute_ratio_at_equal_old_loss():

@@ -57,6 +57,8 @@ def test_refuses_bad_settings_before_compute(corpora, tmp_path):
         "fixed run length": {"stop.num_tokens_train": 0, "stop.target_loss": 1.0, "opt.lr_decay": "cosine"},
         "needs a frozen reference": {"reg.method": "kl_pre"},
         "must be one of": {"reg.method": "l2"},
+        "= 0 rows of each batch": {"mix.path": "other.bin", "mix.coeff": 0.1},  # floor(0.1 * 8) = 0
+        "= 0 rows": {"model.load_path": "x", "reg.method": "replace", "reg.coeff": 0.1, "reg.path": "old.bin"},
     }
     for phrase, changes in cases.items():
         with pytest.raises(ValueError, match=phrase):
