@@ -109,7 +109,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         ax.set_xlabel("finetuning LR")
     axes[0].set_ylabel("old-data loss after finetuning (×: target not reached)")
     axes[2].set_ylabel("LR × steps to target (no reg.)")
-    axes[2].set_yscale("log")
+    axes[2].set_ylim(bottom=0)  # flat line = steps ∝ 1/LR
     axes[0].legend(fontsize=8)
     plotting.save(fig, Path(out) / "learning_rate")
 

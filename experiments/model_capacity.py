@@ -17,7 +17,7 @@ frontier.
 Paper: 13 English/Spanish mixtures; the ≈17K-TPP model's 13 KL coefficients never cross the frontier; a
 20-TPP model gains ≈1 nat on Spanish while English moves ≈+0.05.
 
-    python -m forgetting.experiments.model_capacity              # mini: synthetic languages, ≈25 min on 2 cores
+    python -m forgetting.experiments.model_capacity              # mini: synthetic languages, ≈3.5 min on 2 cores
     python -m forgetting.experiments.model_capacity --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
 from __future__ import annotations

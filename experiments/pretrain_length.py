@@ -12,7 +12,7 @@ Figure: old-data loss before/after finetuning and the forgetting against TPP (lo
 reached_target, per_coeff}], "d_model", "finetune_target"}.
 Paper (6M model, C4-en → C4-es, TPP 10 … 10000): forgetting ≈0 up to TPP 31.6, growing to ≈+0.18.
 
-    python -m forgetting.experiments.pretrain_length             # mini: synthetic languages, ≈20 min on 2 cores
+    python -m forgetting.experiments.pretrain_length             # mini: synthetic languages, ≈9 min on 2 cores
     python -m forgetting.experiments.pretrain_length --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
 from __future__ import annotations
