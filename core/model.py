@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict[str, jax.Array]
 Cache = dict[str, jax.Array]
@@ -122,14 +123,27 @@ def rms_norm(x: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding (rotate-half form) at integer positions; f32 in and out."""
+def rope_tables(positions_t: jax.Array | np.ndarray, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [t, head_dim/2] of the rotary angles. Concrete (numpy) positions give constant tables:
+    computed in-graph, XLA-CPU fuses sin/cos into every head's rotation and evaluates them B·H times."""
+    half = head_dim // 2
+    xp = np if isinstance(positions_t, np.ndarray) else jnp
+    inv_freq = base ** (-xp.arange(half, dtype=xp.float32) / half)
+    angles_tf = positions_t.astype(xp.float32)[:, None] * inv_freq[None, :]
+    return jnp.asarray(xp.sin(angles_tf), jnp.float32), jnp.asarray(xp.cos(angles_tf), jnp.float32)
+
+
+def apply_rope(x_bthd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.Array:
+    """Rotary embedding (rotate-half form) with tables from `rope_tables`; f32 in and out."""
     half = x_bthd.shape[-1] // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_tf = positions_t.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    sin, cos = jnp.sin(angles_tf)[None, :, None, :], jnp.cos(angles_tf)[None, :, None, :]
+    sin, cos = sin_tf[None, :, None, :], cos_tf[None, :, None, :]
     x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding (rotate-half form) at integer positions; f32 in and out."""
+    return apply_rope(x_bthd, *rope_tables(positions_t, x_bthd.shape[-1], base))
 
 
 def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -144,12 +158,13 @@ def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
 
 
 def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
-           kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int):
+           rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
+           pos: jax.Array | int):
     cdt = cfg.compute_dtype
     h = rms_norm(x_btd, cfg.norm_eps)
     qkv = _mm("btd,khde->kbthe", h, layer["qkv"], cdt)  # [3, B, t, H, hd]
-    q = rope(rms_norm(qkv[0], cfg.norm_eps), positions_t, cfg.rope_base)
-    k = rope(rms_norm(qkv[1], cfg.norm_eps), positions_t, cfg.rope_base)
+    q = apply_rope(rms_norm(qkv[0], cfg.norm_eps), *rope_sin_cos)
+    k = apply_rope(rms_norm(qkv[1], cfg.norm_eps), *rope_sin_cos)
     v = qkv[2]
     if kv_cache is None:
         keys, values, key_positions = k, v, positions_t
@@ -183,13 +198,14 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
     if not isinstance(cfg, ModelConfig):
         return cfg.forward(params, tokens_bt, cache, pos)
     t = tokens_bt.shape[1]
-    positions_t = pos + jnp.arange(t)
+    positions_t = pos + (np.arange(t) if isinstance(pos, int) else jnp.arange(t))
+    rope_sin_cos = rope_tables(positions_t, cfg.head_dim, cfg.rope_base)
     x_btd = params["embed_in"].astype(jnp.float32)[tokens_bt]
     layers = {name: params[name] for name in ("qkv", "out", "up", "down")}
 
     if cache is None:
         def body(x, layer):
-            x, _ = _block(cfg, x, layer, positions_t, None, pos)
+            x, _ = _block(cfg, x, layer, positions_t, rope_sin_cos, None, pos)
             return x, None
 
         # Unrolled: XLA's CPU backend runs the backward pass of a rolled layer loop ~1.3-1.6x slower
@@ -199,7 +215,7 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
     else:
         def body(x, layer_and_cache):
             layer, k, v = layer_and_cache
-            x, (k, v) = _block(cfg, x, layer, positions_t, (k, v), pos)
+            x, (k, v) = _block(cfg, x, layer, positions_t, rope_sin_cos, (k, v), pos)
             return x, (k, v)
 
         x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]), unroll=True)

@@ -385,6 +385,9 @@ def main(
     progress: bool = True,
 ) -> dict | None:
     """The command line of a figure file (see the module docstring). Returns the summary when it plots."""
+    from forgetting.core import host_memory
+
+    host_memory.keep_freed_memory()  # before the first run starts JAX's threads (see core.host_memory)
     args, knobs = parse_args(knobs_cls, presets, argv, doc=doc, default_out=_default_out(runs))
     out = Path(args.out)
     specs = list(runs(knobs, out))

@@ -19,8 +19,15 @@ C = TypeVar("C")
 
 
 def parse(config_cls: type[C], argv: Sequence[str] | None = None, *, description: str | None = None) -> C:
-    """Parses argv into `config_cls`. `--config_path file.json` seeds defaults from a JSON file."""
+    """Parses argv into `config_cls`. `--config_path file.json` seeds defaults from a JSON file.
+
+    Command lines start here, before JAX has started its threads, so this is also where the host
+    allocator is set to reuse XLA's large buffers (`core.host_memory`)."""
     from simple_parsing import ArgumentGenerationMode, ArgumentParser, NestedMode
+
+    from forgetting.core import host_memory
+
+    host_memory.keep_freed_memory()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ArgumentParser(

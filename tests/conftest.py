@@ -11,6 +11,10 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+from forgetting.core import host_memory
+
+host_memory.keep_freed_memory()  # before any test starts JAX's threads: large buffers are reused
+
 # Implicit rank promotion hides broadcasting bugs ([B] + [B, 1] -> [B, B]); make it an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
