@@ -64,13 +64,38 @@ def kl_per_position(logits_btv: jax.Array, ref_logits_btv: jax.Array) -> jax.Arr
     return jnp.sum(jnp.where(support, p_ref * (safe_logp_ref - safe_logp), 0.0), axis=-1)
 
 
+@jax.custom_vjp
+def _kl_to_constant(logits_btv: jax.Array, ref_logits_btv: jax.Array) -> jax.Array:
+    """`kl_per_position` with a hand-written gradient for a constant reference: the gradient,
+    softmax(logits)·Σ_support p_ref − p_ref, is one fused pass over [B, T, V] instead of autodiff's
+    several (this term runs on every replay step)."""
+    return kl_per_position(logits_btv, ref_logits_btv)
+
+
+def _kl_to_constant_fwd(logits_btv, ref_logits_btv):
+    return kl_per_position(logits_btv, ref_logits_btv), (logits_btv, ref_logits_btv)
+
+
+def _kl_to_constant_bwd(residuals, g_bt):
+    logits_btv, ref_logits_btv = residuals
+    p_btv = jax.nn.softmax(logits_btv.astype(jnp.float32), axis=-1)
+    p_ref = jnp.exp(jax.nn.log_softmax(ref_logits_btv.astype(jnp.float32), axis=-1))
+    p_ref = jnp.where(p_ref > 0, p_ref, 0.0)
+    mass_bt = jnp.sum(p_ref, axis=-1)
+    grad_btv = g_bt[..., None] * (p_btv * mass_bt[..., None] - p_ref)
+    return grad_btv.astype(logits_btv.dtype), jnp.zeros_like(ref_logits_btv)
+
+
+_kl_to_constant.defvjp(_kl_to_constant_fwd, _kl_to_constant_bwd)
+
+
 def kl_to_reference(logits_btv: jax.Array, ref_logits_btv: jax.Array, mask_bt: jax.Array | None = None,
                     per_position: bool = False) -> jax.Array:
     """Mean over positions of KL(p_ref ‖ p_θ): forward KL with the frozen reference as the target.
 
     The reference is treated as a constant (its gradient is stopped).
     """
-    kl = kl_per_position(logits_btv, jax.lax.stop_gradient(ref_logits_btv))
+    kl = _kl_to_constant(logits_btv, jax.lax.stop_gradient(ref_logits_btv))
     if per_position:
         return kl if mask_bt is None else kl * mask_bt.astype(kl.dtype)
     return _masked_mean(kl, mask_bt)
