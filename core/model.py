@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Params = dict[str, jax.Array]
-Cache = dict[str, jax.Array]
+Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +152,11 @@ def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
-    """An empty KV cache for `batch_size` rows and `cfg.seq_len` positions."""
-    shape = (cfg.n_layers, batch_size, cfg.seq_len, cfg.n_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    """An empty KV cache for `batch_size` rows and `cfg.seq_len` positions: per layer, keys and values
+    [B, H, T, hd]. Separate head-major buffers: a decoding step updates each in place and attention
+    reads it without a transpose (a stacked [L, ...] cache is re-stacked, i.e. copied, every step)."""
+    shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.head_dim)
+    return {name: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layers)) for name in ("k", "v")}
 
 
 def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
@@ -167,18 +169,23 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
     k = apply_rope(rms_norm(qkv[1], cfg.norm_eps), *rope_sin_cos)
     v = qkv[2]
     if kv_cache is None:
-        keys, values, key_positions = k, v, positions_t
+        key_positions = positions_t
+        scores_bhts = _mm("bthe,bshe->bhts", q, k, cdt)
     else:
-        cache_k, cache_v = kv_cache
-        keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, pos, 0, 0))
-        values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, pos, 0, 0))
-        kv_cache = (keys, values)
-        key_positions = jnp.arange(cache_k.shape[1])
-    scores_bhts = _mm("bthe,bshe->bhts", q, keys, cdt) / math.sqrt(cfg.head_dim)
+        cache_k, cache_v = kv_cache  # [B, H, T, hd]
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, pos, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, pos, 0))
+        kv_cache = (cache_k, cache_v)
+        key_positions = jnp.arange(cache_k.shape[2])
+        scores_bhts = _mm("bthe,bhse->bhts", q, cache_k, cdt)
+    scores_bhts = scores_bhts / math.sqrt(cfg.head_dim)
     causal_ts = key_positions[None, :] <= positions_t[:, None]
     scores_bhts = jnp.where(causal_ts[None, None], scores_bhts, -1e30)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1)
-    attended = _mm("bhts,bshe->bthe", probs_bhts, values, cdt)
+    if kv_cache is None:
+        attended = _mm("bhts,bshe->bthe", probs_bhts, v, cdt)
+    else:
+        attended = _mm("bhts,bhse->bthe", probs_bhts, kv_cache[1], cdt)
     x_btd = x_btd + _mm("bthe,hed->btd", attended, layer["out"], cdt)
     h = rms_norm(x_btd, cfg.norm_eps)
     hidden = jax.nn.gelu(_mm("btd,df->btf", h, layer["up"], cdt))
@@ -213,13 +220,11 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
         x_btd, _ = jax.lax.scan(body, x_btd, layers, unroll=True)
         new_cache = None
     else:
-        def body(x, layer_and_cache):
-            layer, k, v = layer_and_cache
-            x, (k, v) = _block(cfg, x, layer, positions_t, rope_sin_cos, (k, v), pos)
-            return x, (k, v)
-
-        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]), unroll=True)
-        new_cache = {"k": ks, "v": vs}
+        ks, vs = list(cache["k"]), list(cache["v"])
+        for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
+            layer = {name: w[i] for name, w in layers.items()}
+            x_btd, (ks[i], vs[i]) = _block(cfg, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
+        new_cache = {"k": tuple(ks), "v": tuple(vs)}
     logits_btv = _mm("btd,vd->btv", rms_norm(x_btd, cfg.norm_eps), params["embed_out"], cfg.compute_dtype)
     return logits_btv if cache is None else (logits_btv, new_cache)
 
