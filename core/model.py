@@ -157,7 +157,9 @@ def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
     attention reads it without a transpose (a stacked [L, ...] cache was re-stacked, i.e. copied, and
     transposed at every step: sampling 32x128 tokens went from 557 to 373 ms on the benchmark model)."""
     shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.head_dim)
-    return {name: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layers)) for name in ("k", "v")}
+    # f32 storage: XLA-CPU rewrites a bf16 dynamic_update_slice as convert(whole cache) -> f32 update ->
+    # convert back, two full passes per layer per decoding step; the matmuls still take bf16 inputs.
+    return {name: tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.n_layers)) for name in ("k", "v")}
 
 
 def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
