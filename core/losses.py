@@ -80,7 +80,6 @@ def _kl_to_constant_bwd(residuals, g_bt):
     logits_btv, ref_logits_btv = residuals
     p_btv = jax.nn.softmax(logits_btv.astype(jnp.float32), axis=-1)
     p_ref = jnp.exp(jax.nn.log_softmax(ref_logits_btv.astype(jnp.float32), axis=-1))
-    p_ref = jnp.where(p_ref > 0, p_ref, 0.0)
     mass_bt = jnp.sum(p_ref, axis=-1)
     grad_btv = g_bt[..., None] * (p_btv * mass_bt[..., None] - p_ref)
     return grad_btv.astype(logits_btv.dtype), jnp.zeros_like(ref_logits_btv)

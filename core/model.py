@@ -172,23 +172,17 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
     k = apply_rope(rms_norm(qkv[1], cfg.norm_eps), *rope_sin_cos)
     v = qkv[2]
     if kv_cache is None:
-        key_positions = positions_t
-        scores_bhts = _mm("bthe,bshe->bhts", q, k, cdt)
+        keys, values, kv_spec, key_positions = k, v, "bshe", positions_t
     else:
         cache_k, cache_v = kv_cache  # [B, H, T, hd]
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, pos, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, pos, 0))
-        kv_cache = (cache_k, cache_v)
-        key_positions = jnp.arange(cache_k.shape[2])
-        scores_bhts = _mm("bthe,bhse->bhts", q, cache_k, cdt)
-    scores_bhts = scores_bhts / math.sqrt(cfg.head_dim)
+        keys = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, pos, 0))
+        values = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, pos, 0))
+        kv_cache, kv_spec, key_positions = (keys, values), "bhse", jnp.arange(cache_k.shape[2])
+    scores_bhts = _mm(f"bthe,{kv_spec}->bhts", q, keys, cdt) / math.sqrt(cfg.head_dim)
     causal_ts = key_positions[None, :] <= positions_t[:, None]
     scores_bhts = jnp.where(causal_ts[None, None], scores_bhts, -1e30)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1)
-    if kv_cache is None:
-        attended = _mm("bhts,bshe->bthe", probs_bhts, v, cdt)
-    else:
-        attended = _mm("bhts,bhse->bthe", probs_bhts, kv_cache[1], cdt)
+    attended = _mm(f"bhts,{kv_spec}->bthe", probs_bhts, values, cdt)
     x_btd = x_btd + _mm("bthe,hed->btd", attended, layer["out"], cdt)
     h = rms_norm(x_btd, cfg.norm_eps)
     hidden = jax.nn.gelu(_mm("btd,df->btf", h, layer["up"], cdt))

@@ -38,15 +38,13 @@ def subplots(*args: Any, **kwargs: Any):
 def log_ticks(ax, values, fmt=lambda v: f"{v:g}", axis: str = "x") -> None:
     """Log scale on `axis` with one labelled tick per swept value (and no minor labels): sweeps span one to
     three decades, where matplotlib's automatic minor labels overlap."""
-    from matplotlib.ticker import NullLocator
-
     values = sorted(set(float(v) for v in values))
     labels = [fmt(v) for v in values]
     a = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     a.set_major_locator(matplotlib.ticker.FixedLocator(values))
     a.set_major_formatter(matplotlib.ticker.FixedFormatter(labels))
-    a.set_minor_locator(NullLocator())
+    a.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def save(fig, stem: str | Path) -> list[Path]:

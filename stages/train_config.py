@@ -177,8 +177,10 @@ class TrainConfig:
             raise ValueError(f"--mix.coeff must be in (0, 1) when --mix.path is given, got {self.mix.coeff}")
         for flag, frac, on in (("--mix.coeff", self.mix.coeff, bool(self.mix.path)),
                                ("--reg.coeff", r.coeff, r.method == "replace")):
-            rows = data_lib.num_rows(frac, self.opt.batch_size) if 0 <= frac <= 1 else 0
-            if on and not 1 <= rows < self.opt.batch_size:
+            if not on:  # (when on, frac is already checked to lie in (0, 1) above)
+                continue
+            rows = data_lib.num_rows(frac, self.opt.batch_size)
+            if not 1 <= rows < self.opt.batch_size:
                 raise ValueError(f"{flag} {frac} takes floor({frac} * {self.opt.batch_size}) = {rows} rows of each "
                                  f"batch of --opt.batch_size {self.opt.batch_size}; it must give 1 to "
                                  f"{self.opt.batch_size - 1} rows: raise the fraction or the batch size")
