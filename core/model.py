@@ -12,12 +12,15 @@ The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from forgetting.core import attention
 
 Params = dict[str, jax.Array]
 Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout
@@ -141,14 +144,57 @@ def apply_rope(x_bthd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def apply_rope_bhtd(x_bhtd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.Array:
+    """`apply_rope` for head-major [B, H, t, hd] arrays, as x·cos + swap_halves(x)·(−sin, sin) with the
+    half swap done by a tiny f32 matmul against a permutation matrix: exact (one nonzero term per
+    output), and it spares XLA-CPU the half-width slices and pads of the backward pass."""
+    hd = x_bhtd.shape[-1]
+    half = hd // 2
+    swap_ee = np.roll(np.eye(hd, dtype=np.float32), half, axis=0)  # (x @ swap)[i] = x[(i + half) % hd]
+    cos = jnp.concatenate([cos_tf, cos_tf], axis=-1)[None, None]
+    sin = jnp.concatenate([-sin_tf, sin_tf], axis=-1)[None, None]
+    swapped = jnp.einsum("bhte,ef->bhtf", x_bhtd, jnp.asarray(swap_ee), precision=jax.lax.Precision.HIGHEST)
+    return x_bhtd * cos + swapped * sin
+
+
 def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
     """Rotary embedding (rotate-half form) at integer positions; f32 in and out."""
     return apply_rope(x_bthd, *rope_tables(positions_t, x_bthd.shape[-1], base))
 
 
 def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """einsum with `dtype` inputs and f32 accumulation."""
+    """einsum with `dtype` inputs and f32 accumulation. With bf16 inputs the gradients are the same
+    recipe (bf16 cotangent and operands, f32 accumulation): autodiff's own transpose multiplies the f32
+    cotangent by an upcast operand, which runs XLA-CPU's f32 matmuls at about half the bf16 speed."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return _mm_lowp(spec, jnp.dtype(dtype).name, a, b)
+
+
+def _einsum_lowp(spec: str, dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mm_lowp(spec: str, dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return _einsum_lowp(spec, dtype, a, b)
+
+
+def _mm_lowp_fwd(spec, dtype, a, b):
+    dtype_tags = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))  # residuals must be arrays
+    return _einsum_lowp(spec, dtype, a, b), (a.astype(dtype), b.astype(dtype), dtype_tags)
+
+
+def _mm_lowp_bwd(spec, dtype, residuals, g):
+    a, b, (a_tag, b_tag) = residuals
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    da = _einsum_lowp(f"{out},{spec_b}->{spec_a}", dtype, g, b)
+    db = _einsum_lowp(f"{spec_a},{out}->{spec_b}", dtype, a, g)
+    return da.astype(a_tag.dtype), db.astype(b_tag.dtype)
+
+
+_mm_lowp.defvjp(_mm_lowp_fwd, _mm_lowp_bwd)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
@@ -167,27 +213,63 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
            pos: jax.Array | int):
     cdt = cfg.compute_dtype
     h = rms_norm(x_btd, cfg.norm_eps)
-    qkv = _mm("btd,khde->kbthe", h, layer["qkv"], cdt)  # [3, B, t, H, hd]
-    q = apply_rope(rms_norm(qkv[0], cfg.norm_eps), *rope_sin_cos)
-    k = apply_rope(rms_norm(qkv[1], cfg.norm_eps), *rope_sin_cos)
+    # One [D, 3·H·hd] weight so the output comes out row-major [B, t, 3·H·hd]: with the einsum
+    # "btd,khde->kbthe" XLA-CPU computed it transposed and every consumer read it with a stride.
+    D = x_btd.shape[-1]
+    w_qkv = layer["qkv"].transpose(2, 0, 1, 3).reshape(D, 3 * D)
+    B, t = x_btd.shape[:2]
+    qkv = _mm("btd,dn->btn", h, w_qkv, cdt).reshape(B, t, 3, cfg.n_heads, cfg.head_dim)
+    # Attention runs head-major ([B, H, t, hd], the cache's layout), transposed before the norms and
+    # RoPE so that the attention matmuls read plain row-major operands.
+    qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, t, hd]
+    sin_tf, cos_tf = rope_sin_cos
+    q = apply_rope_bhtd(rms_norm(qkv[0], cfg.norm_eps), sin_tf, cos_tf)
+    k = apply_rope_bhtd(rms_norm(qkv[1], cfg.norm_eps), sin_tf, cos_tf)
     v = qkv[2]
     if kv_cache is None:
-        keys, values, kv_spec, key_positions = k, v, "bshe", positions_t
+        keys, values, key_positions = k, v, positions_t
     else:
         cache_k, cache_v = kv_cache  # [B, H, T, hd]
-        keys = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, pos, 0))
-        values = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, pos, 0))
-        kv_cache, kv_spec, key_positions = (keys, values), "bhse", jnp.arange(cache_k.shape[2])
-    scores_bhts = _mm(f"bthe,{kv_spec}->bhts", q, keys, cdt) / math.sqrt(cfg.head_dim)
-    causal_ts = key_positions[None, :] <= positions_t[:, None]
-    scores_bhts = jnp.where(causal_ts[None, None], scores_bhts, -1e30)
-    probs_bhts = jax.nn.softmax(scores_bhts, axis=-1)
-    attended = _mm(f"bhts,{kv_spec}->bthe", probs_bhts, values, cdt)
-    x_btd = x_btd + _mm("bthe,hed->btd", attended, layer["out"], cdt)
+        keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, pos, 0))
+        values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, pos, 0))
+        kv_cache, key_positions = (keys, values), jnp.arange(cache_k.shape[2])
+    attended = attention.attention(q, keys, values, jnp.asarray(positions_t), key_positions, cfg.dtype)
+    x_btd = x_btd + _mm("bhte,hed->btd", attended, layer["out"], cdt)
     h = rms_norm(x_btd, cfg.norm_eps)
     hidden = jax.nn.gelu(_mm("btd,df->btf", h, layer["up"], cdt))
     x_btd = x_btd + _mm("btf,fd->btd", hidden, layer["down"], cdt)
     return x_btd, kv_cache
+
+
+def _layers(params: Params) -> Params:
+    return {name: params[name] for name in ("qkv", "out", "up", "down")}
+
+
+def _positions(t: int, pos: jax.Array | int):
+    return pos + (np.arange(t) if isinstance(pos, int) else jnp.arange(t))
+
+
+def final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: jax.Array | int = 0) -> jax.Array:
+    """The normed last hidden states f32 [B, t, D] (what the unembedding multiplies) of a plain causal
+    forward without a cache; `forward` is `unembed(final_hidden)`. Training losses take this and fuse
+    the unembedding into the loss (`core.fused_head`)."""
+    positions_t = _positions(tokens_bt.shape[1], pos)
+    rope_sin_cos = rope_tables(positions_t, cfg.head_dim, cfg.rope_base)
+    x_btd = params["embed_in"].astype(jnp.float32)[tokens_bt]
+
+    def body(x, layer):
+        x, _ = _block(cfg, x, layer, positions_t, rope_sin_cos, None, pos)
+        return x, None
+
+    # Unrolled: XLA's CPU backend runs the backward pass of a rolled layer loop ~1.3-1.6x slower
+    # (measured on this project's benchmark shapes); stacked parameters keep the tree the same.
+    x_btd, _ = jax.lax.scan(body, x_btd, _layers(params), unroll=True)
+    return rms_norm(x_btd, cfg.norm_eps)
+
+
+def unembed(cfg: ModelConfig, params: Params, hidden_btd: jax.Array) -> jax.Array:
+    """Logits f32 [B, t, V] from `final_hidden`."""
+    return _mm("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype)
 
 
 def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
@@ -201,29 +283,18 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
     """
     if not isinstance(cfg, ModelConfig):
         return cfg.forward(params, tokens_bt, cache, pos)
-    t = tokens_bt.shape[1]
-    positions_t = pos + (np.arange(t) if isinstance(pos, int) else jnp.arange(t))
+    if cache is None:
+        return unembed(cfg, params, final_hidden(cfg, params, tokens_bt, pos))
+    positions_t = _positions(tokens_bt.shape[1], pos)
     rope_sin_cos = rope_tables(positions_t, cfg.head_dim, cfg.rope_base)
     x_btd = params["embed_in"].astype(jnp.float32)[tokens_bt]
-    layers = {name: params[name] for name in ("qkv", "out", "up", "down")}
-
-    if cache is None:
-        def body(x, layer):
-            x, _ = _block(cfg, x, layer, positions_t, rope_sin_cos, None, pos)
-            return x, None
-
-        # Unrolled: XLA's CPU backend runs the backward pass of a rolled layer loop ~1.3-1.6x slower
-        # (measured on this project's benchmark shapes); stacked parameters keep the tree the same.
-        x_btd, _ = jax.lax.scan(body, x_btd, layers, unroll=True)
-        new_cache = None
-    else:
-        ks, vs = list(cache["k"]), list(cache["v"])
-        for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
-            layer = {name: w[i] for name, w in layers.items()}
-            x_btd, (ks[i], vs[i]) = _block(cfg, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
-        new_cache = {"k": tuple(ks), "v": tuple(vs)}
-    logits_btv = _mm("btd,vd->btv", rms_norm(x_btd, cfg.norm_eps), params["embed_out"], cfg.compute_dtype)
-    return logits_btv if cache is None else (logits_btv, new_cache)
+    layers = _layers(params)
+    ks, vs = list(cache["k"]), list(cache["v"])
+    for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
+        layer = {name: w[i] for name, w in layers.items()}
+        x_btd, (ks[i], vs[i]) = _block(cfg, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
+    new_cache = {"k": tuple(ks), "v": tuple(vs)}
+    return unembed(cfg, params, rms_norm(x_btd, cfg.norm_eps)), new_cache
 
 
 def cache_for(cfg: Any, batch_size: int) -> Cache:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from forgetting.core import lora as lora_lib
-from forgetting.core import losses, model
+from forgetting.core import fused_head, losses, model
 
 Batch = dict[str, jax.Array]
 
@@ -49,13 +49,38 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
         params = lora_lib.merge(cfg, jax.lax.stop_gradient(frozen["base"]), trainable) if use_lora else trainable
         tokens = batch["tokens"]
         replay = batch.get("replay") if reg_method in ("ntp_pre", "kl_pre") else None
-        if replay is not None:
-            # One forward over new and replay rows together: bigger matmuls, one weight pass.
-            logits_all = model.forward(cfg, params, jnp.concatenate([tokens, replay], axis=0))
-            logits_new, logits_replay = logits_all[: tokens.shape[0]], logits_all[tokens.shape[0]:]
+        # One forward over new and replay rows together: bigger matmuls, one weight pass.
+        rows = tokens if replay is None else jnp.concatenate([tokens, replay], axis=0)
+        if isinstance(cfg, model.ModelConfig):
+            ntp, reg = _fused_terms(cfg, params, frozen, rows, tokens, replay, batch.get("mask"))
         else:
-            logits_new, logits_replay = model.forward(cfg, params, tokens), None
-        ntp = losses.next_token_loss(logits_new, tokens, batch.get("mask"))
+            ntp, reg = _logit_terms(cfg, params, frozen, rows, tokens, replay, batch.get("mask"))
+        objective = ntp + reg_coeff * reg
+        return objective, {"loss": objective, "ntp": ntp, "reg": reg}
+
+    def _fused_terms(cfg, params, frozen, rows, tokens, replay, mask):
+        """The paper's transformer: losses straight from the final hidden states (`core.fused_head`),
+        so the [B, T, V] logits never exist whole."""
+        B = tokens.shape[0]
+        hidden = model.final_hidden(cfg, params, rows)
+        hidden_new, hidden_replay = hidden[:B], hidden[B:]
+        w = params["embed_out"]
+        ntp = fused_head.next_token_loss(hidden_new, w, tokens, mask, cfg.dtype)
+        if reg_method == "none":
+            return ntp, jnp.zeros((), jnp.float32)
+        if reg_method == "ntp_pre":
+            return ntp, fused_head.next_token_loss(hidden_replay, w, replay, None, cfg.dtype)
+        ref = frozen["ref"]
+        on, h = (replay, hidden_replay) if reg_method == "kl_pre" else (tokens, hidden_new)
+        ref_hidden = jax.lax.stop_gradient(model.final_hidden(cfg, ref, on))
+        return ntp, fused_head.kl_to_reference(h, w, ref_hidden, ref["embed_out"], None, cfg.dtype)
+
+    def _logit_terms(cfg, params, frozen, rows, tokens, replay, mask):
+        """Any other model family: losses on full logits from `model.forward`."""
+        B = tokens.shape[0]
+        logits = model.forward(cfg, params, rows)
+        logits_new, logits_replay = logits[:B], (logits[B:] if replay is not None else None)
+        ntp = losses.next_token_loss(logits_new, tokens, mask)
         ref_new = ref_replay = None
         if reg_method == "kl_pre":
             ref_replay = jax.lax.stop_gradient(model.forward(cfg, frozen["ref"], replay))
@@ -64,8 +89,7 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
         reg = losses.regularizer(reg_method, logits_new=logits_new, ref_logits_new=ref_new,
                                  logits_replay=logits_replay, ref_logits_replay=ref_replay,
                                  replay_tokens=replay)
-        objective = ntp + reg_coeff * reg
-        return objective, {"loss": objective, "ntp": ntp, "reg": reg}
+        return ntp, reg
 
     return loss_fn
 

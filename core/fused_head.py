@@ -1,0 +1,181 @@
+"""The unembedding fused with its loss: next-token NLL and KL(ref ‖ θ) from final hidden states.
+
+`hidden @ embed_out.T` is a step's largest array ([B, T, V] f32: 64 MB at B=32, T=128, V=4096), and autodiff
+through it costs several full passes over memory plus f32 matmuls in the backward (the cotangent of an
+f32-accumulated bf16 matmul is f32). Here the logits exist only one chunk of positions at a time (a few
+MB, so they stay in cache), and the gradient is computed in the *forward* pass: for a scalar objective
+Σ w·loss with constant weights w, d/dlogits is known as soon as the softmax is, so each chunk yields its
+share of dL/dhidden and dL/dW right away, with `cfg.dtype` (bf16) cotangents and f32 accumulation. The
+backward then only scales them by the incoming scalar cotangent. Same model FLOPs as autodiff (three
+[N, D] x [D, V] matmuls); the loss value is the same formula as `losses.next_token_nll` /
+`losses.kl_per_position`.
+
+The weights are constants (no gradient flows to them), and so are the reference's hidden states and
+unembedding: the KL's reference is frozen.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Positions per chunk are chosen so that one chunk's [rows, V] f32 logits hold about this many elements
+# (8 MB): small enough to stay in a CPU's last-level cache, large enough for efficient matmuls.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_length(batch: int, seq_len: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """The largest divisor of `seq_len` whose chunk of `batch` rows keeps batch·chunk·vocab <= budget
+    (at least 1)."""
+    best = 1
+    for c in range(1, seq_len + 1):
+        if seq_len % c == 0 and batch * c * vocab <= budget:
+            best = c
+    return best
+
+
+def _chunks(a: jax.Array, c: int) -> jax.Array:
+    """[B, T, ...] -> [T/c, B, c, ...]: scan over position chunks, keeping the batch axis (and its
+    sharding) intact."""
+    B, T = a.shape[:2]
+    return a.reshape(B, T // c, c, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(a: jax.Array) -> jax.Array:
+    n, B, c = a.shape[:3]
+    return a.swapaxes(0, 1).reshape(B, n * c, *a.shape[3:])
+
+
+def _log_softmax_parts(logits_bcv: jax.Array):
+    """(exp(logits - max), sum of it, logsumexp) in f32."""
+    top = jnp.max(logits_bcv, axis=-1, keepdims=True)
+    e_bcv = jnp.exp(logits_bcv - top)
+    s_bc1 = jnp.sum(e_bcv, axis=-1, keepdims=True)
+    return e_bcv, s_bc1, (top + jnp.log(s_bc1))[..., 0]
+
+
+def _unembed(h_bcd: jax.Array, w_vd: jax.Array) -> jax.Array:
+    return jnp.einsum("bcd,vd->bcv", h_bcd.astype(w_vd.dtype), w_vd, preferred_element_type=jnp.float32)
+
+
+def _head_grads(dlogits_bcv, h_bcd, w_vd, dw_vd):
+    """dL/dh for the chunk and the running dL/dW, from the chunk's dL/dlogits (cast to the matmul dtype)."""
+    dl = dlogits_bcv.astype(w_vd.dtype)
+    dh_bcd = jnp.einsum("bcv,vd->bcd", dl, w_vd, preferred_element_type=jnp.float32)
+    dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", dl, h_bcd.astype(w_vd.dtype), preferred_element_type=jnp.float32)
+    return dh_bcd, dw_vd
+
+
+def _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype: str, chunk: int, with_grad: bool):
+    w_c = w_vd.astype(dtype)
+    V = w_vd.shape[0]
+
+    def body(dw_vd, xs):
+        h_bcd, next_bc, weight_bc = xs
+        logits_bcv = _unembed(h_bcd, w_c)
+        e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
+        is_target_bcv = jnp.arange(V)[None, None, :] == next_bc[..., None]
+        target_bc = jnp.sum(jnp.where(is_target_bcv, logits_bcv, 0.0), axis=-1)
+        loss = jnp.sum(weight_bc * (lse_bc - target_bc))
+        if not with_grad:
+            return dw_vd, (loss, None)
+        dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 - is_target_bcv.astype(jnp.float32))
+        dh_bcd, dw_vd = _head_grads(dlogits_bcv, h_bcd, w_c, dw_vd)
+        return dw_vd, (loss, dh_bcd)
+
+    dw0 = jnp.zeros(w_vd.shape, jnp.float32)
+    xs = (_chunks(h_btd, chunk), _chunks(next_bt, chunk), _chunks(weight_bt, chunk))
+    dw_vd, (losses, dh) = jax.lax.scan(body, dw0, xs)
+    return jnp.sum(losses), (None if dh is None else _unchunk(dh)), dw_vd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _nll_sum(h_btd, w_vd, next_bt, weight_bt, dtype, chunk):
+    return _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=False)[0]
+
+
+def _nll_sum_fwd(h_btd, w_vd, next_bt, weight_bt, dtype, chunk):
+    loss, dh_btd, dw_vd = _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=True)
+    return loss, (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
+
+
+def _nll_sum_bwd(dtype, chunk, residuals, g):
+    dh_btd, dw_vd = residuals
+    return g * dh_btd, g * dw_vd, None, None
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
+
+
+def next_token_loss(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
+                    mask_bt: jax.Array | None = None, dtype: str = "bfloat16") -> jax.Array:
+    """Mean next-token NLL of `tokens_bt` given final (normed) hidden states [B, T, D] and the output
+    embedding [V, D]: equals `losses.next_token_loss(hidden @ embed_out.T, tokens, mask)`."""
+    B, T, _ = hidden_btd.shape
+    next_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1).astype(jnp.int32)
+    target_mask = jnp.ones((B, T - 1), jnp.float32) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
+    target_mask = jax.lax.stop_gradient(target_mask)
+    weight_bt = jnp.concatenate([target_mask, jnp.zeros((B, 1), jnp.float32)], axis=1)  # last: no target
+    weight_bt = weight_bt / jnp.maximum(jnp.sum(target_mask), 1.0)
+    chunk = chunk_length(B, T, embed_out_vd.shape[0])
+    return _nll_sum(hidden_btd, embed_out_vd, next_bt, weight_bt, dtype, chunk)
+
+
+def _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype: str, chunk: int, with_grad: bool):
+    w_c, ref_w_c = w_vd.astype(dtype), ref_w_vd.astype(dtype)
+
+    def body(dw_vd, xs):
+        h_bcd, ref_h_bcd, weight_bc = xs
+        logits_bcv = _unembed(h_bcd, w_c)
+        e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
+        ref_logits_bcv = _unembed(ref_h_bcd, ref_w_c)
+        ref_e_bcv, ref_s_bc1, ref_lse_bc = _log_softmax_parts(ref_logits_bcv)
+        p_ref_bcv = ref_e_bcv / ref_s_bc1
+        # Σ p_ref (logp_ref − logp) with logp = logits − lse; entries with p_ref = 0 contribute 0.
+        diff_bcv = (ref_logits_bcv - ref_lse_bc[..., None]) - (logits_bcv - lse_bc[..., None])
+        kl_bc = jnp.sum(jnp.where(p_ref_bcv > 0, p_ref_bcv * diff_bcv, 0.0), axis=-1)
+        loss = jnp.sum(weight_bc * kl_bc)
+        if not with_grad:
+            return dw_vd, (loss, None)
+        mass_bc1 = jnp.sum(p_ref_bcv, axis=-1, keepdims=True)
+        dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 * mass_bc1 - p_ref_bcv)
+        dh_bcd, dw_vd = _head_grads(dlogits_bcv, h_bcd, w_c, dw_vd)
+        return dw_vd, (loss, dh_bcd)
+
+    dw0 = jnp.zeros(w_vd.shape, jnp.float32)
+    xs = (_chunks(h_btd, chunk), _chunks(ref_h_btd, chunk), _chunks(weight_bt, chunk))
+    dw_vd, (losses, dh) = jax.lax.scan(body, dw0, xs)
+    return jnp.sum(losses), (None if dh is None else _unchunk(dh)), dw_vd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kl_sum(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk):
+    return _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=False)[0]
+
+
+def _kl_sum_fwd(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk):
+    loss, dh_btd, dw_vd = _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=True)
+    return loss, (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
+
+
+def _kl_sum_bwd(dtype, chunk, residuals, g):
+    dh_btd, dw_vd = residuals
+    return g * dh_btd, g * dw_vd, None, None, None
+
+
+_kl_sum.defvjp(_kl_sum_fwd, _kl_sum_bwd)
+
+
+def kl_to_reference(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_btd: jax.Array,
+                    ref_embed_out_vd: jax.Array, mask_bt: jax.Array | None = None,
+                    dtype: str = "bfloat16") -> jax.Array:
+    """Mean over positions of KL(p_ref ‖ p_θ) from final hidden states: equals
+    `losses.kl_to_reference(hidden @ embed_out.T, ref_hidden @ ref_embed_out.T, mask)`. The reference
+    side is a constant."""
+    B, T, _ = hidden_btd.shape
+    mask = jnp.ones((B, T), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
+    weight_bt = jax.lax.stop_gradient(mask / jnp.maximum(jnp.sum(mask), 1.0))
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], CHUNK_ELEMENTS // 2)  # two [rows, V] logits per chunk
+    return _kl_sum(hidden_btd, embed_out_vd, jax.lax.stop_gradient(ref_hidden_btd),
+                   jax.lax.stop_gradient(ref_embed_out_vd), weight_bt, dtype, chunk)
