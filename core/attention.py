@@ -55,17 +55,18 @@ def _scores(q, k, dtype):
 def _attention_lowp_fwd(dtype, q, k, v, query_positions, key_positions):
     causal_ts = key_positions[None, :] <= query_positions[:, None]
     scores_bhts = jnp.where(causal_ts[None, None], _scores(q, k, dtype), NEG_INF)
-    lse_bht = jax.nn.logsumexp(scores_bhts, axis=-1)
-    probs_bhts = jnp.exp(scores_bhts - lse_bht[..., None])
+    top_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
+    e_bhts = jnp.exp(scores_bhts - top_bht1)  # one exp pass (logsumexp + exp(s - lse) would be two)
+    probs_bhts = e_bhts / jnp.sum(e_bhts, axis=-1, keepdims=True)
     out = _attend(probs_bhts, v, dtype)
     tags = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))  # the input dtypes (residuals are arrays)
-    residuals = (q.astype(dtype), k.astype(dtype), v.astype(dtype), probs_bhts.astype(dtype), lse_bht, out,
+    residuals = (q.astype(dtype), k.astype(dtype), v.astype(dtype), probs_bhts.astype(dtype), out,
                  query_positions, key_positions, tags)
     return out, residuals
 
 
 def _attention_lowp_bwd(dtype, residuals, d_out):
-    q, k, v, probs, lse_bht, out, query_positions, key_positions, (q_tag, k_tag, v_tag) = residuals
+    q, k, v, probs, out, query_positions, key_positions, (q_tag, k_tag, v_tag) = residuals
     f32 = jnp.float32
     scale = 1.0 / math.sqrt(q.shape[-1])
     row_dot_bht = jnp.sum(d_out * out, axis=-1)  # = Σ_s dP·P, the softmax correction

@@ -76,28 +76,28 @@ def _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype: str, chunk: int, with_grad
         logits_bcv = _unembed(h_bcd, w_c)
         e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
         is_target_bcv = jnp.arange(V)[None, None, :] == next_bc[..., None]
-        target_bc = jnp.sum(jnp.where(is_target_bcv, logits_bcv, 0.0), axis=-1)
-        loss = jnp.sum(weight_bc * (lse_bc - target_bc))
+        nll_bc = lse_bc - jnp.sum(jnp.where(is_target_bcv, logits_bcv, 0.0), axis=-1)
         if not with_grad:
-            return dw_vd, (loss, None)
+            return dw_vd, (nll_bc, None)
         dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 - is_target_bcv.astype(jnp.float32))
         dh_bcd, dw_vd = _head_grads(dlogits_bcv, h_bcd, w_c, dw_vd)
-        return dw_vd, (loss, dh_bcd)
+        return dw_vd, (nll_bc, dh_bcd)
 
     dw0 = jnp.zeros(w_vd.shape, jnp.float32)
     xs = (_chunks(h_btd, chunk), _chunks(next_bt, chunk), _chunks(weight_bt, chunk))
-    dw_vd, (losses, dh) = jax.lax.scan(body, dw0, xs)
-    return jnp.sum(losses), (None if dh is None else _unchunk(dh)), dw_vd
+    dw_vd, (nll, dh) = jax.lax.scan(body, dw0, xs)
+    return _unchunk(nll), (None if dh is None else _unchunk(dh)), dw_vd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _nll_sum(h_btd, w_vd, next_bt, weight_bt, dtype, chunk):
-    return _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=False)[0]
+    nll_bt = _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=False)[0]
+    return jnp.sum(weight_bt * nll_bt)
 
 
 def _nll_sum_fwd(h_btd, w_vd, next_bt, weight_bt, dtype, chunk):
-    loss, dh_btd, dw_vd = _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=True)
-    return loss, (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
+    nll_bt, dh_btd, dw_vd = _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=True)
+    return jnp.sum(weight_bt * nll_bt), (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
 
 
 def _nll_sum_bwd(dtype, chunk, residuals, g):
@@ -113,7 +113,7 @@ def next_token_loss(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: j
     """Mean next-token NLL of `tokens_bt` given final (normed) hidden states [B, T, D] and the output
     embedding [V, D]: equals `losses.next_token_loss(hidden @ embed_out.T, tokens, mask)`."""
     B, T, _ = hidden_btd.shape
-    next_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1).astype(jnp.int32)
+    next_bt = _next_tokens(tokens_bt)
     target_mask = jnp.ones((B, T - 1), jnp.float32) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
     target_mask = jax.lax.stop_gradient(target_mask)
     weight_bt = jnp.concatenate([target_mask, jnp.zeros((B, 1), jnp.float32)], axis=1)  # last: no target
@@ -135,28 +135,28 @@ def _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype: str, chunk: int
         # Σ p_ref (logp_ref − logp) with logp = logits − lse; entries with p_ref = 0 contribute 0.
         diff_bcv = (ref_logits_bcv - ref_lse_bc[..., None]) - (logits_bcv - lse_bc[..., None])
         kl_bc = jnp.sum(jnp.where(p_ref_bcv > 0, p_ref_bcv * diff_bcv, 0.0), axis=-1)
-        loss = jnp.sum(weight_bc * kl_bc)
         if not with_grad:
-            return dw_vd, (loss, None)
+            return dw_vd, (kl_bc, None)
         mass_bc1 = jnp.sum(p_ref_bcv, axis=-1, keepdims=True)
         dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 * mass_bc1 - p_ref_bcv)
         dh_bcd, dw_vd = _head_grads(dlogits_bcv, h_bcd, w_c, dw_vd)
-        return dw_vd, (loss, dh_bcd)
+        return dw_vd, (kl_bc, dh_bcd)
 
     dw0 = jnp.zeros(w_vd.shape, jnp.float32)
     xs = (_chunks(h_btd, chunk), _chunks(ref_h_btd, chunk), _chunks(weight_bt, chunk))
-    dw_vd, (losses, dh) = jax.lax.scan(body, dw0, xs)
-    return jnp.sum(losses), (None if dh is None else _unchunk(dh)), dw_vd
+    dw_vd, (kl, dh) = jax.lax.scan(body, dw0, xs)
+    return _unchunk(kl), (None if dh is None else _unchunk(dh)), dw_vd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _kl_sum(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk):
-    return _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=False)[0]
+    kl_bt = _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=False)[0]
+    return jnp.sum(weight_bt * kl_bt)
 
 
 def _kl_sum_fwd(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk):
-    loss, dh_btd, dw_vd = _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=True)
-    return loss, (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
+    kl_bt, dh_btd, dw_vd = _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=True)
+    return jnp.sum(weight_bt * kl_bt), (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
 
 
 def _kl_sum_bwd(dtype, chunk, residuals, g):
@@ -179,3 +179,28 @@ def kl_to_reference(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_b
     chunk = chunk_length(B, T, embed_out_vd.shape[0], CHUNK_ELEMENTS // 2)  # two [rows, V] logits per chunk
     return _kl_sum(hidden_btd, embed_out_vd, jax.lax.stop_gradient(ref_hidden_btd),
                    jax.lax.stop_gradient(ref_embed_out_vd), weight_bt, dtype, chunk)
+
+
+def _next_tokens(tokens_bt: jax.Array) -> jax.Array:
+    """Position t's target is token t+1; the last position gets a dummy (its weight is always 0)."""
+    return jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1).astype(jnp.int32)
+
+
+def nll_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
+                     dtype: str = "bfloat16") -> jax.Array:
+    """Next-token NLL [B, T-1] (as `losses.next_token_nll` of the logits), without materializing the
+    logits. For evaluation: its gradient is plain autodiff through the chunk loop."""
+    B, T, _ = hidden_btd.shape
+    chunk = chunk_length(B, T, embed_out_vd.shape[0])
+    weight_bt = jnp.ones((B, T), jnp.float32)
+    return _nll_scan(hidden_btd, embed_out_vd, _next_tokens(tokens_bt), weight_bt, dtype, chunk, False)[0][:, :-1]
+
+
+def kl_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_btd: jax.Array,
+                    ref_embed_out_vd: jax.Array, dtype: str = "bfloat16") -> jax.Array:
+    """KL(p_ref ‖ p_θ) [B, T] (as `losses.kl_per_position` of the logits), without materializing them.
+    For evaluation, like `nll_per_position`."""
+    B, T, _ = hidden_btd.shape
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], CHUNK_ELEMENTS // 2)
+    weight_bt = jnp.ones((B, T), jnp.float32)
+    return _kl_scan(hidden_btd, embed_out_vd, ref_hidden_btd, ref_embed_out_vd, weight_bt, dtype, chunk, False)[0]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import attention
+from forgetting.core import attention, heads, matmul
 
 Params = dict[str, jax.Array]
 Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout
@@ -144,57 +144,9 @@ def apply_rope(x_bthd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def apply_rope_bhtd(x_bhtd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.Array:
-    """`apply_rope` for head-major [B, H, t, hd] arrays, as x·cos + swap_halves(x)·(−sin, sin) with the
-    half swap done by a tiny f32 matmul against a permutation matrix: exact (one nonzero term per
-    output), and it spares XLA-CPU the half-width slices and pads of the backward pass."""
-    hd = x_bhtd.shape[-1]
-    half = hd // 2
-    swap_ee = np.roll(np.eye(hd, dtype=np.float32), half, axis=0)  # (x @ swap)[i] = x[(i + half) % hd]
-    cos = jnp.concatenate([cos_tf, cos_tf], axis=-1)[None, None]
-    sin = jnp.concatenate([-sin_tf, sin_tf], axis=-1)[None, None]
-    swapped = jnp.einsum("bhte,ef->bhtf", x_bhtd, jnp.asarray(swap_ee), precision=jax.lax.Precision.HIGHEST)
-    return x_bhtd * cos + swapped * sin
-
-
 def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
     """Rotary embedding (rotate-half form) at integer positions; f32 in and out."""
     return apply_rope(x_bthd, *rope_tables(positions_t, x_bthd.shape[-1], base))
-
-
-def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """einsum with `dtype` inputs and f32 accumulation. With bf16 inputs the gradients are the same
-    recipe (bf16 cotangent and operands, f32 accumulation): autodiff's own transpose multiplies the f32
-    cotangent by an upcast operand, which runs XLA-CPU's f32 matmuls at about half the bf16 speed."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-    return _mm_lowp(spec, jnp.dtype(dtype).name, a, b)
-
-
-def _einsum_lowp(spec: str, dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _mm_lowp(spec: str, dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return _einsum_lowp(spec, dtype, a, b)
-
-
-def _mm_lowp_fwd(spec, dtype, a, b):
-    dtype_tags = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))  # residuals must be arrays
-    return _einsum_lowp(spec, dtype, a, b), (a.astype(dtype), b.astype(dtype), dtype_tags)
-
-
-def _mm_lowp_bwd(spec, dtype, residuals, g):
-    a, b, (a_tag, b_tag) = residuals
-    inputs, out = spec.split("->")
-    spec_a, spec_b = inputs.split(",")
-    da = _einsum_lowp(f"{out},{spec_b}->{spec_a}", dtype, g, b)
-    db = _einsum_lowp(f"{spec_a},{out}->{spec_b}", dtype, a, g)
-    return da.astype(a_tag.dtype), db.astype(b_tag.dtype)
-
-
-_mm_lowp.defvjp(_mm_lowp_fwd, _mm_lowp_bwd)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
@@ -218,14 +170,10 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
     D = x_btd.shape[-1]
     w_qkv = layer["qkv"].transpose(2, 0, 1, 3).reshape(D, 3 * D)
     B, t = x_btd.shape[:2]
-    qkv = _mm("btd,dn->btn", h, w_qkv, cdt).reshape(B, t, 3, cfg.n_heads, cfg.head_dim)
+    qkv = matmul.mm("btd,dn->btn", h, w_qkv, cdt).reshape(B, t, 3, cfg.n_heads, cfg.head_dim)
     # Attention runs head-major ([B, H, t, hd], the cache's layout), transposed before the norms and
     # RoPE so that the attention matmuls read plain row-major operands.
-    qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, t, hd]
-    sin_tf, cos_tf = rope_sin_cos
-    q = apply_rope_bhtd(rms_norm(qkv[0], cfg.norm_eps), sin_tf, cos_tf)
-    k = apply_rope_bhtd(rms_norm(qkv[1], cfg.norm_eps), sin_tf, cos_tf)
-    v = qkv[2]
+    q, k, v = heads.split_heads(qkv, *rope_sin_cos, cfg.norm_eps)  # each [B, H, t, hd]
     if kv_cache is None:
         keys, values, key_positions = k, v, positions_t
     else:
@@ -234,10 +182,10 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
         values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, pos, 0))
         kv_cache, key_positions = (keys, values), jnp.arange(cache_k.shape[2])
     attended = attention.attention(q, keys, values, jnp.asarray(positions_t), key_positions, cfg.dtype)
-    x_btd = x_btd + _mm("bhte,hed->btd", attended, layer["out"], cdt)
+    x_btd = x_btd + matmul.mm("bhte,hed->btd", attended, layer["out"], cdt)
     h = rms_norm(x_btd, cfg.norm_eps)
-    hidden = jax.nn.gelu(_mm("btd,df->btf", h, layer["up"], cdt))
-    x_btd = x_btd + _mm("btf,fd->btd", hidden, layer["down"], cdt)
+    hidden = jax.nn.gelu(matmul.mm("btd,df->btf", h, layer["up"], cdt))
+    x_btd = x_btd + matmul.mm("btf,fd->btd", hidden, layer["down"], cdt)
     return x_btd, kv_cache
 
 
@@ -269,7 +217,7 @@ def final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: ja
 
 def unembed(cfg: ModelConfig, params: Params, hidden_btd: jax.Array) -> jax.Array:
     """Logits f32 [B, t, V] from `final_hidden`."""
-    return _mm("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype)
+    return matmul.mm("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype)
 
 
 def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,

@@ -129,8 +129,14 @@ def make_eval_step(cfg: Any) -> Callable:
     """
 
     def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None):
-        logits = model.forward(cfg, params, tokens_bt)
-        nll = losses.next_token_nll(logits, tokens_bt)  # [B, T-1], column j predicts token j+1
+        fused = isinstance(cfg, model.ModelConfig)  # the paper's model: no [B, T, V] logits
+        if fused:
+            hidden = model.final_hidden(cfg, params, tokens_bt)
+            nll = fused_head.nll_per_position(hidden, params["embed_out"], tokens_bt, cfg.dtype)
+        else:
+            logits = model.forward(cfg, params, tokens_bt)
+            nll = losses.next_token_nll(logits, tokens_bt)
+        # nll: [B, T-1], column j predicts token j+1
         T = tokens_bt.shape[1]
         target_mask = jnp.ones_like(nll) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
         second_half = (jnp.arange(1, T) >= T // 2).astype(jnp.float32)[None, :] * target_mask
@@ -141,7 +147,12 @@ def make_eval_step(cfg: Any) -> Callable:
         if ref_params is None:
             out["kl_sum"], out["kl_count"] = jnp.zeros(()), jnp.zeros(())
         else:
-            kl = losses.kl_per_position(logits, model.forward(cfg, ref_params, tokens_bt))
+            if fused:
+                kl = fused_head.kl_per_position(hidden, params["embed_out"],
+                                                model.final_hidden(cfg, ref_params, tokens_bt),
+                                                ref_params["embed_out"], cfg.dtype)
+            else:
+                kl = losses.kl_per_position(logits, model.forward(cfg, ref_params, tokens_bt))
             position_mask = jnp.ones_like(kl) if mask_bt is None else mask_bt.astype(jnp.float32)
             out["kl_sum"], out["kl_count"] = jnp.sum(kl * position_mask), jnp.sum(position_mask)
         return out
