@@ -76,7 +76,8 @@ def _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype: str, chunk: int, with_grad
         logits_bcv = _unembed(h_bcd, w_c)
         e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
         is_target_bcv = jnp.arange(V)[None, None, :] == next_bc[..., None]
-        nll_bc = lse_bc - jnp.sum(jnp.where(is_target_bcv, logits_bcv, 0.0), axis=-1)
+        target_bc = jnp.take_along_axis(logits_bcv, next_bc[..., None], axis=-1)[..., 0]  # no [rows, V] pass
+        nll_bc = lse_bc - target_bc
         if not with_grad:
             return dw_vd, (nll_bc, None)
         dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 - is_target_bcv.astype(jnp.float32))

@@ -35,8 +35,8 @@ def _rope_factors(sin_tf: jax.Array, cos_tf: jax.Array):
 def _forward(qkv_bt3he, sin_tf, cos_tf, eps):
     x = qkv_bt3he.astype(jnp.float32).transpose(2, 0, 3, 1, 4)  # [3, B, H, t, hd]
     qk = x[:2]
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(qk), axis=-1, keepdims=True) + eps)
-    normed = qk * inv_rms
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(qk), axis=-1) + eps)  # [2, B, H, t]
+    normed = qk * inv_rms[..., None]
     cos, sin = _rope_factors(sin_tf, cos_tf)
     rotated = normed * cos + _swap_halves(normed) * sin
     return (rotated[0], rotated[1], x[2]), (normed, inv_rms)
@@ -58,7 +58,7 @@ def _split_heads_bwd(residuals, grads):
     cos, sin = _rope_factors(sin_tf, cos_tf)
     d_rot = jnp.stack([d_q, d_k])
     d_normed = d_rot * cos + _swap_halves(d_rot * sin)  # the rotation's transpose (P is symmetric)
-    d_qk = inv_rms * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+    d_qk = inv_rms[..., None] * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
     d_qkv = jnp.concatenate([d_qk, d_v[None]], axis=0).transpose(1, 3, 0, 2, 4)  # back to [B, t, 3, H, hd]
     return d_qkv.astype(dtype_tag.dtype), None, None, None
 
