@@ -110,16 +110,18 @@ _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def next_token_loss(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
-                    mask_bt: jax.Array | None = None, dtype: str = "bfloat16") -> jax.Array:
+                    mask_bt: jax.Array | None = None, dtype: str = "bfloat16",
+                    chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """Mean next-token NLL of `tokens_bt` given final (normed) hidden states [B, T, D] and the output
-    embedding [V, D]: equals `losses.next_token_loss(hidden @ embed_out.T, tokens, mask)`."""
+    embedding [V, D]: equals `losses.next_token_loss(hidden @ embed_out.T, tokens, mask)`.
+    `chunk_elements` bounds the logits held at once (see `chunk_length`)."""
     B, T, _ = hidden_btd.shape
     next_bt = _next_tokens(tokens_bt)
     target_mask = jnp.ones((B, T - 1), jnp.float32) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
     target_mask = jax.lax.stop_gradient(target_mask)
     weight_bt = jnp.concatenate([target_mask, jnp.zeros((B, 1), jnp.float32)], axis=1)  # last: no target
     weight_bt = weight_bt / jnp.maximum(jnp.sum(target_mask), 1.0)
-    chunk = chunk_length(B, T, embed_out_vd.shape[0])
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements)
     return _nll_sum(hidden_btd, embed_out_vd, next_bt, weight_bt, dtype, chunk)
 
 
@@ -170,14 +172,14 @@ _kl_sum.defvjp(_kl_sum_fwd, _kl_sum_bwd)
 
 def kl_to_reference(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_btd: jax.Array,
                     ref_embed_out_vd: jax.Array, mask_bt: jax.Array | None = None,
-                    dtype: str = "bfloat16") -> jax.Array:
+                    dtype: str = "bfloat16", chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """Mean over positions of KL(p_ref ‖ p_θ) from final hidden states: equals
     `losses.kl_to_reference(hidden @ embed_out.T, ref_hidden @ ref_embed_out.T, mask)`. The reference
     side is a constant."""
     B, T, _ = hidden_btd.shape
     mask = jnp.ones((B, T), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
     weight_bt = jax.lax.stop_gradient(mask / jnp.maximum(jnp.sum(mask), 1.0))
-    chunk = chunk_length(B, T, embed_out_vd.shape[0], CHUNK_ELEMENTS // 2)  # two [rows, V] logits per chunk
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements // 2)  # two [rows, V] logits per chunk
     return _kl_sum(hidden_btd, embed_out_vd, jax.lax.stop_gradient(ref_hidden_btd),
                    jax.lax.stop_gradient(ref_embed_out_vd), weight_bt, dtype, chunk)
 
@@ -188,20 +190,21 @@ def _next_tokens(tokens_bt: jax.Array) -> jax.Array:
 
 
 def nll_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
-                     dtype: str = "bfloat16") -> jax.Array:
+                     dtype: str = "bfloat16", chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """Next-token NLL [B, T-1] (as `losses.next_token_nll` of the logits), without materializing the
     logits. For evaluation: its gradient is plain autodiff through the chunk loop."""
     B, T, _ = hidden_btd.shape
-    chunk = chunk_length(B, T, embed_out_vd.shape[0])
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements)
     weight_bt = jnp.ones((B, T), jnp.float32)
     return _nll_scan(hidden_btd, embed_out_vd, _next_tokens(tokens_bt), weight_bt, dtype, chunk, False)[0][:, :-1]
 
 
 def kl_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_btd: jax.Array,
-                    ref_embed_out_vd: jax.Array, dtype: str = "bfloat16") -> jax.Array:
+                    ref_embed_out_vd: jax.Array, dtype: str = "bfloat16",
+                    chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """KL(p_ref ‖ p_θ) [B, T] (as `losses.kl_per_position` of the logits), without materializing them.
     For evaluation, like `nll_per_position`."""
     B, T, _ = hidden_btd.shape
-    chunk = chunk_length(B, T, embed_out_vd.shape[0], CHUNK_ELEMENTS // 2)
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements // 2)
     weight_bt = jnp.ones((B, T), jnp.float32)
     return _kl_scan(hidden_btd, embed_out_vd, ref_hidden_btd, ref_embed_out_vd, weight_bt, dtype, chunk, False)[0]

@@ -153,16 +153,19 @@ def _logit_grad_wrt_embed_in(cfg, params, tokens, t, direction_v):
     return jax.grad(f)(params["embed_in"])
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @given(seed=st.integers(0, 2**31 - 1), t=st.integers(0, T - 2))
-def test_causality_by_gradient(tiny_cfg, tiny_params, seed, t):
-    """d logits[:, t] / d embed_in[token at s] is 0 for every token that occurs only after t."""
+def test_causality_by_gradient(tiny_cfg, tiny_cfg_bf16, tiny_params, precision, seed, t):
+    """d logits[:, t] / d embed_in[token at s] is 0 for every token that occurs only after t; also
+    through the hand-written bf16 backward passes."""
+    cfg = tiny_cfg if precision == "float32" else tiny_cfg_bf16
     rng = np.random.default_rng(seed)
-    V = tiny_cfg.vocab_size
+    V = cfg.vocab_size
     early = rng.integers(0, V // 2, (B, t + 1))  # tokens at positions <= t: ids < V/2
     late = rng.integers(V // 2, V, (B, T - t - 1))  # tokens after t: ids >= V/2
     tokens = jnp.asarray(np.concatenate([early, late], axis=1), jnp.int32)
     direction = jnp.asarray(rng.standard_normal(V), jnp.float32)
-    g = np.asarray(_logit_grad_wrt_embed_in(tiny_cfg, tiny_params, tokens, jnp.int32(t), direction))
+    g = np.asarray(_logit_grad_wrt_embed_in(cfg, tiny_params, tokens, jnp.int32(t), direction))
     assert np.all(g[V // 2:] == 0)
     assert np.all(np.abs(g[np.unique(early)]).max(axis=-1) > 0)
 
