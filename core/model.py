@@ -6,13 +6,17 @@ input/output embeddings. Layers are stacked on a leading axis and run with `lax.
 does not grow with depth. Parameters are f32; matmuls take `cfg.dtype` inputs (bf16 by default) and
 accumulate in f32; norms, softmax and logits are f32.
 
+With bf16 the backward pass keeps the same recipe (bf16 cotangents and operands, f32 accumulation)
+through hand-written gradients: `core.matmul` (every projection), `core.heads` (QK-norm + RoPE),
+`core.attention`, and `core.fused_head` for the losses on `final_hidden` (the train and eval steps
+never hold the [B, T, V] logits). With `dtype="float32"` every gradient is the exact f32 formula.
+
 The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,D], `embed_out` [V,D],
 `qkv` [L,3,H,D,hd], `out` [L,H,hd,D], `up` [L,D,4D], `down` [L,4D,D].
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -171,8 +175,7 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
     w_qkv = layer["qkv"].transpose(2, 0, 1, 3).reshape(D, 3 * D)
     B, t = x_btd.shape[:2]
     qkv = matmul.mm("btd,dn->btn", h, w_qkv, cdt).reshape(B, t, 3, cfg.n_heads, cfg.head_dim)
-    # Attention runs head-major ([B, H, t, hd], the cache's layout), transposed before the norms and
-    # RoPE so that the attention matmuls read plain row-major operands.
+    # Attention runs head-major ([B, H, t, hd], the cache's layout): plain batched matmuls.
     q, k, v = heads.split_heads(qkv, *rope_sin_cos, cfg.norm_eps)  # each [B, H, t, hd]
     if kv_cache is None:
         keys, values, key_positions = k, v, positions_t
