@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from forgetting.core import matmul
 from forgetting.core.model import ParamSpec
 
 Params = dict[str, jax.Array]
@@ -225,10 +226,6 @@ def rope(x_bthd: jax.Array, positions_t: jax.Array, inv_freq: np.ndarray) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
 def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
               k_positions_s: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     """Causal grouped-query attention: q [B,t,H,e], k/v [B,s,K,e] with H a multiple of K; query head h
@@ -236,11 +233,11 @@ def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positio
     B, t, H, e = q_bthe.shape
     K = k_bske.shape[2]
     q = q_bthe.reshape(B, t, K, H // K, e)
-    scores = _mm("btkge,bske->bkgts", q, k_bske, dtype) / math.sqrt(e)
+    scores = matmul.mm("btkge,bske->bkgts", q, k_bske, dtype) / math.sqrt(e)
     visible_ts = k_positions_s[None, :] <= q_positions_t[:, None]
     scores = jnp.where(visible_ts[None, None, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = _mm("bkgts,bske->btkge", probs, v_bske, dtype)
+    out = matmul.mm("bkgts,bske->btkge", probs, v_bske, dtype)
     return out.reshape(B, t, H, e)
 
 
@@ -254,9 +251,9 @@ def _block(cfg: LlamaConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
            inv_freq: np.ndarray, kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int):
     cdt = cfg.compute_dtype
     h = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-    q = rope(_mm("btd,dhe->bthe", h, layer["wq"], cdt), positions_t, inv_freq)
-    k = rope(_mm("btd,dke->btke", h, layer["wk"], cdt), positions_t, inv_freq)
-    v = _mm("btd,dke->btke", h, layer["wv"], cdt)
+    q = rope(matmul.mm("btd,dhe->bthe", h, layer["wq"], cdt), positions_t, inv_freq)
+    k = rope(matmul.mm("btd,dke->btke", h, layer["wk"], cdt), positions_t, inv_freq)
+    v = matmul.mm("btd,dke->btke", h, layer["wv"], cdt)
     if kv_cache is None:
         keys, values, key_positions = k, v, positions_t
     else:
@@ -266,10 +263,10 @@ def _block(cfg: LlamaConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
         kv_cache = (keys, values)
         key_positions = jnp.arange(cache_k.shape[1])
     attended = attention(q, keys, values, positions_t, key_positions, cdt)
-    x_btd = x_btd + _mm("bthe,hed->btd", attended, layer["wo"], cdt)
+    x_btd = x_btd + matmul.mm("bthe,hed->btd", attended, layer["wo"], cdt)
     h = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
-    hidden = jax.nn.silu(_mm("btd,df->btf", h, layer["w_gate"], cdt)) * _mm("btd,df->btf", h, layer["w_up"], cdt)
-    x_btd = x_btd + _mm("btf,fd->btd", hidden, layer["w_down"], cdt)
+    hidden = jax.nn.silu(matmul.mm("btd,df->btf", h, layer["w_gate"], cdt)) * matmul.mm("btd,df->btf", h, layer["w_up"], cdt)
+    x_btd = x_btd + matmul.mm("btf,fd->btd", hidden, layer["w_down"], cdt)
     return x_btd, kv_cache
 
 
@@ -299,7 +296,7 @@ def forward(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache
         new_cache = {"k": ks, "v": vs}
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
     h = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
-    logits_btv = _mm("btd,vd->btv", h, head, cfg.compute_dtype)
+    logits_btv = matmul.mm("btd,vd->btv", h, head, cfg.compute_dtype)
     return logits_btv if cache is None else (logits_btv, new_cache)
 
 
