@@ -67,46 +67,65 @@ def _head_grads(dlogits_bcv, h_bcd, w_vd, dw_vd):
     return dh_bcd, dw_vd
 
 
-def _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype: str, chunk: int, with_grad: bool):
+def _scan_head(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype: str, chunk: int, with_grad: bool):
+    """Runs `loss_chunk(logits_bcv, side_bc, consts) -> (values_bc, dvalues/dlogits_bcv)` over chunks of
+    positions. Returns per-position values [B, T] and, with `with_grad`, d(Σ weight·values)/dhidden and
+    /dW. `side_bt` is a pytree of per-position inputs [B, T, ...]; `consts` are whole arrays."""
     w_c = w_vd.astype(dtype)
-    V = w_vd.shape[0]
 
     def body(dw_vd, xs):
-        h_bcd, next_bc, weight_bc = xs
-        logits_bcv = _unembed(h_bcd, w_c)
-        e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
-        is_target_bcv = jnp.arange(V)[None, None, :] == next_bc[..., None]
-        target_bc = jnp.take_along_axis(logits_bcv, next_bc[..., None], axis=-1)[..., 0]  # no [rows, V] pass
-        nll_bc = lse_bc - target_bc
+        h_bcd, side_bc, weight_bc = xs
+        values_bc, dvalues_bcv = loss_chunk(_unembed(h_bcd, w_c), side_bc, consts)
         if not with_grad:
-            return dw_vd, (nll_bc, None)
-        dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 - is_target_bcv.astype(jnp.float32))
-        dh_bcd, dw_vd = _head_grads(dlogits_bcv, h_bcd, w_c, dw_vd)
-        return dw_vd, (nll_bc, dh_bcd)
+            return dw_vd, (values_bc, None)
+        dh_bcd, dw_vd = _head_grads(weight_bc[..., None] * dvalues_bcv, h_bcd, w_c, dw_vd)
+        return dw_vd, (values_bc, dh_bcd)
 
-    dw0 = jnp.zeros(w_vd.shape, jnp.float32)
-    xs = (_chunks(h_btd, chunk), _chunks(next_bt, chunk), _chunks(weight_bt, chunk))
-    dw_vd, (nll, dh) = jax.lax.scan(body, dw0, xs)
-    return _unchunk(nll), (None if dh is None else _unchunk(dh)), dw_vd
+    xs = (_chunks(h_btd, chunk), jax.tree.map(lambda a: _chunks(a, chunk), side_bt), _chunks(weight_bt, chunk))
+    dw_vd, (values, dh) = jax.lax.scan(body, jnp.zeros(w_vd.shape, jnp.float32), xs)
+    return _unchunk(values), (None if dh is None else _unchunk(dh)), dw_vd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _nll_sum(h_btd, w_vd, next_bt, weight_bt, dtype, chunk):
-    nll_bt = _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=False)[0]
-    return jnp.sum(weight_bt * nll_bt)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def _weighted_sum(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype, chunk):
+    """Σ weight·values with the gradient computed in the forward pass (weights, side inputs and
+    constants get no gradient)."""
+    values_bt = _scan_head(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype, chunk, False)[0]
+    return jnp.sum(weight_bt * values_bt)
 
 
-def _nll_sum_fwd(h_btd, w_vd, next_bt, weight_bt, dtype, chunk):
-    nll_bt, dh_btd, dw_vd = _nll_scan(h_btd, w_vd, next_bt, weight_bt, dtype, chunk, with_grad=True)
-    return jnp.sum(weight_bt * nll_bt), (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
+def _weighted_sum_fwd(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype, chunk):
+    values_bt, dh_btd, dw_vd = _scan_head(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype, chunk, True)
+    return jnp.sum(weight_bt * values_bt), (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
 
 
-def _nll_sum_bwd(dtype, chunk, residuals, g):
+def _weighted_sum_bwd(loss_chunk, dtype, chunk, residuals, g):
     dh_btd, dw_vd = residuals
-    return g * dh_btd, g * dw_vd, None, None
+    return g * dh_btd, g * dw_vd, None, None, None
 
 
-_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
+_weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
+
+
+def _nll_chunk(logits_bcv, next_bc, consts):
+    """NLL of the next tokens and its gradient in the logits: softmax − one-hot."""
+    e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
+    target_bc = jnp.take_along_axis(logits_bcv, next_bc[..., None], axis=-1)[..., 0]  # no [rows, V] pass
+    is_target_bcv = jnp.arange(logits_bcv.shape[-1])[None, None, :] == next_bc[..., None]
+    return lse_bc - target_bc, e_bcv / s_bc1 - is_target_bcv.astype(jnp.float32)
+
+
+def _kl_chunk(logits_bcv, ref_h_bcd, ref_w_vd):
+    """KL(p_ref ‖ p_θ) and its gradient in the logits: softmax·Σ p_ref − p_ref."""
+    e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
+    ref_logits_bcv = _unembed(ref_h_bcd, ref_w_vd)
+    ref_e_bcv, ref_s_bc1, ref_lse_bc = _log_softmax_parts(ref_logits_bcv)
+    p_ref_bcv = ref_e_bcv / ref_s_bc1
+    # Σ p_ref (logp_ref − logp) with logp = logits − lse; entries with p_ref = 0 contribute 0.
+    diff_bcv = (ref_logits_bcv - ref_lse_bc[..., None]) - (logits_bcv - lse_bc[..., None])
+    kl_bc = jnp.sum(jnp.where(p_ref_bcv > 0, p_ref_bcv * diff_bcv, 0.0), axis=-1)
+    mass_bc1 = jnp.sum(p_ref_bcv, axis=-1, keepdims=True)
+    return kl_bc, e_bcv / s_bc1 * mass_bc1 - p_ref_bcv
 
 
 def next_token_loss(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
@@ -122,52 +141,7 @@ def next_token_loss(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: j
     weight_bt = jnp.concatenate([target_mask, jnp.zeros((B, 1), jnp.float32)], axis=1)  # last: no target
     weight_bt = weight_bt / jnp.maximum(jnp.sum(target_mask), 1.0)
     chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements)
-    return _nll_sum(hidden_btd, embed_out_vd, next_bt, weight_bt, dtype, chunk)
-
-
-def _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype: str, chunk: int, with_grad: bool):
-    w_c, ref_w_c = w_vd.astype(dtype), ref_w_vd.astype(dtype)
-
-    def body(dw_vd, xs):
-        h_bcd, ref_h_bcd, weight_bc = xs
-        logits_bcv = _unembed(h_bcd, w_c)
-        e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
-        ref_logits_bcv = _unembed(ref_h_bcd, ref_w_c)
-        ref_e_bcv, ref_s_bc1, ref_lse_bc = _log_softmax_parts(ref_logits_bcv)
-        p_ref_bcv = ref_e_bcv / ref_s_bc1
-        # Σ p_ref (logp_ref − logp) with logp = logits − lse; entries with p_ref = 0 contribute 0.
-        diff_bcv = (ref_logits_bcv - ref_lse_bc[..., None]) - (logits_bcv - lse_bc[..., None])
-        kl_bc = jnp.sum(jnp.where(p_ref_bcv > 0, p_ref_bcv * diff_bcv, 0.0), axis=-1)
-        if not with_grad:
-            return dw_vd, (kl_bc, None)
-        mass_bc1 = jnp.sum(p_ref_bcv, axis=-1, keepdims=True)
-        dlogits_bcv = weight_bc[..., None] * (e_bcv / s_bc1 * mass_bc1 - p_ref_bcv)
-        dh_bcd, dw_vd = _head_grads(dlogits_bcv, h_bcd, w_c, dw_vd)
-        return dw_vd, (kl_bc, dh_bcd)
-
-    dw0 = jnp.zeros(w_vd.shape, jnp.float32)
-    xs = (_chunks(h_btd, chunk), _chunks(ref_h_btd, chunk), _chunks(weight_bt, chunk))
-    dw_vd, (kl, dh) = jax.lax.scan(body, dw0, xs)
-    return _unchunk(kl), (None if dh is None else _unchunk(dh)), dw_vd
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _kl_sum(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk):
-    kl_bt = _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=False)[0]
-    return jnp.sum(weight_bt * kl_bt)
-
-
-def _kl_sum_fwd(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk):
-    kl_bt, dh_btd, dw_vd = _kl_scan(h_btd, w_vd, ref_h_btd, ref_w_vd, weight_bt, dtype, chunk, with_grad=True)
-    return jnp.sum(weight_bt * kl_bt), (dh_btd.astype(h_btd.dtype), dw_vd.astype(w_vd.dtype))
-
-
-def _kl_sum_bwd(dtype, chunk, residuals, g):
-    dh_btd, dw_vd = residuals
-    return g * dh_btd, g * dw_vd, None, None, None
-
-
-_kl_sum.defvjp(_kl_sum_fwd, _kl_sum_bwd)
+    return _weighted_sum(_nll_chunk, hidden_btd, embed_out_vd, next_bt, (), weight_bt, dtype, chunk)
 
 
 def kl_to_reference(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_btd: jax.Array,
@@ -180,8 +154,9 @@ def kl_to_reference(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_b
     mask = jnp.ones((B, T), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
     weight_bt = jax.lax.stop_gradient(mask / jnp.maximum(jnp.sum(mask), 1.0))
     chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements // 2)  # two [rows, V] logits per chunk
-    return _kl_sum(hidden_btd, embed_out_vd, jax.lax.stop_gradient(ref_hidden_btd),
-                   jax.lax.stop_gradient(ref_embed_out_vd), weight_bt, dtype, chunk)
+    ref_hidden_btd = jax.lax.stop_gradient(ref_hidden_btd)
+    ref_w = jax.lax.stop_gradient(ref_embed_out_vd).astype(dtype)
+    return _weighted_sum(_kl_chunk, hidden_btd, embed_out_vd, ref_hidden_btd, ref_w, weight_bt, dtype, chunk)
 
 
 def _next_tokens(tokens_bt: jax.Array) -> jax.Array:
@@ -196,7 +171,8 @@ def nll_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: 
     B, T, _ = hidden_btd.shape
     chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements)
     weight_bt = jnp.ones((B, T), jnp.float32)
-    return _nll_scan(hidden_btd, embed_out_vd, _next_tokens(tokens_bt), weight_bt, dtype, chunk, False)[0][:, :-1]
+    values = _scan_head(_nll_chunk, hidden_btd, embed_out_vd, _next_tokens(tokens_bt), (), weight_bt, dtype, chunk, False)
+    return values[0][:, :-1]
 
 
 def kl_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_btd: jax.Array,
@@ -207,4 +183,5 @@ def kl_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_b
     B, T, _ = hidden_btd.shape
     chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements // 2)
     weight_bt = jnp.ones((B, T), jnp.float32)
-    return _kl_scan(hidden_btd, embed_out_vd, ref_hidden_btd, ref_embed_out_vd, weight_bt, dtype, chunk, False)[0]
+    return _scan_head(_kl_chunk, hidden_btd, embed_out_vd, ref_hidden_btd, ref_embed_out_vd.astype(dtype),
+                      weight_bt, dtype, chunk, False)[0]
