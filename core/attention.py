@@ -7,10 +7,13 @@ inputs with f32 accumulation; softmax is f32.
 With bf16 the gradient is written out rather than left to autodiff, for XLA-CPU's sake: autodiff
 multiplies f32 cotangents by upcast operands (f32 matmuls run at half the bf16 speed), and two of its
 four matmuls contract over a non-minor axis, which XLA-CPU runs as f32 Eigen dots outside its fast
-matmul library (≈45 GFLOP/s against several hundred). Here every matmul is bf16 in a standard layout
-(the attention matrices are transposed explicitly), and the softmax backward uses
-rowsum(dO ∘ O) = rowsum(dP ∘ P) ([t, hd] work instead of [t, s]). With f32 this is plain autodiff, so
-exact-arithmetic tests see the textbook formula.
+matmul library (≈45 GFLOP/s against several hundred). Worse, XLA-CPU folds any transpose that feeds a
+batched bf16 dot into the dot's dimension numbers and then upcasts the dot to f32; so a new matmul here
+should be checked in the compiled HLO (`jit(f).lower(...).compile().as_text()`), not assumed bf16.
+Here every matmul is bf16 in a standard layout (the [t, s] matrices are transposed by a masked select,
+which XLA cannot fold away), and the softmax backward uses rowsum(dO ∘ O) = rowsum(dP ∘ P) ([t, hd]
+work instead of [t, s]). With f32 this is plain autodiff, so exact-arithmetic tests see the textbook
+formula.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def _attend(probs_bhts, v, dtype):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_positions: jax.Array,
               key_positions: jax.Array, dtype: str) -> jax.Array:
+    """Causal attention f32 [B, H, t, hd]; see the module docstring."""
     if jnp.dtype(dtype) == jnp.float32:
         return _attend(_probs(q, k, query_positions, key_positions, dtype), v, dtype)
     return _attention_lowp(dtype, q, k, v, query_positions, key_positions)
