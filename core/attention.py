@@ -23,42 +23,38 @@ import math
 import jax
 import jax.numpy as jnp
 
+from forgetting.core import matmul
+
 NEG_INF = -1e30  # masked scores: finite, so a fully masked row cannot produce NaN
 
 
-def _probs(q, k, query_positions, key_positions, dtype):
-    scores_bhts = jnp.einsum("bhte,bhse->bhts", q.astype(dtype), k.astype(dtype),
-                             preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+def _masked_scores(q, k, query_positions, key_positions, dtype):
+    """q kᵀ / √hd [B, H, t, s] in f32, with keys a query may not see set to NEG_INF."""
+    scores_bhts = matmul.einsum_f32_acc("bhte,bhse->bhts", q, k, dtype) / math.sqrt(q.shape[-1])
     causal_ts = key_positions[None, :] <= query_positions[:, None]
-    return jax.nn.softmax(jnp.where(causal_ts[None, None], scores_bhts, NEG_INF), axis=-1)
+    return jnp.where(causal_ts[None, None], scores_bhts, NEG_INF)
 
 
 def _attend(probs_bhts, v, dtype):
-    return jnp.einsum("bhts,bhse->bhte", probs_bhts.astype(dtype), v.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul.einsum_f32_acc("bhts,bhse->bhte", probs_bhts, v, dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_positions: jax.Array,
               key_positions: jax.Array, dtype: str) -> jax.Array:
     """Causal attention f32 [B, H, t, hd]; see the module docstring."""
     if jnp.dtype(dtype) == jnp.float32:
-        return _attend(_probs(q, k, query_positions, key_positions, dtype), v, dtype)
+        probs_bhts = jax.nn.softmax(_masked_scores(q, k, query_positions, key_positions, dtype), axis=-1)
+        return _attend(probs_bhts, v, dtype)
     return _attention_lowp(dtype, q, k, v, query_positions, key_positions)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention_lowp(dtype, q, k, v, query_positions, key_positions):
-    return _attend(_probs(q, k, query_positions, key_positions, dtype), v, dtype)
-
-
-def _scores(q, k, dtype):
-    return jnp.einsum("bhte,bhse->bhts", q.astype(dtype), k.astype(dtype),
-                      preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    return _attention_lowp_fwd(dtype, q, k, v, query_positions, key_positions)[0]
 
 
 def _attention_lowp_fwd(dtype, q, k, v, query_positions, key_positions):
-    causal_ts = key_positions[None, :] <= query_positions[:, None]
-    scores_bhts = jnp.where(causal_ts[None, None], _scores(q, k, dtype), NEG_INF)
+    scores_bhts = _masked_scores(q, k, query_positions, key_positions, dtype)
     top_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
     e_bhts = jnp.exp(scores_bhts - top_bht1)  # one exp pass (logsumexp + exp(s - lse) would be two)
     probs_bhts = e_bhts / jnp.sum(e_bhts, axis=-1, keepdims=True)

@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from forgetting.core import losses, matmul
+
 # Positions per chunk are chosen so that one chunk's [rows, V] f32 logits hold about this many elements
 # (8 MB): small enough to stay in a CPU's last-level cache, large enough for efficient matmuls.
 CHUNK_ELEMENTS = 1 << 21
@@ -56,7 +58,7 @@ def _log_softmax_parts(logits_bcv: jax.Array):
 
 
 def _unembed(h_bcd: jax.Array, w_vd: jax.Array) -> jax.Array:
-    return jnp.einsum("bcd,vd->bcv", h_bcd.astype(w_vd.dtype), w_vd, preferred_element_type=jnp.float32)
+    return matmul.einsum_f32_acc("bcd,vd->bcv", h_bcd, w_vd, w_vd.dtype)
 
 
 def _head_grads(dlogits_bcv, h_bcd, w_vd, dw_vd):
@@ -135,7 +137,7 @@ def next_token_loss(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: j
     embedding [V, D]: equals `losses.next_token_loss(hidden @ embed_out.T, tokens, mask)`.
     `chunk_elements` bounds the logits held at once (see `chunk_length`)."""
     B, T, _ = hidden_btd.shape
-    next_bt = _next_tokens(tokens_bt)
+    next_bt = losses.next_token_targets(tokens_bt)
     target_mask = jnp.ones((B, T - 1), jnp.float32) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
     target_mask = jax.lax.stop_gradient(target_mask)
     weight_bt = jnp.concatenate([target_mask, jnp.zeros((B, 1), jnp.float32)], axis=1)  # last: no target
@@ -159,11 +161,6 @@ def kl_to_reference(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_b
     return _weighted_sum(_kl_chunk, hidden_btd, embed_out_vd, ref_hidden_btd, ref_w, weight_bt, dtype, chunk)
 
 
-def _next_tokens(tokens_bt: jax.Array) -> jax.Array:
-    """Position t's target is token t+1; the last position gets a dummy (its weight is always 0)."""
-    return jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1).astype(jnp.int32)
-
-
 def nll_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
                      dtype: str = "bfloat16", chunk_elements: int = CHUNK_ELEMENTS) -> jax.Array:
     """Next-token NLL [B, T-1] (as `losses.next_token_nll` of the logits), without materializing the
@@ -171,7 +168,8 @@ def nll_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: 
     B, T, _ = hidden_btd.shape
     chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements)
     weight_bt = jnp.ones((B, T), jnp.float32)
-    values = _scan_head(_nll_chunk, hidden_btd, embed_out_vd, _next_tokens(tokens_bt), (), weight_bt, dtype, chunk, False)
+    next_bt = losses.next_token_targets(tokens_bt)
+    values = _scan_head(_nll_chunk, hidden_btd, embed_out_vd, next_bt, (), weight_bt, dtype, chunk, False)
     return values[0][:, :-1]
 
 

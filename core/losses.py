@@ -22,6 +22,11 @@ def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def next_token_targets(tokens_bt: jax.Array) -> jax.Array:
+    """int32 [B, T]: position t's target is token t+1; the last position gets a dummy (never counted)."""
+    return jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1).astype(jnp.int32)
+
+
 def next_token_nll(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
     """Per-position negative log-likelihood [B, T-1] of tokens[:, 1:] under logits[:, :-1].
 
@@ -30,7 +35,7 @@ def next_token_nll(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
     becomes, each cost a full copy of a step's largest array on XLA-CPU (≈20 ms of a 240 ms benchmark
     step apiece), while the compare fuses into the softmax passes."""
     logits_btv = logits_btv.astype(jnp.float32)
-    next_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1).astype(jnp.int32)  # last: unused
+    next_bt = next_token_targets(tokens_bt)
     is_target_btv = jnp.arange(logits_btv.shape[-1])[None, None, :] == next_bt[..., None]
     target_bt = jnp.sum(jnp.where(is_target_btv, logits_btv, 0.0), axis=-1)
     return (jax.nn.logsumexp(logits_btv, axis=-1) - target_bt)[:, :-1]

@@ -196,17 +196,19 @@ def _layers(params: Params) -> Params:
     return {name: params[name] for name in ("qkv", "out", "up", "down")}
 
 
-def _positions(t: int, pos: jax.Array | int):
-    return pos + (np.arange(t) if isinstance(pos, int) else jnp.arange(t))
+def _embed(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: jax.Array | int):
+    """(input embeddings f32 [B, t, D], positions [t], RoPE (sin, cos) tables) for tokens at pos.."""
+    t = tokens_bt.shape[1]
+    positions_t = pos + (np.arange(t) if isinstance(pos, int) else jnp.arange(t))  # numpy: constant tables
+    rope_sin_cos = rope_tables(positions_t, cfg.head_dim, cfg.rope_base)
+    return params["embed_in"].astype(jnp.float32)[tokens_bt], positions_t, rope_sin_cos
 
 
 def final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: jax.Array | int = 0) -> jax.Array:
     """The normed last hidden states f32 [B, t, D] (what the unembedding multiplies) of a plain causal
     forward without a cache; `forward` is `unembed(final_hidden)`. Training losses take this and fuse
     the unembedding into the loss (`core.fused_head`)."""
-    positions_t = _positions(tokens_bt.shape[1], pos)
-    rope_sin_cos = rope_tables(positions_t, cfg.head_dim, cfg.rope_base)
-    x_btd = params["embed_in"].astype(jnp.float32)[tokens_bt]
+    x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos)
 
     def body(x, layer):
         x, _ = _block(cfg, x, layer, positions_t, rope_sin_cos, None, pos)
@@ -236,9 +238,7 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
         return cfg.forward(params, tokens_bt, cache, pos)
     if cache is None:
         return unembed(cfg, params, final_hidden(cfg, params, tokens_bt, pos))
-    positions_t = _positions(tokens_bt.shape[1], pos)
-    rope_sin_cos = rope_tables(positions_t, cfg.head_dim, cfg.rope_base)
-    x_btd = params["embed_in"].astype(jnp.float32)[tokens_bt]
+    x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos)
     layers = _layers(params)
     ks, vs = list(cache["k"]), list(cache["v"])
     for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
