@@ -7,8 +7,8 @@ does not grow with depth. Parameters are f32; matmuls take `cfg.dtype` inputs (b
 accumulate in f32; norms, softmax and logits are f32.
 
 With bf16 the backward pass keeps the same recipe (bf16 cotangents and operands, f32 accumulation)
-through hand-written gradients: `core.matmul` (every projection), `core.heads` (QK-norm + RoPE),
-`core.attention`, and `core.fused_head` for the losses on `final_hidden` (the train and eval steps
+through hand-written gradients: `core.matmul` (every projection), `core.attention` (QK-norm, RoPE and
+attention in one function), and `core.fused_head` for the losses on `final_hidden` (the train and eval steps
 never hold the [B, T, V] logits). With `dtype="float32"` every gradient is the exact f32 formula.
 
 The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,D], `embed_out` [V,D],
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import attention, heads, matmul
+from forgetting.core import attention, matmul
 
 Params = dict[str, jax.Array]
 Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout
@@ -124,10 +124,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     return 6 * n_matmul + attention
 
 
-def rms_norm(x: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm without gain, computed in f32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+rms_norm = attention.rms_norm  # RMSNorm without gain, in f32
 
 
 def rope_tables(positions_t: jax.Array | np.ndarray, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
@@ -142,10 +139,7 @@ def rope_tables(positions_t: jax.Array | np.ndarray, head_dim: int, base: float)
 
 def apply_rope(x_bthd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.Array:
     """Rotary embedding (rotate-half form) with tables from `rope_tables`; f32 in and out."""
-    half = x_bthd.shape[-1] // 2
-    sin, cos = sin_tf[None, :, None, :], cos_tf[None, :, None, :]
-    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return attention.rotate(x_bthd, sin_tf[None, :, None, :], cos_tf[None, :, None, :])
 
 
 def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
@@ -175,16 +169,16 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
     w_qkv = layer["qkv"].transpose(2, 0, 1, 3).reshape(D, 3 * D)
     B, t = x_btd.shape[:2]
     qkv = matmul.mm("btd,dn->btn", h, w_qkv, cdt).reshape(B, t, 3, cfg.n_heads, cfg.head_dim)
-    # Attention runs head-major ([B, H, t, hd], the cache's layout): plain batched matmuls.
-    q, k, v = heads.split_heads(qkv, *rope_sin_cos, cfg.norm_eps)  # each [B, H, t, hd]
     if kv_cache is None:
-        keys, values, key_positions = k, v, positions_t
-    else:
+        attended = attention.causal_self_attention(qkv, *rope_sin_cos, cfg.norm_eps, positions_t, cfg.dtype)
+    else:  # decoding: head-major, the cache's layout
+        q, k, v = attention.split_heads(qkv, *rope_sin_cos, cfg.norm_eps)  # each [B, H, t, hd]
         cache_k, cache_v = kv_cache  # [B, H, T, hd]
         keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, pos, 0))
         values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, pos, 0))
-        kv_cache, key_positions = (keys, values), jnp.arange(cache_k.shape[2])
-    attended = attention.attention(q, keys, values, jnp.asarray(positions_t), key_positions, cfg.dtype)
+        kv_cache = (keys, values)
+        attended = attention.attention(q, keys, values, jnp.asarray(positions_t), jnp.arange(cache_k.shape[2]),
+                                       cfg.dtype)
     x_btd = x_btd + matmul.mm("bhte,hed->btd", attended, layer["out"], cdt)
     h = rms_norm(x_btd, cfg.norm_eps)
     hidden = jax.nn.gelu(matmul.mm("btd,df->btf", h, layer["up"], cdt))
