@@ -18,7 +18,7 @@ for XLA-CPU's sake (measured on the benchmark model, `python -m forgetting.bench
   S = Q·Kᵀ and dP = dO·Vᵀ as [t, hd]·[hd, s]; O = P·V and dQ = dS·K contracting both minor axes;
   dKᵀ = Qᵀ·dS and dVᵀ = dOᵀ·P as [hd, t]·[t, s]. The [t, s]-sized transposes of P and dS that a
   head-major backward needs are gone; the transposes left ([t, hd]-sized Q and dO) are made real by
-  `_swap_last`.
+  `swap_last`.
 - The per-head RMS of q and k is a reduction over a non-minor axis there (rows of t contiguous values)
   instead of over 32-value minor runs, and the RoPE half swap is a swap of row blocks.
 In bf16 the results are the same numbers as the head-major formulas (same roundings); `causal_self_attention`
@@ -87,8 +87,8 @@ def causal_self_attention(qkv_bt3he: jax.Array, sin_tf: jax.Array, cos_tf: jax.A
     return _feature_major(jnp.dtype(dtype).name, qkv_bt3he, sg(sin_tf), sg(cos_tf), f32(eps), sg(positions_t))
 
 
-def _swap_last(x: jax.Array) -> jax.Array:
-    """x with its last two axes swapped, as a real copy. XLA moves a bare transpose, or one under a
+def swap_last(x: jax.Array) -> jax.Array:
+    """x with its last two axes swapped, as a real copy, for a matmul operand. XLA moves a bare transpose, or one under a
     select whose other operands are broadcasts, into the consuming dot (see the module docstring); a
     select on an always-true [cols, rows] iota mask is left alone."""
     rows, cols = x.shape[-2:]
@@ -104,7 +104,7 @@ def _feature_major_forward(dtype, qkv_bt3he, sin_tf, cos_tf, eps, positions_t):
     normed = qk * inv_rms
     rotated = rotate(normed, sin_ft, cos_ft, axis=-2)
     q_t, k_t, v_t = (a.astype(dtype) for a in (rotated[0], rotated[1], x[2]))  # [B, H, hd, t]
-    q = _swap_last(rotated[0]).astype(dtype)  # [B, H, t, hd]
+    q = swap_last(rotated[0]).astype(dtype)  # [B, H, t, hd]
     scale = 1.0 / math.sqrt(qkv_bt3he.shape[-1])
     scores = jnp.einsum("bhte,bhes->bhts", q, k_t, preferred_element_type=f32) * scale
     allowed_ts = positions_t[None, :] <= positions_t[:, None]
@@ -128,7 +128,7 @@ def _feature_major_backward(dtype, residuals, d_out):
     # The cotangent arrives as a transposed view of a token-major array; a select on its data keeps the
     # head-major copy real (non-finite rows propagate, as they would have anyway).
     d_out_lp = jnp.where(jnp.isfinite(row_dot), d_out, row_dot).astype(dtype)  # [t, hd]
-    d_out_t = _swap_last(d_out_lp)  # [hd, t]
+    d_out_t = swap_last(d_out_lp)  # [hd, t]
     d_probs = jnp.einsum("bhte,bhes->bhts", d_out_lp, v_t, preferred_element_type=f32)
     d_scores = (probs.astype(f32) * (d_probs - row_dot) * scale).astype(dtype)
     d_q = jnp.einsum("bhts,bhes->bhte", d_scores, k_t, preferred_element_type=f32)  # [t, hd]

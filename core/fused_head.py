@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from forgetting.core import losses, matmul
+from forgetting.core import attention, losses, matmul
 
 # Positions per chunk are chosen so that one chunk's [rows, V] f32 logits hold about this many elements
 # (8 MB): small enough to stay in a CPU's last-level cache, large enough for efficient matmuls.
@@ -61,12 +61,17 @@ def _unembed(h_bcd: jax.Array, w_vd: jax.Array) -> jax.Array:
     return matmul.einsum_f32_acc("bcd,vd->bcv", h_bcd, w_vd, w_vd.dtype)
 
 
-def _head_grads(dlogits_bcv, h_bcd, w_vd, dw_vd):
-    """dL/dh for the chunk and the running dL/dW, from the chunk's dL/dlogits (cast to the matmul dtype)."""
+def _head_grads(dlogits_bcv, h_bcd, w_vd, dw, transposed: bool):
+    """dL/dh for the chunk and the running dL/dW ([V, D], or [D, V] if `transposed`), from the chunk's
+    dL/dlogits (cast to the matmul dtype)."""
     dl = dlogits_bcv.astype(w_vd.dtype)
     dh_bcd = jnp.einsum("bcv,vd->bcd", dl, w_vd, preferred_element_type=jnp.float32)
-    dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", dl, h_bcd.astype(w_vd.dtype), preferred_element_type=jnp.float32)
-    return dh_bcd, dw_vd
+    h = h_bcd.astype(w_vd.dtype)
+    if not transposed:
+        return dh_bcd, dw + jnp.einsum("bcv,bcd->vd", dl, h, preferred_element_type=jnp.float32)
+    rows = h_bcd.shape[0] * h_bcd.shape[1]
+    h_dn = attention.swap_last(h.reshape(rows, -1))  # a real copy: see attention.swap_last
+    return dh_bcd, dw + jnp.einsum("dn,nv->dv", h_dn, dl.reshape(rows, -1), preferred_element_type=jnp.float32)
 
 
 def _scan_head(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype: str, chunk: int, with_grad: bool):
@@ -74,17 +79,23 @@ def _scan_head(loss_chunk, h_btd, w_vd, side_bt, consts, weight_bt, dtype: str, 
     positions. Returns per-position values [B, T] and, with `with_grad`, d(Σ weight·values)/dhidden and
     /dW. `side_bt` is a pytree of per-position inputs [B, T, ...]; `consts` are whole arrays."""
     w_c = w_vd.astype(dtype)
+    # Over several chunks dW is accumulated as [D, V]: its matmul then transposes the small hidden chunk
+    # where the [V, D] one transposes the [rows, V] cotangent (about 3% of a benchmark train step). With
+    # one chunk XLA-CPU folds the final transpose back into that matmul and cannot run the result.
+    transposed = h_btd.shape[1] // chunk > 1
 
-    def body(dw_vd, xs):
+    def body(dw, xs):
         h_bcd, side_bc, weight_bc = xs
         values_bc, dvalues_bcv = loss_chunk(_unembed(h_bcd, w_c), side_bc, consts)
         if not with_grad:
-            return dw_vd, (values_bc, None)
-        dh_bcd, dw_vd = _head_grads(weight_bc[..., None] * dvalues_bcv, h_bcd, w_c, dw_vd)
-        return dw_vd, (values_bc, dh_bcd)
+            return dw, (values_bc, None)
+        dh_bcd, dw = _head_grads(weight_bc[..., None] * dvalues_bcv, h_bcd, w_c, dw, transposed)
+        return dw, (values_bc, dh_bcd)
 
     xs = (_chunks(h_btd, chunk), jax.tree.map(lambda a: _chunks(a, chunk), side_bt), _chunks(weight_bt, chunk))
-    dw_vd, (values, dh) = jax.lax.scan(body, jnp.zeros(w_vd.shape, jnp.float32), xs)
+    dw0 = jnp.zeros(w_vd.shape[::-1] if transposed else w_vd.shape, jnp.float32)
+    dw, (values, dh) = jax.lax.scan(body, dw0, xs)
+    dw_vd = attention.swap_last(dw) if transposed else dw
     return _unchunk(values), (None if dh is None else _unchunk(dh)), dw_vd
 
 

@@ -107,3 +107,17 @@ def test_chunk_length_is_the_largest_divisor_within_budget(batch, seq_len, vocab
     assert seq_len % c == 0
     assert c == 1 or batch * c * vocab <= budget
     assert not any(seq_len % d == 0 and batch * d * vocab <= budget for d in range(c + 1, seq_len + 1))
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 3, 6])
+def test_jitted_bf16_gradient_compiles_to_the_eager_numbers(n_chunks):
+    """Under jit XLA-CPU rewrites the transposes around the head's bf16 matmuls (the dW layout depends on
+    the number of chunks): every chunking must compile, run and give the eager gradient."""
+    h, w, ref_h, ref_w, tokens, mask = _draw(n_chunks, SHAPES[0])
+    B, T, V, _ = SHAPES[0]
+    loss = lambda h, w: fused_head.next_token_loss(h, w, tokens, mask, "bfloat16", B * (T // n_chunks) * V)  # noqa: E731,E501
+    value, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(h, w)
+    eager_value, eager_grads = jax.value_and_grad(loss, (0, 1))(h, w)
+    np.testing.assert_allclose(value, eager_value, rtol=1e-5)
+    for a, b in zip(grads, eager_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -16,7 +16,7 @@ seeds = st.integers(0, 2**31 - 1)
 
 def _np_delta(cfg, adapters) -> dict[str, np.ndarray]:
     """A·B in each leaf's own layout, written out per leaf (independently of lora.delta's permutations)."""
-    L, D, H, hd, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp
+    L, H, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
     a = {k: np.asarray(v["a"], np.float64) for k, v in adapters.items()}
     b = {k: np.asarray(v["b"], np.float64) for k, v in adapters.items()}
     r = a["up"].shape[-1]
