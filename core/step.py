@@ -40,8 +40,9 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
-                 use_lora: bool = False) -> Callable:
-    """loss(trainable, frozen, batch) -> (objective, metrics)."""
+                 use_lora: bool = False, streams: int | None = None) -> Callable:
+    """loss(trainable, frozen, batch) -> (objective, metrics). `streams`: see `model.final_hidden`
+    (None: `model.auto_streams` of the forward's batch)."""
     if reg_method not in losses.REGULARIZERS:
         raise ValueError(f"unknown regularizer {reg_method!r}; choose one of {losses.REGULARIZERS}")
 
@@ -58,11 +59,14 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
         objective = ntp + reg_coeff * reg
         return objective, {"loss": objective, "ntp": ntp, "reg": reg}
 
+    def _streams(rows: int) -> int:
+        return model.auto_streams(rows) if streams is None else streams
+
     def _fused_terms(cfg, params, frozen, rows, tokens, replay, mask):
         """The paper's transformer: losses straight from the final hidden states (`core.fused_head`),
         so the [B, T, V] logits never exist whole."""
         B = tokens.shape[0]
-        hidden = model.final_hidden(cfg, params, rows)
+        hidden = model.final_hidden(cfg, params, rows, streams=_streams(rows.shape[0]))
         hidden_new, hidden_replay = hidden[:B], hidden[B:]
         w = params["embed_out"]
         ntp = fused_head.next_token_loss(hidden_new, w, tokens, mask, cfg.dtype)
@@ -72,7 +76,7 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
             return ntp, fused_head.next_token_loss(hidden_replay, w, replay, None, cfg.dtype)
         ref = frozen["ref"]
         on, h = (replay, hidden_replay) if reg_method == "kl_pre" else (tokens, hidden_new)
-        ref_hidden = jax.lax.stop_gradient(model.final_hidden(cfg, ref, on))
+        ref_hidden = jax.lax.stop_gradient(model.final_hidden(cfg, ref, on, streams=_streams(on.shape[0])))
         return ntp, fused_head.kl_to_reference(h, w, ref_hidden, ref["embed_out"], None, cfg.dtype)
 
     def _logit_terms(cfg, params, frozen, rows, tokens, replay, mask):
@@ -96,13 +100,14 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
 
 def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: str = "none",
                     reg_coeff: float = 0.0, use_lora: bool = False, donate: bool = True,
-                    state_sharding: Any = None, batch_sharding: Any = None) -> Callable:
+                    state_sharding: Any = None, batch_sharding: Any = None, streams: int | None = None) -> Callable:
     """step(state, batch, frozen) -> (state, metrics), jitted with the state donated.
 
     `state_sharding`/`batch_sharding` (pytrees of `jax.sharding.Sharding`, see `core.sharding`) pin the
     placement of the state across steps, e.g. for FSDP; without them placement follows the inputs.
+    `streams`: see `model.final_hidden` (None: automatic).
     """
-    loss_fn = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff, use_lora=use_lora)
+    loss_fn = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff, use_lora=use_lora, streams=streams)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch, frozen: dict):
@@ -130,8 +135,9 @@ def make_eval_step(cfg: Any) -> Callable:
 
     def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None):
         fused = isinstance(cfg, model.ModelConfig)  # the paper's model: no [B, T, V] logits
+        streams = model.auto_streams(tokens_bt.shape[0])
         if fused:
-            hidden = model.final_hidden(cfg, params, tokens_bt)
+            hidden = model.final_hidden(cfg, params, tokens_bt, streams=streams)
             nll = fused_head.nll_per_position(hidden, params["embed_out"], tokens_bt, cfg.dtype)
         else:
             logits = model.forward(cfg, params, tokens_bt)
@@ -149,7 +155,7 @@ def make_eval_step(cfg: Any) -> Callable:
         else:
             if fused:
                 kl = fused_head.kl_per_position(hidden, params["embed_out"],
-                                                model.final_hidden(cfg, ref_params, tokens_bt),
+                                                model.final_hidden(cfg, ref_params, tokens_bt, streams=streams),
                                                 ref_params["embed_out"], cfg.dtype)
             else:
                 kl = losses.kl_per_position(logits, model.forward(cfg, ref_params, tokens_bt))

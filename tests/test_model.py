@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forgetting.core import model
+from forgetting.core import model, step
 
 fwd = jax.jit(model.forward, static_argnums=0)
 
@@ -230,3 +230,22 @@ def test_cache_in_several_chunks_equals_full_forward(tiny_cfg, tiny_params, seed
     for start in range(0, T, 4):  # four chunks of 4 at positions 0, 4, 8, 12
         logits, cache = fwd(tiny_cfg, tiny_params, tokens[:, start:start + 4], cache, jnp.int32(start))
         np.testing.assert_allclose(np.asarray(logits), full[:, start:start + 4], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+def test_streams_are_the_same_function(tiny_cfg, tiny_params, streams):
+    """`final_hidden` with independent row groups (an XLA-CPU scheduling aid) computes the same hidden
+    states, and the train loss the same gradient, up to f32 summation order."""
+    tokens = jnp.asarray(np.random.default_rng(streams).integers(0, tiny_cfg.vocab_size, (8, T)), jnp.int32)
+    one = jax.jit(lambda p, x: model.final_hidden(tiny_cfg, p, x))(tiny_params, tokens)
+    many = jax.jit(lambda p, x: model.final_hidden(tiny_cfg, p, x, streams=streams))(tiny_params, tokens)
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
+    grads = [jax.jit(jax.grad(step.make_loss_fn(tiny_cfg, streams=s), has_aux=True))(
+        tiny_params, {"ref": None, "base": None}, {"tokens": tokens})[0] for s in (1, streams)]
+    for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_streams_only_splits_large_even_batches():
+    assert model.auto_streams(15) == 1 and model.auto_streams(7) == 1 and model.auto_streams(2) == 1
+    assert model.auto_streams(32) in (1, 2)
