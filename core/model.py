@@ -163,15 +163,11 @@ def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
            pos: jax.Array | int):
     cdt = cfg.compute_dtype
     h = rms_norm(x_btd, cfg.norm_eps)
-    # One [D, 3·H·hd] weight so the output comes out row-major [B, t, 3·H·hd]: with the einsum
-    # "btd,khde->kbthe" XLA-CPU computed it transposed and every consumer read it with a stride.
-    D = x_btd.shape[-1]
-    w_qkv = layer["qkv"].transpose(2, 0, 1, 3).reshape(D, 3 * D)
-    B, t = x_btd.shape[:2]
-    qkv = matmul.mm("btd,dn->btn", h, w_qkv, cdt).reshape(B, t, 3, cfg.n_heads, cfg.head_dim)
     if kv_cache is None:
-        attended = attention.causal_self_attention(qkv, *rope_sin_cos, cfg.norm_eps, positions_t, cfg.dtype)
+        attended = attention.causal_self_attention(h, layer["qkv"], *rope_sin_cos, cfg.norm_eps, positions_t,
+                                                   cfg.dtype)
     else:  # decoding: head-major, the cache's layout
+        qkv = attention.project_qkv(h, layer["qkv"], cdt)
         q, k, v = attention.split_heads(qkv, *rope_sin_cos, cfg.norm_eps)  # each [B, H, t, hd]
         cache_k, cache_v = kv_cache  # [B, H, T, hd]
         keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, pos, 0))

@@ -43,64 +43,75 @@ def test_attention_f32_is_the_textbook_formula(seed):
                                _textbook_attention(q, k, v, pos, pos), rtol=1e-4, atol=1e-5)
 
 
-def _textbook_self_attention(qkv, sin, cos, eps):
-    """QK-norm, RoPE and causal attention composed from the model's plain pieces, at full precision."""
+D = 12  # model width: deliberately not H·E, so the projection's shapes cannot be mixed up
+
+
+def _textbook_self_attention(h, w_qkv, sin, cos, eps):
+    """The qkv projection, QK-norm, RoPE and causal attention composed from the model's plain pieces, at
+    full precision."""
+    qkv = jnp.einsum("btd,khde->btkhe", h, w_qkv, precision=HIGHEST)
     q = model.apply_rope(model.rms_norm(qkv[:, :, 0], eps), sin, cos).transpose(0, 2, 1, 3)
     k = model.apply_rope(model.rms_norm(qkv[:, :, 1], eps), sin, cos).transpose(0, 2, 1, 3)
     pos = jnp.arange(qkv.shape[1])
     return _textbook_attention(q, k, qkv[:, :, 2].transpose(0, 2, 1, 3), pos, pos)
 
 
-def _qkv_and_tables(rng, start, t=T, e=E):
+def _inputs(rng, start, t=T, e=E):
+    """(h [B, t, D], w_qkv [3, H, D, e], sin, cos)."""
     sin, cos = model.rope_tables(start + np.arange(t), e, 10000.0)
-    return _normal(rng, B, t, 3, H, e, scale=3.0), sin, cos
+    return _normal(rng, B, t, D), _normal(rng, 3, H, D, e, scale=D ** -0.5), sin, cos
 
 
 def _self_attention(dtype, fused=False):
     """causal_self_attention; `fused` runs the low-precision path's hand-written backward in `dtype`
     even for f32, so its math can be checked against autodiff."""
     if fused:
-        return lambda qkv, sin, cos: attention._feature_major(dtype, qkv, sin, cos, jnp.float32(1e-6), jnp.arange(qkv.shape[1]))  # noqa: E731,E501
-    return lambda qkv, sin, cos: attention.causal_self_attention(qkv, sin, cos, 1e-6, np.arange(qkv.shape[1]), dtype)  # noqa: E731,E501
+        return lambda h, w, sin, cos: attention._feature_major(dtype, h, w, sin, cos, jnp.float32(1e-6), jnp.arange(h.shape[1]))  # noqa: E731,E501
+    return lambda h, w, sin, cos: attention.causal_self_attention(h, w, sin, cos, 1e-6, np.arange(h.shape[1]), dtype)  # noqa: E731,E501
+
+
+def _loss(f, weight, sin, cos):
+    return lambda h, w: jnp.sum(weight * f(h, w, sin, cos))
 
 
 @given(seed=seeds, start=st.integers(0, 1000))
 def test_feature_major_backward_is_the_gradient_of_the_textbook_formula(seed, start):
-    """The hand-written backward, run in f32, against f32 autodiff of QK-norm + RoPE + attention: the
-    same formula up to f32 rounding (a wrong transpose, sign or scale would be far off)."""
+    """The hand-written backward, run in f32, against f32 autodiff of projection + QK-norm + RoPE +
+    attention: the same formula up to f32 rounding (a wrong transpose, sign or scale would be far off)."""
     rng = np.random.default_rng(seed)
-    qkv, sin, cos = _qkv_and_tables(rng, start)
-    w = _normal(rng, B, H, T, E)
-    loss = lambda f: lambda x: jnp.sum(w * f(x, sin, cos))  # noqa: E731
-    textbook = lambda x, sin, cos: _textbook_self_attention(x, sin, cos, 1e-6)  # noqa: E731
+    h, w_qkv, sin, cos = _inputs(rng, start)
+    weight = _normal(rng, B, H, T, E)
+    textbook = lambda h, w, sin, cos: _textbook_self_attention(h, w, sin, cos, 1e-6)  # noqa: E731
     fused = _self_attention("float32", fused=True)
-    np.testing.assert_allclose(fused(qkv, sin, cos), textbook(qkv, sin, cos), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(jax.grad(loss(fused))(qkv), jax.grad(loss(textbook))(qkv), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(fused(h, w_qkv, sin, cos), textbook(h, w_qkv, sin, cos), rtol=1e-4, atol=1e-5)
+    expected = jax.grad(_loss(textbook, weight, sin, cos), (0, 1))(h, w_qkv)
     plain = _self_attention("float32")  # the f32 path is plain autodiff of the same pieces
-    np.testing.assert_allclose(jax.grad(loss(plain))(qkv), jax.grad(loss(textbook))(qkv), rtol=1e-3, atol=1e-5)
+    for f in (fused, plain):
+        for g, g_ref in zip(jax.grad(_loss(f, weight, sin, cos), (0, 1))(h, w_qkv), expected):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-5)
 
 
 @given(seed=seeds, start=st.integers(0, 1000))
 def test_bf16_self_attention_value_and_gradient_track_f32(seed, start):
     rng = np.random.default_rng(seed)
-    qkv, sin, cos = _qkv_and_tables(rng, start)
-    w = _normal(rng, B, H, T, E)
+    h, w_qkv, sin, cos = _inputs(rng, start)
+    weight = _normal(rng, B, H, T, E)
     low, ref = _self_attention("bfloat16"), _self_attention("float32")
-    assert _relative_error(low(qkv, sin, cos), ref(qkv, sin, cos)) < 0.03
-    g_low = jax.grad(lambda x: jnp.sum(w * low(x, sin, cos)))(qkv)
-    g_ref = jax.grad(lambda x: jnp.sum(w * ref(x, sin, cos)))(qkv)
-    assert g_low.dtype == jnp.float32 and _relative_error(g_low, g_ref) < 0.03
+    assert _relative_error(low(h, w_qkv, sin, cos), ref(h, w_qkv, sin, cos)) < 0.03
+    grads = jax.grad(_loss(low, weight, sin, cos), (0, 1))(h, w_qkv)
+    for g, g_ref in zip(grads, jax.grad(_loss(ref, weight, sin, cos), (0, 1))(h, w_qkv)):
+        assert g.dtype == jnp.float32 and _relative_error(g, g_ref) < 0.03
 
 
 @given(seed=seeds, t=st.integers(0, T - 2))
 def test_bf16_self_attention_gradient_is_exactly_causal(seed, t):
-    """Output row t depends on qkv at positions <= t only: the gradient beyond t is exactly 0 (masked
-    probabilities are exact zeros in the hand-written backward)."""
+    """Output row t depends on the inputs at positions <= t only: the gradient beyond t is exactly 0
+    (masked probabilities are exact zeros in the hand-written backward)."""
     rng = np.random.default_rng(seed)
-    qkv, sin, cos = _qkv_and_tables(rng, 0)
-    g = np.asarray(jax.grad(lambda x: jnp.sum(_self_attention("bfloat16")(x, sin, cos)[:, :, t]))(qkv))
+    h, w_qkv, sin, cos = _inputs(rng, 0)
+    g = np.asarray(jax.grad(lambda x: jnp.sum(_self_attention("bfloat16")(x, w_qkv, sin, cos)[:, :, t]))(h))
     assert np.all(g[:, t + 1:] == 0)
-    assert np.abs(g[:, : t + 1, 2]).max() > 0  # the values up to t do matter
+    assert np.abs(g[:, : t + 1]).max() > 0
 
 
 @pytest.mark.parametrize("t, e", [(5, 4), (16, 8), (33, 6)])
@@ -108,13 +119,13 @@ def test_jitted_bf16_train_path_compiles_to_the_same_numbers(t, e):
     """Under jit XLA rewrites transposes around the bf16 dots (see core.attention); whatever it does
     must still compile, run and give the eager numbers (up to fusion-order rounding)."""
     rng = np.random.default_rng(t)
-    qkv, sin, cos = _qkv_and_tables(rng, 0, t, e)
-    w = _normal(rng, B, H, t, e)
-    f = lambda x: jnp.sum(w * _self_attention("bfloat16")(x, sin, cos))  # noqa: E731
-    value, grad = jax.jit(jax.value_and_grad(f))(qkv)
-    eager_value, eager_grad = jax.value_and_grad(f)(qkv)
+    h, w_qkv, sin, cos = _inputs(rng, 0, t, e)
+    f = _loss(_self_attention("bfloat16"), _normal(rng, B, H, t, e), sin, cos)
+    value, grads = jax.jit(jax.value_and_grad(f, (0, 1)))(h, w_qkv)
+    eager_value, eager_grads = jax.value_and_grad(f, (0, 1))(h, w_qkv)
     assert abs(float(value) - float(eager_value)) <= 1e-3 * (1 + abs(float(eager_value)))
-    assert _relative_error(grad, eager_grad) < 1e-2
+    for g, g_eager in zip(grads, eager_grads):
+        assert _relative_error(g, g_eager) < 1e-2
 
 
 @given(seed=seeds, spec=st.sampled_from(["btd,dn->btn", "bhte,hed->btd", "bhts,bhse->bhte"]))
