@@ -41,10 +41,10 @@ NEG_INF = -1e30  # masked scores: finite, so a fully masked row cannot produce N
 f32 = jnp.float32
 
 
-def rms_norm(x: jax.Array, eps: float, axis: int = -1) -> jax.Array:
-    """RMSNorm without gain over `axis`, computed in f32."""
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without gain over the last axis, computed in f32."""
     x = x.astype(f32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + eps)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def rotate(x: jax.Array, sin: jax.Array, cos: jax.Array, axis: int = -1) -> jax.Array:
@@ -72,9 +72,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_positions: jax.Arr
     """Causal attention f32 [B, H, t, hd] of head-major q [B, H, t, hd] and k, v [B, H, s, hd]: query i
     sees key j iff key_positions[j] <= query_positions[i]. Plain autodiff."""
     scores = matmul.einsum_f32_acc("bhte,bhse->bhts", q, k, dtype) / math.sqrt(q.shape[-1])
-    allowed_ts = key_positions[None, :] <= query_positions[:, None]
-    probs = jax.nn.softmax(jnp.where(allowed_ts[None, None], scores, NEG_INF), axis=-1)
+    probs = jax.nn.softmax(_causal(scores, query_positions, key_positions), axis=-1)
     return matmul.einsum_f32_acc("bhts,bhse->bhte", probs, v, dtype)
+
+
+def _causal(scores_bhts: jax.Array, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """Scores with the keys a query may not see set to NEG_INF."""
+    allowed_ts = key_positions[None, :] <= query_positions[:, None]
+    return jnp.where(allowed_ts[None, None], scores_bhts, NEG_INF)
 
 
 def project_qkv(h_btd: jax.Array, w_qkv: jax.Array, dtype: str) -> jax.Array:
@@ -129,9 +134,8 @@ def _feature_major_forward(dtype, h_btd, w_qkv, sin_tf, cos_tf, eps, positions_t
     q_t, k_t, v_t = (a.astype(dtype) for a in (rotated[0], rotated[1], x[2]))  # [B, H, hd, t]
     q = swap_last(rotated[0]).astype(dtype)  # [B, H, t, hd]
     scale = 1.0 / math.sqrt(hd)
-    scores = jnp.einsum("bhte,bhes->bhts", q, k_t, preferred_element_type=f32) * scale
-    allowed_ts = positions_t[None, :] <= positions_t[:, None]
-    scores = jnp.where(allowed_ts[None, None], scores, NEG_INF)
+    scores = _causal(jnp.einsum("bhte,bhes->bhts", q, k_t, preferred_element_type=f32) * scale,
+                     positions_t, positions_t)
     e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # one exp pass
     probs = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
     out = jnp.einsum("bhts,bhes->bhte", probs, v_t, preferred_element_type=f32)
