@@ -35,6 +35,12 @@ def _in_out(shape: tuple[int, ...], perm: tuple[int, ...], n_in: int) -> tuple[i
     return permuted[0], math.prod(permuted[1:1 + n_in]), math.prod(permuted[1 + n_in:])
 
 
+def max_rank(cfg: Any, params: dict) -> int:
+    """The largest useful LoRA rank: min(d_in, d_out) over the adapted matrices (a higher rank adds no
+    expressiveness, only cost)."""
+    return min(min(_in_out(params[name].shape, perm, n_in)[1:]) for name, (perm, n_in) in matrix_views(cfg).items())
+
+
 def init(cfg: Any, params: dict, rank: int, key: jax.Array) -> dict:
     """Adapters for every viewed leaf: A ~ N(0, in^-1/2), B = 0 (so the merged model equals the base)."""
     views = matrix_views(cfg)

@@ -45,15 +45,15 @@ class ModelConfig:
     dtype: str = "bfloat16"  # matmul input dtype (f32 accumulation); "float32" for exact arithmetic
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio"):
+            if getattr(self, name) <= 0:  # first: head_dim 0 would otherwise divide by zero below
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.head_dim:
             raise ValueError(f"d_model={self.d_model} must be a multiple of head_dim={self.head_dim}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-        for name in ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def n_heads(self) -> int:

@@ -6,6 +6,7 @@ with simple-parsing's nested mode, so a nested field `opt.peak_lr` is always the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -13,7 +14,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 C = TypeVar("C")
 
@@ -37,7 +38,16 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, *, description
         description=description or (config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else None,
     )
     parser.add_arguments(config_cls, dest="config")
-    args = parser.parse_args(argv)
+    config_path = _config_path_arg(argv)
+    if config_path is not None:
+        try:
+            check_config_file(config_cls, config_path)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        args = parser.parse_args(argv)
+    except (RuntimeError, TypeError, ValueError, OSError) as e:  # simple-parsing's complaints about the file
+        parser.error(f"--config_path {config_path}: {e}" if config_path else str(e))
     cfg = args.config
     validate = getattr(cfg, "validate", None)
     if callable(validate):
@@ -46,6 +56,51 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, *, description
         except ValueError as e:  # a bad flag combination: argparse-style message and exit code 2
             parser.error(str(e))
     return cfg
+
+
+def _config_path_arg(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_config_file(config_cls: type, path: str | Path) -> None:
+    """A `--config_path` JSON file must exist, parse, and name only fields of `config_cls` (nested as the
+    flags are: {"opt": {"peak_lr": 1e-3}}); the error names the file and the field."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return  # other formats (yaml, toml) are left to simple-parsing; its errors are caught in `parse`
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config_path {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config_path {path} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config_path {path} is not valid JSON: {e}") from None
+    _check_fields(config_cls, data, path, "")
+
+
+def _check_fields(config_cls: type, data: Any, path: Path, prefix: str) -> None:
+    where = f"field {prefix.rstrip('.')!r}" if prefix else "the top level"
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {where} must be a JSON object of fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(f"{path}: unknown field {prefix + key!r}; known here: {', '.join(sorted(names))}")
+        if _is_dataclass_type(hints[key]):
+            _check_fields(hints[key], value, path, prefix + key + ".")
+
+
+def check_output_file(flag: str, path: str | Path) -> None:
+    """An output file path must not name an existing directory (the rename into place would fail late)."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is an existing directory; give a file path such as {Path(path) / 'data.bin'}")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -160,11 +215,29 @@ def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,
     Bad input (ValueError, FileNotFoundError) becomes `<prefix>: <message>` on stderr and exit status 2.
     """
     cfg = parse(config_cls, argv)
-    try:
+    with exit_on_error(prefix):
         return cfg, fn(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    raise AssertionError("unreachable")  # (exit_on_error re-raises as SystemExit)
+
+
+@contextlib.contextmanager
+def exit_on_error(prefix: str = "error", errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turns bad input (ValueError, FileNotFoundError, `errors`) into `<prefix>: <message>` and exit status 2,
+    an OSError (a full disk, a permission) into a message and status 1, and Ctrl-C into status 130, all
+    without a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, *errors) as e:
         print(f"{prefix}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:
+        print(f"{prefix}: {e.strerror or e} ({e.filename or 'while writing'}); fix that (free disk space, "
+              "permissions) and rerun: files are written atomically, so nothing already written was damaged",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def run_and_print(config_cls: type[C], fn, argv: Sequence[str] | None = None) -> Any:

@@ -41,6 +41,16 @@ class EvaluateConfig:
     def validate(self) -> None:
         if not self.model.load_path:
             raise ValueError("pass --model.load_path RUN_DIR (a finished run)")
+        if self.model.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
+        d = self.data
+        if d.batch_size <= 0:
+            raise ValueError(f"--data.batch_size must be positive, got {d.batch_size}")
+        if d.num_tokens_valid < 0 or d.max_tokens < 0:
+            raise ValueError(f"--data.num_tokens_valid and --data.max_tokens must be >= 0 (0 = default), got "
+                             f"{d.num_tokens_valid}, {d.max_tokens}")
+        if d.split_seed < -1:
+            raise ValueError(f"--data.split_seed must be >= 0 (or -1 = the run's own), got {d.split_seed}")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:

@@ -52,6 +52,18 @@ class Config:
             raise ValueError("segment_len must be a multiple of seq_len")
         if (self.num_examples if self.corpus == "toy" else self.num_tokens) < 1:
             raise ValueError("the corpus would be empty: ask for at least one example/token")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq_len must be >= 2 (the training sequence length), got {self.seq_len}")
+        if self.segment_len < 0:
+            raise ValueError(f"--segment_len must be >= 0 (0 = automatic), got {self.segment_len}")
+        if self.dataset_id < -1:
+            raise ValueError(f"--dataset_id must be >= 0 (or -1 = automatic), got {self.dataset_id}")
+        for flag, value in (("--seed", self.seed), ("--sample_seed", self.sample_seed), ("--language", self.language)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.n_digits < 1 or self.modulus < 1:
+            raise ValueError(f"--n_digits and --modulus must be >= 1, got {self.n_digits}, {self.modulus}")
+        cli.check_output_file("--out", self.out)
 
     def language_spec(self) -> synthetic.LanguageSpec:
         return synthetic.LanguageSpec(seed=self.seed, vocab_size=self.vocab_size, order=self.order, support=self.support,

@@ -100,16 +100,51 @@ def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None 
     if not is_done(path):
         raise ValueError(f"run {path} is not finished (no {DONE_FILE}); finish it first by running its config "
                          "again (it resumes), then finetune from it")
-    saved = json.loads((path / CONFIG_FILE).read_text())
-    resolved = saved["resolved"]
+    saved = read_run_config(path)
+    file = path / CONFIG_FILE
+    resolved, data = saved["resolved"], saved["config"]["data"]
     model_dict = dict(resolved["model"])
     if dtype:
         model_dict["dtype"] = dtype
-    model_cfg = model_config_from_dict(model_dict)
-    params = checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))
-    data = saved["config"]["data"]
+    try:
+        model_cfg = model_config_from_dict(model_dict)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: field 'resolved.model' is not a valid model config ({e})") from None
+    try:
+        params = checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{e}. To recover the run's final weights: delete {path / PARAMS_FILE} and "
+                         f"{path / DONE_FILE}, then rerun the run's training command (its flags are in {file}): it "
+                         f"rewrites them from its last state checkpoint ({STATE_FILE})") from None
     return LoadedRun(path, model_cfg, params, data["path"], data["num_tokens_valid"], data["split_seed"],
                      tuple(resolved["lineage_ids"]), resolved.get("tokenizer_sha256"))
+
+
+# The fields of a run's config.json that other runs and stages read, with their JSON types.
+_RUN_CONFIG_FIELDS = {("config",): dict, ("resolved",): dict, ("resolved", "model"): dict,
+                      ("resolved", "lineage_ids"): list, ("config", "data"): dict, ("config", "data", "path"): str,
+                      ("config", "data", "num_tokens_valid"): int, ("config", "data", "split_seed"): int,
+                      ("config", "run"): dict, ("config", "model"): dict}
+
+
+def read_run_config(path: str | Path) -> dict:
+    """A run directory's config.json, checked: the error names the file and the bad field."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        saved = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{file} must be a JSON object with 'config' and 'resolved', got {type(saved).__name__}")
+    for keys, kind in _RUN_CONFIG_FIELDS.items():
+        value: Any = saved
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{file}: field {'.'.join(keys)!r} is missing or not a JSON {kind.__name__}")
+    if not all(isinstance(i, int) for i in saved["resolved"]["lineage_ids"]):
+        raise ValueError(f"{file}: field 'resolved.lineage_ids' must be a list of token ids")
+    return saved
 
 
 def model_to_dict(model_cfg: Any) -> dict:

@@ -43,6 +43,14 @@ class SampleConfig:
             raise ValueError(f"--num_samples must be positive, got {self.num_samples}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.model.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
+        if self.length < 0 or self.length == 1:
+            raise ValueError(f"--length must be >= 2 (the prompt plus at least one token), or 0 = the model's "
+                             f"sequence length; got {self.length}")
+        if self.prompt_id < -1 or self.seed < 0:
+            raise ValueError(f"--prompt_id must be >= 0 (or -1 = the run's dataset id) and --seed >= 0, got "
+                             f"{self.prompt_id}, {self.seed}")
 
 
 def sample(cfg: SampleConfig) -> list[dict]:

@@ -47,6 +47,9 @@ class Config:
             raise ValueError("max_tokens must be >= 0")
         if self.dataset_id < 0:
             raise ValueError("dataset_id must be >= 0")
+        if self.threads < 0 or self.seed < 0:
+            raise ValueError(f"--threads and --seed must be >= 0, got {self.threads}, {self.seed}")
+        cli.check_output_file("--out", self.out)
 
 
 def _encoded_pieces(cfg: Config, enc, eos: int, srcs: list[str], bar: tqdm) -> Iterator[tuple[np.ndarray, bool]]:

@@ -51,6 +51,12 @@ class Config:
             raise ValueError("--pack true needs --seq_len T (the training sequence length)")
         if self.max_tokens < 0 or self.max_documents < 0:
             raise ValueError("--max_tokens and --max_documents must be >= 0")
+        if self.seq_len < 0:
+            raise ValueError(f"--seq_len must be >= 0, got {self.seq_len}")
+        if self.pad_id < -1 or self.dataset_id < -1:
+            raise ValueError(f"--pad_id and --dataset_id must be >= 0 (or -1 = from the tokenizer), got "
+                             f"{self.pad_id}, {self.dataset_id}")
+        cli.check_output_file("--out", self.out)
 
 
 def tokenizer_sha256(directory: str | Path) -> str:

@@ -63,6 +63,9 @@ class Config:
             raise ValueError("vocab_size must be <= 65536 so token ids fit uint16 .bin files")
         if self.n_reserved < 0:
             raise ValueError("n_reserved must be >= 0")
+        if self.max_chars < 0 or self.workers < 0:
+            raise ValueError(f"--max_chars and --workers must be >= 0, got {self.max_chars}, {self.workers}")
+        cli.check_output_file("--out", self.out)
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -244,14 +247,26 @@ def load(path: str | Path) -> tiktoken.Encoding:
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if not meta_path.exists():
         raise FileNotFoundError(f"tokenizer metadata not found: {meta_path} (written next to the .tiktoken by the tokenizer stage)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"tokenizer metadata {meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"tokenizer metadata {meta_path} must be a JSON object, got {type(meta).__name__}")
+    for name, kind in (("pattern", str), ("special_tokens", dict)):
+        if not isinstance(meta.get(name), kind):
+            raise ValueError(f"tokenizer metadata {meta_path}: field {name!r} is missing or not a {kind.__name__}; "
+                             "rewrite it with the tokenizer stage")
+    try:
+        special = {str(k): int(v) for k, v in meta["special_tokens"].items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"tokenizer metadata {meta_path}: field 'special_tokens' must map names to ids") from None
     ranks = read_tiktoken(path)
-    return tiktoken.Encoding(
-        name=meta.get("name", path.stem),
-        pat_str=meta["pattern"],
-        mergeable_ranks=ranks,
-        special_tokens={k: int(v) for k, v in meta["special_tokens"].items()},
-    )
+    try:
+        return tiktoken.Encoding(name=str(meta.get("name", path.stem)), pat_str=meta["pattern"],
+                                 mergeable_ranks=ranks, special_tokens=special)
+    except ValueError as e:  # e.g. a pattern that is not a valid regex, or clashing ids
+        raise ValueError(f"tokenizer {path} (metadata {meta_path}) is invalid: {e}") from None
 
 
 def eos_id(enc: tiktoken.Encoding) -> int:

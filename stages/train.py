@@ -261,11 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         from forgetting.core import sharding
 
         sharding.initialize_distributed()  # multi-host when FORGETTING_COORDINATOR etc. are set; else no-op
-    try:
+    with cli.exit_on_error("error", (FloatingPointError, ImportError)):
         result = train(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(json.dumps({"run_dir": result["run_dir"], **result["metrics"]}, sort_keys=True))
     return result
 

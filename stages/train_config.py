@@ -3,6 +3,7 @@ stop, eval, log`. Each field is a flag with a stable dotted name (`--opt.peak_lr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
@@ -128,9 +129,12 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
-        """Refuses contradictory or missing settings before any compute; each message says the fix."""
+        """Refuses contradictory, out-of-range or missing settings before any compute; each message says the fix."""
         if not self.data.path:
             raise ValueError("no training data: pass --data.path FILE.bin")
+        check_run_name(self.run.name)
+        validate_model_args(self.model)
+        _check_ranges(self)
         s = self.stop
         lengths = [n for n, v in (("--stop.num_tokens_train", s.num_tokens_train),
                                   ("--stop.tokens_per_param", s.tokens_per_param),
@@ -186,16 +190,90 @@ class TrainConfig:
                                  f"{self.opt.batch_size - 1} rows: raise the fraction or the batch size")
         if self.mix.coeff and not self.mix.path:
             raise ValueError("--mix.coeff given without --mix.path")
-        if self.model.lora_rank < 0:
-            raise ValueError(f"--model.lora_rank must be >= 0, got {self.model.lora_rank}")
-        if self.model.lora_rank and not self.model.load_path:
-            raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
         if self.run.mesh not in MESH_STRATEGIES:
             raise ValueError(f"--run.mesh must be one of dp, fsdp, tp (or empty), got {self.run.mesh!r}")
         if self.model.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
-        if self.data.num_tokens_valid <= 0:
-            raise ValueError("--data.num_tokens_valid must be positive (validation loss drives metrics and stops)")
+
+
+def check_run_name(name: str) -> None:
+    """`--run.name` is a prefix of a directory name inside `--run.dir`: it must not leave it."""
+    if name and (name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("-")):
+        raise ValueError(f"--run.name {name!r} must be a plain name (no '/', '\\', '..'; not starting with '-'): "
+                         "it becomes part of a directory name inside --run.dir")
+
+
+# ---- model-shape checks: one block, so they can move with the model config (see core.model.ModelConfig) ----
+def validate_model_args(m: ModelArgs) -> None:
+    """Range checks of the model flags (shape flags are ignored when loading, but must still be sane)."""
+    for name in ("d_model", "n_layers", "head_dim", "seq_len"):
+        if getattr(m, name) <= 0:
+            raise ValueError(f"--model.{name} must be positive, got {getattr(m, name)}")
+    if m.vocab_size < 0:
+        raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data sidecar), got {m.vocab_size}")
+    if m.seq_len < 2:
+        raise ValueError(f"--model.seq_len must be >= 2 (a next-token loss needs two positions), got {m.seq_len}")
+    if not m.load_path:
+        if m.d_model % m.head_dim:
+            raise ValueError(f"--model.d_model {m.d_model} must be a multiple of --model.head_dim {m.head_dim}")
+        if m.head_dim % 2:
+            raise ValueError(f"--model.head_dim {m.head_dim} must be even (RoPE rotates pairs of features)")
+    if m.lora_rank < 0:
+        raise ValueError(f"--model.lora_rank must be >= 0, got {m.lora_rank}")
+    if m.lora_rank and not m.load_path:
+        raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
+    # lora_rank <= min(d_in, d_out) needs the loaded model's shape: checked in train_setup.
+
+
+def _positive(flag: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{flag} must be a positive number, got {value}")
+
+
+def _non_negative(flag: str, value: float, what: str = "") -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{flag} must be >= 0{what}, got {value}")
+
+
+def _check_ranges(cfg: "TrainConfig") -> None:
+    """Every numeric flag in its range (0 means "off" where the flag's help says so)."""
+    o, s, r = cfg.opt, cfg.stop, cfg.reg
+    _positive("--opt.peak_lr", o.peak_lr)
+    _non_negative("--opt.warmup_tokens", o.warmup_tokens)
+    _non_negative("--opt.weight_decay", o.weight_decay)
+    for flag, beta in (("--opt.b1", o.b1), ("--opt.b2", o.b2)):
+        if not 0 <= beta < 1:
+            raise ValueError(f"{flag} must be in [0, 1), got {beta}")
+    off = " (0 = off)"
+    _non_negative("--stop.num_tokens_train", s.num_tokens_train, off)
+    _non_negative("--stop.tokens_per_param", s.tokens_per_param, off)
+    _non_negative("--stop.num_epochs", s.num_epochs, off)
+    _non_negative("--stop.target_loss", s.target_loss, off)
+    _non_negative("--stop.train_time", s.train_time, off)
+    _non_negative("--stop.early_stop_evals", s.early_stop_evals, off)
+    _non_negative("--reg.coeff", r.coeff)
+    _non_negative("--reg.temperature", r.temperature)
+    if r.batch_size <= 0:
+        raise ValueError(f"--reg.batch_size must be positive, got {r.batch_size}")
+    if r.buffer <= 0:
+        raise ValueError(f"--reg.buffer must be positive, got {r.buffer}")
+    bad_ids = [i for i in r.prompt_ids if i < 0]
+    if bad_ids:
+        raise ValueError(f"--reg.prompt_ids must be token ids >= 0, got {bad_ids}")  # (< vocab: in train_setup)
+    if r.prompt_ids and not r.synth:
+        raise ValueError("--reg.prompt_ids only applies to self-generated replay: add --reg.synth true")
+    _non_negative("--mix.coeff", cfg.mix.coeff)
+    if cfg.data.num_tokens_valid <= 0:
+        raise ValueError("--data.num_tokens_valid must be positive (validation loss drives metrics and stops)")
+    if cfg.data.split_seed < 0 or cfg.run.seed < 0:
+        raise ValueError(f"--data.split_seed and --run.seed must be >= 0, got {cfg.data.split_seed}, {cfg.run.seed}")
+    if cfg.run.mesh_model < 1:
+        raise ValueError(f"--run.mesh_model must be >= 1, got {cfg.run.mesh_model}")
+    if cfg.log.every_tokens <= 0:
+        raise ValueError(f"--log.every_tokens must be positive, got {cfg.log.every_tokens}")
+    _non_negative("--log.every_steps", cfg.log.every_steps, " (0 = use --log.every_tokens)")
+    _non_negative("--eval.batch_size", cfg.eval.batch_size, " (0 = the training batch size)")
+    _non_negative("--eval.max_tokens", cfg.eval.max_tokens, " (0 = the whole split)")
 
 
 def replace(cfg, **changes):

@@ -121,6 +121,10 @@ def build_setup(cfg: TrainConfig) -> Setup:
     params = loaded.params if loaded is not None else model_lib.init(model_cfg, key)
     params = jax.tree.map(jnp.asarray, params)
     use_lora = cfg.model.lora_rank > 0
+    if use_lora and cfg.model.lora_rank > lora.max_rank(model_cfg, params):
+        raise ValueError(f"--model.lora_rank {cfg.model.lora_rank} exceeds min(d_in, d_out) = "
+                         f"{lora.max_rank(model_cfg, params)} of the loaded model's matrices; a larger rank adds "
+                         "cost, not capacity: lower it")
     ref = params if loaded is not None else None  # the frozen reference p_ref: the loaded model
     trainable = lora.init(model_cfg, params, cfg.model.lora_rank, jax.random.fold_in(key, 1)) if use_lora else params
     frozen = {"ref": ref, "base": params if use_lora else None}
@@ -132,6 +136,9 @@ def build_setup(cfg: TrainConfig) -> Setup:
         rows = r.batch_size if r.method != "replace" else data_lib.num_rows(r.coeff, cfg.opt.batch_size)
         if r.synth:
             prompt_ids = r.prompt_ids or loaded.lineage_ids
+            outside = [i for i in prompt_ids if not 0 <= i < V]
+            if outside:
+                raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
             replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
                                                        cfg.run.seed)
         else:
