@@ -30,14 +30,15 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import msgpack
 import numpy as np
+
+from forgetting.core import data as data_lib
 
 FORMAT = "forgetting-checkpoint"
 VERSION = 1
@@ -142,9 +143,12 @@ def _write_leaf(out: _HashingWriter, packer: msgpack.Packer, entries: list, leaf
         out.write(packer.pack(bytes(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])))
 
 
-def save(path: str | Path, tree: Any, metadata: dict | None = None) -> None:
+def save(path: str | Path, tree: Any, metadata: dict | None = None, *,
+         before_replace: Callable[[str], None] | None = None) -> None:
     """Writes `tree` (any pytree of arrays / key arrays / scalars / None) and JSON-able `metadata` to
-    `path`, atomically: readers see either the previous file or the complete new one."""
+    `path`, atomically: readers see either the previous file or the complete new one. `before_replace`
+    is called with the complete temp file's path just before it is renamed into place (tests inject
+    crashes there)."""
     path = Path(path)
     metadata = {} if metadata is None else metadata
     try:  # JSON round trip: fails early on non-JSON metadata, and normalizes tuples to lists
@@ -153,7 +157,7 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None) -> None:
         raise TypeError(f"checkpoint metadata must be JSON-serializable: {e}") from None
     leaves, _ = _flatten(tree)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = data_lib.create_temp_file(path.parent, f".{path.name}.")  # the user's umask, not 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC)
@@ -171,6 +175,8 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None) -> None:
             f.write(END_MAGIC)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -208,9 +214,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _corrupt(path: Path, why: str) -> ValueError:
-    return ValueError(
-        f"checkpoint {path} is corrupt or truncated ({why}); delete it and resume from an earlier "
-        f"checkpoint (or retrain)")
+    # Generic advice; the run stages add what recovers a file in its role (params.msgpack, state.msgpack).
+    return ValueError(f"checkpoint {path} is corrupt or truncated ({why}); it cannot be loaded: delete it and let "
+                      "the stage that wrote it write it again, or restore it from a copy")
 
 
 def _open(path: str | Path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -43,13 +43,31 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
+def create_temp_file(directory: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """(fd, path) of a new, exclusively created file for an atomic write. Unlike `tempfile.mkstemp` (always
+    mode 0600), the file gets the user's umask, like any other file the user writes: a run stays readable
+    by the group on a shared cluster when the umask says so."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {directory}")
+
+
 def write_json_atomic(path: str | Path, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    fd, tmp = create_temp_file(path.parent, path.name + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class TokenWriter:

@@ -191,11 +191,12 @@ def command_line(module: str, cfg: Any) -> str:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Writes JSON through a temp file + fsync + rename, so a reader never sees half a file."""
     import os
-    import tempfile
+
+    from forgetting.core import data as data_lib
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = data_lib.create_temp_file(path.parent, path.name + ".")  # the user's umask, not 0600
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)

@@ -64,6 +64,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     seed = cfg.data.split_seed if cfg.data.split_seed >= 0 else (loaded.split_seed if own else 0)
     mc = loaded.model_cfg
     dataset = _open_dataset(path, mc.vocab_size, mc.seq_len, n_valid, seed, "--data.path")
+    data_tokenizer = dataset.token_file.meta.get("tokenizer_sha256")
+    if loaded.tokenizer_sha256 and data_tokenizer and data_tokenizer != loaded.tokenizer_sha256:
+        raise ValueError(f"{path} was tokenized with tokenizer {data_tokenizer[:12]}…, but {loaded.path} was trained "
+                         f"with {loaded.tokenizer_sha256[:12]}…; its loss on this file means nothing: re-tokenize "
+                         "the text with the run's tokenizer")
     ref = None
     if cfg.model.ref_path:
         ref_run = runs.load_run(cfg.model.ref_path, dtype=cfg.model.dtype)

@@ -12,18 +12,27 @@ loads again as a LlamaConfig.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
+import os
+import signal
+import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from forgetting.core import checkpoint
+from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.stages import cli
 
 CONFIG_FILE, METRICS_FILE, STATE_FILE, PARAMS_FILE, DONE_FILE = (
     "config.json", "metrics.jsonl", "state.msgpack", "params.msgpack", "done.json")
+LOCK_FILE = "lock"  # advisory lock of the one process writing the run (holds its pid and host)
+FAULT_ENV = "FORGETTING_FAULT_AT"  # tests: `kill -9` the run at this named point (see `fault_point`)
 
 # Fields that change where or how a run is shown or placed, not its numbers: left out of the hash.
 _UNHASHED = {("run", "dir"), ("run", "mesh"), ("run", "mesh_model"), ("log", "wandb"),
@@ -45,7 +54,9 @@ def run_dir(cfg: Any) -> Path:
 
 
 def is_done(path: str | Path) -> bool:
-    return (Path(path) / DONE_FILE).exists()
+    """Finished: both the completion marker and the final weights are there (a run whose params.msgpack was
+    deleted to recover from corruption is unfinished again: rerunning it rewrites the weights)."""
+    return (Path(path) / DONE_FILE).exists() and (Path(path) / PARAMS_FILE).exists()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -55,18 +66,166 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
+# ---- every write into a run directory goes through the functions below (one place for a process-0 guard) ----
+
+
 def append_metrics(path: Path, row: dict) -> None:
     with open(path / METRICS_FILE, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops rows logged after the checkpoint being resumed (they are recomputed identically)."""
+def truncate_metrics(path: Path, last_step: int) -> list[dict]:
+    """Drops rows logged after the checkpoint being resumed (they are recomputed identically); -1 drops all
+    (a fresh start). Returns the rows kept."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    tmp = path / (METRICS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    tmp.replace(path / METRICS_FILE)
+    write_text_atomic(path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = data_lib.create_temp_file(path.parent, path.name + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    cli.write_json_atomic(path, obj)
+
+
+def save_checkpoint(path: Path, tree: Any, metadata: dict, *, fault: str | None = None) -> None:
+    """`checkpoint.save`; `fault` names the crash point between the complete temp file and its rename."""
+    checkpoint.save(path, tree, metadata=metadata,
+                    before_replace=(lambda _tmp: fault_point(fault)) if fault else None)
+
+
+def remove_temp_files(path: Path) -> list[str]:
+    """Deletes the temp files a killed writer left (`*.tmp`, `.*.tmp`); call only while holding the lock."""
+    removed = []
+    for tmp in sorted({*path.glob("*.tmp"), *path.glob(".*.tmp")}):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for tests: if $FORGETTING_FAULT_AT names this point, die like `kill -9` (no cleanup,
+    no flush, no finally blocks)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- one writer per run directory ----
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunInUse(ValueError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """An advisory `fcntl.flock` on `<run>/lock`, which records the holder's pid and host. The kernel drops
+    the lock when its process dies (even by `kill -9`), so a lock file left by a killed run is stale and is
+    simply taken over. (flock is per host on some network file systems: two hosts writing one run dir are
+    caught only where the file system supports it.)"""
+
+    def __init__(self, run_path: str | Path):
+        self.path = Path(run_path) / LOCK_FILE
+        self.fd: int | None = None
+        self.previous_holder = ""  # the holder recorded by a stale lock file that was taken over
+
+    def __enter__(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(f"run directory {self.path.parent} is in use by {holder} (lock {self.path}); two "
+                           "writers would interleave its metrics and checkpoints: wait for that run to finish "
+                           "(then this command returns its result) or stop it") from None
+        self.previous_holder = os.read(fd, 256).decode(errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        self.fd = fd
+        if self.previous_holder:
+            print(f"note: took over the stale lock of {self.previous_holder} (that process is gone)", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        # The lock file stays: deleting it would let a third process lock a different inode.
+
+
+# ---- a run is bound to its inputs ----
+
+_FINGERPRINT_BYTES = 1 << 20  # hashed at each end of a file: cheap for any size, catches any rewrite in practice
+_VOLATILE_SIDECAR_KEYS = ("seconds",)  # timing, not content: re-making the same file does not change a run
+
+
+def fingerprint(path: str | Path) -> dict:
+    """A cheap identity of an input file: its size, a sha256 of its first and last MiB (of all of it when
+    smaller) and, for token files, a sha256 of its sidecar without timing fields."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 2 * _FINGERPRINT_BYTES:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_FINGERPRINT_BYTES))
+            f.seek(size - _FINGERPRINT_BYTES)
+            digest.update(f.read(_FINGERPRINT_BYTES))
+    out = {"path": str(path), "size": size, "head_tail_sha256": digest.hexdigest()}
+    sidecar = data_lib.sidecar_path(path)
+    if sidecar.exists():
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = sidecar.read_text(errors="replace")
+        if isinstance(meta, dict):
+            meta = {k: v for k, v in meta.items() if k not in _VOLATILE_SIDECAR_KEYS}
+        out["sidecar_sha256"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def check_inputs(run_path: Path, current: dict[str, dict], resume_step: int) -> None:
+    """Refuses to resume a run whose recorded input files changed since it started (the message names the
+    file); a run recorded before fingerprints existed is resumed with a warning."""
+    saved = read_run_config(run_path).get("inputs")
+    if saved is None:
+        print(f"warning: {run_path / CONFIG_FILE} records no input fingerprints (an older run); resuming without "
+              "checking that its data is unchanged", file=sys.stderr)
+        return
+    for role in sorted(set(saved) | set(current)):
+        before, now = saved.get(role), current.get(role)
+        if before == now:
+            continue
+        if before is None or now is None:
+            raise ValueError(f"the inputs of run {run_path} changed: {role} was "
+                             f"{'not used' if before is None else before['path']} when it started and is "
+                             f"{'not used' if now is None else now['path']} now; resume with the original inputs")
+        what = [k for k in ("size", "head_tail_sha256", "sidecar_sha256") if before.get(k) != now.get(k)]
+        raise ValueError(f"{role} {now['path']} changed since run {run_path} started ({', '.join(what)} differ); its "
+                         f"checkpoint at step {resume_step} was trained on the old file. Put the original file back to "
+                         "resume, or train on the new file as a separate run (e.g. add --run.name NEW)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -109,14 +111,19 @@ class _Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_state(self, state, step: int, extras: dict) -> None:
-        checkpoint.save(self.out / runs.STATE_FILE, {"state": state, "extras": extras}, metadata={"step": step})
+        runs.save_checkpoint(self.out / runs.STATE_FILE, {"state": state, "extras": extras}, {"step": step})
+        runs.fault_point(f"state_saved:{step}")
 
     def restore_state(self, template_state) -> tuple[Any, int, dict] | None:
         path = self.out / runs.STATE_FILE
         if not path.exists():
             return None
-        template = {"state": template_state, "extras": _extras_template()}
-        restored = checkpoint.restore(path, template)
+        template = {"state": template_state, "extras": _extras_template(self.s.eval_every)}
+        try:
+            restored = checkpoint.restore(path, template)
+        except ValueError as e:
+            raise ValueError(f"{e}. To recover: delete {path} and rerun this command; the run then starts again "
+                             "from step 0 (same numbers: training is deterministic)") from None
         step = int(checkpoint.read_metadata(path)["step"])
         return self.s.put_state(restored["state"]), step, jax.device_get(restored["extras"])
 
@@ -125,84 +132,104 @@ class _Trainer:
         s, cfg = self.s, self.cfg
         state = self.s.initial_state()
         extras = {"best_valid": np.float32(np.inf), "evals_since_best": np.int32(0),
-                  "train_seconds": np.float32(0.0), "wall_time": np.float32(0.0)}
+                  "train_seconds": np.float32(0.0), "wall_time": np.float32(0.0), "stop_code": np.int32(0),
+                  "pending_losses": np.zeros((s.eval_every,), np.float32), "n_pending": np.int32(0)}
         resumed = self.restore_state(state)
-        step = 0
+        step, last_row, losses = 0, None, []
         if resumed is not None:
             state, step, extras = resumed
-            runs.truncate_metrics(self.out, step)
+            kept = runs.truncate_metrics(self.out, step)
+            last_row = kept[-1] if kept and kept[-1]["step"] == step else None  # logged before the save
+            losses = list(extras["pending_losses"][: int(extras["n_pending"])])  # an interrupt between evals
             print(f"resuming {self.out} at step {step}", file=sys.stderr)
+        else:
+            runs.truncate_metrics(self.out, -1)  # rows of an attempt killed before its first checkpoint
+        # The stop decision is part of the saved state: a run killed after deciding to stop finishes here.
+        stop_reason = STOP_REASONS[int(extras["stop_code"])]
         train_step = s.train_step
         logger = _wandb_logger(cfg, self.out)
         train_seconds, wall_start = float(extras["train_seconds"]), time.perf_counter() - float(extras["wall_time"])
         s.first_step_timed, timed_seconds, compiled = step, 0.0, False
-        stop_reason, last_row = None, None
-        if step == 0:
+        if resumed is None:
             last_row = self._log(self.evaluate(state, 0, [], 0.0, 0.0), logger)
             self.save_state(state, 0, extras)
-        bar = _progress(cfg, s.total_steps, step)
-        losses: list = []
-        while stop_reason is None:
-            if s.total_steps is not None and step >= s.total_steps:
-                stop_reason = s.length_criterion
-                break
-            t0 = time.perf_counter()
-            batch = self.batch(step)
-            state, metrics = train_step(state, batch, s.frozen)
-            losses.append(metrics["loss"])
-            step += 1
-            if not compiled or step % 10 == 0 or step == s.total_steps:
-                jax.block_until_ready(metrics["loss"])
-            seconds = time.perf_counter() - t0
-            timed_seconds += seconds
-            if not compiled:
-                compiled, s.first_step_timed = True, step  # the compiling step does not count towards throughput
-            else:
-                s.throughput_seconds += seconds
-            if bar is not None and step % 10 == 0:
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
-                                tok_s=f"{(step - s.first_step_timed) * s.tokens_per_step / max(s.throughput_seconds, 1e-9):,.0f}")
-            if bar is not None:
-                bar.update(1)
-            at_end = s.total_steps is not None and step >= s.total_steps
-            out_of_time = cfg.stop.train_time and train_seconds + timed_seconds >= cfg.stop.train_time
-            if step % s.eval_every and not at_end and not out_of_time:
-                continue
-            jax.block_until_ready(state.params)
-            mean_loss = float(np.mean(jax.device_get(losses)))
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"training loss became {mean_loss} between steps {step - len(losses)} and {step}; the last "
-                    f"good checkpoint (step {step - len(losses)}) is kept in {self.out}. Lower --opt.peak_lr, "
-                    "lengthen --opt.warmup_tokens or use --model.dtype float32, then rerun to resume.")
-            row = self.evaluate(state, step, losses, train_seconds + timed_seconds, time.perf_counter() - wall_start)
-            losses = []
-            valid = row["valid_ntp"]
-            if valid < float(extras["best_valid"]):
-                extras["best_valid"], extras["evals_since_best"] = np.float32(valid), np.int32(0)
-            else:
-                extras["evals_since_best"] = np.int32(int(extras["evals_since_best"]) + 1)
-            if cfg.stop.target_loss and valid <= cfg.stop.target_loss:
-                stop_reason = "target_loss"
-            elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) >= cfg.stop.early_stop_evals:
-                stop_reason = "early_stop"
-            elif out_of_time:
-                stop_reason = "train_time"
-            elif at_end:
-                stop_reason = s.length_criterion
-            extras["train_seconds"] = np.float32(train_seconds + timed_seconds)
-            extras["wall_time"] = np.float32(row["wall_time"])
-            last_row = self._log(row, logger)
-            self.save_state(state, step, extras)
+        bar = _progress(cfg, s.total_steps, step) if stop_reason is None else None
+        with _StopRequests() as stop_requests:
+            while stop_reason is None:
+                if s.total_steps is not None and step >= s.total_steps:
+                    stop_reason = s.length_criterion
+                    break
+                if stop_requests.signum is not None:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
+                    self.save_state(state, step, dict(extras, **_pending(losses, s.eval_every),
+                                                      train_seconds=np.float32(train_seconds + timed_seconds),
+                                                      wall_time=np.float32(time.perf_counter() - wall_start)))
+                    raise runs.Interrupted(
+                        f"stopped by {signal.Signals(stop_requests.signum).name} after step {step}; the checkpoint "
+                        f"is saved in {self.out}. Rerun the same command to resume (it ends with the numbers an "
+                        "uninterrupted run gives)", 128 + stop_requests.signum)
+                t0 = time.perf_counter()
+                batch = self.batch(step)
+                state, metrics = train_step(state, batch, s.frozen)
+                losses.append(metrics["loss"])
+                step += 1
+                if not compiled or step % 10 == 0 or step == s.total_steps:
+                    jax.block_until_ready(metrics["loss"])
+                seconds = time.perf_counter() - t0
+                timed_seconds += seconds
+                if not compiled:
+                    compiled, s.first_step_timed = True, step  # the compiling step does not count towards throughput
+                else:
+                    s.throughput_seconds += seconds
+                if bar is not None and step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                                    tok_s=f"{(step - s.first_step_timed) * s.tokens_per_step / max(s.throughput_seconds, 1e-9):,.0f}")
+                if bar is not None:
+                    bar.update(1)
+                at_end = s.total_steps is not None and step >= s.total_steps
+                out_of_time = cfg.stop.train_time and train_seconds + timed_seconds >= cfg.stop.train_time
+                if step % s.eval_every and not at_end and not out_of_time:
+                    continue
+                jax.block_until_ready(state.params)
+                mean_loss = float(np.mean(jax.device_get(losses)))
+                if not math.isfinite(mean_loss):
+                    good = step - len(losses)
+                    raise FloatingPointError(
+                        f"training loss became {mean_loss} between steps {good} and {step}. Training is "
+                        f"deterministic, so rerunning this command diverges again. Start a new run with a lower "
+                        "--opt.peak_lr, a longer --opt.warmup_tokens or --model.dtype float32 (changed flags "
+                        f"make a new run directory, trained from step 0); {self.out} (last good checkpoint: step "
+                        f"{good}) can then be deleted")
+                row = self.evaluate(state, step, losses, train_seconds + timed_seconds,
+                                    time.perf_counter() - wall_start)
+                losses = []
+                valid = row["valid_ntp"]
+                if valid < float(extras["best_valid"]):
+                    extras["best_valid"], extras["evals_since_best"] = np.float32(valid), np.int32(0)
+                else:
+                    extras["evals_since_best"] = np.int32(int(extras["evals_since_best"]) + 1)
+                if cfg.stop.target_loss and valid <= cfg.stop.target_loss:
+                    stop_reason = "target_loss"
+                elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) >= cfg.stop.early_stop_evals:
+                    stop_reason = "early_stop"
+                elif out_of_time:
+                    stop_reason = "train_time"
+                elif at_end:
+                    stop_reason = s.length_criterion
+                extras.update(train_seconds=np.float32(train_seconds + timed_seconds),
+                              wall_time=np.float32(row["wall_time"]), **_pending([], s.eval_every),
+                              stop_code=np.int32(STOP_REASONS.index(stop_reason)))
+                last_row = self._log(row, logger)
+                self.save_state(state, step, extras)
         if bar is not None:
             bar.close()
         if last_row is None or last_row["step"] != step:
             last_row = self._log(self.evaluate(state, step, losses, float(extras["train_seconds"]),
                                                time.perf_counter() - wall_start), logger)
-        checkpoint.save(self.out / runs.PARAMS_FILE, jax.device_get(self.params_now(state)),
-                        metadata={"model": cli.to_dict(s.model_cfg)})
+        runs.save_checkpoint(self.out / runs.PARAMS_FILE, jax.device_get(self.params_now(state)),
+                             {"model": cli.to_dict(s.model_cfg)}, fault="params_write")
+        runs.fault_point("before_done")
         final = dict(last_row, stop_reason=stop_reason, steps=step)
-        cli.write_json_atomic(self.out / runs.DONE_FILE, final)
+        runs.write_json(self.out / runs.DONE_FILE, final)
         if logger is not None:
             logger.finish()
         return final
@@ -214,9 +241,49 @@ class _Trainer:
         return row
 
 
-def _extras_template() -> dict:
-    return {"best_valid": jax.ShapeDtypeStruct((), jnp.float32), "evals_since_best": jax.ShapeDtypeStruct((), jnp.int32),
-            "train_seconds": jax.ShapeDtypeStruct((), jnp.float32), "wall_time": jax.ShapeDtypeStruct((), jnp.float32)}
+# Saved as an index into this tuple (0: not stopped). Length criteria are named after their flag.
+STOP_REASONS = (None, "target_loss", "early_stop", "train_time", "num_tokens_train", "tokens_per_param", "num_epochs")
+
+
+def _extras_template(eval_every: int) -> dict:
+    f32, i32 = jnp.float32, jnp.int32
+    return {"best_valid": jax.ShapeDtypeStruct((), f32), "evals_since_best": jax.ShapeDtypeStruct((), i32),
+            "train_seconds": jax.ShapeDtypeStruct((), f32), "wall_time": jax.ShapeDtypeStruct((), f32),
+            "stop_code": jax.ShapeDtypeStruct((), i32), "n_pending": jax.ShapeDtypeStruct((), i32),
+            "pending_losses": jax.ShapeDtypeStruct((eval_every,), f32)}
+
+
+def _pending(losses: list, eval_every: int) -> dict:
+    """The training losses since the last eval, so a checkpoint between evals resumes to the same mean."""
+    pending = np.zeros((eval_every,), np.float32)
+    pending[: len(losses)] = np.asarray(jax.device_get(losses), np.float32).reshape(-1)
+    return {"pending_losses": pending, "n_pending": np.int32(len(losses))}
+
+
+class _StopRequests:
+    """Ctrl-C (SIGINT) and SIGTERM set a flag the loop checks between steps (so the step in flight finishes
+    and a checkpoint is written); a second signal stops at once. Only the main thread can own handlers."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress(cfg: TrainConfig, total: int | None, initial: int):
@@ -239,17 +306,47 @@ def _wandb_logger(cfg: TrainConfig, out: Path):
                       config=cli.to_dict(cfg), dir=str(out))
 
 
+def _reused(out: Path) -> dict:
+    return {"run_dir": str(out), "metrics": json.loads((out / runs.DONE_FILE).read_text()), "status": "reused"}
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Runs (or reuses, or resumes) the training run of `cfg`; returns {run_dir, metrics, status}."""
+    """Runs (or reuses, or resumes) the training run of `cfg`; returns {run_dir, metrics, status}.
+
+    One process writes a run directory at a time (`runs.RunLock`); a resumed run must read the same input
+    files it started with (`runs.check_inputs`)."""
     cfg.validate()
     out = runs.run_dir(cfg)
     if runs.is_done(out):
-        return {"run_dir": str(out), "metrics": json.loads((out / runs.DONE_FILE).read_text()), "status": "reused"}
+        return _reused(out)
     trainer = _Trainer(cfg, out)
+    inputs = _input_fingerprints(cfg, trainer.s)
     out.mkdir(parents=True, exist_ok=True)
-    cli.write_json_atomic(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved})
-    final = trainer.train()
+    with runs.RunLock(out):
+        if runs.is_done(out):  # another process finished it while this one was setting up
+            return _reused(out)
+        runs.remove_temp_files(out)  # left by a killed writer; safe: we hold the lock
+        state_file = out / runs.STATE_FILE
+        if state_file.exists() and (out / runs.CONFIG_FILE).exists():
+            runs.check_inputs(out, inputs, int(checkpoint.read_metadata(state_file)["step"]))
+        else:
+            runs.write_json(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved,
+                                                     "inputs": inputs})
+        final = trainer.train()
     return {"run_dir": str(out), "metrics": final, "status": "finished"}
+
+
+def _input_fingerprints(cfg: TrainConfig, s: Setup) -> dict[str, dict]:
+    """Fingerprints of every file the run reads, by the flag (or role) that names it."""
+    files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
+    files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
+    if s.prev_dataset is not None:
+        files["the loaded run's data"] = str(s.prev_dataset.token_file.path)
+    if cfg.model.load_path:
+        load = Path(cfg.model.load_path)
+        weights = [load / runs.PARAMS_FILE, load / "weights.npz", *sorted(load.glob("*.safetensors"))]
+        files.update({f"--model.load_path ({w.name})": str(w) for w in weights if w.exists()})
+    return {role: runs.fingerprint(path) for role, path in files.items() if path}
 
 
 run = train  # the name experiments' framework calls
@@ -261,8 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
         from forgetting.core import sharding
 
         sharding.initialize_distributed()  # multi-host when FORGETTING_COORDINATOR etc. are set; else no-op
-    with cli.exit_on_error("error", (FloatingPointError, ImportError)):
-        result = train(cfg)
+    try:
+        with cli.exit_on_error("error", (FloatingPointError, ImportError)):
+            result = train(cfg)
+    except runs.Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     print(json.dumps({"run_dir": result["run_dir"], **result["metrics"]}, sort_keys=True))
     return result
 
