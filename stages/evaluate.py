@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from forgetting.core import data as data_lib
 from forgetting.core import step as step_lib
 from forgetting.stages import cli, evaluation, runs
 from forgetting.stages.train_setup import _open_dataset
@@ -63,12 +64,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     n_valid = cfg.data.num_tokens_valid or (loaded.num_tokens_valid if own else 0) or 262_144
     seed = cfg.data.split_seed if cfg.data.split_seed >= 0 else (loaded.split_seed if own else 0)
     mc = loaded.model_cfg
-    dataset = _open_dataset(path, mc.vocab_size, mc.seq_len, n_valid, seed, "--data.path")
-    data_tokenizer = dataset.token_file.meta.get("tokenizer_sha256")
+    try:
+        data_tokenizer = data_lib.TokenFile(path).meta.get("tokenizer_sha256")  # checked before any other complaint
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--data.path: {e}") from None
     if loaded.tokenizer_sha256 and data_tokenizer and data_tokenizer != loaded.tokenizer_sha256:
         raise ValueError(f"{path} was tokenized with tokenizer {data_tokenizer[:12]}…, but {loaded.path} was trained "
                          f"with {loaded.tokenizer_sha256[:12]}…; its loss on this file means nothing: re-tokenize "
                          "the text with the run's tokenizer")
+    dataset = _open_dataset(path, mc.vocab_size, mc.seq_len, n_valid, seed, "--data.path")
     ref = None
     if cfg.model.ref_path:
         ref_run = runs.load_run(cfg.model.ref_path, dtype=cfg.model.dtype)

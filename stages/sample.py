@@ -62,13 +62,13 @@ def sample(cfg: SampleConfig) -> list[dict]:
         from forgetting.stages import tokenizer as tokenizer_stage
 
         encoding = tokenizer_stage.load(cfg.tokenizer)
-        if encoding.n_vocab != mc.vocab_size:
-            raise ValueError(f"tokenizer {cfg.tokenizer} has {encoding.n_vocab} ids but the model has "
-                             f"{mc.vocab_size}; pass the tokenizer the run's data was made with")
         if loaded.tokenizer_sha256 and tokenizer_stage.file_sha256(cfg.tokenizer) != loaded.tokenizer_sha256:
             raise ValueError(f"--tokenizer {cfg.tokenizer} is not the tokenizer {loaded.path} was trained with "
                              f"(sha256 {loaded.tokenizer_sha256[:12]}…); decoding with it prints gibberish: pass the "
                              "tokenizer its data was made with")
+        if encoding.n_vocab != mc.vocab_size:
+            raise ValueError(f"tokenizer {cfg.tokenizer} has {encoding.n_vocab} ids but the model has "
+                             f"{mc.vocab_size}; pass the tokenizer the run's data was made with")
         eos_id = encoding.eot_token if cfg.stop_at_eos else None
     prompt_id = cfg.prompt_id if cfg.prompt_id >= 0 else loaded.lineage_ids[-1]
     if not 0 <= prompt_id < mc.vocab_size:
