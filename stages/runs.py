@@ -168,6 +168,7 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a clean exit leaves an empty lock file: content means the holder died
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

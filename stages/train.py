@@ -119,17 +119,17 @@ class _Trainer:
         if not path.exists():
             return None
         template = {"state": template_state, "extras": _extras_template(self.s.eval_every)}
+        step = _checkpoint_step(path)
         try:
             restored = checkpoint.restore(path, template)
         except ValueError as e:
-            raise ValueError(f"{e}. To recover: delete {path} and rerun this command; the run then starts again "
-                             "from step 0 (same numbers: training is deterministic)") from None
-        step = int(checkpoint.read_metadata(path)["step"])
+            raise ValueError(_state_advice(e, path)) from None
         return self.s.put_state(restored["state"]), step, jax.device_get(restored["extras"])
 
     # ----- the loop ------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, stop_requests: "_StopRequests | None" = None) -> dict:
         s, cfg = self.s, self.cfg
+        stop_requests = stop_requests or _StopRequests()
         state = self.s.initial_state()
         extras = {"best_valid": np.float32(np.inf), "evals_since_best": np.int32(0),
                   "train_seconds": np.float32(0.0), "wall_time": np.float32(0.0), "stop_code": np.int32(0),
@@ -154,72 +154,71 @@ class _Trainer:
             last_row = self._log(self.evaluate(state, 0, [], 0.0, 0.0), logger)
             self.save_state(state, 0, extras)
         bar = _progress(cfg, s.total_steps, step) if stop_reason is None else None
-        with _StopRequests() as stop_requests:
-            while stop_reason is None:
-                if s.total_steps is not None and step >= s.total_steps:
-                    stop_reason = s.length_criterion
-                    break
-                if stop_requests.signum is not None:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
-                    self.save_state(state, step, dict(extras, **_pending(losses, s.eval_every),
-                                                      train_seconds=np.float32(train_seconds + timed_seconds),
-                                                      wall_time=np.float32(time.perf_counter() - wall_start)))
-                    raise runs.Interrupted(
-                        f"stopped by {signal.Signals(stop_requests.signum).name} after step {step}; the checkpoint "
-                        f"is saved in {self.out}. Rerun the same command to resume (it ends with the numbers an "
-                        "uninterrupted run gives)", 128 + stop_requests.signum)
-                t0 = time.perf_counter()
-                batch = self.batch(step)
-                state, metrics = train_step(state, batch, s.frozen)
-                losses.append(metrics["loss"])
-                step += 1
-                if not compiled or step % 10 == 0 or step == s.total_steps:
-                    jax.block_until_ready(metrics["loss"])
-                seconds = time.perf_counter() - t0
-                timed_seconds += seconds
-                if not compiled:
-                    compiled, s.first_step_timed = True, step  # the compiling step does not count towards throughput
-                else:
-                    s.throughput_seconds += seconds
-                if bar is not None and step % 10 == 0:
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
-                                    tok_s=f"{(step - s.first_step_timed) * s.tokens_per_step / max(s.throughput_seconds, 1e-9):,.0f}")
-                if bar is not None:
-                    bar.update(1)
-                at_end = s.total_steps is not None and step >= s.total_steps
-                out_of_time = cfg.stop.train_time and train_seconds + timed_seconds >= cfg.stop.train_time
-                if step % s.eval_every and not at_end and not out_of_time:
-                    continue
-                jax.block_until_ready(state.params)
-                mean_loss = float(np.mean(jax.device_get(losses)))
-                if not math.isfinite(mean_loss):
-                    good = step - len(losses)
-                    raise FloatingPointError(
-                        f"training loss became {mean_loss} between steps {good} and {step}. Training is "
-                        f"deterministic, so rerunning this command diverges again. Start a new run with a lower "
-                        "--opt.peak_lr, a longer --opt.warmup_tokens or --model.dtype float32 (changed flags "
-                        f"make a new run directory, trained from step 0); {self.out} (last good checkpoint: step "
-                        f"{good}) can then be deleted")
-                row = self.evaluate(state, step, losses, train_seconds + timed_seconds,
-                                    time.perf_counter() - wall_start)
-                losses = []
-                valid = row["valid_ntp"]
-                if valid < float(extras["best_valid"]):
-                    extras["best_valid"], extras["evals_since_best"] = np.float32(valid), np.int32(0)
-                else:
-                    extras["evals_since_best"] = np.int32(int(extras["evals_since_best"]) + 1)
-                if cfg.stop.target_loss and valid <= cfg.stop.target_loss:
-                    stop_reason = "target_loss"
-                elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) >= cfg.stop.early_stop_evals:
-                    stop_reason = "early_stop"
-                elif out_of_time:
-                    stop_reason = "train_time"
-                elif at_end:
-                    stop_reason = s.length_criterion
-                extras.update(train_seconds=np.float32(train_seconds + timed_seconds),
-                              wall_time=np.float32(row["wall_time"]), **_pending([], s.eval_every),
-                              stop_code=np.int32(STOP_REASONS.index(stop_reason)))
-                last_row = self._log(row, logger)
-                self.save_state(state, step, extras)
+        while stop_reason is None:
+            if s.total_steps is not None and step >= s.total_steps:
+                stop_reason = s.length_criterion
+                break
+            if stop_requests.signum is not None:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
+                self.save_state(state, step, dict(extras, **_pending(losses, s.eval_every),
+                                                  train_seconds=np.float32(train_seconds + timed_seconds),
+                                                  wall_time=np.float32(time.perf_counter() - wall_start)))
+                raise runs.Interrupted(
+                    f"stopped by {signal.Signals(stop_requests.signum).name} after step {step}; the checkpoint "
+                    f"is saved in {self.out}. Rerun the same command to resume (it ends with the numbers an "
+                    "uninterrupted run gives)", 128 + stop_requests.signum)
+            t0 = time.perf_counter()
+            batch = self.batch(step)
+            state, metrics = train_step(state, batch, s.frozen)
+            losses.append(metrics["loss"])
+            step += 1
+            if not compiled or step % 10 == 0 or step == s.total_steps:
+                jax.block_until_ready(metrics["loss"])
+            seconds = time.perf_counter() - t0
+            timed_seconds += seconds
+            if not compiled:
+                compiled, s.first_step_timed = True, step  # the compiling step does not count towards throughput
+            else:
+                s.throughput_seconds += seconds
+            if bar is not None and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                                tok_s=f"{(step - s.first_step_timed) * s.tokens_per_step / max(s.throughput_seconds, 1e-9):,.0f}")
+            if bar is not None:
+                bar.update(1)
+            at_end = s.total_steps is not None and step >= s.total_steps
+            out_of_time = cfg.stop.train_time and train_seconds + timed_seconds >= cfg.stop.train_time
+            if step % s.eval_every and not at_end and not out_of_time:
+                continue
+            jax.block_until_ready(state.params)
+            mean_loss = float(np.mean(jax.device_get(losses)))
+            if not math.isfinite(mean_loss):
+                good = step - len(losses)
+                raise FloatingPointError(
+                    f"training loss became {mean_loss} between steps {good} and {step}. Training is "
+                    f"deterministic, so rerunning this command diverges again. Start a new run with a lower "
+                    "--opt.peak_lr, a longer --opt.warmup_tokens or --model.dtype float32 (changed flags "
+                    f"make a new run directory, trained from step 0); {self.out} (last good checkpoint: step "
+                    f"{good}) can then be deleted")
+            row = self.evaluate(state, step, losses, train_seconds + timed_seconds,
+                                time.perf_counter() - wall_start)
+            losses = []
+            valid = row["valid_ntp"]
+            if valid < float(extras["best_valid"]):
+                extras["best_valid"], extras["evals_since_best"] = np.float32(valid), np.int32(0)
+            else:
+                extras["evals_since_best"] = np.int32(int(extras["evals_since_best"]) + 1)
+            if cfg.stop.target_loss and valid <= cfg.stop.target_loss:
+                stop_reason = "target_loss"
+            elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) >= cfg.stop.early_stop_evals:
+                stop_reason = "early_stop"
+            elif out_of_time:
+                stop_reason = "train_time"
+            elif at_end:
+                stop_reason = s.length_criterion
+            extras.update(train_seconds=np.float32(train_seconds + timed_seconds),
+                          wall_time=np.float32(row["wall_time"]), **_pending([], s.eval_every),
+                          stop_code=np.int32(STOP_REASONS.index(stop_reason)))
+            last_row = self._log(row, logger)
+            self.save_state(state, step, extras)
         if bar is not None:
             bar.close()
         if last_row is None or last_row["step"] != step:
@@ -306,6 +305,18 @@ def _wandb_logger(cfg: TrainConfig, out: Path):
                       config=cli.to_dict(cfg), dir=str(out))
 
 
+def _state_advice(error: Exception, path: Path) -> str:
+    return (f"{error}. To recover: delete {path} and rerun this command; the run then starts again from step 0 "
+            "(and ends with the same numbers: training is deterministic)")
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(checkpoint.read_metadata(path)["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(_state_advice(e, path)) from None
+
+
 def _reused(out: Path) -> dict:
     return {"run_dir": str(out), "metrics": json.loads((out / runs.DONE_FILE).read_text()), "status": "reused"}
 
@@ -322,17 +333,19 @@ def train(cfg: TrainConfig) -> dict:
     trainer = _Trainer(cfg, out)
     inputs = _input_fingerprints(cfg, trainer.s)
     out.mkdir(parents=True, exist_ok=True)
-    with runs.RunLock(out):
+    # Signal handlers from here on: a Ctrl-C or SIGTERM while this process owns the run directory is answered
+    # with a checkpoint between steps (before this point there is nothing to save).
+    with runs.RunLock(out), _StopRequests() as stop_requests:
         if runs.is_done(out):  # another process finished it while this one was setting up
             return _reused(out)
         runs.remove_temp_files(out)  # left by a killed writer; safe: we hold the lock
         state_file = out / runs.STATE_FILE
         if state_file.exists() and (out / runs.CONFIG_FILE).exists():
-            runs.check_inputs(out, inputs, int(checkpoint.read_metadata(state_file)["step"]))
+            runs.check_inputs(out, inputs, _checkpoint_step(state_file))
         else:
             runs.write_json(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved,
                                                      "inputs": inputs})
-        final = trainer.train()
+        final = trainer.train(stop_requests)
     return {"run_dir": str(out), "metrics": final, "status": "finished"}
 
 

@@ -404,14 +404,14 @@ def test_signal_checkpoints_and_exits_without_traceback(corpora, tmp_path, sig):
     cfg = cli.parse(TrainConfig, argv)
     out = train.run_dir(cfg)
     proc = stage_process(argv)
-    while not runs.read_metrics(out) and proc.poll() is None:  # the step-0 row: the loop is about to start
+    while not (out / runs.STATE_FILE).exists() and proc.poll() is None:  # the handlers are installed by now
         pass
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Rerun the same command to resume" in err and "Traceback" not in err
     step = checkpoint.read_metadata(out / runs.STATE_FILE)["step"]
-    assert 0 < step < steps and not runs.is_done(out)
+    assert 0 <= step < steps and not runs.is_done(out)
     resumed = train.train(cfg)
     reference = train.train(replace(cfg, **{"run.dir": str(tmp_path / "reference")}))
     assert run_record(out) == run_record(Path(reference["run_dir"]))  # train_loss included: pending losses kept
