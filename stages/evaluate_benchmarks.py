@@ -68,6 +68,9 @@ class BenchConfig:
             raise ValueError("nothing to evaluate: pass --mmlu/--arc/--csqa and/or --domain.path")
         if self.model.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
+        if self.limit < 0 or self.batch_size <= 0:
+            raise ValueError(f"--limit must be >= 0 (0 = all) and --batch_size positive, got {self.limit}, "
+                             f"{self.batch_size}")
 
 
 def find_tokenizer(path: str | Path, explicit: str = ""):
