@@ -189,6 +189,7 @@ def _fake_run_dir(tmp_path: Path, saved) -> Path:
     run.mkdir()
     (run / runs.CONFIG_FILE).write_text(json.dumps(saved))
     (run / runs.DONE_FILE).write_text("{}")
+    (run / runs.PARAMS_FILE).write_bytes(b"")  # never read: the config is checked first
     return run
 
 
