@@ -473,3 +473,28 @@ def test_nan_advice_works(corpora, tmp_path):
     fixed = train.train(replace(cfg, **{"opt.peak_lr": 3e-3}))  # the advice: a new run with a lower LR
     assert fixed["status"] == "finished" and np.isfinite(fixed["metrics"]["valid_ntp"])
     assert fixed["run_dir"] != str(train.run_dir(cfg))
+
+
+@pytest.mark.slow
+def test_signal_between_evals_keeps_the_pending_losses(corpora, tmp_path, monkeypatch):
+    """A SIGTERM at step 5 (between the evals at 4 and 8) checkpoints step 6 with the losses of steps 5-6, so
+    the resumed run's train_loss at step 8 (and everything else) equals the uninterrupted run's."""
+    reference = train.train(tiny(corpora[0], tmp_path / "reference"))
+    cfg = tiny(corpora[0], tmp_path / "runs")
+    original = train._Trainer.batch
+
+    def batch_then_signal(self, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: a flag, checked before the next step
+        return original(self, step)
+
+    monkeypatch.setattr(train._Trainer, "batch", batch_then_signal)
+    with pytest.raises(runs.Interrupted, match="stopped by SIGTERM after step 6") as e:
+        train.train(cfg)
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    out = train.run_dir(cfg)
+    assert checkpoint.read_metadata(out / runs.STATE_FILE)["step"] == 6
+    monkeypatch.setattr(train._Trainer, "batch", original)
+    assert train.train(cfg)["status"] == "finished"
+    assert run_record(out) == run_record(Path(reference["run_dir"]))
