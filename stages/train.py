@@ -14,6 +14,7 @@ final metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -335,14 +336,18 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Signal handlers from here on: a Ctrl-C or SIGTERM while this process owns the run directory is answered
     # with a checkpoint between steps (before this point there is nothing to save).
-    with runs.RunLock(out), _StopRequests() as stop_requests:
+    # In a multi-process (multi-host) run the processes of one run share its directory: only process 0
+    # takes the lock and cleans up (the others must not be refused by it, nor delete its temp files).
+    writer = jax.process_index() == 0
+    with (runs.RunLock(out) if writer else contextlib.nullcontext()), _StopRequests() as stop_requests:
         if runs.is_done(out):  # another process finished it while this one was setting up
             return _reused(out)
-        runs.remove_temp_files(out)  # left by a killed writer; safe: we hold the lock
+        if writer:
+            runs.remove_temp_files(out)  # left by a killed writer; safe: we hold the lock
         state_file = out / runs.STATE_FILE
         if state_file.exists() and (out / runs.CONFIG_FILE).exists():
             runs.check_inputs(out, inputs, _checkpoint_step(state_file))
-        else:
+        elif writer:
             runs.write_json(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved,
                                                      "inputs": inputs})
         final = trainer.train(stop_requests)
