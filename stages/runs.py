@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetting.core import checkpoint
+from forgetting.core import checkpoint, sharded_checkpoint
 from forgetting.core import model as model_lib
 from forgetting.stages import cli
 
@@ -106,7 +106,7 @@ def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None 
     if dtype:
         model_dict["dtype"] = dtype
     model_cfg = model_config_from_dict(model_dict)
-    params = checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))
+    params = sharded_checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))  # either layout
     data = saved["config"]["data"]
     return LoadedRun(path, model_cfg, params, data["path"], data["num_tokens_valid"], data["split_seed"],
                      tuple(resolved["lineage_ids"]), resolved.get("tokenizer_sha256"))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import checkpoint, lora, step as step_lib
+from forgetting.core import lora, multihost, sharded_checkpoint, step as step_lib
 from forgetting.stages import cli, runs
 from forgetting.stages.train_config import TrainConfig, replace  # noqa: F401  (re-exported for experiments)
 from forgetting.stages.train_setup import Setup, build_setup
@@ -109,15 +109,16 @@ class _Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save_state(self, state, step: int, extras: dict) -> None:
-        checkpoint.save(self.out / runs.STATE_FILE, {"state": state, "extras": extras}, metadata={"step": step})
+        # One file on one process; with several, each writes its own shards (core.sharded_checkpoint).
+        sharded_checkpoint.save(self.out / runs.STATE_FILE, {"state": state, "extras": extras}, metadata={"step": step})
 
     def restore_state(self, template_state) -> tuple[Any, int, dict] | None:
         path = self.out / runs.STATE_FILE
-        if not path.exists():
+        if not sharded_checkpoint.exists(path):
             return None
         template = {"state": template_state, "extras": _extras_template()}
-        restored = checkpoint.restore(path, template)
-        step = int(checkpoint.read_metadata(path)["step"])
+        restored = sharded_checkpoint.restore(path, template)
+        step = int(sharded_checkpoint.read_metadata(path)["step"])
         return self.s.put_state(restored["state"]), step, jax.device_get(restored["extras"])
 
     # ----- the loop ------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ class _Trainer:
         step = 0
         if resumed is not None:
             state, step, extras = resumed
-            runs.truncate_metrics(self.out, step)
+            if multihost.is_writer():
+                runs.truncate_metrics(self.out, step)
             print(f"resuming {self.out} at step {step}", file=sys.stderr)
         train_step = s.train_step
         logger = _wandb_logger(cfg, self.out)
@@ -166,6 +168,8 @@ class _Trainer:
                 bar.update(1)
             at_end = s.total_steps is not None and step >= s.total_steps
             out_of_time = cfg.stop.train_time and train_seconds + timed_seconds >= cfg.stop.train_time
+            if cfg.stop.train_time:  # clocks differ between processes: all follow process 0's decision
+                out_of_time = multihost.agree(bool(out_of_time))
             if step % s.eval_every and not at_end and not out_of_time:
                 continue
             jax.block_until_ready(state.params)
@@ -199,15 +203,18 @@ class _Trainer:
         if last_row is None or last_row["step"] != step:
             last_row = self._log(self.evaluate(state, step, losses, float(extras["train_seconds"]),
                                                time.perf_counter() - wall_start), logger)
-        checkpoint.save(self.out / runs.PARAMS_FILE, jax.device_get(self.params_now(state)),
-                        metadata={"model": cli.to_dict(s.model_cfg)})
+        sharded_checkpoint.save(self.out / runs.PARAMS_FILE, self.params_now(state),
+                                metadata={"model": cli.to_dict(s.model_cfg)})
         final = dict(last_row, stop_reason=stop_reason, steps=step)
-        cli.write_json_atomic(self.out / runs.DONE_FILE, final)
+        if multihost.is_writer():  # the done marker comes last, after every process's params shards
+            cli.write_json_atomic(self.out / runs.DONE_FILE, final)
         if logger is not None:
             logger.finish()
         return final
 
     def _log(self, row: dict, logger) -> dict:
+        if not multihost.is_writer():  # every process computes the row; process 0 writes it once
+            return row
         runs.append_metrics(self.out, row)
         if logger is not None:
             logger.log(row, step=row["step"])
@@ -220,7 +227,7 @@ def _extras_template() -> dict:
 
 
 def _progress(cfg: TrainConfig, total: int | None, initial: int):
-    if not cfg.log.progress:
+    if not cfg.log.progress or not multihost.is_writer():
         return None
     from tqdm.auto import tqdm
 
@@ -229,7 +236,7 @@ def _progress(cfg: TrainConfig, total: int | None, initial: int):
 
 
 def _wandb_logger(cfg: TrainConfig, out: Path):
-    if not cfg.log.wandb:
+    if not cfg.log.wandb or not multihost.is_writer():
         return None
     try:
         import wandb
@@ -247,7 +254,8 @@ def train(cfg: TrainConfig) -> dict:
         return {"run_dir": str(out), "metrics": json.loads((out / runs.DONE_FILE).read_text()), "status": "reused"}
     trainer = _Trainer(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    cli.write_json_atomic(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved})
+    if multihost.is_writer():
+        cli.write_json_atomic(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved})
     final = trainer.train()
     return {"run_dir": str(out), "metrics": final, "status": "finished"}
 
@@ -266,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps({"run_dir": result["run_dir"], **result["metrics"]}, sort_keys=True))
+    if multihost.is_writer():
+        print(json.dumps({"run_dir": result["run_dir"], **result["metrics"]}, sort_keys=True))
     return result
 
 
