@@ -19,7 +19,8 @@ inside a rolled layer loop. The model has no remat switch on this branch (issue 
 rolling the `lax.scan` over layers); when the config grows a `remat` field the plan uses that instead.
 
 FLOPs: XLA's cost analysis counts a loop body once, so its count is only shown where the layer loop is
-unrolled (the paper model without remat); the `analytic` column is 6·N_matmul·tokens + causal attention
+unrolled (the paper model without remat), and even there it undercounts the fused head's chunk loop
+(most visible for small D, where the head dominates); the `analytic` column is 6·N_matmul·tokens + causal attention
 (x4/3 with remat: one more forward).
 
 Caveats: the numbers are XLA:CPU's compilation of the step (its fusion and buffer assignment), standing in
