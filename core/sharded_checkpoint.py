@@ -20,9 +20,13 @@ array is rebuilt with `jax.make_array_from_callback` on the template leaf's shar
 only the files holding shards that overlap its own devices' slices (all of them when M = 1). Values
 are copied bit for bit; a manifest whose files are missing, damaged or from another attempt is refused.
 
-Why not orbax-checkpoint: it would add tensorstore and a dozen more packages (tens of MB) for what
-is, here, one msgpack file per process plus a JSON manifest on top of the existing checksummed format;
-its async, multi-tier machinery is not needed, and this keeps one on-disk format for all checkpoints.
+Why not orbax-checkpoint: `pip download orbax-checkpoint` (0.12.8) brings ~29 MB of wheels this project
+does not otherwise install (tensorstore 21 MB, protobuf, etils, uvloop, aiofiles, simplejson, humanize,
+prometheus-client, pyyaml, psutil) for what is, here, one file per process plus a JSON manifest on top of
+the existing checksummed msgpack format. Its multi-process saves coordinate through the same
+`jax.distributed` barriers, so it would not remove the CPU/gloo requirements the tests exercise, and its
+async and multi-tier machinery is not needed. Keeping the one format also keeps the sha256 checks, the
+clear errors and `load_tree` inspection for every checkpoint, single- or multi-process.
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ restarts the optimizer with warm-up, and evaluates the loaded run's own validati
 (the forgetting measure). The run directory is named from the config hash: running a finished config
 again returns at once; running an unfinished one resumes from its last checkpoint and ends with the
 same numbers as an uninterrupted run. The last stdout line is one JSON object with `run_dir` and the
-final metrics.
+final metrics. In a multi-process run (`jax.distributed`, see core.sharding.initialize_distributed) every
+process computes the same rows; process 0 alone writes them, the config, the done marker and stdout's
+JSON, and each process writes its own checkpoint shards (core.sharded_checkpoint).
 """
 from __future__ import annotations
 
