@@ -25,7 +25,7 @@ import os
 import secrets
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,18 +56,32 @@ def create_temp_file(directory: str | Path, prefix: str, suffix: str = ".tmp") -
     raise FileExistsError(f"could not create a temporary file in {directory}")
 
 
-def write_json_atomic(path: str | Path, obj: dict) -> None:
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """The project's one atomic JSON writer: temp file (the user's umask) + fsync + rename + directory
+    fsync, so a reader (or a machine that loses power) sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp_file(path.parent, path.name + ".")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 class TokenWriter:

@@ -42,6 +42,8 @@ Command line of every figure file (`--help` lists the knobs with their preset va
     --wave k             only runs of wave k
     --only NAME          only the named run(s) (comma-separated); `--list` uses it for in-process runs
     --plot_only          summarize and plot from existing run directories, run nothing
+    --slurm DIR          write Slurm job arrays (one task per run, a wave per array, afterok between
+                         waves) and DIR/submit.sh; --slurm_cpus/_mem/_gpus/_time/... set resources
 
 Runs: a `RunSpec` either names a stage module (`forgetting.stages.train`: `run(cfg) -> dict`,
 `run_dir(cfg) -> Path`, `main(argv)`) or carries a Python callable `fn(config, run_dir) -> dict` that
@@ -277,7 +279,7 @@ def write_summary(summary: dict, out: str | Path) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-_FRAMEWORK_FLAGS = ("scale", "out", "list", "shard", "wave", "only", "plot_only", "help")
+_FRAMEWORK_FLAGS = ("scale", "out", "list", "shard", "wave", "only", "plot_only", "help", "slurm")
 
 
 def _framework_parser(add_help: bool, scales: Sequence[str], default_out: str) -> argparse.ArgumentParser:
@@ -303,6 +305,9 @@ def _framework_parser(add_help: bool, scales: Sequence[str], default_out: str) -
     g.add_argument("--only", default=None, metavar="NAME[,NAME...]", help="only the named runs")
     g.add_argument("--plot_only", action="store_true",
                    help="run nothing: summarize and plot from the run directories under --out")
+    from forgetting.experiments import slurm
+
+    slurm.add_flags(p)
     return p
 
 
@@ -390,6 +395,8 @@ def main(
     host_memory.keep_freed_memory()  # before the first run starts JAX's threads (see core.host_memory)
     args, knobs = parse_args(knobs_cls, presets, argv, doc=doc, default_out=_default_out(runs))
     out = Path(args.out)
+    if args.slurm is not None:  # tasks may start in another directory: every path in their commands is absolute
+        out = out.resolve()
     specs = list(runs(knobs, out))
     wave_list = waves(specs)
 
@@ -408,6 +415,9 @@ def main(
         selected = [[s for s in w if s.name in names] for w in selected]
     if args.shard is not None:
         selected = shard(selected, *args.shard)
+
+    if args.slurm is not None:
+        return _write_slurm(args, knobs, runs, selected, out)
 
     if args.list:
         base = _script_command(runs) + ["--scale", args.scale, "--out", str(out)] + knob_flags(knobs, args.preset)
@@ -444,6 +454,29 @@ def main(
     for figure in sorted(out.glob("*.png")):
         print(f"figure: {figure} (and {figure.with_suffix('.pdf').name})")
     return summary
+
+
+def _write_slurm(args: argparse.Namespace, knobs: Any, runs: Callable, selected: list[list[RunSpec]],
+                 out: Path) -> None:
+    """`--slurm DIR`: job-array scripts for the selected runs (see experiments/slurm.py); runs nothing."""
+    from forgetting.experiments import slurm
+
+    problem = slurm.check_flags(args)
+    if problem:
+        _log(f"error: {problem}")
+        raise SystemExit(2)
+    base = _script_command(runs) + ["--scale", args.scale, "--out", str(out)] + knob_flags(knobs, args.preset)
+    waves_commands = []
+    for k, w in enumerate(selected):
+        if w:
+            waves_commands.append((k, [cli.command_line(s.module, s.config) if s.module is not None
+                                       else " ".join(map(shlex.quote, base + ["--only", s.name])) for s in w]))
+    plot_command = " ".join(map(shlex.quote, base + ["--plot_only"]))
+    name = Path(_default_out(runs)).name
+    submit = slurm.write(args, waves_commands, plot_command, name)
+    n = sum(len(c) for _, c in waves_commands)
+    _log(f"wrote {len(waves_commands)} wave(s), {n} run(s) as Slurm job arrays; submit with: bash {submit}")
+    print(submit)
 
 
 def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, progress: bool) -> bool:

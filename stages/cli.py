@@ -189,24 +189,10 @@ def command_line(module: str, cfg: Any) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes JSON through a temp file + fsync + rename, so a reader never sees half a file."""
-    import os
-
+    """Writes JSON atomically (`core.data.write_json_atomic`: temp file + fsync + rename)."""
     from forgetting.core import data as data_lib
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = data_lib.create_temp_file(path.parent, path.name + ".")  # the user's umask, not 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data_lib.write_json_atomic(path, obj)
 
 
 def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,

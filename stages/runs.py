@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetting.core import checkpoint
+from forgetting.core import multihost, sharded_checkpoint
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.stages import cli
@@ -56,7 +56,7 @@ def run_dir(cfg: Any) -> Path:
 def is_done(path: str | Path) -> bool:
     """Finished: both the completion marker and the final weights are there (a run whose params.msgpack was
     deleted to recover from corruption is unfinished again: rerunning it rewrites the weights)."""
-    return (Path(path) / DONE_FILE).exists() and (Path(path) / PARAMS_FILE).exists()
+    return (Path(path) / DONE_FILE).exists() and sharded_checkpoint.exists(Path(path) / PARAMS_FILE)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -70,6 +70,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def append_metrics(path: Path, row: dict) -> None:
+    if not multihost.is_writer():  # every process computes the row; process 0 writes it once
+        return
     with open(path / METRICS_FILE, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
@@ -79,7 +81,8 @@ def truncate_metrics(path: Path, last_step: int) -> list[dict]:
     """Drops rows logged after the checkpoint being resumed (they are recomputed identically); -1 drops all
     (a fresh start). Returns the rows kept."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    write_text_atomic(path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    if multihost.is_writer():
+        write_text_atomic(path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
 
@@ -96,13 +99,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    cli.write_json_atomic(path, obj)
+    """Process 0 writes (config.json, done.json); the other processes of a multi-process run skip it."""
+    if multihost.is_writer():
+        cli.write_json_atomic(path, obj)
 
 
 def save_checkpoint(path: Path, tree: Any, metadata: dict, *, fault: str | None = None) -> None:
-    """`checkpoint.save`; `fault` names the crash point between the complete temp file and its rename."""
-    checkpoint.save(path, tree, metadata=metadata,
-                    before_replace=(lambda _tmp: fault_point(fault)) if fault else None)
+    """`sharded_checkpoint.save` (one file on one process; each process its own shards on several); `fault`
+    names the crash point between the complete temp file and its rename."""
+    sharded_checkpoint.save(path, tree, metadata=metadata,
+                            before_replace=(lambda _tmp: fault_point(fault)) if fault else None)
 
 
 def remove_temp_files(path: Path) -> list[str]:
@@ -271,7 +277,7 @@ def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None 
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file}: field 'resolved.model' is not a valid model config ({e})") from None
     try:
-        params = checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))
+        params = sharded_checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))  # either layout
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{e}. To recover the run's final weights: delete {path / PARAMS_FILE} and "
                          f"{path / DONE_FILE}, then rerun the run's training command (its flags are in {file}): it "

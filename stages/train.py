@@ -10,7 +10,9 @@ restarts the optimizer with warm-up, and evaluates the loaded run's own validati
 (the forgetting measure). The run directory is named from the config hash: running a finished config
 again returns at once; running an unfinished one resumes from its last checkpoint and ends with the
 same numbers as an uninterrupted run. The last stdout line is one JSON object with `run_dir` and the
-final metrics.
+final metrics. In a multi-process run (`jax.distributed`, see core.sharding.initialize_distributed) every
+process computes the same rows; process 0 alone writes them, the config, the done marker and stdout's
+JSON, and each process writes its own checkpoint shards (core.sharded_checkpoint).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import checkpoint, lora, step as step_lib
+from forgetting.core import lora, multihost, sharded_checkpoint, step as step_lib
 from forgetting.stages import cli, runs
 from forgetting.stages.train_config import TrainConfig, replace  # noqa: F401  (re-exported for experiments)
 from forgetting.stages.train_setup import Setup, build_setup
@@ -117,12 +119,12 @@ class _Trainer:
 
     def restore_state(self, template_state) -> tuple[Any, int, dict] | None:
         path = self.out / runs.STATE_FILE
-        if not path.exists():
+        if not sharded_checkpoint.exists(path):
             return None
         template = {"state": template_state, "extras": _extras_template(self.s.eval_every)}
         step = _checkpoint_step(path)
         try:
-            restored = checkpoint.restore(path, template)
+            restored = sharded_checkpoint.restore(path, template)
         except ValueError as e:
             raise ValueError(_state_advice(e, path)) from None
         return self.s.put_state(restored["state"]), step, jax.device_get(restored["extras"])
@@ -187,6 +189,8 @@ class _Trainer:
                 bar.update(1)
             at_end = s.total_steps is not None and step >= s.total_steps
             out_of_time = cfg.stop.train_time and train_seconds + timed_seconds >= cfg.stop.train_time
+            if cfg.stop.train_time:  # clocks differ between processes: all follow process 0's decision
+                out_of_time = multihost.agree(bool(out_of_time))
             if step % s.eval_every and not at_end and not out_of_time:
                 continue
             jax.block_until_ready(state.params)
@@ -225,7 +229,7 @@ class _Trainer:
         if last_row is None or last_row["step"] != step:
             last_row = self._log(self.evaluate(state, step, losses, float(extras["train_seconds"]),
                                                time.perf_counter() - wall_start), logger)
-        runs.save_checkpoint(self.out / runs.PARAMS_FILE, jax.device_get(self.params_now(state)),
+        runs.save_checkpoint(self.out / runs.PARAMS_FILE, self.params_now(state),
                              {"model": cli.to_dict(s.model_cfg)}, fault="params_write")
         runs.fault_point("before_done")
         final = dict(last_row, stop_reason=stop_reason, steps=step)
@@ -235,7 +239,7 @@ class _Trainer:
         return final
 
     def _log(self, row: dict, logger) -> dict:
-        runs.append_metrics(self.out, row)
+        runs.append_metrics(self.out, row)  # process 0 writes; every process computes the row
         if logger is not None:
             logger.log(row, step=row["step"])
         return row
@@ -287,7 +291,7 @@ class _StopRequests:
 
 
 def _progress(cfg: TrainConfig, total: int | None, initial: int):
-    if not cfg.log.progress:
+    if not cfg.log.progress or not multihost.is_writer():
         return None
     from tqdm.auto import tqdm
 
@@ -296,7 +300,7 @@ def _progress(cfg: TrainConfig, total: int | None, initial: int):
 
 
 def _wandb_logger(cfg: TrainConfig, out: Path):
-    if not cfg.log.wandb:
+    if not cfg.log.wandb or not multihost.is_writer():
         return None
     try:
         import wandb
@@ -313,7 +317,7 @@ def _state_advice(error: Exception, path: Path) -> str:
 
 def _checkpoint_step(path: Path) -> int:
     try:
-        return int(checkpoint.read_metadata(path)["step"])
+        return int(sharded_checkpoint.read_metadata(path)["step"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(_state_advice(e, path)) from None
 
@@ -338,14 +342,14 @@ def train(cfg: TrainConfig) -> dict:
     # with a checkpoint between steps (before this point there is nothing to save).
     # In a multi-process (multi-host) run the processes of one run share its directory: only process 0
     # takes the lock and cleans up (the others must not be refused by it, nor delete its temp files).
-    writer = jax.process_index() == 0
+    writer = multihost.is_writer()
     with (runs.RunLock(out) if writer else contextlib.nullcontext()), _StopRequests() as stop_requests:
         if runs.is_done(out):  # another process finished it while this one was setting up
             return _reused(out)
         if writer:
             runs.remove_temp_files(out)  # left by a killed writer; safe: we hold the lock
         state_file = out / runs.STATE_FILE
-        if state_file.exists() and (out / runs.CONFIG_FILE).exists():
+        if sharded_checkpoint.exists(state_file) and (out / runs.CONFIG_FILE).exists():
             runs.check_inputs(out, inputs, _checkpoint_step(state_file))
         elif writer:
             runs.write_json(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved,
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     except runs.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
-    print(json.dumps({"run_dir": result["run_dir"], **result["metrics"]}, sort_keys=True))
+    if multihost.is_writer():
+        print(json.dumps({"run_dir": result["run_dir"], **result["metrics"]}, sort_keys=True))
     return result
 
 

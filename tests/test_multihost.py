@@ -1,0 +1,167 @@
+"""Multi-process training over loopback: 2 and 4 `jax.distributed` processes on the CPU backend (one
+device each, gloo collectives), sharing one run directory as on a cluster file system.
+
+Checks, for dp, fsdp and tp: the same final metrics as one process holding as many devices; every
+metrics row written once; `kill -9` of one process mid-run, then a rerun of all, ends bitwise equal to
+the uninterrupted multi-process run; a checkpoint written by 2 processes resumes on 1 and on 4.
+
+Each case starts several Python processes that each compile the train step (10-40 s each on 2 busy
+cores), so the module is `slow`: `python -m pytest -q -m slow tests/test_multihost.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forgetting.core import sharded_checkpoint
+from forgetting.stages import generate, runs
+
+pytestmark = pytest.mark.slow
+
+T = 32
+KEYS = ("valid_ntp", "valid_ntp_h2", "train_loss", "weight_norm", "step")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("corpus") / "lang0.bin"
+    generate.generate(generate.Config(corpus="synthetic", language=0, num_tokens=40_000, vocab_size=64, seq_len=T,
+                                      out=str(out)))
+    return str(out)
+
+
+def _args(corpus: str, run_dir: Path, mesh: str, mesh_model: int = 1, steps: int = 6, every: int = 2) -> list[str]:
+    return ["--data.path", corpus, "--data.num_tokens_valid", "2048", "--model.d_model", "32", "--model.n_layers", "1",
+            "--model.head_dim", "16", "--model.seq_len", str(T), "--model.dtype", "float32", "--opt.batch_size", "8",
+            "--opt.warmup_tokens", "256", "--stop.num_tokens_train", str(8 * T * steps), "--log.every_steps",
+            str(every), "--log.progress", "false", "--run.mesh", mesh, "--run.mesh_model", str(mesh_model),
+            "--run.dir", str(run_dir)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(n: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
+    """`n` train processes (one CPU device each) joined through a loopback coordinator."""
+    port, procs = _free_port(), []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   FORGETTING_COORDINATOR=f"127.0.0.1:{port}", FORGETTING_NUM_PROCESSES=str(n),
+                   FORGETTING_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-m", "forgetting.stages.train", *args], env=env,
+                                      stdout=open(log_dir / f"out{i}", "w"), stderr=open(log_dir / f"err{i}", "w")))
+    return procs
+
+
+def _final(procs: list[subprocess.Popen], log_dir: Path) -> dict:
+    for i, p in enumerate(procs):
+        rc = p.wait(timeout=600)
+        assert rc == 0, f"process {i} exited {rc}:\n{(log_dir / f'err{i}').read_text()[-3000:]}"
+    lines = [(log_dir / f"out{i}").read_text().strip().splitlines() for i in range(len(procs))]
+    finals = [json.loads(ls[-1]) for ls in lines if ls and ls[-1].startswith("{")]
+    assert len(finals) == 1, "exactly one process (process 0) prints the final JSON"
+    return finals[0]
+
+
+def run_multi(n: int, corpus: str, root: Path, mesh: str, **kw) -> dict:
+    log_dir = root / "logs"
+    return _final(_launch(n, _args(corpus, root / "runs", mesh, **kw), log_dir), log_dir)
+
+
+def run_single(devices: int, corpus: str, root: Path, mesh: str, **kw) -> dict:
+    """One process with `devices` fake CPU devices, same mesh shape."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    for k in ("FORGETTING_COORDINATOR", "FORGETTING_NUM_PROCESSES", "FORGETTING_PROCESS_ID"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "forgetting.stages.train", *_args(corpus, root / "runs", mesh, **kw)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_same(a: dict, b: dict, rel: float) -> None:
+    for key in KEYS:
+        assert a[key] == pytest.approx(b[key], rel=rel), key
+
+
+@pytest.mark.parametrize("mesh,n,mesh_model", [("dp", 2, 1), ("fsdp", 2, 1), ("tp", 2, 2), ("fsdp", 4, 1),
+                                               ("tp", 4, 2)])
+def test_processes_match_one_process_and_write_each_row_once(corpus, tmp_path, mesh, n, mesh_model):
+    single = run_single(n, corpus, tmp_path / "single", mesh, mesh_model=mesh_model)
+    multi = run_multi(n, corpus, tmp_path / "multi", mesh, mesh_model=mesh_model)
+    # Same global computation; only the collectives' summation order may differ (gloo vs in-process).
+    _assert_same(multi, single, rel=1e-5)
+    run = Path(multi["run_dir"])
+    assert [r["step"] for r in runs.read_metrics(run)] == [0, 2, 4, 6]  # each row once
+    assert runs.is_done(run) and json.loads((run / runs.DONE_FILE).read_text())["step"] == 6
+    # The final weights were written as shards (one file per process) and load whole in this one process.
+    manifest = json.loads(sharded_checkpoint.manifest_path(run / runs.PARAMS_FILE).read_text())
+    assert manifest["num_processes"] == n and len(manifest["files"]) == n
+    assert not (run / runs.PARAMS_FILE).exists()
+    loaded = runs.load_run(run)
+    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(p, np.float64))) for p in loaded.params.values())))
+    assert norm == pytest.approx(multi["weight_norm"], rel=1e-5)
+
+
+def _kill_mid_run(procs: list[subprocess.Popen], run: Path, after_step: int) -> int:
+    """Waits until a checkpoint past `after_step` is committed, then `kill -9`s process 1 and (since the
+    others then wait on it forever) the rest. Returns the step of the checkpoint left behind."""
+    state = run / runs.STATE_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if sharded_checkpoint.manifest_path(state).exists() and sharded_checkpoint.read_metadata(state)["step"] >= after_step:
+            break
+        assert all(p.poll() is None for p in procs), "a process ended before the kill"
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"no checkpoint past step {after_step} within 300 s")
+    procs[1].send_signal(signal.SIGKILL)
+    time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not runs.is_done(run), "the run finished before the kill; lengthen it"
+    return sharded_checkpoint.read_metadata(state)["step"]
+
+
+def test_kill9_then_rerun_resumes_exactly_and_restores_on_other_process_counts(corpus, tmp_path):
+    kw = dict(mesh_model=1, steps=40, every=4)
+    reference = run_multi(2, corpus, tmp_path / "reference", "fsdp", **kw)
+
+    root = tmp_path / "killed"
+    args = _args(corpus, root / "runs", "fsdp", **kw)
+    procs = _launch(2, args, root / "logs0")
+    run = Path(reference["run_dir"].replace(str(tmp_path / "reference"), str(root)))
+    resumed_from = _kill_mid_run(procs, run, after_step=8)
+    assert 8 <= resumed_from < 40
+    # Keep a copy of the interrupted run for the restores on 1 and 4 processes below.
+    for name in ("on1", "on4"):
+        shutil.copytree(root / "runs", tmp_path / name / "runs")
+
+    resumed = _final(_launch(2, args, root / "logs1"), root / "logs1")
+    for key in KEYS:  # same processes, same shards: bitwise the same numbers
+        assert resumed[key] == reference[key], key
+    steps = [r["step"] for r in runs.read_metrics(run)]
+    assert steps == list(range(0, 41, 4)), "each row once, none lost or repeated by the resume"
+    assert "resuming" in (root / "logs1" / "err0").read_text()
+
+    # A checkpoint written by 2 processes resumes on 1 process (2 devices) and on 4 processes.
+    on1 = run_single(2, corpus, tmp_path / "on1", "fsdp", **kw)
+    on4 = run_multi(4, corpus, tmp_path / "on4", "fsdp", **kw)
+    for other in (on1, on4):
+        _assert_same(other, reference, rel=1e-5)
