@@ -11,6 +11,16 @@ restarts the optimizer with warm-up, and evaluates the loaded run's own validati
 again returns at once; running an unfinished one resumes from its last checkpoint and ends with the
 same numbers as an uninterrupted run. The last stdout line is one JSON object with `run_dir` and the
 final metrics.
+
+Timing: `train_seconds` (the time axis of the high-LR figure and `--stop.train_time`) is training time as
+the authors' `log.measure_time` counts it: it leaves out the first 5 steps of each process (compilation
+and warm-up) and evaluations. Unlike theirs it includes assembling each step's batch, so reading real
+replay rows and sampling self-generated replay count as training time.
+
+Metrics per eval beyond the losses on each dataset: `train_loss` (the objective), `train_loss_ntp` and
+`train_loss_reg` (its two terms, averaged since the last eval), `epoch` (passes over the training split),
+`mix_ntp`/`mix_ntp_h2` for the `--mix.path` dataset, and `valid_kl` — in pretraining KL(init ‖ θ), the KL
+to the initialization, as the authors log it; in finetuning KL(p_ref ‖ θ).
 """
 from __future__ import annotations
 
@@ -42,6 +52,9 @@ def _diff_norm(a: Any, b: Any) -> float:
     return _norm(jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b))
 
 
+UNTIMED_STEPS = 5  # steps at the start of each process left out of `train_seconds` (the authors' measure_time)
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, out: Path):
         self.cfg, self.out = cfg, out
@@ -71,20 +84,26 @@ class _Trainer:
         s = self.s
         return lora.merge(s.model_cfg, s.frozen["base"], state.params) if s.use_lora else state.params
 
-    def evaluate(self, state, step: int, train_losses: list, train_seconds: float, wall: float) -> dict:
+    def evaluate(self, state, step: int, train_losses: list, train_seconds: float, wall: float,
+                 train_terms: list | None = None) -> dict:
         from forgetting.stages import evaluation
 
         s, cfg = self.s, self.cfg
         params = self.params_now(state)
         ref = s.frozen.get("ref")
-        row: dict = {"step": step, "tokens": step * s.tokens_per_step, "lr": float(s.schedule(step))}
+        row: dict = {"step": step, "tokens": step * s.tokens_per_step, "lr": float(s.schedule(step)),
+                     "epoch": step * cfg.opt.batch_size / s.dataset.num_train}
         if train_losses:
             row["train_loss"] = float(np.mean(jax.device_get(train_losses)))
+        if train_terms:
+            ntp, reg = np.mean(np.asarray(jax.device_get(train_terms), np.float64), axis=0)
+            row["train_loss_ntp"], row["train_loss_reg"] = float(ntp), float(reg)
         bs, cap = s.eval_batch_size, cfg.eval.max_tokens
-        for prefix, dataset in (("valid", s.dataset), ("prev", s.prev_dataset)):
+        kl_ref = ref if ref is not None else s.init_params  # pretraining: KL to the initialization
+        for prefix, dataset in (("valid", s.dataset), ("prev", s.prev_dataset), ("mix", s.mix_dataset)):
             if dataset is None:
                 continue
-            m = evaluation.ntp_and_kl(self.eval_step, params, dataset, bs, ref, cap)
+            m = evaluation.ntp_and_kl(self.eval_step, params, dataset, bs, kl_ref, cap)
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
             span = evaluation.answer_span(dataset.token_file.meta)
             if span:
@@ -136,12 +155,14 @@ class _Trainer:
         logger = _wandb_logger(cfg, self.out)
         train_seconds, wall_start = float(extras["train_seconds"]), time.perf_counter() - float(extras["wall_time"])
         s.first_step_timed, timed_seconds, compiled = step, 0.0, False
+        process_first_step = step
         stop_reason, last_row = None, None
         if step == 0:
             last_row = self._log(self.evaluate(state, 0, [], 0.0, 0.0), logger)
             self.save_state(state, 0, extras)
         bar = _progress(cfg, s.total_steps, step)
         losses: list = []
+        terms: list = []  # (ntp, reg) per step: the objective's two terms
         while stop_reason is None:
             if s.total_steps is not None and step >= s.total_steps:
                 stop_reason = s.length_criterion
@@ -150,11 +171,14 @@ class _Trainer:
             batch = self.batch(step)
             state, metrics = train_step(state, batch, s.frozen)
             losses.append(metrics["loss"])
+            terms.append((metrics["ntp"], metrics["reg"]))
             step += 1
-            if not compiled or step % 10 == 0 or step == s.total_steps:
+            if (not compiled or step % 10 == 0 or step == s.total_steps or step % s.eval_every == 0
+                    or step - process_first_step == UNTIMED_STEPS):
                 jax.block_until_ready(metrics["loss"])
             seconds = time.perf_counter() - t0
-            timed_seconds += seconds
+            if step - process_first_step > UNTIMED_STEPS:
+                timed_seconds += seconds
             if not compiled:
                 compiled, s.first_step_timed = True, step  # the compiling step does not count towards throughput
             else:
@@ -175,16 +199,19 @@ class _Trainer:
                     f"training loss became {mean_loss} between steps {step - len(losses)} and {step}; the last "
                     f"good checkpoint (step {step - len(losses)}) is kept in {self.out}. Lower --opt.peak_lr, "
                     "lengthen --opt.warmup_tokens or use --model.dtype float32, then rerun to resume.")
-            row = self.evaluate(state, step, losses, train_seconds + timed_seconds, time.perf_counter() - wall_start)
-            losses = []
+            row = self.evaluate(state, step, losses, train_seconds + timed_seconds, time.perf_counter() - wall_start,
+                                terms)
+            losses, terms = [], []
             valid = row["valid_ntp"]
-            if valid < float(extras["best_valid"]):
+            # compared in float32, as stored: a float64 loss just under its own float32 rounding would
+            # count as a new best at every eval and early stopping would never trigger
+            if np.float32(valid) < extras["best_valid"]:
                 extras["best_valid"], extras["evals_since_best"] = np.float32(valid), np.int32(0)
             else:
                 extras["evals_since_best"] = np.int32(int(extras["evals_since_best"]) + 1)
             if cfg.stop.target_loss and valid <= cfg.stop.target_loss:
                 stop_reason = "target_loss"
-            elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) >= cfg.stop.early_stop_evals:
+            elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) > cfg.stop.early_stop_evals:
                 stop_reason = "early_stop"
             elif out_of_time:
                 stop_reason = "train_time"
@@ -198,7 +225,7 @@ class _Trainer:
             bar.close()
         if last_row is None or last_row["step"] != step:
             last_row = self._log(self.evaluate(state, step, losses, float(extras["train_seconds"]),
-                                               time.perf_counter() - wall_start), logger)
+                                               time.perf_counter() - wall_start, terms), logger)
         checkpoint.save(self.out / runs.PARAMS_FILE, jax.device_get(self.params_now(state)),
                         metadata={"model": cli.to_dict(s.model_cfg)})
         final = dict(last_row, stop_reason=stop_reason, steps=step)
