@@ -169,7 +169,9 @@ def test_authors_checkpoint_finetunes_with_kl_on_real_replay_through_the_cli(tmp
     weights = write_authors_checkpoint(ckpt, "/dev/shm/c4_10B/c4_en.bin")
     raw_bin(ckpt / "c4_en.bin", 0)  # their raw .bin beside the checkpoint
     new = raw_bin(tmp_path / "c4_es.bin", 1)
-    argv = ["--data.path", str(new), "--data.num_tokens_valid", "2048", "--model.load_path", str(ckpt),
+    # the sweep form of their finetune configs: model.load_dir + model.load_idx
+    argv = ["--data.path", str(new), "--data.num_tokens_valid", "2048", "--model.load_dir", str(ckpt.parent),
+            "--model.load_idx", "0",
             "--model.dtype", "float32", "--reg.method", "kl_pre", "--reg.coeff", "10", "--reg.batch_size", "8",
             "--opt.batch_size", "8", "--opt.warmup_tokens", "0", "--stop.num_tokens_train", str(8 * T * 4),
             "--log.every_steps", "2", "--log.progress", "false", "--run.dir", str(tmp_path / "runs")]
@@ -196,7 +198,7 @@ def test_load_dir_and_load_idx_index_the_sorted_runs(tmp_path):
     with pytest.raises(ValueError, match="go together"):
         finetune_cfg(tmp_path, tmp_path / "x.bin", **{"model.load_dir": str(tmp_path / "sweep")}).validate()
     finetune_cfg(tmp_path, tmp_path / "x.bin", **{"model.load_dir": str(tmp_path / "sweep"), "model.load_idx": 0,
-                                                  "reg.method": "kl_pre"}).validate()  # counts as a loaded model
+                                                  "reg.method": "kl_pre", "reg.batch_size": 8}).validate()  # a loaded model
 
 
 # ------------------------------------------------------------------------------------ export
