@@ -57,6 +57,7 @@ class LMKnobs:
     finetune_eval_tokens: int = 0  # >0: evaluate finetuning runs every this many tokens instead
     pretrain_lr_decay: str = "none"  # pretraining LR schedule after warm-up: none (constant) | cosine
     finetune_lr_decay: str = "none"  # finetuning LR schedule after warm-up: none | cosine (needs a run length)
+    extra_evals: bool = True  # also evaluate both datasets at every eval as ntp/<stem> (model_capacity reads them)
     seed: int = 0  # training seed (init, batch order, replay sampling)
 
     @property
@@ -130,6 +131,11 @@ def authors_loss(loss: float, seq_len: int) -> float:
     return loss * seq_len / (seq_len - 1)
 
 
+def stems(k: LMKnobs) -> tuple[str, str]:
+    """The names under which the extra evals log the old and new data (`ntp/<stem>`)."""
+    return (Path(k.old_path).stem if k.old_path else OLD), (Path(k.new_path).stem if k.new_path else NEW)
+
+
 def paper_params(k: LMKnobs, d_model: int, vocab_size: int | None = None) -> int:
     """12·L·D² + D·V, the paper's size count (vocab from the knobs; paper data: pass it)."""
     return 12 * k.n_layers * d_model**2 + d_model * (vocab_size or k.vocab_size)
@@ -144,7 +150,7 @@ def base_config(k: LMKnobs, out: Path, paths: dict[str, str], d_model: int) -> T
         "model.seq_len": k.seq_len, "model.dtype": k.dtype,
         "opt.batch_size": k.batch_size, "opt.peak_lr": k.lr, "opt.weight_decay": k.weight_decay,
         "opt.warmup_tokens": k.warmup_steps * k.tokens_per_step,
-        "eval.extra_paths": (paths[OLD], paths[NEW]),
+        "eval.extra_paths": (paths[OLD], paths[NEW]) if k.extra_evals else (),
         "log.progress": False})
 
 

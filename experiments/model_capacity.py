@@ -144,9 +144,10 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
     return specs
 
 
-def _losses(row: dict) -> tuple[float | None, float | None]:
+def _losses(row: dict, k: Knobs) -> tuple[float | None, float | None]:
     """(old-data, new-data) loss of a metrics row, from the extra evals of both datasets."""
-    return row.get(f"ntp/{C.OLD}"), row.get(f"ntp/{C.NEW}")
+    old, new = C.stems(k)
+    return row.get(f"ntp/{old}"), row.get(f"ntp/{new}")
 
 
 def summarize(k: Knobs, out: Path) -> dict:
@@ -158,8 +159,8 @@ def summarize(k: Knobs, out: Path) -> dict:
             mixtures.append({"fraction": f, "old_loss": None, "new_loss": None})
             continue
         # the converged point: the evaluation with the best validation loss of the run's own mixture
-        best = min(rows, key=lambda r: (1 - f) * (_losses(r)[0] or 0) + f * (_losses(r)[1] or 0))
-        old, new = _losses(best)
+        best = min(rows, key=lambda r: (1 - f) * (_losses(r, k)[0] or 0) + f * (_losses(r, k)[1] or 0))
+        old, new = _losses(best, k)
         mixtures.append({"fraction": f, "old_loss": old, "new_loss": new, "tokens": best.get("tokens")})
     front = C.pareto_frontier((m["new_loss"], m["old_loss"]) for m in mixtures if m["old_loss"] is not None)
     traj, ends = {}, {}
@@ -169,7 +170,7 @@ def summarize(k: Knobs, out: Path) -> dict:
             if mm != m:
                 continue
             rows = framework.read_metrics(dirs[_fine_run_name(m, lr, c, k)])
-            pts = [_losses(r) for r in rows]
+            pts = [_losses(r, k) for r in rows]
             pts = [(o, n) for o, n in pts if o is not None and n is not None]
             traj[m][key] = {"old": [o for o, _ in pts], "new": [n for _, n in pts]}
             if pts:

@@ -44,6 +44,7 @@ def check_common(c: TrainConfig) -> None:
     assert c.opt.warmup_tokens == WARMUP_TOKENS
     assert c.data.num_tokens_valid == 10_000_000
     assert c.opt.optimizer == "adamw" and c.opt.weight_decay == 0.02 and (c.opt.b1, c.opt.b2) == (0.9, 0.999)
+    assert c.eval.extra_paths == ()  # valid_* and prev_* are the figure's numbers: no duplicate evals
 
 
 def test_model_size(tmp_path, capsys):
@@ -140,6 +141,7 @@ def test_model_capacity(tmp_path, capsys):
     for c in mixes:
         if c.run.name.startswith("mix"):
             assert c.stop.num_epochs == 10 and c.opt.lr_decay == "cosine"
+    assert all(c.eval.extra_paths == (OLD, NEW) for c in runs.values())  # the frontier needs both datasets
     light = runs["pre-light"]
     assert light.stop.tokens_per_param == 20 and light.mix.coeff == 0.3 and light.opt.lr_decay == "none"
     over = [c for c in runs.values() if c.run.name.startswith("ft-over")]
