@@ -230,3 +230,32 @@ def test_export_refuses_what_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main(["--load_path", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "not a run directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ their model shapes
+
+
+def test_width_not_a_multiple_of_the_head_dim_has_floor_heads_as_theirs():
+    # their grid sweep has D=288 with head dim 64: N = D // H = 4 heads, attention width 256 < D
+    import jax.numpy as jnp
+
+    cfg = model_lib.ModelConfig(vocab_size=V, d_model=40, n_layers=2, head_dim=16, seq_len=8, dtype="float32")
+    assert cfg.n_heads == 2
+    params = model_lib.init(cfg, jax.random.key(0))
+    assert params["qkv"].shape == (2, 3, 2, 40, 16) and params["out"].shape == (2, 2, 16, 40)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, V)
+    full = model_lib.forward(cfg, params, tokens)
+    assert full.shape == (2, 8, V) and bool(jnp.all(jnp.isfinite(full)))
+    cache = model_lib.init_cache(cfg, 2)
+    for t in range(8):  # cached decoding reproduces the full forward position by position
+        step, cache = model_lib.forward(cfg, params, tokens[:, t:t + 1], cache=cache, pos=t)
+        assert np.allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-4)
+    from forgetting.core import losses
+    from forgetting.core import step as step_lib
+
+    loss_fn = step_lib.make_loss_fn(cfg)  # the train step's fused loss and hand-written attention gradients
+    fused, grads = jax.value_and_grad(lambda p: loss_fn(p, {"ref": None, "base": None}, {"tokens": tokens})[0])(params)
+    assert float(fused) == pytest.approx(float(losses.next_token_loss(full, tokens)), rel=1e-5)
+    assert all(bool(jnp.all(jnp.isfinite(g))) and g.shape == params[k].shape for k, g in grads.items())
+    with pytest.raises(ValueError, match="at least head_dim"):
+        model_lib.ModelConfig(d_model=32, head_dim=64)
