@@ -192,3 +192,25 @@ def test_instruct(tmp_path, capsys):
     assert cfg.stop.num_epochs == 5 and cfg.stop.num_tokens_train == 0
     assert (cfg.opt.peak_lr, cfg.opt.b2, cfg.opt.weight_decay, cfg.opt.warmup_tokens) == (1e-5, 0.997, 0.02,
                                                                                            10_000_000)
+
+
+def test_paper_cost_counts_training_replay_and_evaluation_flops():
+    from forgetting.core import model as model_lib
+    from forgetting.experiments import paper_cost
+
+    mc = model_lib.ModelConfig(vocab_size=4096, d_model=256, n_layers=6, head_dim=64, seq_len=256)
+    per_token = 6 * (12 * 6 * 256**2 + 256 * 4096) + 12 * 6 * 256 * 256 / 2  # 6·N_matmul + causal attention
+    assert model_lib.flops_per_token(mc) == per_token == 36_962_304
+    pre = cli.parse(TrainConfig, ["--data.path", OLD, "--stop.tokens_per_param", "10", "--data.num_tokens_valid",
+                                  "10000000", "--log.every_tokens", "10000000"])
+    flops, capped = paper_cost.run_cost(pre, mc, paper_cost.SIZES)
+    tokens = 10 * (12 * 6 * 256**2 + 256 * 4096)  # 57.7M: 7 evals (at 0 and every 10M) of 10M tokens, valid + KL to init
+    assert not capped
+    assert flops == pytest.approx(tokens * per_token + 7 * 10_000_000 * per_token / 3 * 2)
+    fine = cli.parse(TrainConfig, ["--data.path", NEW, "--model.load_path", "x", "--reg.method", "kl_pre",
+                                   "--reg.batch_size", "64", "--stop.num_epochs", "2", "--stop.target_loss", "3",
+                                   "--data.num_tokens_valid", "1000000", "--log.every_tokens", "100000000"])
+    flops, capped = paper_cost.run_cost(fine, mc, {"c4_es": 1e9})
+    replay = 64 / 256 * (per_token + per_token / 3)  # replay rows forward+backward, and the reference's forward
+    assert capped  # a target stop: the 2-epoch cap is counted
+    assert flops == pytest.approx(2e9 * (per_token + replay) + 21 * 1_000_000 * per_token / 3 * 4)
