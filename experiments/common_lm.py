@@ -6,7 +6,12 @@ Data. By default an experiment generates two related synthetic languages in-proc
 rows, so learning one overwrites part of the other and tiny widths saturate). For the paper's setting
 pass `--old_path OLD.bin --new_path NEW.bin`: flat uint16 token files with their `.json` sidecars written
 by the tokenize stage (`python -m forgetting.stages.tokenize ...`, e.g. C4-en and C4-es with the
-4096-token BPE; old data gets dataset id 0, new data id 1). Then no data run is made.
+4096-token BPE; old data gets dataset id 0, new data id 1), or the authors' raw files named by their
+stems (c4_en.bin, c4_es.bin, fineweb_edu_10B.bin, nemotron_math_20M.bin: no sidecar needed). Then no data
+run is made.
+
+Paper presets reproduce the authors' released sweeps; `authors_loss` converts their loss values (targets)
+to this project's definition, and `AUTHORS_*` hold their defaults (warm-up, validation size, eval cadence).
 
 Configs. `base_config` turns the knobs every figure shares (`LMKnobs`) into a `TrainConfig`;
 `pretrain_config` / `finetune_config` add a model width, a stop rule and a regularizer. Lengths are
