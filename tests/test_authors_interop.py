@@ -235,6 +235,7 @@ def test_export_refuses_what_is_not_a_run(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ their model shapes
 
 
+@pytest.mark.slow
 def test_width_not_a_multiple_of_the_head_dim_has_floor_heads_as_theirs():
     # their grid sweep has D=288 with head dim 64: N = D // H = 4 heads, attention width 256 < D
     import jax.numpy as jnp
