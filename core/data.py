@@ -16,6 +16,11 @@ takes a validation split once from a seeded permutation, and serves training bat
 function of (seed, step): sample k of the run is position k % num_train of the permutation for
 (seed, epoch = k // num_train). A resumed run therefore sees exactly the batches it would have seen.
 The dataset id overwrites token 0 of every sequence (the paper's convention).
+
+The authors' token files are raw uint16 `.bin` files without a sidecar. They open here too: their file
+stems (`AUTHORS_DATASET_IDS`: c4_en, c4_es, fineweb_edu_10B, nemotron_math_20M) carry their dataset ids,
+and any other raw file opens when its dataset id is given (`TokenFile(path, dataset_id=...)`); the
+vocabulary size is then unknown (0) and comes from the model.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 DTYPE = np.dtype("<u2")
+# The dataset ids the authors' dataloader assigns by file stem (their DATASET_TOKEN_IDS).
+AUTHORS_DATASET_IDS = {"c4_en": 0, "c4_es": 1, "fineweb_edu_10B": 0, "nemotron_math_20M": 1}
 DTYPES = {"uint16": DTYPE, "uint32": np.dtype("<u4")}
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning for the maximum id (32 MiB)
 
@@ -147,17 +154,30 @@ def write_token_file(path: str | Path, tokens: np.ndarray, meta: dict, dtype: st
 class TokenFile:
     """A memmapped `.bin` token file with its validated sidecar."""
 
-    def __init__(self, path: str | Path, *, vocab_size: int | None = None, tokenizer_sha256: str | None = None):
+    def __init__(self, path: str | Path, *, vocab_size: int | None = None, tokenizer_sha256: str | None = None,
+                 dataset_id: int | None = None):
+        """`dataset_id`: for a raw `.bin` without a sidecar (the authors' files); None = the sidecar's, or
+        the authors' id of the file stem. Given with a sidecar, it must agree with the sidecar's."""
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"token file not found: {self.path}")
         meta_path = sidecar_path(self.path)
-        if not meta_path.exists():
-            raise FileNotFoundError(f"sidecar {meta_path} not found; token files are written with one by the tokenize/generate stages")
-        try:
-            self.meta: dict = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"sidecar {meta_path} is not valid JSON: {e}") from None
+        if meta_path.exists():
+            try:
+                self.meta: dict = json.loads(meta_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"sidecar {meta_path} is not valid JSON: {e}") from None
+            if dataset_id is not None and "dataset_id" in self.meta and int(self.meta["dataset_id"]) != dataset_id:
+                raise ValueError(f"dataset id {dataset_id} was given for {self.path}, but its sidecar says "
+                                 f"{self.meta['dataset_id']}; drop the dataset id or fix the sidecar")
+        else:
+            if dataset_id is None:
+                dataset_id = AUTHORS_DATASET_IDS.get(self.path.stem)
+            if dataset_id is None:
+                raise FileNotFoundError(
+                    f"sidecar {meta_path} not found; a raw uint16 token file (the authors' format) needs its "
+                    f"dataset id: pass --data.dataset_id N (their stems {sorted(AUTHORS_DATASET_IDS)} have one)")
+            self.meta = {"dataset_id": int(dataset_id), "dtype": "uint16", "raw": True}
         size = self.path.stat().st_size
         if size == 0:
             raise ValueError(f"token file {self.path} is empty (0 bytes)")

@@ -37,7 +37,7 @@ class ModelConfig:
     vocab_size: int = 4096  # V: number of token ids
     d_model: int = 256  # D: residual width
     n_layers: int = 6  # L: transformer blocks
-    head_dim: int = 64  # per-head width; heads = d_model / head_dim
+    head_dim: int = 64  # per-head width; heads = d_model // head_dim (as the authors': D=288 has 4 heads of 64)
     seq_len: int = 256  # T: maximum sequence length (RoPE table and KV-cache size)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
     rope_base: float = 10000.0  # RoPE base frequency
@@ -48,8 +48,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio"):
             if getattr(self, name) <= 0:  # first: head_dim 0 would otherwise divide by zero below
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.head_dim:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of head_dim={self.head_dim}")
+        if self.d_model < self.head_dim:
+            raise ValueError(f"d_model={self.d_model} must be at least head_dim={self.head_dim} (one head)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.dtype not in ("bfloat16", "float32"):
@@ -57,6 +57,7 @@ class ModelConfig:
 
     @property
     def n_heads(self) -> int:
+        """floor(D / head_dim), as the authors' model: the attention width heads·head_dim may be below D."""
         return self.d_model // self.head_dim
 
     @property

@@ -6,7 +6,12 @@ Data. By default an experiment generates two related synthetic languages in-proc
 rows, so learning one overwrites part of the other and tiny widths saturate). For the paper's setting
 pass `--old_path OLD.bin --new_path NEW.bin`: flat uint16 token files with their `.json` sidecars written
 by the tokenize stage (`python -m forgetting.stages.tokenize ...`, e.g. C4-en and C4-es with the
-4096-token BPE; old data gets dataset id 0, new data id 1). Then no data run is made.
+4096-token BPE; old data gets dataset id 0, new data id 1), or the authors' raw files named by their
+stems (c4_en.bin, c4_es.bin, fineweb_edu_10B.bin, nemotron_math_20M.bin: no sidecar needed). Then no data
+run is made.
+
+Paper presets reproduce the authors' released sweeps; `authors_loss` converts their loss values (targets)
+to this project's definition, and `AUTHORS_*` hold their defaults (warm-up, validation size, eval cadence).
 
 Configs. `base_config` turns the knobs every figure shares (`LMKnobs`) into a `TrainConfig`;
 `pretrain_config` / `finetune_config` add a model width, a stop rule and a regularizer. Lengths are
@@ -53,11 +58,23 @@ class LMKnobs:
     weight_decay: float = 0.02  # AdamW decoupled weight decay
     valid_tokens: int = 16_384  # validation tokens per dataset
     evals: int = 100  # evaluations per run (eval cadence = run length / evals; the compute multiplier reads them)
+    pretrain_eval_tokens: int = 0  # >0: evaluate pretraining runs every this many tokens instead (the authors' log.every_tokens)
+    finetune_eval_tokens: int = 0  # >0: evaluate finetuning runs every this many tokens instead
+    pretrain_lr_decay: str = "none"  # pretraining LR schedule after warm-up: none (constant) | cosine
+    finetune_lr_decay: str = "none"  # finetuning LR schedule after warm-up: none | cosine (needs a run length)
+    extra_evals: bool = True  # also evaluate both datasets at every eval as ntp/<stem> (model_capacity reads them)
     seed: int = 0  # training seed (init, batch order, replay sampling)
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+
+# The authors' defaults (their train_single.py) that every paper preset shares.
+AUTHORS_WARMUP_STEPS = 153  # their 10M warm-up tokens at B=256, T=256: ceil(10_000_000 / 65_536)
+AUTHORS_VALID_TOKENS = 10_000_000  # their data.num_tokens_valid
+TARGET_EVAL_TOKENS = 1_000_000  # their log.every_tokens in sweeps that stop on a target loss
+DEFAULT_EVAL_TOKENS = 10_000_000  # their default log.every_tokens
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -112,6 +129,18 @@ def data_info(specs: Sequence[RunSpec], out: Path) -> dict:
 # --------------------------------------------------------------------------------------------- configs
 
 
+def authors_loss(loss: float, seq_len: int) -> float:
+    """The authors' next-token loss value `loss` in this project's definition. Theirs sums the NLL over the
+    T-1 predicted positions and divides by T; this project averages over the T-1 positions. So their
+    target x is x·T/(T-1) here (3.0 at T=256 -> 3.0118)."""
+    return loss * seq_len / (seq_len - 1)
+
+
+def stems(k: LMKnobs) -> tuple[str, str]:
+    """The names under which the extra evals log the old and new data (`ntp/<stem>`)."""
+    return (Path(k.old_path).stem if k.old_path else OLD), (Path(k.new_path).stem if k.new_path else NEW)
+
+
 def paper_params(k: LMKnobs, d_model: int, vocab_size: int | None = None) -> int:
     """12·L·D² + D·V, the paper's size count (vocab from the knobs; paper data: pass it)."""
     return 12 * k.n_layers * d_model**2 + d_model * (vocab_size or k.vocab_size)
@@ -126,8 +155,16 @@ def base_config(k: LMKnobs, out: Path, paths: dict[str, str], d_model: int) -> T
         "model.seq_len": k.seq_len, "model.dtype": k.dtype,
         "opt.batch_size": k.batch_size, "opt.peak_lr": k.lr, "opt.weight_decay": k.weight_decay,
         "opt.warmup_tokens": k.warmup_steps * k.tokens_per_step,
-        "eval.extra_paths": (paths[OLD], paths[NEW]),
+        "eval.extra_paths": (paths[OLD], paths[NEW]) if k.extra_evals else (),
         "log.progress": False})
+
+
+def _cadence(k: LMKnobs, every_tokens: int, max_tokens: int, evals: int | None = None) -> dict:
+    """Eval-cadence config changes: every `every_tokens` tokens when > 0 (the authors' way), else about
+    `evals` (default `k.evals`) evaluations over a run of `max_tokens`."""
+    if every_tokens > 0:
+        return {"log.every_tokens": int(every_tokens), "log.every_steps": 0}
+    return {"log.every_steps": max(1, math.ceil(max_tokens / k.tokens_per_step / max(1, evals or k.evals)))}
 
 
 def cadence(k: LMKnobs, max_tokens: int) -> int:
@@ -138,17 +175,27 @@ def cadence(k: LMKnobs, max_tokens: int) -> int:
 def pretrain_config(k: LMKnobs, out: Path, paths: dict[str, str], d_model: int, *, name: str,
                     tokens_per_param: float = 0.0, max_tokens: int = 0, target_loss: float = 0.0,
                     lr: float | None = None, early_stop_evals: int = 0, mix_coeff: float = 0.0,
-                    vocab_size: int | None = None) -> TrainConfig:
-    """A pretraining run: `tokens_per_param` (exact length) or `max_tokens` (a cap, with a target loss or
-    early stopping). `mix_coeff` > 0 takes that fraction of each batch from the new data (Pareto runs);
-    mix_coeff == 1 trains on the new data alone."""
-    if bool(tokens_per_param) == bool(max_tokens):
-        raise ValueError("give exactly one of tokens_per_param and max_tokens")
+                    vocab_size: int | None = None, epochs: float = 0.0, lr_decay: str | None = None) -> TrainConfig:
+    """A pretraining run: `tokens_per_param` (exact length), `epochs` (passes over the old data's training
+    split) or `max_tokens` (a cap, with a target loss or early stopping). `mix_coeff` > 0 takes that
+    fraction of each batch from the new data (Pareto runs); mix_coeff == 1 trains on the new data alone.
+    Schedule (`lr_decay`, default `k.pretrain_lr_decay`) and eval cadence (`k.pretrain_eval_tokens`, else `k.evals` per run)
+    come from the knobs."""
+    if sum(bool(v) for v in (tokens_per_param, max_tokens, epochs)) != 1:
+        raise ValueError("give exactly one of tokens_per_param, max_tokens and epochs")
+    if epochs and not k.pretrain_eval_tokens:
+        raise ValueError("an epoch-length pretraining run needs --pretrain_eval_tokens (its length in tokens "
+                         "is known only from the data)")
     length = tokens_per_param * paper_params(k, d_model, vocab_size) if tokens_per_param else max_tokens
     cfg = base_config(k, out, paths, d_model)
-    ch = {"run.name": name, "log.every_steps": cadence(k, int(length)),
-          "stop.tokens_per_param": float(tokens_per_param), "stop.num_tokens_train": int(max_tokens),
+    ch = {"run.name": name, "stop.tokens_per_param": float(tokens_per_param), "stop.num_tokens_train": int(max_tokens),
           "stop.target_loss": float(target_loss), "stop.early_stop_evals": int(early_stop_evals)}
+    ch.update(_cadence(k, k.pretrain_eval_tokens, int(length)))
+    if epochs:
+        ch["stop.num_epochs"] = float(epochs)
+    decay = lr_decay or k.pretrain_lr_decay
+    if decay != "none":
+        ch["opt.lr_decay"] = decay
     if lr is not None:
         ch["opt.peak_lr"] = lr
     if mix_coeff >= 1.0:
@@ -161,18 +208,28 @@ def pretrain_config(k: LMKnobs, out: Path, paths: dict[str, str], d_model: int, 
 def finetune_config(k: LMKnobs, pre: TrainConfig, paths: dict[str, str], *, name: str, max_tokens: int,
                     target_loss: float = 0.0, method: str = "none", coeff: float = 0.0, synth: bool = False,
                     lr: float | None = None, replay_batch: int | None = None, evals: int | None = None,
-                    replay_buffer: int = 8) -> TrainConfig:
-    """Finetunes the finished run `pre` on the new data until `target_loss` (valid_ntp on the new data)
-    or `max_tokens`; `prev_ntp` (old data) is the forgetting measure. method: none | kl_pre | replace."""
-    every = max(1, math.ceil(max_tokens / k.tokens_per_step / max(1, evals or k.evals)))
+                    replay_buffer: int = 8, max_epochs: float = 0.0, warmup_tokens: int = 0,
+                    early_stop_evals: int = 0) -> TrainConfig:
+    """Finetunes the finished run `pre` on the new data until `target_loss` (valid_ntp on the new data),
+    `early_stop_evals`, or the length cap: `max_epochs` passes over the new data's training split when > 0,
+    else `max_tokens`; `prev_ntp` (old data) is the forgetting measure. method: none | kl_pre | ntp_pre |
+    replace. Schedule (`k.finetune_lr_decay`, over the cap) and eval cadence (`k.finetune_eval_tokens`,
+    else `evals` per run) come from the knobs; `warmup_tokens` > 0 overrides the warm-up."""
     ch = {"run.name": name, "data.path": paths[NEW], "model.load_path": str(train.run_dir(pre)),
           "mix.path": "", "mix.coeff": 0.0,
-          "stop.tokens_per_param": 0.0, "stop.num_tokens_train": int(max_tokens),
-          "stop.target_loss": float(target_loss), "stop.early_stop_evals": 0, "log.every_steps": every,
+          "stop.tokens_per_param": 0.0, "stop.num_tokens_train": 0 if max_epochs else int(max_tokens),
+          "stop.target_loss": float(target_loss), "stop.early_stop_evals": int(early_stop_evals),
           "reg.method": method}
+    ch.update(_cadence(k, k.finetune_eval_tokens, max_tokens, evals))
+    if max_epochs:
+        ch["stop.num_epochs"] = float(max_epochs)
+    if k.finetune_lr_decay != "none":
+        ch["opt.lr_decay"] = k.finetune_lr_decay
+    if warmup_tokens:
+        ch["opt.warmup_tokens"] = int(warmup_tokens)
     if lr is not None:
         ch["opt.peak_lr"] = lr
-    if method == "kl_pre":
+    if method in ("kl_pre", "ntp_pre"):
         ch.update({"reg.coeff": float(coeff), "reg.synth": bool(synth), "reg.batch_size": replay_batch or k.batch_size,
                    "reg.buffer": replay_buffer})
         if not synth:

@@ -16,6 +16,15 @@ Figure: four heatmaps (loss delta / compute multiplier × none / KL), rows = D, 
 Paper (13 widths × 13 TPPs): multiplier ≈0.48 for small models without regularization, ≈0.85–0.92
 everywhere with KL.
 
+Pretraining uses cosine decay to 0 at the end of every run (both presets), as the paper's.
+`--scale paper` is the authors' released sweep (experiments/2d_grid): FineWeb-Edu
+(`--old_path fineweb_edu_10B.bin`) → Nemotron-CC-Math (`--new_path nemotron_math_20M.bin`); D ∈ {256, 288,
+…, 640} (L=6) × TPP ∈ {20, 28, …, 1280}, cosine pretraining at LR 1e-3 (evaluated every 10M tokens, their
+default: the compute multiplier interpolates between those evals); each finetuned at constant LR 1e-4
+until new-data loss 2.2 (evaluated every 1M tokens), without regularization and with `kl_pre` coeff 10 on
+real replay of 256 rows. Their 2.2 (NLL sum over T-1 positions / T) is 2.2·256/255 = 2.2086 here. Their
+finetuning has no length cap; here it stops at 2B tokens.
+
     python -m forgetting.experiments.grid_2d                     # mini: synthetic languages, ≈8 min on 2 cores
     python -m forgetting.experiments.grid_2d --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
@@ -39,17 +48,24 @@ class Knobs(C.LMKnobs):
     tpps: tuple[float, ...] = (10.0, 31.6, 100.0, 316.0)  # pretraining tokens per parameter (grid columns)
     finetune_target: float = 1.7  # finetuning stops once new-data valid loss <= this
     finetune_max_tokens: int = 2_000_000  # cap on finetuning tokens
+    finetune_lr: float = 0.0  # finetuning peak LR (0 = `lr`)
     kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
 
 
-_PAPER_WIDTHS = (64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768)
-_PAPER_TPPS = (1.0, 2.0, 4.0, 10.0, 20.0, 31.6, 50.0, 100.0, 200.0, 316.0, 1000.0, 3160.0, 10000.0)
+_PAPER_WIDTHS = tuple(range(256, 641, 32))  # 256, 288, …, 640 (13)
+_PAPER_TPPS = (20.0, 28.0, 40.0, 57.0, 80.0, 113.0, 160.0, 226.0, 320.0, 453.0, 640.0, 905.0, 1280.0)
 PRESETS = {
-    "mini": Knobs(),
+    # Cosine pretraining (the paper's): every TPP is a finished schedule, not a checkpoint of a longer run.
+    "mini": Knobs(pretrain_lr_decay="cosine"),
+    # The authors' experiments/2d_grid sweep (FineWeb-Edu -> Nemotron-CC-Math: pass their .bin files).
     "paper": Knobs(widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
-                   dtype="bfloat16", batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100,
-                   finetune_target=2.76, finetune_max_tokens=2_000_000_000, kl_coeff=10.0, replay_batch=64),
+                   dtype="bfloat16",
+                   extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
+                   valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_lr_decay="cosine",
+                   pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
+                   finetune_target=C.authors_loss(2.2, 256), finetune_max_tokens=2_000_000_000, finetune_lr=1e-4,
+                   kl_coeff=10.0, replay_batch=256),
 }
 
 
@@ -70,7 +86,7 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
             for s in SETTINGS:
                 fine = C.finetune_config(k, pre, paths, name=fine_name(d, t, s), max_tokens=k.finetune_max_tokens,
                                          target_loss=k.finetune_target, method="kl_pre" if s == "kl" else "none",
-                                         coeff=k.kl_coeff, replay_batch=k.replay_batch)
+                                         coeff=k.kl_coeff, replay_batch=k.replay_batch, lr=k.finetune_lr or None)
                 specs.append(RunSpec(fine_name(d, t, s), fine, module=C.TRAIN, after=(pre_name(d, t),)))
     return specs
 

@@ -16,6 +16,17 @@ ratio = time the lowered-LR family needs to reach the lowest old loss both famil
 replay family's time (log-time interpolation along each family's frontier).
 Paper: LR 1e-3 → 1e-7 vs fraction 0 → 0.125 at 1e-3; replay reaches ≈3.37 vs ≈3.63 at ≈38× less time.
 
+Time axis: `train_seconds`, the training time of the run as the authors measure it (`log.measure_time`):
+the first 5 steps of the process (compilation) are left out; unlike theirs, batch assembly counts (for
+`replace` that is reading the replaced old rows; self-generated replay sampling would count too).
+
+`--scale paper` is the authors' released sweeps (experiments/high_lr lr.yaml and rep.yaml): one model
+pretrained on English (their checkpoint's config is not released: here D=256, L=6 at 1000 TPP, or pass
+`--start_from DIR` with their checkpoint), finetuned on Spanish until new-data loss 3.3 (evaluated every
+1M tokens) at constant LR ∈ 17 values 1e-7 … 1e-3 (4 per decade) without replay, and at LR 1e-3 with
+`replace` fractions {0, 1/256 (twice), 1/128, …, 1/2}. Their 3.3 (NLL sum over T-1 positions / T) is
+3.3·256/255 = 3.3129 here. They cap no run; here finetuning stops at 5B tokens.
+
     python -m forgetting.experiments.high_lr                     # mini: synthetic languages, ≈1.5 min on 2 cores
     python -m forgetting.experiments.high_lr --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
@@ -40,15 +51,21 @@ class Knobs(C.LMKnobs):
     replace_fracs: tuple[float, ...] = (0.0, 0.0625, 0.125, 0.25, 0.5)  # replaced fraction of each batch at high_lr
     finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
     finetune_max_tokens: int = 4_000_000  # cap on finetuning tokens (the lowest LRs need many steps)
+    start_from: str = ""  # finetune this finished run / authors' checkpoint directory instead of pretraining one
 
 
+_PAPER_LRS = (1e-7, 1.78e-7, 3.16e-7, 5.62e-7, 1e-6, 1.78e-6, 3.16e-6, 5.62e-6, 1e-5, 1.78e-5, 3.16e-5, 5.62e-5,
+              1e-4, 1.78e-4, 3.16e-4, 5.62e-4, 1e-3)  # 4 per decade
 PRESETS = {
     "mini": Knobs(),
+    # The authors' experiments/high_lr sweeps (lr.yaml and rep.yaml; 1/256 is run twice, as theirs).
     "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
-                   batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100, pretrain_tpp=1000.0,
-                   high_lr=1e-3, lowered_lrs=(1e-3, 1e-4, 1e-5, 1e-6, 1e-7),
-                   replace_fracs=(0.0, 0.0156, 0.03125, 0.0625, 0.125), finetune_target=2.76,
-                   finetune_max_tokens=5_000_000_000),
+                   extra_evals=False,
+                   batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
+                   pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
+                   pretrain_tpp=1000.0, high_lr=1e-3, lowered_lrs=_PAPER_LRS,
+                   replace_fracs=(0.0, 1 / 256, 1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2),
+                   finetune_target=C.authors_loss(3.3, 256), finetune_max_tokens=5_000_000_000),
 }
 
 
@@ -60,18 +77,36 @@ def frac_name(f: float) -> str:
     return f"ft-replace{C.fmt(f)}"
 
 
+def frac_names(fracs: tuple[float, ...]) -> list[str]:
+    """Run names of the replay family in order; a repeated fraction is a repeated run (the authors run 1/256
+    twice: same config, separate timing) and gets `-r2`, `-r3`, … (the name is part of the run directory)."""
+    names, seen = [], {}
+    for f in fracs:
+        seen[f] = seen.get(f, 0) + 1
+        names.append(frac_name(f) + (f"-r{seen[f]}" if seen[f] > 1 else ""))
+    return names
+
+
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
     specs, paths, after = C.data_specs(k, out)
     pre = C.pretrain_config(k, out, paths, k.d_model, name="pretrain", tokens_per_param=k.pretrain_tpp)
-    specs.append(RunSpec("pretrain", pre, module=C.TRAIN, after=after))
-    fine = lambda name, **kw: RunSpec(name, C.finetune_config(k, pre, paths, name=name, max_tokens=k.finetune_max_tokens,
-                                                                target_loss=k.finetune_target, **kw),
-                                       module=C.TRAIN, after=("pretrain",))
+    dep: tuple[str, ...] = ()
+    if not k.start_from:
+        specs.append(RunSpec("pretrain", pre, module=C.TRAIN, after=after))
+        dep = ("pretrain",)
+
+    def fine(name: str, **kw) -> RunSpec:
+        cfg = C.finetune_config(k, pre, paths, name=name, max_tokens=k.finetune_max_tokens,
+                                target_loss=k.finetune_target, **kw)
+        if k.start_from:
+            cfg = C.replace(cfg, **{"model.load_path": k.start_from})
+        return RunSpec(name, cfg, module=C.TRAIN, after=dep or after)
+
     for lr in k.lowered_lrs:
         specs.append(fine(lr_name(lr), lr=lr))
-    for f in k.replace_fracs:
+    for f, name in zip(k.replace_fracs, frac_names(k.replace_fracs)):
         if f > 0:
-            specs.append(fine(frac_name(f), lr=k.high_lr, method="replace", coeff=f))
+            specs.append(fine(name, lr=k.high_lr, method="replace", coeff=f))
         elif k.high_lr not in k.lowered_lrs:
             specs.append(fine(lr_name(k.high_lr), lr=k.high_lr))
     return specs
@@ -92,10 +127,10 @@ def family_points(rows: list[dict]) -> list[tuple[float, float]]:
 def summarize(k: Knobs, out: Path) -> dict:
     dirs = framework.locate(runs(k, out), out)
     low = [{"lr": lr, **_point(C.final(dirs[lr_name(lr)]), k.finetune_target)} for lr in k.lowered_lrs]
-    rep = [{"fraction": f, **_point(C.final(dirs[frac_name(f) if f > 0 else lr_name(k.high_lr)]), k.finetune_target)}
-           for f in k.replace_fracs]
+    rep = [{"fraction": f, **_point(C.final(dirs[name if f > 0 else lr_name(k.high_lr)]), k.finetune_target)}
+           for f, name in zip(k.replace_fracs, frac_names(k.replace_fracs))]
     ratio = C.compute_ratio_at_equal_loss(family_points(low), family_points(rep))
-    pre = C.final(dirs["pretrain"])
+    pre = C.final(dirs["pretrain"]) if "pretrain" in dirs else {}
     return {"lowered_lr": low, "replay": rep, "compute_ratio": ratio, "pretrain_loss": pre.get("valid_ntp"),
             "high_lr": k.high_lr, "finetune_target": k.finetune_target}
 

@@ -32,10 +32,14 @@ Scales:
   --sources ... --out ...`; uint32 token files, BOS + text + EOS per document), and the benchmark files
   under `data/instruct/benchmarks/` (`mmlu`, `arc_challenge`, `commonsense_qa`: .jsonl/.parquet in the
   cais/mmlu, allenai/ai2_arc, tau/commonsense_qa layouts, or `hf:` ids with the `datasets` package).
-  Settings (the paper gives none for this run beyond the model, the data and c): full finetuning in
-  bf16 compute / f32 weights, T=1024, batch 32 sequences (32K tokens), replay batch 32, buffer 16,
-  AdamW peak LR 1e-5 with 5M-token warm-up, constant, weight decay 0, 1 epoch over the Verilog train
-  split capped at 100M tokens, c ∈ {1, 10}; `--run.mesh tp` splits the model over devices if needed.
+  Settings: the authors' released sweep (experiments/instruct/sweep.yaml and their train_lm.py defaults):
+  {none, ntp_pre, kl_pre} × {real, self-generated} × c ∈ {1, 3, 10} (`none` once: the source and c do
+  not change it), full finetuning in bf16 compute / f32 weights, T=512, batch 128 sequences, replay batch
+  32, buffer 32, AdamW (β2 0.997, weight decay 0.02) at constant LR 1e-5 after a 10M-token warm-up, 5
+  epochs of the Verilog train split, 20M validation tokens, evaluations every 20M tokens; `--run.mesh tp`
+  splits the model over devices if needed. Not matched: the authors format each Verilog example with the
+  chat template and train on the assistant tokens only; here the domain file is plain text and every
+  token counts (the tokenize_hf stage has no chat/assistant-mask mode yet).
 """
 from __future__ import annotations
 
@@ -74,7 +78,9 @@ class Knobs:
     peak_lr: float = 3e-3  # finetuning peak learning rate (AdamW)
     warmup_tokens: int = 4096  # linear warm-up
     weight_decay: float = 0.0  # AdamW weight decay
-    num_tokens_train: int = 60 * 16 * 128  # finetuning length in new-data tokens
+    b2: float = 0.999  # AdamW beta2
+    num_tokens_train: int = 60 * 16 * 128  # finetuning length in new-data tokens (when num_epochs is 0)
+    num_epochs: float = 0.0  # >0: finetune this many epochs of the domain data's training split instead
     num_tokens_valid: int = 16 * 128  # validation split of the domain data (and of the old data)
     eval_every_tokens: int = 30 * 16 * 128  # evaluation cadence of the train stage
     dtype: str = "float32"  # matmul dtype (bfloat16 at paper scale)
@@ -101,10 +107,10 @@ PRESETS = {
     "paper": Knobs(hf_path="data/instruct/Llama-3.2-1B-Instruct", domain_path="data/instruct/verilog.bin",
                    old_path="data/instruct/olmo.bin", mmlu="data/instruct/benchmarks/mmlu",
                    arc="data/instruct/benchmarks/arc_challenge", csqa="data/instruct/benchmarks/commonsense_qa",
-                   coeffs=(1.0, 10.0), seq_len=1024, batch_size=32, replay_batch=32, buffer=16, peak_lr=1e-5,
-                   warmup_tokens=5_000_000, num_tokens_train=100_000_000, num_tokens_valid=2_000_000,
-                   eval_every_tokens=10_000_000, dtype="bfloat16", bench_seq_len=2048, domain_eval_rows=512,
-                   mini_docs=0, mini_pretrain_steps=0),
+                   coeffs=(1.0, 3.0, 10.0), seq_len=512, batch_size=128, replay_batch=32, buffer=32, peak_lr=1e-5,
+                   warmup_tokens=10_000_000, weight_decay=0.02, b2=0.997, num_tokens_train=0, num_epochs=5.0,
+                   num_tokens_valid=20_000_000, eval_every_tokens=20_000_000, dtype="bfloat16", bench_seq_len=2048,
+                   domain_eval_rows=512, mini_docs=0, mini_pretrain_steps=0),
 }
 
 
@@ -248,8 +254,9 @@ def finetune_config(knobs: Knobs, inputs: dict, method: str, source: str, coeff:
         model=tc.ModelArgs(load_path=inputs["hf"], seq_len=knobs.seq_len, dtype=knobs.dtype),
         reg=reg,
         opt=tc.OptConfig(batch_size=knobs.batch_size, peak_lr=knobs.peak_lr, warmup_tokens=knobs.warmup_tokens,
-                         weight_decay=knobs.weight_decay),
-        stop=tc.StopConfig(num_tokens_train=knobs.num_tokens_train),
+                         weight_decay=knobs.weight_decay, b2=knobs.b2),
+        stop=tc.StopConfig(num_tokens_train=0 if knobs.num_epochs else knobs.num_tokens_train,
+                           num_epochs=knobs.num_epochs),
         eval=tc.EvalConfig(extra_paths=(inputs["old"],) if inputs["old"] else (),
                            max_tokens=knobs.num_tokens_valid),
         log=tc.LogConfig(every_steps=max(1, round(knobs.eval_every_tokens / tokens_per_step)), progress=False))

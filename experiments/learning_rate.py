@@ -12,6 +12,13 @@ old_loss, new_loss, steps_to_target, lr_x_steps, reached_target}], ...}.
 Paper: 6 pretraining × 7 finetuning LRs; higher pretraining LR and lower finetuning LR forget less;
 steps to target ≈ ∝ 1/LR.
 
+`--scale paper` is the authors' released sweep (experiments/learning_rate): D=256, L=6 pretrained at
+constant LR ∈ {2.15e-4, 4.64e-4, 1e-3, 2.15e-3, 4.64e-3, 1e-2}, each until old-data loss 3.2; every
+checkpoint finetuned at constant LR ∈ {1e-6, 3.16e-6, 1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3} until new-data
+loss 3.2, without regularization and with `kl_pre` coeff 10 on real replay of 256 rows; evaluations every
+1M tokens (they stop on a target). Their 3.2 (NLL sum over T-1 positions / T) is 3.2·256/255 = 3.2125
+here. They cap neither run; here pretraining stops at 20B tokens and finetuning at 2B.
+
     python -m forgetting.experiments.learning_rate               # mini: synthetic languages, ≈8 min on 2 cores
     python -m forgetting.experiments.learning_rate --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
@@ -32,7 +39,9 @@ class Knobs(C.LMKnobs):
     """Knobs of the learning-rate figure (shared data/model/optimizer knobs first; `lr` is unused)."""
 
     d_model: int = 16  # the one model width D
-    pretrain_tpp: float = 300.0  # pretraining tokens per parameter
+    pretrain_tpp: float = 300.0  # pretraining tokens per parameter (when pretrain_target is 0)
+    pretrain_target: float = 0.0  # >0: pretrain every LR until old-data valid loss <= this instead of a TPP
+    pretrain_max_tokens: int = 0  # cap on pretraining tokens with pretrain_target
     pretrain_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # pretraining peak LRs
     finetune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)  # finetuning peak LRs
     finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
@@ -43,11 +52,16 @@ class Knobs(C.LMKnobs):
 
 PRESETS = {
     "mini": Knobs(),
+    # The authors' experiments/learning_rate sweep: every pretraining LR to their loss 3.2, finetuning to 3.2.
     "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
-                   batch_size=256, warmup_steps=150, valid_tokens=262_144, evals=100, pretrain_tpp=100.0,
-                   pretrain_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-                   finetune_lrs=(1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3), finetune_target=2.76,
-                   finetune_max_tokens=2_000_000_000, kl_coeff=10.0, replay_batch=64),
+                   extra_evals=False,
+                   batch_size=256, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
+                   pretrain_eval_tokens=C.TARGET_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
+                   pretrain_target=C.authors_loss(3.2, 256), pretrain_max_tokens=20_000_000_000,
+                   pretrain_lrs=(2.15e-4, 4.64e-4, 1e-3, 2.15e-3, 4.64e-3, 1e-2),
+                   finetune_lrs=(1e-6, 3.16e-6, 1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3),
+                   finetune_target=C.authors_loss(3.2, 256), finetune_max_tokens=2_000_000_000, kl_coeff=10.0,
+                   replay_batch=256),
 }
 
 
@@ -62,7 +76,9 @@ def fine_name(plr: float, flr: float, s: str) -> str:
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
     specs, paths, after = C.data_specs(k, out)
     for plr in k.pretrain_lrs:
-        pre = C.pretrain_config(k, out, paths, k.d_model, name=pre_name(plr), tokens_per_param=k.pretrain_tpp, lr=plr)
+        length = ({"max_tokens": k.pretrain_max_tokens, "target_loss": k.pretrain_target} if k.pretrain_target
+                  else {"tokens_per_param": k.pretrain_tpp})
+        pre = C.pretrain_config(k, out, paths, k.d_model, name=pre_name(plr), lr=plr, **length)
         specs.append(RunSpec(pre_name(plr), pre, module=C.TRAIN, after=after))
         for flr in k.finetune_lrs:
             for s in SETTINGS:

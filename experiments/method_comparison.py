@@ -14,6 +14,13 @@ instead: `--old_path old.bin --new_path new.bin` (made by `python -m forgetting.
 tokenizer; the `paper` preset expects C4-en/es or FineWeb-Edu/Nemotron-CC-Math files you provide, e.g.
 `--scale paper --old_path fineweb.bin --new_path math.bin`).
 
+`--scale paper` is the authors' released sweep (experiments/method_comp): D=1024, L=16 pretrained for 3
+epochs of FineWeb-Edu at LR 1e-3 with cosine decay; finetuned on Nemotron-CC-Math at constant LR 1e-5
+(LoRA r16 at the same LR) until more than 10 evaluations in a row bring no new best new-data loss (their
+`early_stop_steps=10`; here `--stop.early_stop_evals 10`, same meaning), evaluated every 10M tokens (their
+default); KL and NTP replay both at coefficient 10 with 64 replay rows (self-generated: buffer 16). No run
+stops on a target, so no loss conversion is needed.
+
 Mini preset: D=128, L=2 on vocab-256 order-1 languages, pretrained 300 steps (batch 32x128, LR 3e-3),
 finetuned 200 steps at LR 1e-3 (LoRA 1e-2); KL coefficient 10, NTP-replay coefficient 1, replay batch 32.
 A high finetuning LR and a short pretraining make standard finetuning forget nats, not hundredths.
@@ -66,6 +73,10 @@ class Knobs:
     replay_buffer: int = 10  # self-generated replay: steps sampled at once
     num_tokens_valid: int = 32768  # held-out tokens per dataset
     eval_every: int = 20  # finetuning steps between evaluations (pretraining: 5x this)
+    eval_every_tokens: int = 0  # >0: evaluate every this many tokens instead (pretraining and finetuning)
+    pretrain_epochs: float = 0.0  # >0: pretrain this many epochs of the old data instead of pretrain_steps
+    pretrain_lr_decay: str = "none"  # pretraining LR schedule after warm-up: none | cosine
+    early_stop_evals: int = 0  # >0: finetunes stop once more than this many evals bring no new best valid loss
     methods: str = ",".join(METHODS)  # comma-separated subset of the methods to run
     seed: int = 0  # training seed
 
@@ -80,14 +91,20 @@ class Knobs:
             raise ValueError("give both --old_path and --new_path (or neither, for synthetic languages)")
         if self.replay_batch > self.batch_size:
             raise ValueError("--replay_batch must be <= --batch_size (real replay draws from the data batch size)")
+        if not self.finetune_steps and not self.early_stop_evals:
+            raise ValueError("finetunes need a stop rule: --finetune_steps N or --early_stop_evals N")
+        if self.pretrain_epochs and not self.eval_every_tokens:
+            raise ValueError("--pretrain_epochs needs --eval_every_tokens (the run's length in steps depends on the data)")
 
 
 PRESETS = {
     "mini": Knobs(),
+    # The authors' experiments/method_comp (pretrain.sh, finetune_with_replay.yaml, finetune_wo_replay.yaml).
     "paper": Knobs(seq_len=256, d_model=1024, n_layers=16, head_dim=64, dtype="bfloat16", batch_size=256,
-                   pretrain_steps=30_000, pretrain_lr=1e-3, finetune_steps=2000, finetune_lr=1e-5, lora_lr=1e-4,
-                   warmup_steps=200, replay_batch=64, replay_buffer=16, num_tokens_valid=1_048_576,
-                   eval_every=100),
+                   pretrain_steps=0, pretrain_epochs=3.0, pretrain_lr=1e-3, pretrain_lr_decay="cosine",
+                   finetune_steps=0, early_stop_evals=10, finetune_lr=1e-5, lora_lr=1e-5, warmup_steps=153,
+                   kl_coeff=10.0, ntp_coeff=10.0, replay_batch=64, replay_buffer=16, num_tokens_valid=10_000_000,
+                   eval_every_tokens=10_000_000),
 }
 
 
@@ -134,10 +151,19 @@ def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
         "opt.batch_size": knobs.batch_size, "opt.peak_lr": knobs.pretrain_lr,
         "opt.warmup_tokens": knobs.warmup_steps * tps,
         "stop.num_tokens_train": knobs.pretrain_steps * tps, "log.every_steps": 5 * knobs.eval_every})
+    if knobs.pretrain_epochs:
+        pre = replace(pre, **{"stop.num_tokens_train": 0, "stop.num_epochs": knobs.pretrain_epochs})
+    if knobs.pretrain_lr_decay != "none":
+        pre = replace(pre, **{"opt.lr_decay": knobs.pretrain_lr_decay})
+    if knobs.eval_every_tokens:
+        pre = replace(pre, **{"log.every_steps": 0, "log.every_tokens": knobs.eval_every_tokens})
     specs = data_specs + [RunSpec("pretrain", pre, module="forgetting.stages.train", after=after)]
     base = replace(pre, **{"data.path": new, "model.load_path": str(train.run_dir(pre)),
                            "opt.peak_lr": knobs.finetune_lr, "stop.num_tokens_train": knobs.finetune_steps * tps,
-                           "log.every_steps": knobs.eval_every})
+                           "stop.num_epochs": 0.0, "opt.lr_decay": "none",
+                           "log.every_steps": 0 if knobs.eval_every_tokens else knobs.eval_every})
+    if knobs.early_stop_evals:
+        base = replace(base, **{"stop.early_stop_evals": knobs.early_stop_evals})
     for m in knobs.method_list():
         changes: dict = {"run.name": m}
         if m == "lora":

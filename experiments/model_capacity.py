@@ -17,6 +17,15 @@ frontier.
 Paper: 13 English/Spanish mixtures; the ≈17K-TPP model's 13 KL coefficients never cross the frontier; a
 20-TPP model gains ≈1 nat on Spanish while English moves ≈+0.05.
 
+`--scale paper` is the authors' released sweeps (experiments/model_capacity): 13 English/Spanish
+mixtures (new-data fraction 1/128, 1/64, …, 1/2, 3/4, …, 127/128), D=256, L=6, 10 epochs of the English
+split with cosine decay (evaluated every 10M tokens); the overtrained start is a mixture run (their
+finetune loads one run id whose mixture the release does not name; here `--over_mix 1/128`, the one
+closest to old-only), finetuned with self-generated `kl_pre` (64 rows, buffer 16) at LR 1e-4, cosine over
+10 epochs, at 13 coefficients 0.01 … 10; the Chinchilla start is 20 TPP with mixture 0.3 at constant LR,
+finetuned at LR ∈ {3e-4, 1e-3} × coeff ∈ {1, 3, 10} with a 1e9-token warm-up and cosine decay over 100
+epochs. None of these stops on a target, so no loss conversion is needed.
+
     python -m forgetting.experiments.model_capacity              # mini: synthetic languages, ≈3.5 min on 2 cores
     python -m forgetting.experiments.model_capacity --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
@@ -46,17 +55,31 @@ class Knobs(C.LMKnobs):
     kl_coeffs: tuple[float, ...] = (0.0, 0.3, 3.0, 30.0)  # KL coefficients (0 = plain finetuning)
     replay_batch: int = 32  # self-generated replay rows per step
     replay_buffer: int = 8  # steps of replay sampled at once
+    mix_epochs: float = 0.0  # >0: every mixture runs this many epochs of the old data (instead of mix_max_tokens)
+    over_mix: float = -1.0  # >=0: the overtrained start is the mixture run of this fraction (not an old-only run)
+    light_mix: float = 0.0  # new-data fraction of each batch in the lightly trained model's pretraining
+    over_lr: float = 0.0  # finetuning LR of the overtrained model (0 = `lr`)
+    light_lrs: tuple[float, ...] = ()  # finetuning LRs of the lightly trained model (empty = `lr`)
+    light_kl_coeffs: tuple[float, ...] = ()  # KL coefficients of the lightly trained model (empty = kl_coeffs)
+    over_finetune_epochs: float = 0.0  # >0: the overtrained finetunes run this many epochs of the new data
+    light_finetune_epochs: float = 0.0  # >0: the lightly trained finetunes run this many epochs of the new data
+    light_warmup_tokens: int = 0  # >0: warm-up of the lightly trained finetunes (tokens)
 
 
 PRESETS = {
     "mini": Knobs(),
+    # The authors' experiments/model_capacity sweeps (pretrain.yaml, finetune.yaml, chinchilla_*).
     "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
-                   batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100,
-                   mix_fracs=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-                   mix_max_tokens=20_000_000_000, patience=0, over_tpp=17000.0, light_tpp=20.0,
-                   finetune_tokens=2_000_000_000,
-                   kl_coeffs=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),
-                   replay_batch=64, replay_buffer=16),
+                   batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
+                   pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.DEFAULT_EVAL_TOKENS,
+                   pretrain_lr_decay="cosine", finetune_lr_decay="cosine",
+                   mix_fracs=(1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 7 / 8, 15 / 16, 31 / 32,
+                              63 / 64, 127 / 128),
+                   mix_epochs=10.0, mix_max_tokens=0, patience=0, over_mix=1 / 128, light_tpp=20.0, light_mix=0.3,
+                   finetune_tokens=2_000_000_000, over_lr=1e-4, over_finetune_epochs=10.0,
+                   kl_coeffs=(0.01, 0.018, 0.032, 0.056, 0.1, 0.18, 0.32, 0.56, 1.0, 1.78, 3.16, 5.62, 10.0),
+                   light_lrs=(3e-4, 1e-3), light_kl_coeffs=(1.0, 3.0, 10.0), light_finetune_epochs=100.0,
+                   light_warmup_tokens=1_000_000_000, replay_batch=64, replay_buffer=16),
 }
 
 
@@ -64,30 +87,67 @@ def mix_name(f: float) -> str:
     return f"mix{C.fmt(f)}"
 
 
-def fine_name(m: str, c: float) -> str:
-    return f"ft-{m}-kl{C.fmt(c)}"
+def fine_name(m: str, c: float, lr: float | None = None) -> str:
+    return f"ft-{m}" + (f"-lr{C.fmt(lr)}" if lr is not None else "") + f"-kl{C.fmt(c)}"
+
+
+def finetunes(k: Knobs) -> list[tuple[str, str, float | None, float]]:
+    """(model, trajectory key, LR or None for `lr`, coeff) of every finetune; the key is the coefficient,
+    prefixed by the LR where a model is finetuned at several."""
+    out = [("over", C.fmt(c), k.over_lr or None, c) for c in k.kl_coeffs]
+    lrs = k.light_lrs or (None,)
+    for lr in lrs:
+        for c in k.light_kl_coeffs or k.kl_coeffs:
+            key = C.fmt(c) if len(lrs) == 1 else f"lr{C.fmt(lr)} {C.fmt(c)}"
+            out.append(("light", key, lr, c))
+    return out
+
+
+def _fine_run_name(m: str, lr: float | None, c: float, k: Knobs) -> str:
+    return fine_name(m, c, lr if (m == "light" and len(k.light_lrs) > 1) else None)
 
 
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
     specs, paths, after = C.data_specs(k, out)
+    mix_cfgs = {}
     for f in k.mix_fracs:
-        cfg = C.pretrain_config(k, out, paths, k.d_model, name=mix_name(f), max_tokens=k.mix_max_tokens,
-                                early_stop_evals=k.patience, mix_coeff=f)
+        length = {"epochs": k.mix_epochs} if k.mix_epochs else {"max_tokens": k.mix_max_tokens}
+        cfg = C.pretrain_config(k, out, paths, k.d_model, name=mix_name(f), early_stop_evals=k.patience,
+                                mix_coeff=f, **length)
+        mix_cfgs[f] = cfg
         specs.append(RunSpec(mix_name(f), cfg, module=C.TRAIN, after=after))
-    for m, tpp in (("over", k.over_tpp), ("light", k.light_tpp)):
-        pre = C.pretrain_config(k, out, paths, k.d_model, name=f"pre-{m}", tokens_per_param=tpp)
-        specs.append(RunSpec(f"pre-{m}", pre, module=C.TRAIN, after=after))
-        for c in k.kl_coeffs:
-            fine = C.finetune_config(k, pre, paths, name=fine_name(m, c), max_tokens=k.finetune_tokens,
-                                     method="kl_pre" if c > 0 else "none", coeff=c, synth=True,
-                                     replay_batch=k.replay_batch, replay_buffer=k.replay_buffer)
-            specs.append(RunSpec(fine_name(m, c), fine, module=C.TRAIN, after=(f"pre-{m}",)))
+    starts = {}
+    if k.over_mix >= 0:
+        if k.over_mix not in mix_cfgs:
+            raise ValueError(f"--over_mix {k.over_mix} is not one of --mix_fracs {k.mix_fracs}")
+        starts["over"] = (mix_name(k.over_mix), mix_cfgs[k.over_mix])
+    else:
+        starts["over"] = ("pre-over", C.pretrain_config(k, out, paths, k.d_model, name="pre-over",
+                                                        tokens_per_param=k.over_tpp))
+    light = C.pretrain_config(k, out, paths, k.d_model, name="pre-light", tokens_per_param=k.light_tpp,
+                              mix_coeff=k.light_mix, lr_decay="none" if k.light_mix else None)
+    starts["light"] = ("pre-light", light)
+    for m in MODELS:
+        name, cfg = starts[m]
+        if name.startswith("pre-"):
+            specs.append(RunSpec(name, cfg, module=C.TRAIN, after=after))
+    for m, _, lr, c in finetunes(k):
+        name, pre = starts[m]
+        epochs = k.over_finetune_epochs if m == "over" else k.light_finetune_epochs
+        warm = k.light_warmup_tokens if m == "light" else 0
+        run_name = _fine_run_name(m, lr, c, k)
+        fine = C.finetune_config(k, pre, paths, name=run_name, max_tokens=k.finetune_tokens,
+                                 method="kl_pre" if c > 0 else "none", coeff=c, synth=True, lr=lr,
+                                 replay_batch=k.replay_batch, replay_buffer=k.replay_buffer, max_epochs=epochs,
+                                 warmup_tokens=warm)
+        specs.append(RunSpec(run_name, fine, module=C.TRAIN, after=(name,)))
     return specs
 
 
-def _losses(row: dict) -> tuple[float | None, float | None]:
+def _losses(row: dict, k: Knobs) -> tuple[float | None, float | None]:
     """(old-data, new-data) loss of a metrics row, from the extra evals of both datasets."""
-    return row.get(f"ntp/{C.OLD}"), row.get(f"ntp/{C.NEW}")
+    old, new = C.stems(k)
+    return row.get(f"ntp/{old}"), row.get(f"ntp/{new}")
 
 
 def summarize(k: Knobs, out: Path) -> dict:
@@ -99,20 +159,22 @@ def summarize(k: Knobs, out: Path) -> dict:
             mixtures.append({"fraction": f, "old_loss": None, "new_loss": None})
             continue
         # the converged point: the evaluation with the best validation loss of the run's own mixture
-        best = min(rows, key=lambda r: (1 - f) * (_losses(r)[0] or 0) + f * (_losses(r)[1] or 0))
-        old, new = _losses(best)
+        best = min(rows, key=lambda r: (1 - f) * (_losses(r, k)[0] or 0) + f * (_losses(r, k)[1] or 0))
+        old, new = _losses(best, k)
         mixtures.append({"fraction": f, "old_loss": old, "new_loss": new, "tokens": best.get("tokens")})
     front = C.pareto_frontier((m["new_loss"], m["old_loss"]) for m in mixtures if m["old_loss"] is not None)
     traj, ends = {}, {}
     for m in MODELS:
         traj[m], ends[m] = {}, {}
-        for c in k.kl_coeffs:
-            rows = framework.read_metrics(dirs[fine_name(m, c)])
-            pts = [_losses(r) for r in rows]
+        for mm, key, lr, c in finetunes(k):
+            if mm != m:
+                continue
+            rows = framework.read_metrics(dirs[_fine_run_name(m, lr, c, k)])
+            pts = [_losses(r, k) for r in rows]
             pts = [(o, n) for o, n in pts if o is not None and n is not None]
-            traj[m][C.fmt(c)] = {"old": [o for o, _ in pts], "new": [n for _, n in pts]}
+            traj[m][key] = {"old": [o for o, _ in pts], "new": [n for _, n in pts]}
             if pts:
-                ends[m][C.fmt(c)] = {"old_start": pts[0][0], "new_start": pts[0][1], "old_end": pts[-1][0],
+                ends[m][key] = {"old_start": pts[0][0], "new_start": pts[0][1], "old_end": pts[-1][0],
                                      "new_end": pts[-1][1], "d_old": pts[-1][0] - pts[0][0],
                                      "d_new": pts[-1][1] - pts[0][1],
                                      "behind_frontier": C.behind_frontier(front, pts[-1][1], pts[-1][0])}

@@ -13,6 +13,16 @@ parameter count 12·L·D² + D·V. `summary.json`: {"rows": [{d_model, params, p
 forgetting, best_coeff, reached_target, per_coeff: {...}}], "pretrain_target", "finetune_target"}.
 Paper (L=6, D 256..768, C4-en → C4-es, pretrain to 3.0, finetune to 2.76): 6M ≈3.26 (+0.26) … 46M ≈3.005.
 
+`--scale paper` is the authors' released sweep (experiments/model_size): D ∈ {256, 384, 512, 640, 768}, L=6,
+pretrained at constant LR 1e-3 until valid loss 3.0, evaluated every 1M tokens; each finetuned on the new
+data with `kl_pre` on real replay of 256 rows (a full batch, their default) at coefficients 0.01 … 10, LR
+3e-4 with cosine decay over a 10-epoch cap, until new-data loss 2.76 (evaluated every 1M tokens); 10M
+validation tokens, 10M warm-up tokens. Conversions: the authors' loss is the NLL summed over the T-1
+predicted positions divided by T, this project's the mean over those positions, so their targets x are
+x·256/255 here (3.0 -> 3.0118, 2.76 -> 2.7708). Their pretraining has no length cap; here it stops at
+20B tokens. Their evals fall at the first step past each 1M tokens; here every round(1M / 65536) = 15
+steps (983K tokens).
+
     python -m forgetting.experiments.model_size                 # mini: synthetic languages, ≈6 min on 2 cores
     python -m forgetting.experiments.model_size --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
@@ -35,17 +45,25 @@ class Knobs(C.LMKnobs):
     pretrain_max_tokens: int = 5_000_000  # cap on pretraining tokens (a size that cannot reach the target stops here)
     finetune_target: float = 1.7  # finetuning stops once new-data valid loss <= this
     finetune_max_tokens: int = 3_000_000  # cap on finetuning tokens
+    finetune_max_epochs: float = 0.0  # >0: cap finetuning at this many epochs of the new data instead
+    finetune_lr: float = 0.0  # finetuning peak LR (0 = `lr`)
     kl_coeffs: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0, 10.0, 100.0)  # KL coefficients swept (0 = no regularization)
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
 
 
 PRESETS = {
     "mini": Knobs(),
-    "paper": Knobs(widths=(256, 320, 384, 448, 512, 576, 640, 704, 768), n_layers=6, head_dim=64, seq_len=256,
-                   vocab_size=4096, dtype="bfloat16", batch_size=256, lr=1e-3, warmup_steps=150,
-                   valid_tokens=262_144, evals=100, pretrain_target=3.0, pretrain_max_tokens=20_000_000_000,
-                   finetune_target=2.76, finetune_max_tokens=2_000_000_000, kl_coeffs=(0.0, 0.1, 1.0, 10.0, 100.0),
-                   replay_batch=64),
+    # The authors' experiments/model_size sweep: pretrain (constant LR 1e-3) to their loss 3.0, finetune with
+    # kl_pre on real replay of a full batch (256 rows) at LR 3e-4, cosine over 10 epochs, to their 2.76.
+    "paper": Knobs(widths=(256, 384, 512, 640, 768), n_layers=6, head_dim=64, seq_len=256,
+                   vocab_size=4096, dtype="bfloat16",
+                   extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
+                   valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_eval_tokens=C.TARGET_EVAL_TOKENS,
+                   finetune_eval_tokens=C.TARGET_EVAL_TOKENS, finetune_lr_decay="cosine",
+                   pretrain_target=C.authors_loss(3.0, 256), pretrain_max_tokens=20_000_000_000,
+                   finetune_target=C.authors_loss(2.76, 256), finetune_max_tokens=2_000_000_000,
+                   finetune_max_epochs=10.0, finetune_lr=3e-4,
+                   kl_coeffs=(0.01, 0.022, 0.046, 0.1, 0.22, 0.46, 1.0, 2.2, 4.6, 10.0), replay_batch=256),
 }
 
 
@@ -66,7 +84,8 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
         for c in k.kl_coeffs:
             fine = C.finetune_config(k, pre, paths, name=fine_name(d, c), max_tokens=k.finetune_max_tokens,
                                      target_loss=k.finetune_target, method="kl_pre" if c > 0 else "none",
-                                     coeff=c, replay_batch=k.replay_batch)
+                                     coeff=c, replay_batch=k.replay_batch, max_epochs=k.finetune_max_epochs,
+                                     lr=k.finetune_lr or None)
             specs.append(RunSpec(fine_name(d, c), fine, module=C.TRAIN, after=(pre_name(d),)))
     return specs
 

@@ -12,6 +12,13 @@ Figure: old-data loss before/after finetuning and the forgetting against TPP (lo
 reached_target, per_coeff}], "d_model", "finetune_target"}.
 Paper (6M model, C4-en → C4-es, TPP 10 … 10000): forgetting ≈0 up to TPP 31.6, growing to ≈+0.18.
 
+Pretraining uses cosine decay to 0 at the end of every run (both presets), as the paper's.
+`--scale paper` is the authors' released sweep (experiments/pretrain_length): D=256, L=6 pretrained with
+cosine decay at TPP ∈ {10, 31.6, 100, 316, 1000, 3162, 10000} (evaluated every 10M tokens, their
+default), each finetuned with `kl_pre` on real replay of 256 rows at coefficients 0.01 … 10, LR 1e-3 with
+cosine decay over a 10-epoch cap, until new-data loss 2.9 (evaluated every 1M tokens). Their loss is the
+NLL sum over T-1 positions / T; this project's the mean over T-1, so their 2.9 is 2.9·256/255 = 2.9114 here.
+
     python -m forgetting.experiments.pretrain_length             # mini: synthetic languages, ≈9 min on 2 cores
     python -m forgetting.experiments.pretrain_length --scale paper --old_path c4_en.bin --new_path c4_es.bin
 """
@@ -34,16 +41,24 @@ class Knobs(C.LMKnobs):
     tpps: tuple[float, ...] = (10.0, 31.6, 100.0, 316.0, 1000.0, 3160.0, 10000.0)  # tokens per parameter of pretraining
     finetune_target: float = 1.85  # finetuning stops once new-data valid loss <= this
     finetune_max_tokens: int = 3_000_000  # cap on finetuning tokens
+    finetune_max_epochs: float = 0.0  # >0: cap finetuning at this many epochs of the new data instead
+    finetune_lr: float = 0.0  # finetuning peak LR (0 = `lr`)
     kl_coeffs: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0, 5.0)  # KL coefficients swept (0 = no regularization; D=8 reaches the target up to ≈3)
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
 
 
 PRESETS = {
-    "mini": Knobs(),
+    # Cosine pretraining (the paper's): every TPP is a finished schedule, not a checkpoint of a longer run.
+    "mini": Knobs(pretrain_lr_decay="cosine"),
+    # The authors' experiments/pretrain_length sweep.
     "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
-                   batch_size=256, lr=1e-3, warmup_steps=150, valid_tokens=262_144, evals=100,
-                   tpps=(10.0, 31.6, 100.0, 316.0, 1000.0, 3160.0, 10000.0), finetune_target=2.76,
-                   finetune_max_tokens=2_000_000_000, kl_coeffs=(0.0, 0.1, 1.0, 10.0, 100.0), replay_batch=64),
+                   extra_evals=False,
+                   batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
+                   pretrain_lr_decay="cosine", finetune_lr_decay="cosine",
+                   pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
+                   tpps=(10.0, 31.6, 100.0, 316.0, 1000.0, 3162.0, 10000.0), finetune_target=C.authors_loss(2.9, 256),
+                   finetune_max_tokens=2_000_000_000, finetune_max_epochs=10.0, finetune_lr=1e-3,
+                   kl_coeffs=(0.01, 0.032, 0.1, 0.32, 1.0, 3.2, 10.0), replay_batch=256),
 }
 
 
@@ -63,7 +78,8 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
         for c in k.kl_coeffs:
             fine = C.finetune_config(k, pre, paths, name=fine_name(t, c), max_tokens=k.finetune_max_tokens,
                                      target_loss=k.finetune_target, method="kl_pre" if c > 0 else "none",
-                                     coeff=c, replay_batch=k.replay_batch)
+                                     coeff=c, replay_batch=k.replay_batch, max_epochs=k.finetune_max_epochs,
+                                     lr=k.finetune_lr or None)
             specs.append(RunSpec(fine_name(t, c), fine, module=C.TRAIN, after=(pre_name(t),)))
     return specs
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetting.core import multihost, sharded_checkpoint
+from forgetting.core import checkpoint, multihost, sharded_checkpoint
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.stages import cli
@@ -235,6 +235,28 @@ def check_inputs(run_path: Path, current: dict[str, dict], resume_step: int) -> 
                          "resume, or train on the new file as a separate run (e.g. add --run.name NEW)")
 
 
+def runs_in_dir(directory: str | Path) -> list[Path]:
+    """The loadable runs directly under `directory`, sorted by path: finished run directories of this
+    project and the authors' checkpoints (`*/weights.npz`). The authors' `model.load_dir`/`load_idx` sweeps
+    index the same kind of sorted list (theirs holds only their checkpoints)."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--model.load_dir {directory} is not a directory")
+    found = {p.parent for p in directory.glob(f"*/{DONE_FILE}")} | {p.parent for p in directory.glob("*/weights.npz")}
+    return sorted(found)
+
+
+def run_in_dir(directory: str | Path, index: int) -> Path:
+    """The `index`-th of `runs_in_dir(directory)` (the authors' load_dir/load_idx)."""
+    found = runs_in_dir(directory)
+    if not found:
+        raise FileNotFoundError(f"--model.load_dir {directory} holds no finished runs or authors' checkpoints")
+    if not 0 <= index < len(found):
+        raise ValueError(f"--model.load_idx {index} is out of range: {directory} holds {len(found)} runs "
+                         f"(0..{len(found) - 1})")
+    return found[index]
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedRun:
     """A finished run (or an authors' checkpoint) ready to finetune from."""
@@ -402,6 +424,20 @@ def parse_simple_yaml(text: str) -> dict:
 _AUTHOR_KEYS = ("embed_in", "embed_out", "qkv", "out", "up", "down")
 
 
+def authors_data_path(checkpoint: Path, path: str) -> str:
+    """Where the data named in an authors' config.yaml is here: a relative path is relative to the
+    checkpoint directory; an absolute path that does not exist here (their /dev/shm/...) falls back to a
+    file of the same name in the checkpoint directory, when there is one."""
+    if not path:
+        return ""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        return str(checkpoint / p)
+    if not p.exists() and (checkpoint / p.name).exists():
+        return str(checkpoint / p.name)
+    return str(p)
+
+
 def _load_authors_checkpoint(path: Path, dtype: str | None) -> LoadedRun:
     yaml_file = path / "config.yaml"
     if not yaml_file.exists():
@@ -423,8 +459,8 @@ def _load_authors_checkpoint(path: Path, dtype: str | None) -> LoadedRun:
         if params[k].shape != spec.shape:
             raise ValueError(f"{path}/weights.npz: {k} has shape {params[k].shape}, config.yaml implies {spec.shape}")
     data = conf.get("data", {})
-    data_path = str(data.get("path", "") or "")
-    dataset_id = int(data.get("id", 0) or 0)
+    data_path = authors_data_path(path, str(data.get("path", "") or ""))
+    dataset_id = data_lib.AUTHORS_DATASET_IDS.get(Path(data_path).stem, int(data.get("id", 0) or 0))
     # Split settings default to 0 = "as in the new run" (train_setup fills them in).
     return LoadedRun(path, model_cfg, params, data_path, int(data.get("num_tokens_valid", 0) or 0),
                      int(data.get("split_seed", 0) or 0), (dataset_id,), None)

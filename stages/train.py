@@ -13,6 +13,16 @@ same numbers as an uninterrupted run. The last stdout line is one JSON object wi
 final metrics. In a multi-process run (`jax.distributed`, see core.sharding.initialize_distributed) every
 process computes the same rows; process 0 alone writes them, the config, the done marker and stdout's
 JSON, and each process writes its own checkpoint shards (core.sharded_checkpoint).
+
+Timing: `train_seconds` (the time axis of the high-LR figure and `--stop.train_time`) is training time as
+the authors' `log.measure_time` counts it: it leaves out the first 5 steps of each process (compilation
+and warm-up) and evaluations. Unlike theirs it includes assembling each step's batch, so reading real
+replay rows and sampling self-generated replay count as training time.
+
+Metrics per eval beyond the losses on each dataset: `train_loss` (the objective), `train_loss_ntp` and
+`train_loss_reg` (its two terms, averaged since the last eval), `epoch` (passes over the training split),
+`mix_ntp`/`mix_ntp_h2` for the `--mix.path` dataset, and `valid_kl` — in pretraining KL(init ‖ θ), the KL
+to the initialization, as the authors log it; in finetuning KL(p_ref ‖ θ).
 """
 from __future__ import annotations
 
@@ -47,6 +57,9 @@ def _diff_norm(a: Any, b: Any) -> float:
     return _norm(jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b))
 
 
+UNTIMED_STEPS = 5  # steps at the start of each process left out of `train_seconds` (the authors' measure_time)
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, out: Path):
         self.cfg, self.out = cfg, out
@@ -76,20 +89,26 @@ class _Trainer:
         s = self.s
         return lora.merge(s.model_cfg, s.frozen["base"], state.params) if s.use_lora else state.params
 
-    def evaluate(self, state, step: int, train_losses: list, train_seconds: float, wall: float) -> dict:
+    def evaluate(self, state, step: int, train_losses: list, train_seconds: float, wall: float,
+                 train_terms: list | None = None) -> dict:
         from forgetting.stages import evaluation
 
         s, cfg = self.s, self.cfg
         params = self.params_now(state)
         ref = s.frozen.get("ref")
-        row: dict = {"step": step, "tokens": step * s.tokens_per_step, "lr": float(s.schedule(step))}
+        row: dict = {"step": step, "tokens": step * s.tokens_per_step, "lr": float(s.schedule(step)),
+                     "epoch": step * cfg.opt.batch_size / s.dataset.num_train}
         if train_losses:
             row["train_loss"] = float(np.mean(jax.device_get(train_losses)))
+        if train_terms:
+            ntp, reg = np.mean(np.asarray(jax.device_get(train_terms), np.float64), axis=0)
+            row["train_loss_ntp"], row["train_loss_reg"] = float(ntp), float(reg)
         bs, cap = s.eval_batch_size, cfg.eval.max_tokens
-        for prefix, dataset in (("valid", s.dataset), ("prev", s.prev_dataset)):
+        kl_ref = ref if ref is not None else s.init_params  # pretraining: KL to the initialization
+        for prefix, dataset in (("valid", s.dataset), ("prev", s.prev_dataset), ("mix", s.mix_dataset)):
             if dataset is None:
                 continue
-            m = evaluation.ntp_and_kl(self.eval_step, params, dataset, bs, ref, cap)
+            m = evaluation.ntp_and_kl(self.eval_step, params, dataset, bs, kl_ref, cap)
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
             span = evaluation.answer_span(dataset.token_file.meta)
             if span:
@@ -136,14 +155,15 @@ class _Trainer:
         state = self.s.initial_state()
         extras = {"best_valid": np.float32(np.inf), "evals_since_best": np.int32(0),
                   "train_seconds": np.float32(0.0), "wall_time": np.float32(0.0), "stop_code": np.int32(0),
-                  "pending_losses": np.zeros((s.eval_every,), np.float32), "n_pending": np.int32(0)}
+                  **_pending([], [], s.eval_every)}
         resumed = self.restore_state(state)
-        step, last_row, losses = 0, None, []
+        step, last_row, losses, terms = 0, None, [], []  # terms: (ntp, reg) per step, the objective's two terms
         if resumed is not None:
             state, step, extras = resumed
             kept = runs.truncate_metrics(self.out, step)
             last_row = kept[-1] if kept and kept[-1]["step"] == step else None  # logged before the save
-            losses = list(extras["pending_losses"][: int(extras["n_pending"])])  # an interrupt between evals
+            n = int(extras["n_pending"])  # an interrupt between evals: the steps' losses since the last eval
+            losses, terms = list(extras["pending_losses"][:n]), [tuple(t) for t in extras["pending_terms"][:n]]
             print(f"resuming {self.out} at step {step}", file=sys.stderr)
         else:
             runs.truncate_metrics(self.out, -1)  # rows of an attempt killed before its first checkpoint
@@ -153,6 +173,7 @@ class _Trainer:
         logger = _wandb_logger(cfg, self.out)
         train_seconds, wall_start = float(extras["train_seconds"]), time.perf_counter() - float(extras["wall_time"])
         s.first_step_timed, timed_seconds, compiled = step, 0.0, False
+        process_first_step = step
         if resumed is None:
             last_row = self._log(self.evaluate(state, 0, [], 0.0, 0.0), logger)
             self.save_state(state, 0, extras)
@@ -162,7 +183,7 @@ class _Trainer:
                 stop_reason = s.length_criterion
                 break
             if stop_requests.signum is not None:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
-                self.save_state(state, step, dict(extras, **_pending(losses, s.eval_every),
+                self.save_state(state, step, dict(extras, **_pending(losses, terms, s.eval_every),
                                                   train_seconds=np.float32(train_seconds + timed_seconds),
                                                   wall_time=np.float32(time.perf_counter() - wall_start)))
                 raise runs.Interrupted(
@@ -173,11 +194,14 @@ class _Trainer:
             batch = self.batch(step)
             state, metrics = train_step(state, batch, s.frozen)
             losses.append(metrics["loss"])
+            terms.append((metrics["ntp"], metrics["reg"]))
             step += 1
-            if not compiled or step % 10 == 0 or step == s.total_steps:
+            if (not compiled or step % 10 == 0 or step == s.total_steps or step % s.eval_every == 0
+                    or step - process_first_step == UNTIMED_STEPS):
                 jax.block_until_ready(metrics["loss"])
             seconds = time.perf_counter() - t0
-            timed_seconds += seconds
+            if step - process_first_step > UNTIMED_STEPS:
+                timed_seconds += seconds
             if not compiled:
                 compiled, s.first_step_timed = True, step  # the compiling step does not count towards throughput
             else:
@@ -204,23 +228,25 @@ class _Trainer:
                     f"make a new run directory, trained from step 0); {self.out} (last good checkpoint: step "
                     f"{good}) can then be deleted")
             row = self.evaluate(state, step, losses, train_seconds + timed_seconds,
-                                time.perf_counter() - wall_start)
-            losses = []
+                                time.perf_counter() - wall_start, terms)
+            losses, terms = [], []
             valid = row["valid_ntp"]
-            if valid < float(extras["best_valid"]):
+            # compared in float32, as stored: a float64 loss just under its own float32 rounding would
+            # count as a new best at every eval and early stopping would never trigger
+            if np.float32(valid) < extras["best_valid"]:
                 extras["best_valid"], extras["evals_since_best"] = np.float32(valid), np.int32(0)
             else:
                 extras["evals_since_best"] = np.int32(int(extras["evals_since_best"]) + 1)
             if cfg.stop.target_loss and valid <= cfg.stop.target_loss:
                 stop_reason = "target_loss"
-            elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) >= cfg.stop.early_stop_evals:
+            elif cfg.stop.early_stop_evals and int(extras["evals_since_best"]) > cfg.stop.early_stop_evals:
                 stop_reason = "early_stop"
             elif out_of_time:
                 stop_reason = "train_time"
             elif at_end:
                 stop_reason = s.length_criterion
             extras.update(train_seconds=np.float32(train_seconds + timed_seconds),
-                          wall_time=np.float32(row["wall_time"]), **_pending([], s.eval_every),
+                          wall_time=np.float32(row["wall_time"]), **_pending([], [], s.eval_every),
                           stop_code=np.int32(STOP_REASONS.index(stop_reason)))
             last_row = self._log(row, logger)
             self.save_state(state, step, extras)
@@ -228,7 +254,7 @@ class _Trainer:
             bar.close()
         if last_row is None or last_row["step"] != step:
             last_row = self._log(self.evaluate(state, step, losses, float(extras["train_seconds"]),
-                                               time.perf_counter() - wall_start), logger)
+                                               time.perf_counter() - wall_start, terms), logger)
         runs.save_checkpoint(self.out / runs.PARAMS_FILE, self.params_now(state),
                              {"model": cli.to_dict(s.model_cfg)}, fault="params_write")
         runs.fault_point("before_done")
@@ -254,14 +280,18 @@ def _extras_template(eval_every: int) -> dict:
     return {"best_valid": jax.ShapeDtypeStruct((), f32), "evals_since_best": jax.ShapeDtypeStruct((), i32),
             "train_seconds": jax.ShapeDtypeStruct((), f32), "wall_time": jax.ShapeDtypeStruct((), f32),
             "stop_code": jax.ShapeDtypeStruct((), i32), "n_pending": jax.ShapeDtypeStruct((), i32),
-            "pending_losses": jax.ShapeDtypeStruct((eval_every,), f32)}
+            "pending_losses": jax.ShapeDtypeStruct((eval_every,), f32),
+            "pending_terms": jax.ShapeDtypeStruct((eval_every, 2), f32)}
 
 
-def _pending(losses: list, eval_every: int) -> dict:
-    """The training losses since the last eval, so a checkpoint between evals resumes to the same mean."""
+def _pending(losses: list, terms: list, eval_every: int) -> dict:
+    """The training losses (and their ntp/reg terms) since the last eval, so a checkpoint between evals
+    resumes to the same means."""
     pending = np.zeros((eval_every,), np.float32)
     pending[: len(losses)] = np.asarray(jax.device_get(losses), np.float32).reshape(-1)
-    return {"pending_losses": pending, "n_pending": np.int32(len(losses))}
+    pending_terms = np.zeros((eval_every, 2), np.float32)
+    pending_terms[: len(terms)] = np.asarray(jax.device_get(terms), np.float32).reshape(-1, 2)
+    return {"pending_losses": pending, "pending_terms": pending_terms, "n_pending": np.int32(len(losses))}
 
 
 class _StopRequests:

@@ -27,7 +27,8 @@ class RunConfig:
 class DataConfig:
     """The dataset being trained on (for finetuning: the new data)."""
 
-    path: str = ""  # flat uint16 .bin token file with its .json sidecar
+    path: str = ""  # flat uint16 .bin token file with its .json sidecar (or a raw one: see dataset_id)
+    dataset_id: int = -1  # dataset id of a raw .bin without a sidecar (-1: the sidecar's, or the authors' file stem's)
     num_tokens_valid: int = 262_144  # tokens held out for validation (a seeded permutation of sequences)
     split_seed: int = 0  # seed of the validation split (taken once; independent of run.seed)
 
@@ -51,7 +52,14 @@ class ModelArgs:
     seq_len: int = 256  # sequence length T
     dtype: str = "bfloat16"  # matmul input dtype: bfloat16 (f32 accumulation) or float32
     load_path: str = ""  # finetune from this run directory (or an authors' weights.npz directory)
+    load_dir: str = ""  # with load_idx: finetune from the load_idx-th run in this directory (the authors' load_dir)
+    load_idx: int = -1  # index into the sorted finished runs / authors' checkpoints under load_dir
     lora_rank: int = 0  # >0: train only rank-r LoRA adapters on every non-embedding matrix
+
+    @property
+    def loads(self) -> bool:
+        """Whether the run starts from a loaded model (load_path, or load_dir/load_idx)."""
+        return bool(self.load_path or self.load_dir)
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,14 @@ class RegConfig:
 class OptConfig:
     """Optimizer and learning-rate schedule (the optimizer restarts with warm-up when finetuning)."""
 
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD as the authors': no momentum, no weight decay)
     batch_size: int = 256  # sequences per step
     peak_lr: float = 1e-3  # learning rate after warm-up
     warmup_tokens: int = 10_000_000  # linear warm-up length in training tokens
     lr_decay: str = "none"  # none (constant) | cosine (to 0 at the end; needs a fixed length)
-    b1: float = 0.9  # AdamW beta1 (SGD momentum when optimizer=sgd)
+    b1: float = 0.9  # AdamW beta1
     b2: float = 0.999  # AdamW beta2
-    weight_decay: float = 0.02  # decoupled weight decay
+    weight_decay: float = 0.02  # AdamW decoupled weight decay
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,8 @@ class StopConfig:
     tokens_per_param: float = 0.0  # stop after this many tokens per (paper-counted) parameter
     num_epochs: float = 0.0  # stop after this many passes over the training split
     target_loss: float = 0.0  # stop once valid_ntp <= this (checked at every eval)
-    train_time: float = 0.0  # stop after this many seconds of training
-    early_stop_evals: int = 0  # stop after this many evals without a new best valid_ntp
+    train_time: float = 0.0  # stop after this many seconds of training (`train_seconds`: see the train stage)
+    early_stop_evals: int = 0  # stop once MORE than this many evals in a row bring no new best valid_ntp (the authors' early_stop_steps)
 
 
 @dataclass(frozen=True)
@@ -156,9 +164,9 @@ class TrainConfig:
         r = self.reg
         if r.method not in REG_METHODS:
             raise ValueError(f"--reg.method must be one of {', '.join(REG_METHODS)}, got {r.method!r}")
-        if r.method in ("kl_pre", "kl_dwn") and not self.model.load_path:
+        if r.method in ("kl_pre", "kl_dwn") and not self.model.loads:
             raise ValueError(f"--reg.method {r.method} needs a frozen reference model: pass --model.load_path RUN_DIR")
-        if r.method in ("ntp_pre", "replace") and not (self.model.load_path or (r.path and not r.synth)):
+        if r.method in ("ntp_pre", "replace") and not (self.model.loads or (r.path and not r.synth)):
             raise ValueError(f"--reg.method {r.method} needs old data: pass --model.load_path RUN_DIR (replays its "
                              "data, or samples from it with --reg.synth true) or --reg.path OLD.bin")
         if r.synth and r.method not in ("ntp_pre", "kl_pre", "replace"):
@@ -213,14 +221,14 @@ def validate_model_args(m: ModelArgs) -> None:
         raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data sidecar), got {m.vocab_size}")
     if m.seq_len < 2:
         raise ValueError(f"--model.seq_len must be >= 2 (a next-token loss needs two positions), got {m.seq_len}")
-    if not m.load_path:
-        if m.d_model % m.head_dim:
-            raise ValueError(f"--model.d_model {m.d_model} must be a multiple of --model.head_dim {m.head_dim}")
+    if not m.loads:
+        if m.d_model < m.head_dim:  # heads = d_model // head_dim, as the authors' (D=288 has 4 heads of 64)
+            raise ValueError(f"--model.d_model {m.d_model} must be at least --model.head_dim {m.head_dim} (one head)")
         if m.head_dim % 2:
             raise ValueError(f"--model.head_dim {m.head_dim} must be even (RoPE rotates pairs of features)")
     if m.lora_rank < 0:
         raise ValueError(f"--model.lora_rank must be >= 0, got {m.lora_rank}")
-    if m.lora_rank and not m.load_path:
+    if m.lora_rank and not m.loads:
         raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
     # lora_rank <= min(d_in, d_out) needs the loaded model's shape: checked in train_setup.
 
@@ -274,6 +282,14 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     _non_negative("--log.every_steps", cfg.log.every_steps, " (0 = use --log.every_tokens)")
     _non_negative("--eval.batch_size", cfg.eval.batch_size, " (0 = the training batch size)")
     _non_negative("--eval.max_tokens", cfg.eval.max_tokens, " (0 = the whole split)")
+
+    m = cfg.model
+    if (m.load_dir != "") != (m.load_idx >= 0):
+        raise ValueError("--model.load_dir and --model.load_idx go together (the load_idx-th run in load_dir)")
+    if m.load_dir and m.load_path:
+        raise ValueError("give either --model.load_path or --model.load_dir/--model.load_idx, not both")
+    if cfg.data.dataset_id < -1:
+        raise ValueError(f"--data.dataset_id must be >= 0 (or -1: from the sidecar), got {cfg.data.dataset_id}")
 
 
 def replace(cfg, **changes):

@@ -45,15 +45,16 @@ class Setup:
     first_step_timed: int = 0
     throughput_seconds: float = 0.0
     data_lib: Any = data_lib
+    init_params: Any = None  # pretraining: the initialization, the reference of `valid_kl` (as the authors')
 
     def initial_state(self) -> step_lib.TrainState:
         return self.put_state(step_lib.init_state(self.trainable, self.optimizer))
 
 
 def _open_dataset(path: str, vocab_size: int, seq_len: int, num_tokens_valid: int, split_seed: int,
-                  what: str) -> data_lib.SequenceDataset:
+                  what: str, dataset_id: int | None = None) -> data_lib.SequenceDataset:
     try:
-        token_file = data_lib.TokenFile(path, vocab_size=vocab_size)
+        token_file = data_lib.TokenFile(path, vocab_size=vocab_size, dataset_id=dataset_id)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{what}: {e}") from None
     return data_lib.SequenceDataset(token_file, seq_len, num_tokens_valid=num_tokens_valid, split_seed=split_seed)
@@ -68,7 +69,8 @@ def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: i
         return loaded.model_cfg
     vocab = cfg.model.vocab_size or data_vocab
     if not vocab:
-        raise ValueError(f"{cfg.data.path}: the sidecar has no vocab_size; pass --model.vocab_size")
+        raise ValueError(f"{cfg.data.path}: no sidecar gives a vocab_size (a raw .bin has none); pass "
+                         "--model.vocab_size")
     if data_vocab and vocab < data_vocab:
         raise ValueError(f"--model.vocab_size {vocab} is smaller than the data's vocab {data_vocab}")
     m = cfg.model
@@ -90,9 +92,12 @@ def _steps(cfg: TrainConfig, model_cfg: model_lib.ModelConfig, dataset: data_lib
 
 
 def build_setup(cfg: TrainConfig) -> Setup:
-    loaded = (runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len)
-              if cfg.model.load_path else None)
-    probe = data_lib.TokenFile(cfg.data.path)
+    load_path = cfg.model.load_path
+    if cfg.model.load_dir:
+        load_path = str(runs.run_in_dir(cfg.model.load_dir, cfg.model.load_idx))
+    loaded = runs.load_run(load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len) if load_path else None
+    data_id = cfg.data.dataset_id if cfg.data.dataset_id >= 0 else None
+    probe = data_lib.TokenFile(cfg.data.path, dataset_id=data_id)
     if loaded is not None and loaded.tokenizer_sha256 and probe.meta.get("tokenizer_sha256") not in (
             None, loaded.tokenizer_sha256):
         raise ValueError(f"{cfg.data.path} was tokenized with tokenizer {probe.meta['tokenizer_sha256'][:12]}…, but "
@@ -100,7 +105,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
                          "re-tokenize the new data with the checkpoint's tokenizer")
     model_cfg = _model_config(cfg, loaded, int(probe.meta.get("vocab_size") or 0))
     T, V = model_cfg.seq_len, model_cfg.vocab_size
-    dataset = _open_dataset(cfg.data.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--data.path")
+    dataset = _open_dataset(cfg.data.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--data.path",
+                            data_id)
     dataset.check_batch_size(cfg.opt.batch_size)
 
     prev_dataset = None
@@ -155,14 +161,15 @@ def build_setup(cfg: TrainConfig) -> Setup:
     total_steps, length_criterion = _steps(cfg, model_cfg, dataset, tokens_per_step)
     warmup_steps = round(cfg.opt.warmup_tokens / tokens_per_step)
     schedule = optim.schedule(cfg.opt.peak_lr, warmup_steps, total_steps, cfg.opt.lr_decay)
-    opt = optim.optimizer(cfg.opt.optimizer, schedule, b1=cfg.opt.b1, b2=cfg.opt.b2,
-                          weight_decay=cfg.opt.weight_decay, momentum=cfg.opt.b1 if cfg.opt.optimizer == "sgd" else 0.0)
+    opt = optimizer_for(cfg.opt, schedule)
     eval_every = cfg.log.every_steps or max(1, round(cfg.log.every_tokens / tokens_per_step))
 
     put_batch, put_state, state_sharding, batch_sharding = _placement(cfg, model_cfg, trainable, opt, use_lora,
                                                                       masked=dataset.pad_id is not None)
+    init_params = params if loaded is None else None
     if put_batch is not _identity:
         frozen = {k: (None if v is None else put_state.params_like(v)) for k, v in frozen.items()}
+        init_params = None if init_params is None else put_state.params_like(init_params)
         if replay_source is not None and hasattr(replay_source, "ref_params"):
             replay_source.ref_params = frozen["ref"]
     train_step = step_lib.make_train_step(
@@ -188,7 +195,16 @@ def build_setup(cfg: TrainConfig) -> Setup:
                 "loaded_from": str(loaded.path) if loaded else None}
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
                  opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
-                 cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state)
+                 cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state,
+                 init_params=init_params)
+
+
+def optimizer_for(opt_cfg: Any, schedule: Callable) -> Any:
+    """The optimizer of `--opt.*`: AdamW(b1, b2, weight_decay), or for `sgd` plain SGD as the authors'
+    (`optax.sgd(lr)`: no momentum, no weight decay; b1, b2 and weight_decay are AdamW's settings)."""
+    if opt_cfg.optimizer == "sgd":
+        return optim.optimizer("sgd", schedule, weight_decay=0.0, momentum=0.0)
+    return optim.optimizer(opt_cfg.optimizer, schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay)
 
 
 def _json(path: Path) -> dict:

@@ -41,7 +41,7 @@ def test_param_count_matches_init(tiny_cfg, tiny_params):
         assert tiny_params[name].shape == spec.shape and tiny_params[name].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("bad", [dict(d_model=30), dict(head_dim=15, d_model=45), dict(dtype="float16"),
+@pytest.mark.parametrize("bad", [dict(d_model=8), dict(head_dim=15, d_model=45), dict(dtype="float16"),
                                  dict(n_layers=0), dict(vocab_size=-1)])
 def test_config_validation(bad):
     with pytest.raises(ValueError):

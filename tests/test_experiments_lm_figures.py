@@ -1,4 +1,5 @@
-"""The six language-model figure files of issue 6: --list / --help, and the pure summary math."""
+"""The six language-model figure files (model size, pretraining length, 2-D grid, learning rate, high LR,
+model capacity): --list / --help, and the pure summary math."""
 from __future__ import annotations
 
 import math
