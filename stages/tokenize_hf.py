@@ -67,10 +67,10 @@ def tokenizer_sha256(directory: str | Path) -> str:
 def _pad_id(cfg: Config, tok) -> int:
     if cfg.pad_id >= 0:
         return cfg.pad_id
-    try:
-        return int(tok.encoding.encode_single_token(PAD_TOKEN))
-    except KeyError:
-        raise ValueError(f"the tokenizer has no {PAD_TOKEN}; pass --pad_id (an id the text never produces)") from None
+    pad = tok.token_to_id(PAD_TOKEN)
+    if pad is None:
+        raise ValueError(f"the tokenizer has no {PAD_TOKEN}; pass --pad_id (an id the text never produces)")
+    return int(pad)
 
 
 def tokenize(cfg: Config) -> dict:
