@@ -34,7 +34,7 @@ class Config:
     """Tokenize text sources with a Hugging Face checkpoint's tokenizer (BOS + text + EOS per document)."""
 
     sources: tuple[str, ...] = ()  # .txt / .jsonl files, directories of them, or hf:NAME[:CONFIG][:SPLIT]
-    hf_tokenizer: str = ""  # a HF checkpoint directory (tokenizer.json or tokenizer.model, config.json)
+    hf_tokenizer: str = ""  # a HF checkpoint directory (tokenizer.json or tokenizer.model), tokenizer.json or .gguf
     out: str = "data.bin"  # output .bin; the sidecar goes to OUT.json
     dataset_id: int = -1  # written to the sidecar (overwrites token 0 of every row); -1 = the BOS id
     pack: bool = False  # pack whole documents into --seq_len rows with padding (masked out of the loss)
@@ -46,7 +46,7 @@ class Config:
 
     def validate(self) -> None:
         if not self.hf_tokenizer:
-            raise ValueError("pass --hf_tokenizer DIR (a Hugging Face checkpoint directory)")
+            raise ValueError("pass --hf_tokenizer DIR (a Hugging Face checkpoint directory, tokenizer.json or .gguf)")
         if self.pack and self.seq_len < 2:
             raise ValueError("--pack true needs --seq_len T (the training sequence length)")
         if self.max_tokens < 0 or self.max_documents < 0:
@@ -57,6 +57,11 @@ def tokenizer_sha256(directory: str | Path) -> str:
     """sha256 over the tokenizer files of a HF checkpoint directory (whichever are present)."""
     directory = Path(directory)
     h = hashlib.sha256()
+    if directory.is_file():  # a .gguf or tokenizer.json
+        with open(directory, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "tokenizer_config.json"):
         f = directory / name
         if f.exists():
@@ -82,7 +87,7 @@ def tokenize(cfg: Config) -> dict:
     cfg.validate()
     directory = Path(cfg.hf_tokenizer)
     hf_config = {}
-    if (directory / "config.json").exists():
+    if directory.is_dir() and (directory / "config.json").exists():
         hf_config = json.loads((directory / "config.json").read_text())
     tok = hf_checkpoint.load_tokenizer(directory, hf_config or None)
     vocab = max(tok.n_vocab, int(hf_config.get("vocab_size") or 0))

@@ -314,13 +314,19 @@ def test_llama3_tiktoken_model_round_trip(tmp_path):
 
 
 def test_tokenizer_json_matches_tiktoken_model(tmp_path):
+    import hf_fixtures  # noqa: PLC0415 (tests/)
+
     tokens = hc.tiny_tokenizer_tokens(300)
-    byte_map = hc.bytes_to_unicode()
+    byte_map = hf_fixtures.bytes_to_unicode()
     vocab = {"".join(byte_map[b] for b in t): i for i, t in enumerate(tokens)}
-    added = [{"id": 300 + i, "content": name, "special": True} for i, name in enumerate(hc.llama3_special_tokens(12))]
-    tj = {"model": {"type": "BPE", "vocab": {**vocab, **{a["content"]: a["id"] for a in added}}, "merges": [],
+    merges = [["".join(byte_map[b] for b in a), "".join(byte_map[b] for b in b_)]
+              for a, b_ in hf_fixtures.bpe_merges(tokens)]
+    added = [{"id": 300 + i, "content": name, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False} for i, name in enumerate(hc.llama3_special_tokens(12))]
+    tj = {"model": {"type": "BPE", "vocab": {**vocab, **{a["content"]: a["id"] for a in added}}, "merges": merges,
                     "byte_fallback": False},
           "added_tokens": added,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
               {"type": "Split", "pattern": {"Regex": hc.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
