@@ -193,9 +193,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
     from forgetting.stages import hf_checkpoint  # noqa: PLC0415
 
     g = GGUFFile(path)
-    tokenizer = _tokenizer(g)
     cfg = llama.from_hf_config(hf_config_from_gguf(g), seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
                                max_seq_len=max_seq_len)
+    tokenizer = _tokenizer(g)
     cfg = dataclasses.replace(cfg, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     params = hf_checkpoint.params_from_hf_tensors(cfg, _HFNamedTensors(g, cfg))
     return cfg, params, tokenizer
