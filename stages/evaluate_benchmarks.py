@@ -105,12 +105,12 @@ def domain_token_accuracy(cfg: Any, params: Any, dataset, *, batch_size: int = 8
     batches padded to a fixed size with zero-weight rows so one program serves all of them)."""
     hits = count = 0.0
     rows_seen = 0
-    for batch in dataset.valid_batches(batch_size):
+    for batch, mask in dataset.valid_batches(batch_size, with_mask=True):
         if max_rows and rows_seen >= max_rows:
             break
         batch = batch[: max_rows - rows_seen] if max_rows else batch
+        mask = None if mask is None else mask[: batch.shape[0]]
         rows_seen += batch.shape[0]
-        mask = dataset.loss_mask(batch)
         mask = np.ones(batch.shape, np.float32) if mask is None else mask
         n = batch.shape[0]
         if n < batch_size:

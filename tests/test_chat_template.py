@@ -168,3 +168,29 @@ def test_tokenize_hf_chat_rejects_bad_conversations(tmp_path, chat_tokenizer_dir
     assert not (tmp_path / "o.bin").exists() and not (tmp_path / "o.mask.bin").exists()
     with pytest.raises(ValueError, match="--chat true with --pack true"):
         tokenize_hf.Config(sources=(str(src),), hf_tokenizer="x", chat=True, pack=True, seq_len=8).validate()
+
+
+def test_sequence_dataset_serves_the_assistant_mask_with_the_rows(tmp_path, chat_tokenizer_dir):
+    from forgetting.core import data as data_lib
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": CONVERSATION[: 2 + 2 * (i % 2)]}) + "\n" for i in range(12)))
+    out = tmp_path / "chat.bin"
+    tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(chat_tokenizer_dir), out=str(out),
+                                            chat=True))
+    all_tokens = np.fromfile(out, np.uint16)
+    all_mask = np.fromfile(tmp_path / "chat.mask.bin", np.uint8)
+    T = 16
+    ds = data_lib.SequenceDataset(data_lib.TokenFile(out), T, num_tokens_valid=2 * T, split_seed=0)
+    assert ds.has_assistant_mask
+    n = len(all_tokens) // T
+    by_row = {tuple(all_tokens[i * T + 1:(i + 1) * T]): all_mask[i * T:(i + 1) * T] for i in range(n)}
+    tokens, mask = ds.train_batch(3, 4, seed=7), ds.train_loss_mask(3, 4, seed=7)
+    for row, m in zip(tokens, mask):  # each row's mask is the file's mask of that very row
+        np.testing.assert_array_equal(m, by_row[tuple(row[1:])])
+    for rows, masks in ds.valid_batches(4, with_mask=True):
+        for row, m in zip(rows, masks):
+            np.testing.assert_array_equal(m, by_row[tuple(row[1:])])
+    (tmp_path / "chat.mask.bin").write_bytes(b"\x01" * 5)
+    with pytest.raises(ValueError, match="tokenize again"):
+        data_lib.SequenceDataset(data_lib.TokenFile(out), T, num_tokens_valid=2 * T, split_seed=0)
