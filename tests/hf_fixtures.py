@@ -39,3 +39,8 @@ def bpe_merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
             raise ValueError(f"token {token!r} (rank {r}) is not one merge of earlier tokens")
         merges.append((parts[0], parts[1]))
     return merges
+
+
+# The tiny random HF-layout Llama checkpoint (the instruct mini's stand-in, which the tests share).
+from forgetting.experiments.standin_checkpoint import (  # noqa: E402,F401
+    tiny_config, tiny_tokenizer_tokens, write_tiny_hf_checkpoint)

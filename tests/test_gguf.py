@@ -251,3 +251,48 @@ def test_smollm2_answers_a_chat_templated_question(smollm2):
     answer = greedy_answer(cfg, params, tok, template, "What is the capital of France?")
     print(f"SmolLM2-135M-Instruct Q4_1, greedy: {answer!r}")
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_gguf_finetunes_on_chat_data_with_assistant_only_loss(tiny_gguf, tmp_path):
+    """`--model.load_path model.gguf` in the train stage, on `tokenize_hf --chat` data from the GGUF's own
+    tokenizer and template; the validation NTP counts exactly the assistant targets."""
+    from forgetting.core import data as data_lib
+    from forgetting.stages import evaluation, train, train_config as tc
+
+    path, _ = tiny_gguf
+    seq = 32
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the {i} the"},
+                                                    {"role": "assistant", "content": f"{i * 7} the the"}]}) + "\n"
+                           for i in range(60)))
+    out = tmp_path / "chat.bin"
+    meta = tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(path), out=str(out), chat=True))
+    assert meta["loss_mask"] == "chat.mask.bin" and 0 < meta["assistant_tokens"] < meta["num_tokens"] / 2
+    cfg = tc.TrainConfig(
+        run=tc.RunConfig(dir=str(tmp_path / "runs"), name="chat"),
+        data=tc.DataConfig(path=str(out), num_tokens_valid=4 * seq),
+        model=tc.ModelArgs(load_path=str(path), seq_len=seq, dtype="float32"),
+        reg=tc.RegConfig(method="kl_pre", coeff=1.0, synth=True, batch_size=2, buffer=2),
+        opt=tc.OptConfig(batch_size=4, peak_lr=1e-3, warmup_tokens=seq),
+        stop=tc.StopConfig(num_tokens_train=2 * 4 * seq),
+        log=tc.LogConfig(every_steps=2, progress=False))
+    cfg.validate()
+    result = train.train(cfg)
+    assert result["metrics"]["steps"] == 2 and np.isfinite(result["metrics"]["valid_ntp"])
+    # the evaluation's NTP is the mean NLL over assistant targets only, computed here by hand
+    loaded = runs.load_run(result["run_dir"])
+    ds = data_lib.SequenceDataset(data_lib.TokenFile(out), seq, num_tokens_valid=4 * seq, split_seed=cfg.data.split_seed)
+    from forgetting.core import step as step_lib
+
+    got = evaluation.ntp_and_kl(step_lib.make_eval_step(loaded.model_cfg), loaded.params, ds, 4)["ntp"]
+    nll_sum = count = 0.0
+    for rows, mask in ds.valid_batches(4, with_mask=True):
+        logits = np.asarray(loaded.model_cfg.forward(loaded.params, jnp.asarray(rows)), np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+        nll = -np.take_along_axis(logp[:, :-1], rows[:, 1:, None], -1)[..., 0]
+        nll_sum += float((nll * mask[:, 1:]).sum())
+        count += float(mask[:, 1:].sum())
+    assert 0 < count < ds.num_valid * (seq - 1)
+    assert got == pytest.approx(nll_sum / count, rel=1e-4)
