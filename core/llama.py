@@ -74,7 +74,7 @@ class RopeScaling:
         fields = {"linear": ("factor",),
                   "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                   "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                           "attention_factor", "mscale", "mscale_all_dim", "truncate")}[self.rope_type]
+                           "attention_factor", "mscale", "mscale_all_dim", "truncate")}.get(self.rope_type, ())
         return {"rope_type": self.rope_type, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}}
 
     @classmethod

@@ -121,7 +121,7 @@ def special_tokens_of(path: str | Path) -> dict[str, str]:
     if path.suffix == ".gguf":
         from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
 
-        g = gguf_checkpoint.GGUFFile(path)
+        g = gguf_checkpoint.open_gguf(path)
         tokens = g.require("tokenizer.ggml.tokens")
         out = {}
         for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),

@@ -22,6 +22,7 @@ tokens become special added tokens, user-defined ones plain added tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,6 +106,21 @@ class GGUFFile:
             raise ValueError(f"{self.path}: tensor {name} has type {kind}; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}")
         out = gguf.quants.dequantize(t.data, t.tensor_type)
         return np.asarray(out, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """A GGUFFile, reused while the file is unchanged (parsing the metadata of a real file takes seconds:
+    the tokenizer, the chat template and the weights of one file are read from one parse)."""
+    p = Path(path).resolve()
+    if not p.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = p.stat()
+    return _open_cached(str(p), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -192,7 +208,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
     """(config, parameters, tokenizer) of a Llama GGUF file; arguments as `hf_checkpoint.load_hf`."""
     from forgetting.stages import hf_checkpoint  # noqa: PLC0415
 
-    g = GGUFFile(path)
+    g = open_gguf(path)
     cfg = llama.from_hf_config(hf_config_from_gguf(g), seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
                                max_seq_len=max_seq_len)
     tokenizer = _tokenizer(g)
@@ -244,9 +260,9 @@ def _tokenizer(g: GGUFFile) -> hf_tokenizer.HFTokenizer:
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> hf_tokenizer.HFTokenizer:
     """The tokenizer in a GGUF file's metadata (see the module doc)."""
-    return _tokenizer(GGUFFile(path))
+    return _tokenizer(open_gguf(path))
 
 
 def gguf_chat_template(path: str | os.PathLike) -> str | None:
     """The GGUF's tokenizer.chat_template (a Jinja template, as in tokenizer_config.json), or None."""
-    return GGUFFile(path).get("tokenizer.chat_template")
+    return open_gguf(path).get("tokenizer.chat_template")
