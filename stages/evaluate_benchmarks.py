@@ -71,8 +71,8 @@ class BenchConfig:
 
 
 def find_tokenizer(path: str | Path, explicit: str = ""):
-    """The HF tokenizer of a checkpoint: `explicit`, the directory itself, or the HF directory a run (or its
-    ancestors) was finetuned from."""
+    """The HF tokenizer of a checkpoint: `explicit`, the directory (or .gguf file) itself, or the HF directory
+    or .gguf a run (or its ancestors) was finetuned from."""
     from forgetting.stages import hf_checkpoint  # noqa: PLC0415
 
     if explicit:
@@ -80,6 +80,8 @@ def find_tokenizer(path: str | Path, explicit: str = ""):
     path, seen = Path(path), set()
     while path not in seen:
         seen.add(path)
+        if path.suffix == ".gguf" and path.is_file():  # a llama.cpp file carries its tokenizer
+            return hf_checkpoint.load_tokenizer(path)
         if runs.is_hf_checkpoint(path):
             return hf_checkpoint.load_tokenizer(path, json.loads((path / "config.json").read_text()))
         config = path / runs.CONFIG_FILE

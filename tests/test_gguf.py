@@ -170,6 +170,9 @@ def test_gguf_is_a_load_path_and_a_tokenize_hf_tokenizer(tiny_gguf, tmp_path):
     meta = tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(path),
                                                    out=str(tmp_path / "d.bin")))
     assert np.fromfile(tmp_path / "d.bin", meta["dtype"]).tolist() == [259, 258, 258, 260]
+    from forgetting.stages import evaluate_benchmarks
+
+    assert evaluate_benchmarks.find_tokenizer(path).encode(" the") == [258]
 
 
 def test_unsupported_gguf_content_is_refused(tmp_path):
@@ -280,6 +283,10 @@ def test_gguf_finetunes_on_chat_data_with_assistant_only_loss(tiny_gguf, tmp_pat
     cfg.validate()
     result = train.train(cfg)
     assert result["metrics"]["steps"] == 2 and np.isfinite(result["metrics"]["valid_ntp"])
+    from forgetting.stages import evaluate_benchmarks
+
+    # a run finetuned from a GGUF finds the GGUF's tokenizer through `loaded_from`
+    assert evaluate_benchmarks.find_tokenizer(result["run_dir"]).bos_id == 259
     # the evaluation's NTP is the mean NLL over assistant targets only, computed here by hand
     loaded = runs.load_run(result["run_dir"])
     ds = data_lib.SequenceDataset(data_lib.TokenFile(out), seq, num_tokens_valid=4 * seq, split_seed=cfg.data.split_seed)
