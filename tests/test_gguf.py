@@ -185,6 +185,21 @@ def test_unsupported_gguf_content_is_refused(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="GGUF architecture 'qwen2' is not supported"):
         gguf_checkpoint.load_gguf(path)
+    llama31 = tmp_path / "llama31.gguf"
+    w = gguf.GGUFWriter(str(llama31), arch="llama")
+    for name, value in (("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 64),
+                        ("head_count", 2), ("context_length", 64)):
+        getattr(w, f"add_{name}")(value)
+    w.add_tensor("rope_freqs.weight", np.ones(16, np.float32))
+    w.add_tensor("odd.weight", gguf.quants.quantize(np.ones((2, 32), np.float32), Q.Q5_0), raw_dtype=Q.Q5_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="rope_freqs.weight"):
+        gguf_checkpoint.load_gguf(llama31)
+    with pytest.raises(ValueError, match="tensor odd.weight has type Q5_0; supported: F32"):
+        gguf_checkpoint.GGUFFile(llama31).dequantize("odd.weight")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ValueError, match="not a readable GGUF file"):
         gguf_checkpoint.load_gguf(tmp_path / "junk.gguf")
