@@ -248,6 +248,21 @@ def test_smollm2_tokenizer_from_metadata(smollm2_path):
     assert tok.encode("2024") == [tok.token_to_id(d) for d in "2024"]  # digits one by one (smollm)
     assert len(tok.encode("Hello")) == 1 and tok.encode(" world") == [tok.token_to_id("Ġworld")]
     assert tok.encode("<|im_start|>user", allow_special=True)[0] == 1 and 1 not in tok.encode("<|im_start|>user")
+    # the same tokenizer built another way: tokenizers' Python API on the raw GGUF fields, with SmolLM2's
+    # published pre-tokenizer (digits split one by one, then GPT-2 byte-level)
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    g = gguf_checkpoint.open_gguf(smollm2_path)
+    tokens = list(g.get("tokenizer.ggml.tokens"))
+    other = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                                 [tuple(m.split(" ")) for m in g.get("tokenizer.ggml.merges")]))
+    other.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    other.decoder = decoders.ByteLevel()
+    types = g.get("tokenizer.ggml.token_type")
+    other.add_special_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    for text in texts + ["<|im_start|>user\nHi 42<|im_end|>\n"]:
+        assert tok.encode(text, allow_special=True) == other.encode(text, add_special_tokens=False).ids
 
 
 def greedy_answer(cfg, params, tok, template: str, question: str, new_tokens: int = 24) -> str:
