@@ -11,6 +11,11 @@ records both. `SequenceDataset.loss_mask` then marks the target tokens that coun
 not padding), which the train stage passes as `batch["mask"]`. Without `pad_id` there is no mask: every
 position counts (the paper's path).
 
+Conversation files (`stages/tokenize_hf.py --chat true`) name a parallel uint8 file in the sidecar
+(`"loss_mask": "<name>.mask.bin"`, one byte per token, 1 on assistant-turn tokens); the dataset reads it
+row by row beside the tokens and `train_loss_mask` / `valid_batches(with_mask=True)` give the target mask
+(times the padding mask when there is one).
+
 `SequenceDataset` cuts the file into consecutive T-token sequences (a trailing partial one is dropped),
 takes a validation split once from a seeded permutation, and serves training batches as a stateless
 function of (seed, step): sample k of the run is position k % num_train of the permutation for
@@ -240,6 +245,7 @@ class SequenceDataset:
         if self.num_sequences == 0:
             raise ValueError(f"{token_file.path} has {token_file.num_tokens} tokens: fewer than one sequence of {seq_len}")
         self._rows = token_file.tokens[: self.num_sequences * seq_len].reshape(self.num_sequences, seq_len)
+        self._mask_rows = self._open_loss_mask(token_file)
         n_valid = math.ceil(num_tokens_valid / seq_len) if num_tokens_valid > 0 else 0
         if n_valid >= self.num_sequences:
             raise ValueError(
@@ -253,6 +259,40 @@ class SequenceDataset:
         self.num_valid = int(n_valid)
         self.num_train = int(self.num_sequences - n_valid)
         self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _open_loss_mask(self, token_file: TokenFile) -> np.ndarray | None:
+        name = token_file.meta.get("loss_mask")
+        if not name:
+            return None
+        path = token_file.path.parent / name
+        if not path.exists():
+            raise FileNotFoundError(f"{token_file.path}'s sidecar names the loss mask {name}, which is missing; "
+                                    "tokenize again")
+        if path.stat().st_size != token_file.num_tokens:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes but {token_file.path} holds "
+                             f"{token_file.num_tokens} tokens; tokenize again")
+        mask = np.memmap(path, dtype=np.uint8, mode="r", shape=(token_file.num_tokens,))
+        return mask[: self.num_sequences * self.seq_len].reshape(self.num_sequences, self.seq_len)
+
+    @property
+    def has_assistant_mask(self) -> bool:
+        """True for conversation files whose loss counts only the tokens their mask file marks."""
+        return self._mask_rows is not None
+
+    def _masks_of(self, sequence_ids: np.ndarray, tokens_bt: np.ndarray) -> np.ndarray | None:
+        pad = self.loss_mask(tokens_bt)
+        if self._mask_rows is None:
+            return pad
+        order = np.argsort(sequence_ids, kind="stable")
+        out = np.empty((len(sequence_ids), self.seq_len), dtype=np.float32)
+        out[order] = self._mask_rows[sequence_ids[order]]
+        return out if pad is None else out * pad
+
+    def train_loss_mask(self, step: int, batch_size: int, seed: int) -> np.ndarray | None:
+        """float32 [B, T] target mask of `train_batch(step, batch_size, seed)` (assistant tokens of conversation
+        files, times not-padding of packed files); None when every target counts."""
+        ids = self.train_indices[self.train_positions(step, batch_size, seed)]
+        return self._masks_of(ids, self._rows_of(ids))
 
     def _rows_of(self, sequence_ids: np.ndarray) -> np.ndarray:
         order = np.argsort(sequence_ids, kind="stable")  # read the memmap in increasing offset order
@@ -312,15 +352,17 @@ class SequenceDataset:
             raise IndexError(f"training sequence index out of range [0, {self.num_train})")
         return self._rows_of(self.train_indices[idx])
 
-    def valid_batches(self, batch_size: int, *, drop_last: bool = False) -> Iterator[np.ndarray]:
-        """The whole validation split in a fixed order; the last batch is smaller unless `drop_last`."""
+    def valid_batches(self, batch_size: int, *, drop_last: bool = False, with_mask: bool = False) -> Iterator:
+        """The whole validation split in a fixed order; the last batch is smaller unless `drop_last`.
+        With `with_mask`, (tokens, target mask or None) pairs (see `train_loss_mask`)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         for start in range(0, self.num_valid, batch_size):
             ids = self.valid_indices[start : start + batch_size]
             if drop_last and len(ids) < batch_size:
                 return
-            yield self._rows_of(ids)
+            rows = self._rows_of(ids)
+            yield (rows, self._masks_of(ids, rows)) if with_mask else rows
 
 
 def num_rows(fraction: float, batch_size: int) -> int:

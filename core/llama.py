@@ -41,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from forgetting.core import hf_config as hf_config_lib
 from forgetting.core import matmul
+from forgetting.core import rope_scaling as rope_lib
 from forgetting.core.model import ParamSpec
 
 Params = dict[str, jax.Array]
@@ -52,12 +54,35 @@ LAYER_LEAVES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 RoPE frequency scaling (HF `rope_scaling` with rope_type "llama3")."""
+    """RoPE frequency scaling (HF `rope_scaling` / `rope_parameters`): rope_type "llama3", "linear" or
+    "yarn" (see `core.rope_scaling`; only the fields of the type are read). Defaults are Llama 3.1's."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None = 0.1 ln(factor) + 1 (or from the mscales)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    def to_hf(self) -> dict:
+        """The HF scaling dict of this rope type (its own fields only)."""
+        fields = {"linear": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                  "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                           "attention_factor", "mscale", "mscale_all_dim", "truncate")}.get(self.rope_type, ())
+        return {"rope_type": self.rope_type, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}}
+
+    @classmethod
+    def from_hf(cls, scaling: dict, max_position_embeddings: int) -> "RopeScaling":
+        kwargs = {k: v for k, v in scaling.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if scaling["rope_type"] == "yarn" and kwargs.get("original_max_position_embeddings") is None:
+            kwargs["original_max_position_embeddings"] = max_position_embeddings
+        return cls(**kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +108,8 @@ class LlamaConfig:
     init_std: float = 0.02  # HF initializer_range, for `init`
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is not None:
+            rope_lib.check_scaling(self.rope_scaling.to_hf())
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp",
                      "seq_len"):
             if getattr(self, name) <= 0:
@@ -94,6 +121,11 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("bfloat16", "float32"):
                 raise ValueError(f"{name} must be 'bfloat16' or 'float32', got {getattr(self, name)!r}")
+
+    @property
+    def rope_attention_scaling(self) -> float:
+        """The factor on cos and sin of the rope type (1 except for yarn)."""
+        return rope_attention_scaling(self)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -191,22 +223,15 @@ def bos_prompts(cfg: LlamaConfig, n: int) -> jax.Array:
 
 # --- the computation -----------------------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [hd/2] (f32) with Llama-3 scaling applied when configured (as HF computes)."""
-    half = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
-    s = cfg.rope_scaling
-    if s is not None:
-        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-            s.high_freq_factor - s.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled)
-    assert inv_freq.shape == (half,)
+    """Inverse frequencies [hd/2] (f32) of the configured rope type (`core.rope_scaling`, as HF computes)."""
+    scaling = None if cfg.rope_scaling is None else cfg.rope_scaling.to_hf()
+    inv_freq, _ = rope_lib.rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling)
     return inv_freq.astype(np.float32)
+
+
+def rope_attention_scaling(cfg: LlamaConfig) -> float:
+    scaling = None if cfg.rope_scaling is None else cfg.rope_scaling.to_hf()
+    return rope_lib.rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling)[1]
 
 
 def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
@@ -216,12 +241,14 @@ def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
     return x * gain.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
 
 
-def rope(x_bthd: jax.Array, positions_t: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (HF convention) at integer positions; f32 out."""
+def rope(x_bthd: jax.Array, positions_t: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
+    """Rotate-half RoPE (HF convention) at integer positions, cos and sin times `scale` (yarn); f32 out."""
     half = x_bthd.shape[-1] // 2
     x = x_bthd.astype(jnp.float32)
     angles_tf = positions_t.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
     sin, cos = jnp.sin(angles_tf)[None, :, None, :], jnp.cos(angles_tf)[None, :, None, :]
+    if scale != 1.0:
+        sin, cos = sin * scale, cos * scale
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -251,8 +278,9 @@ def _block(cfg: LlamaConfig, x_btd: jax.Array, layer: Params, positions_t: jax.A
            inv_freq: np.ndarray, kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int):
     cdt = cfg.compute_dtype
     h = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-    q = rope(matmul.mm("btd,dhe->bthe", h, layer["wq"], cdt), positions_t, inv_freq)
-    k = rope(matmul.mm("btd,dke->btke", h, layer["wk"], cdt), positions_t, inv_freq)
+    scale = cfg.rope_attention_scaling
+    q = rope(matmul.mm("btd,dhe->bthe", h, layer["wq"], cdt), positions_t, inv_freq, scale)
+    k = rope(matmul.mm("btd,dke->btke", h, layer["wk"], cdt), positions_t, inv_freq, scale)
     v = matmul.mm("btd,dke->btke", h, layer["wv"], cdt)
     if kv_cache is None:
         keys, values, key_positions = k, v, positions_t
@@ -308,41 +336,24 @@ def from_hf_config(hf: dict, *, seq_len: int | None = None, dtype: str = "bfloat
     `seq_len` defaults to min(max_position_embeddings, `max_seq_len`): the KV cache and the sampler's
     length are sized by it, and Llama 3.2's 131072 positions would not fit a cache.
     """
-    model_type = hf.get("model_type", "llama")
-    if model_type != "llama":
-        raise ValueError(f"only model_type 'llama' is supported, got {model_type!r}")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("Llama checkpoints with attention/MLP biases are not supported")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act must be 'silu', got {act!r}")
-    scaling = None
-    rs = hf.get("rope_scaling")
-    if rs:
-        rope_type = rs.get("rope_type", rs.get("type"))
-        if rope_type == "default":
-            scaling = None
-        elif rope_type == "llama3":
-            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
-                                  float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
-        else:
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r} (only 'llama3')")
-    n_heads = int(hf["num_attention_heads"])
-    d_model = int(hf["hidden_size"])
-    head_dim = hf.get("head_dim") or d_model // n_heads
-    max_pos = int(hf.get("max_position_embeddings", max_seq_len))
-    eos = hf.get("eos_token_id", 1)
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    bos = hf.get("bos_token_id", 0)
+    spec = hf_config_lib.parse_hf_config(hf)  # validates; refuses what would change the numbers
+    if spec.model_type not in ("llama", "mistral"):
+        raise ValueError(f"model_type {spec.model_type!r} is not a Llama; this loader reads Llama checkpoints")
+    for field, name in ((spec.qkv_bias or spec.o_bias, "attention_bias"), (spec.mlp_bias, "mlp_bias"),
+                        (spec.qk_norm, "q/k norm")):
+        if field:
+            raise ValueError(f"config.json: {name} is not implemented for the Llama family")
+    scaling = (None if spec.rope_scaling is None
+               else RopeScaling.from_hf(dict(spec.rope_scaling), spec.max_position_embeddings))
+    eos = spec.eos_token_ids[0] if spec.eos_token_ids else 1
     return LlamaConfig(
-        vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=int(hf["num_hidden_layers"]),
-        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=int(head_dim),
-        d_mlp=int(hf["intermediate_size"]), rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        seq_len=int(seq_len or min(max_pos, max_seq_len)), dtype=dtype, param_dtype=param_dtype,
-        bos_id=int(0 if bos is None else bos), eos_id=int(1 if eos is None else eos),
-        init_std=float(hf.get("initializer_range", 0.02)))
+        vocab_size=spec.vocab_size, d_model=spec.hidden_size, n_layers=spec.num_hidden_layers,
+        n_heads=spec.num_attention_heads, n_kv_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+        d_mlp=spec.intermediate_size, rope_theta=spec.rope_theta, rope_scaling=scaling,
+        norm_eps=spec.rms_norm_eps, tie_embeddings=spec.tie_word_embeddings,
+        seq_len=int(seq_len or min(spec.max_position_embeddings, max_seq_len)), dtype=dtype,
+        param_dtype=param_dtype, bos_id=0 if spec.bos_token_id is None else spec.bos_token_id, eos_id=eos,
+        init_std=spec.initializer_range)
 
 
 def to_hf_config(cfg: LlamaConfig, *, torch_dtype: str | None = None) -> dict:
@@ -359,8 +370,5 @@ def to_hf_config(cfg: LlamaConfig, *, torch_dtype: str | None = None) -> dict:
         "torch_dtype": torch_dtype or cfg.param_dtype, "use_cache": True, "vocab_size": cfg.vocab_size,
     }
     if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                               "high_freq_factor": s.high_freq_factor,
-                               "original_max_position_embeddings": s.original_max_position_embeddings}
+        out["rope_scaling"] = cfg.rope_scaling.to_hf()
     return out

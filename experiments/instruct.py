@@ -167,13 +167,14 @@ def prepare(cfg: PrepareConfig, run_dir: Path) -> dict:
     HF checkpoint `ckpt/`; `domain.bin`, `old.bin` (tokenized with its tokenizer); `bench/*.jsonl`."""
     import jax
 
-    from forgetting.stages import benchmarks, hf_checkpoint, runs, tokenize_hf, train
+    from forgetting.experiments import standin_checkpoint
+    from forgetting.stages import benchmarks, runs, tokenize_hf, train
 
     k = cfg.knobs
     run_dir = Path(run_dir)
     random_dir = run_dir / "random"
-    tiny = hf_checkpoint.tiny_config(seq_len=k.seq_len, dtype=k.dtype)
-    hf_checkpoint.write_tiny_hf_checkpoint(random_dir, tiny, jax.random.key(k.seed))
+    tiny = standin_checkpoint.tiny_config(seq_len=k.seq_len, dtype=k.dtype)
+    standin_checkpoint.write_tiny_hf_checkpoint(random_dir, tiny, jax.random.key(k.seed))
     for name, docs in (("domain", verilog_corpus(k.mini_docs, k.seed)), ("old", english_like_corpus(k.mini_docs, k.seed))):
         src = run_dir / f"{name}.jsonl"
         src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -189,7 +190,7 @@ def prepare(cfg: PrepareConfig, run_dir: Path) -> dict:
         log=tc.LogConfig(every_steps=max(1, k.mini_pretrain_steps), progress=False))
     result = train.train(pre)
     loaded = runs.load_run(result["run_dir"])
-    hf_checkpoint.write_tiny_hf_checkpoint(run_dir / "ckpt", tiny, params=jax.device_get(loaded.params))
+    standin_checkpoint.write_tiny_hf_checkpoint(run_dir / "ckpt", tiny, params=jax.device_get(loaded.params))
     return {"pretrain_valid_ntp": result["metrics"]["valid_ntp"], "bench": {n: str(p) for n, p in bench.items()}}
 
 

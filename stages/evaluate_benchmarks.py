@@ -74,8 +74,8 @@ class BenchConfig:
 
 
 def find_tokenizer(path: str | Path, explicit: str = ""):
-    """The HF tokenizer of a checkpoint: `explicit`, the directory itself, or the HF directory a run (or its
-    ancestors) was finetuned from."""
+    """The HF tokenizer of a checkpoint: `explicit`, the directory (or .gguf file) itself, or the HF directory
+    or .gguf a run (or its ancestors) was finetuned from."""
     from forgetting.stages import hf_checkpoint  # noqa: PLC0415
 
     if explicit:
@@ -83,6 +83,8 @@ def find_tokenizer(path: str | Path, explicit: str = ""):
     path, seen = Path(path), set()
     while path not in seen:
         seen.add(path)
+        if path.suffix == ".gguf" and path.is_file():  # a llama.cpp file carries its tokenizer
+            return hf_checkpoint.load_tokenizer(path)
         if runs.is_hf_checkpoint(path):
             return hf_checkpoint.load_tokenizer(path, json.loads((path / "config.json").read_text()))
         config = path / runs.CONFIG_FILE
@@ -108,12 +110,12 @@ def domain_token_accuracy(cfg: Any, params: Any, dataset, *, batch_size: int = 8
     batches padded to a fixed size with zero-weight rows so one program serves all of them)."""
     hits = count = 0.0
     rows_seen = 0
-    for batch in dataset.valid_batches(batch_size):
+    for batch, mask in dataset.valid_batches(batch_size, with_mask=True):
         if max_rows and rows_seen >= max_rows:
             break
         batch = batch[: max_rows - rows_seen] if max_rows else batch
+        mask = None if mask is None else mask[: batch.shape[0]]
         rows_seen += batch.shape[0]
-        mask = dataset.loss_mask(batch)
         mask = np.ones(batch.shape, np.float32) if mask is None else mask
         n = batch.shape[0]
         if n < batch_size:

@@ -12,19 +12,19 @@ from forgetting.core import sampling
 
 def _limited_batches(dataset: data_lib.SequenceDataset, batch_size: int, max_tokens: int):
     seen = 0
-    for batch in dataset.valid_batches(batch_size):
+    for batch, mask in dataset.valid_batches(batch_size, with_mask=True):
         if max_tokens and seen >= max_tokens:
             return
         seen += batch.size
-        yield batch
+        yield batch, mask
 
 
 def ntp_and_kl(eval_step: Callable, params: Any, dataset: data_lib.SequenceDataset, batch_size: int,
                ref_params: Any = None, max_tokens: int = 0) -> dict[str, float]:
     """Mean NTP loss (all predicted positions and second half) and, with a reference, mean KL(ref ‖ θ)."""
     totals: dict[str, float] = {}
-    pending = [eval_step(params, batch, ref_params, dataset.loss_mask(batch))
-               for batch in _limited_batches(dataset, batch_size, max_tokens)]
+    pending = [eval_step(params, batch, ref_params, mask)
+               for batch, mask in _limited_batches(dataset, batch_size, max_tokens)]
     if not pending:
         raise ValueError(f"{dataset.token_file.path}: validation split is empty; raise --data.num_tokens_valid")
     for sums in jax.device_get(pending):
@@ -54,7 +54,7 @@ def exact_match(model_cfg: Any, params: Any, dataset: data_lib.SequenceDataset, 
     """Fraction of validation sequences whose greedy continuation of the prompt matches the answer span."""
     correct = total = 0
     start, end = span
-    for batch in _limited_batches(dataset, batch_size, max_tokens):
+    for batch, _ in _limited_batches(dataset, batch_size, max_tokens):
         predicted = np.asarray(sampling.greedy_complete(model_cfg, params, batch, start))
         correct += int(np.sum(np.all(predicted[:, start:end] == batch[:, start:end], axis=1)))
         total += batch.shape[0]

@@ -272,12 +272,14 @@ class LoadedRun:
 
 
 def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None = None) -> LoadedRun:
-    """Loads a finished run directory of this project, an authors' `weights.npz` directory, or a Hugging
-    Face Llama checkpoint directory (`seq_len`: its sequence length here; ignored for run directories,
+    """Loads a finished run directory of this project, an authors' `weights.npz` directory, a Hugging
+    Face Llama checkpoint directory or a llama.cpp `.gguf` file (`seq_len`: its sequence length here; ignored for run directories,
     which keep their own)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--model.load_path {path} does not exist; pass a finished run directory")
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf_checkpoint(path, dtype, seq_len)
     if (path / "weights.npz").exists():
         return _load_authors_checkpoint(path, dtype)
     if is_hf_checkpoint(path):
@@ -387,6 +389,15 @@ def _load_hf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> L
 
     model_cfg, params, _ = hf_checkpoint.load_hf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                  seq_len=seq_len or None)
+    return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), None)
+
+
+def _load_gguf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
+    """A llama.cpp GGUF file (Llama architecture) as a LoadedRun, like a HF checkpoint directory."""
+    from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
+
+    model_cfg, params, _ = gguf_checkpoint.load_gguf(path, dtype=dtype or "bfloat16", param_dtype="float32",
+                                                     seq_len=seq_len or None)
     return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), None)
 
 

@@ -13,11 +13,21 @@ Without `--pack` documents are concatenated and cut into T-token rows by the tra
 counts, as for the paper's data). With `--pack true --seq_len T` whole documents are placed in T-token
 rows (next-fit, see `core.data.pack_documents`), right-padded with `<|finetune_right_pad_id|>` (or
 `--pad_id`), and the train stage masks the padding out of the loss (`batch["mask"]`).
+
+Conversations (`--chat true`): each JSONL line's `--messages_field` (default "messages", a list of
+{"role", "content"}) is rendered with the checkpoint's chat template (`stages.chat_template`; or
+`--chat_template FILE_OR_DIR`) and tokenized with special-token text read as special tokens. A document is
+BOS (unless the rendering starts with it) + the rendering; no EOS is added (the template's end-of-turn
+tokens end it). Beside OUT goes OUT.mask.bin: one uint8 per token, 1 where the token belongs to an assistant
+turn (its content and end-of-turn tokens), named in the sidecar as `"loss_mask": "<name>.mask.bin"`, with
+`"assistant_tokens"`. `--hf_tokenizer` may also be a tokenizer.json or a llama.cpp `.gguf` file.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -34,7 +44,7 @@ class Config:
     """Tokenize text sources with a Hugging Face checkpoint's tokenizer (BOS + text + EOS per document)."""
 
     sources: tuple[str, ...] = ()  # .txt / .jsonl files, directories of them, or hf:NAME[:CONFIG][:SPLIT]
-    hf_tokenizer: str = ""  # a HF checkpoint directory (tokenizer.json or tokenizer.model, config.json)
+    hf_tokenizer: str = ""  # a HF checkpoint directory (tokenizer.json or tokenizer.model), tokenizer.json or .gguf
     out: str = "data.bin"  # output .bin; the sidecar goes to OUT.json
     dataset_id: int = -1  # written to the sidecar (overwrites token 0 of every row); -1 = the BOS id
     pack: bool = False  # pack whole documents into --seq_len rows with padding (masked out of the loss)
@@ -43,10 +53,13 @@ class Config:
     max_tokens: int = 0  # stop after about this many tokens (0 = all; with --pack: whole rows, so a little more)
     max_documents: int = 0  # keep at most this many documents (0 = all)
     text_field: str = "text"  # field holding the text in .jsonl / Hugging Face rows
+    chat: bool = False  # .jsonl conversations rendered with the chat template; writes OUT.mask.bin
+    messages_field: str = "messages"  # --chat: field holding the list of {"role", "content"} messages
+    chat_template: str = ""  # --chat: a .jinja file, a directory / tokenizer_config.json or .gguf (default: --hf_tokenizer)
 
     def validate(self) -> None:
         if not self.hf_tokenizer:
-            raise ValueError("pass --hf_tokenizer DIR (a Hugging Face checkpoint directory)")
+            raise ValueError("pass --hf_tokenizer DIR (a Hugging Face checkpoint directory, tokenizer.json or .gguf)")
         if self.pack and self.seq_len < 2:
             raise ValueError("--pack true needs --seq_len T (the training sequence length)")
         if self.max_tokens < 0 or self.max_documents < 0:
@@ -57,12 +70,21 @@ class Config:
             raise ValueError(f"--pad_id and --dataset_id must be >= 0 (or -1 = from the tokenizer), got "
                              f"{self.pad_id}, {self.dataset_id}")
         cli.check_output_file("--out", self.out)
+        if self.chat and self.pack:
+            raise ValueError("--chat true with --pack true is not supported; tokenize conversations unpacked")
+        if self.chat and any(not str(src).endswith(".jsonl") for src in self.sources):
+            raise ValueError("--chat true reads .jsonl files of conversations only")
 
 
 def tokenizer_sha256(directory: str | Path) -> str:
     """sha256 over the tokenizer files of a HF checkpoint directory (whichever are present)."""
     directory = Path(directory)
     h = hashlib.sha256()
+    if directory.is_file():  # a .gguf or tokenizer.json
+        with open(directory, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "tokenizer_config.json"):
         f = directory / name
         if f.exists():
@@ -70,25 +92,54 @@ def tokenizer_sha256(directory: str | Path) -> str:
     return h.hexdigest()
 
 
+def mask_path(out: str | Path) -> Path:
+    """The assistant-mask file beside a token file: data.bin -> data.mask.bin."""
+    out = Path(out)
+    return out.with_name(out.stem + ".mask.bin")
+
+
+def _iter_conversations(sources: list[str], field: str):
+    for src in sources:
+        with open(src, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{src}: invalid JSON at line {line_no}: {e.msg}") from None
+                messages = obj.get(field) if isinstance(obj, dict) else None
+                if not isinstance(messages, list) or not messages:
+                    raise ValueError(f"{src}: line {line_no} has no non-empty list field {field!r}")
+                yield src, line_no, messages
+
+
+def _chat_template_text(cfg: Config) -> str:
+    from forgetting.stages import chat_template  # noqa: PLC0415
+
+    source = Path(cfg.chat_template or cfg.hf_tokenizer)
+    if source.suffix == ".jinja":
+        return source.read_text(encoding="utf-8")
+    return chat_template.load_chat_template(source)
+
+
 def _pad_id(cfg: Config, tok) -> int:
     if cfg.pad_id >= 0:
         return cfg.pad_id
-    try:
-        return int(tok.encoding.encode_single_token(PAD_TOKEN))
-    except KeyError:
-        raise ValueError(f"the tokenizer has no {PAD_TOKEN}; pass --pad_id (an id the text never produces)") from None
+    pad = tok.token_to_id(PAD_TOKEN)
+    if pad is None:
+        raise ValueError(f"the tokenizer has no {PAD_TOKEN}; pass --pad_id (an id the text never produces)")
+    return int(pad)
 
 
 def tokenize(cfg: Config) -> dict:
     """Tokenizes `cfg.sources` into `cfg.out`; returns the sidecar dict."""
-    import json
-
-    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
+    from forgetting.stages import chat_template, hf_checkpoint  # noqa: PLC0415
 
     cfg.validate()
     directory = Path(cfg.hf_tokenizer)
     hf_config = {}
-    if (directory / "config.json").exists():
+    if directory.is_dir() and (directory / "config.json").exists():
         hf_config = json.loads((directory / "config.json").read_text())
     tok = hf_checkpoint.load_tokenizer(directory, hf_config or None)
     vocab = max(tok.n_vocab, int(hf_config.get("vocab_size") or 0))
@@ -99,7 +150,32 @@ def tokenize(cfg: Config) -> dict:
     srcs = sources_lib.expand_sources(cfg.sources)
     counts = {"docs": 0, "tokens": 0}
 
+    masks: list[list[int]] = []  # --chat: the mask of the document just yielded
+
+    def conversations():
+        template = _chat_template_text(cfg)
+        special = chat_template.special_tokens_of(Path(cfg.chat_template) if cfg.chat_template and not
+                                                  cfg.chat_template.endswith(".jinja") else directory)
+        for src, line_no, messages in _iter_conversations(srcs, cfg.messages_field):
+            if cfg.max_documents and counts["docs"] >= cfg.max_documents:
+                return
+            if cfg.max_tokens and counts["tokens"] >= cfg.max_tokens:
+                return
+            try:
+                ids, mask = chat_template.tokenize_conversation(tok, template, messages, special)
+            except chat_template.ChatTemplateError as err:
+                raise ValueError(f"{src}: line {line_no}: {err}") from None
+            if not ids or ids[0] != tok.bos_id:
+                ids, mask = [tok.bos_id, *ids], [0, *mask]
+            counts["docs"] += 1
+            counts["tokens"] += len(ids)
+            masks.append(mask)
+            yield ids
+
     def documents():
+        if cfg.chat:
+            yield from conversations()
+            return
         for text in sources_lib.iter_documents(srcs, cfg.text_field):
             if cfg.max_documents and counts["docs"] >= cfg.max_documents:
                 return
@@ -114,7 +190,9 @@ def tokenize(cfg: Config) -> dict:
                   "tokenizer": str(directory), "tokenizer_sha256": tokenizer_sha256(directory), "kind": "text",
                   "sources": list(cfg.sources), "config": cli.to_dict(cfg)}
     writer = data.TokenWriter(cfg.out, data.dtype_for_vocab(vocab))
-    n_pad = 0
+    mask_tmp = Path(str(mask_path(cfg.out)) + ".tmp")
+    mask_file = open(mask_tmp, "wb") if cfg.chat else None
+    n_pad = n_assistant = 0
     try:
         if cfg.pack:  # streamed: one row at a time
             pad = _pad_id(cfg, tok)
@@ -126,9 +204,24 @@ def tokenize(cfg: Config) -> dict:
             for ids in documents():
                 room = cfg.max_tokens - writer.num_tokens if cfg.max_tokens else len(ids)
                 writer.write(np.asarray(ids[:room], np.int64))
+                if mask_file is not None:
+                    mask = np.asarray(masks.pop()[:room], np.uint8)
+                    mask_file.write(mask.tobytes())
+                    n_assistant += int(mask.sum())
     except BaseException:
         writer.abort()
+        if mask_file is not None:
+            mask_file.close()
+            mask_tmp.unlink(missing_ok=True)
         raise
+    if mask_file is not None:
+        mask_file.close()
+        if n_assistant == 0:
+            mask_tmp.unlink(missing_ok=True)
+            writer.abort()
+            raise ValueError("--chat true: no assistant turn in the conversations (nothing would count in the loss)")
+        os.replace(mask_tmp, mask_path(cfg.out))
+        meta.update(kind="chat", loss_mask=mask_path(cfg.out).name, assistant_tokens=n_assistant)
     if writer.num_tokens == 0:
         writer.abort()
         raise ValueError(f"the corpus is empty: no text in {', '.join(cfg.sources)}")

@@ -64,6 +64,9 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, out: Path):
         self.cfg, self.out = cfg, out
         self.s: Setup = build_setup(cfg)
+        if self.s.dataset.has_assistant_mask and (self.s.mix_dataset is not None or cfg.reg.method == "replace"):
+            raise ValueError(f"{cfg.data.path} has an assistant-only loss mask, which --mix and --reg.method replace "
+                             "would misalign (they swap rows); use kl/ntp replay or tokenize without --chat")
         self.eval_step = step_lib.make_eval_step(self.s.model_cfg)
 
     # ----- batches -------------------------------------------------------------------------------
@@ -79,7 +82,9 @@ class _Trainer:
         elif cfg.reg.method in ("ntp_pre", "kl_pre"):
             batch["replay"] = s.replay.rows(step)
         batch["tokens"] = tokens
-        mask = s.dataset.loss_mask(tokens)  # packed data: padding targets do not count
+        # packed data: padding targets do not count; conversations: only assistant tokens count
+        mask = (s.dataset.train_loss_mask(step, cfg.opt.batch_size, cfg.run.seed) if s.dataset.has_assistant_mask
+                else s.dataset.loss_mask(tokens))
         if mask is not None:
             batch["mask"] = mask
         return s.put_batch(batch)

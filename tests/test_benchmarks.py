@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as hst
 
 from forgetting.core import llama, losses
 from forgetting.stages import benchmarks as bm
-from forgetting.stages import hf_checkpoint as hc
+
+import hf_fixtures  # tests/: the tiny HF-layout checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ def test_known_answers_and_acc_norm():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    cfg = hc.tiny_config(vocab_size=288, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_mlp=48,
+    cfg = hf_fixtures.tiny_config(vocab_size=288, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_mlp=48,
                          seq_len=32, dtype="float32")
     params = llama.init(cfg, jax.random.key(0))
     params = {k: v * 20 if not llama.is_norm(k) else v for k, v in params.items()}  # non-uniform predictions

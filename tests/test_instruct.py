@@ -16,13 +16,15 @@ from forgetting.core import data as data_lib
 from forgetting.core import llama, losses
 from forgetting.stages import hf_checkpoint, runs, tokenize_hf
 
+import hf_fixtures  # tests/: the tiny HF-layout checkpoint
+
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    hf_checkpoint.write_tiny_hf_checkpoint(d, hf_checkpoint.tiny_config(seq_len=SEQ), jax.random.key(0))
+    hf_fixtures.write_tiny_hf_checkpoint(d, hf_fixtures.tiny_config(seq_len=SEQ), jax.random.key(0))
     return d
 
 

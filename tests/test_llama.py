@@ -19,6 +19,8 @@ from forgetting.core import model as model_lib
 from forgetting.core import safetensors_io as st
 from forgetting.stages import hf_checkpoint as hc
 
+import hf_fixtures  # tests/: the tiny HF-layout checkpoint
+
 SCALING = llama.RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                             original_max_position_embeddings=16)
 
@@ -107,7 +109,7 @@ _forward = jax.jit(model_lib.forward, static_argnums=0)
 
 @pytest.fixture(scope="module")
 def f32_cfg():
-    return hc.tiny_config(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+    return hf_fixtures.tiny_config(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                           d_mlp=48, seq_len=24, dtype="float32", rope_scaling=SCALING)
 
 
@@ -115,7 +117,7 @@ def f32_cfg():
 def test_loaded_checkpoint_matches_numpy(tmp_path, f32_cfg, tie):
     cfg = llama.LlamaConfig(**{**f32_cfg.__dict__, "tie_embeddings": tie})
     params = _random_params(cfg, seed=int(tie))
-    hc.write_tiny_hf_checkpoint(tmp_path, cfg, params=params, max_shard_bytes=20_000 if tie else None)
+    hf_fixtures.write_tiny_hf_checkpoint(tmp_path, cfg, params=params, max_shard_bytes=20_000 if tie else None)
     if tie:
         assert (tmp_path / st.INDEX_FILE).exists()  # sharded path exercised
     loaded_cfg, loaded, tok = hc.load_hf(tmp_path, dtype="float32")
@@ -131,7 +133,7 @@ def test_loaded_checkpoint_matches_numpy(tmp_path, f32_cfg, tie):
 
 def test_bf16_checkpoint_and_storage(tmp_path, f32_cfg):
     params = _random_params(f32_cfg, seed=3)
-    hc.write_tiny_hf_checkpoint(tmp_path, f32_cfg, params=params, torch_dtype="bfloat16")
+    hf_fixtures.write_tiny_hf_checkpoint(tmp_path, f32_cfg, params=params, torch_dtype="bfloat16")
     header, _ = st.read_header(tmp_path / "model.safetensors")
     assert header["model.embed_tokens.weight"]["dtype"] == "BF16"
     cfg, loaded, _ = hc.load_hf(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
@@ -192,7 +194,7 @@ def test_gqa(seed, kv):
 # --- the shared machinery with a LlamaConfig ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = hc.tiny_config(vocab_size=288, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_mlp=48,
+    cfg = hf_fixtures.tiny_config(vocab_size=288, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_mlp=48,
                          seq_len=16, dtype="float32", rope_scaling=SCALING)
     return cfg, _random_params(cfg, seed=5)
 
@@ -314,13 +316,17 @@ def test_llama3_tiktoken_model_round_trip(tmp_path):
 
 
 def test_tokenizer_json_matches_tiktoken_model(tmp_path):
-    tokens = hc.tiny_tokenizer_tokens(300)
-    byte_map = hc.bytes_to_unicode()
+    tokens = hf_fixtures.tiny_tokenizer_tokens(300)
+    byte_map = hf_fixtures.bytes_to_unicode()
     vocab = {"".join(byte_map[b] for b in t): i for i, t in enumerate(tokens)}
-    added = [{"id": 300 + i, "content": name, "special": True} for i, name in enumerate(hc.llama3_special_tokens(12))]
-    tj = {"model": {"type": "BPE", "vocab": {**vocab, **{a["content"]: a["id"] for a in added}}, "merges": [],
+    merges = [["".join(byte_map[b] for b in a), "".join(byte_map[b] for b in b_)]
+              for a, b_ in hf_fixtures.bpe_merges(tokens)]
+    added = [{"id": 300 + i, "content": name, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False} for i, name in enumerate(hc.llama3_special_tokens(12))]
+    tj = {"model": {"type": "BPE", "vocab": {**vocab, **{a["content"]: a["id"] for a in added}}, "merges": merges,
                     "byte_fallback": False},
           "added_tokens": added,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
               {"type": "Split", "pattern": {"Regex": hc.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
