@@ -26,11 +26,10 @@ so the peak is about one copy of the weights (in `param_dtype`) plus one leaf.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_dtypes

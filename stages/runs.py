@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetting.core import checkpoint, multihost, sharded_checkpoint
+from forgetting.core import multihost, sharded_checkpoint
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.stages import cli
