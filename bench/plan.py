@@ -205,8 +205,6 @@ def sweep_hours(mfu: float, peak_tflops: float) -> list[dict]:
     import importlib
     from pathlib import Path
 
-    from forgetting.core import model
-    from forgetting.experiments import framework
 
     figures = ["model_size", "pretrain_length", "grid_2d", "learning_rate", "high_lr", "model_capacity",
                "method_comparison", "instruct", "toy_continual"]

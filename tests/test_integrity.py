@@ -67,7 +67,7 @@ BAD_TRAIN_FLAGS = {  # flag changes -> a phrase of the message
     "--model.head_dim must be positive": {"model.head_dim": 0},
     "--model.d_model must be positive": {"model.d_model": -32},
     "--model.seq_len must be >= 2": {"model.seq_len": 1},
-    "must be a multiple of --model.head_dim": {"model.head_dim": 24},
+    "must be at least --model.head_dim": {"model.head_dim": 64},
     "must be even": {"model.d_model": 30, "model.head_dim": 15},
     "--model.lora_rank must be >= 0": {"model.lora_rank": -1},
     "--reg.prompt_ids must be token ids >= 0": {"reg.prompt_ids": (-3,)},
