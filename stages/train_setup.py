@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from forgetting.core import data as data_lib
-from forgetting.core import lora, optim, sharding
+from forgetting.core import families, lora, optim, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
 from forgetting.stages import replay, runs
@@ -118,7 +119,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
                                          "--eval.extra_paths") for p in cfg.eval.extra_paths}
 
     key = jax.random.key(cfg.run.seed)
-    params = loaded.params if loaded is not None else model_lib.init(model_cfg, key)
+    params = loaded.params if loaded is not None else families.init(model_cfg, key)
     params = jax.tree.map(jnp.asarray, params)
     use_lora = cfg.model.lora_rank > 0
     ref = params if loaded is not None else None  # the frozen reference p_ref: the loaded model
@@ -164,19 +165,18 @@ def build_setup(cfg: TrainConfig) -> Setup:
 
     ref_init_distance = None
     if (loaded is not None and not (loaded.path / "weights.npz").exists()
-            and isinstance(model_cfg, model_lib.ModelConfig)):  # the paper model's init only
-        loaded_seed = int(_json(loaded.path / runs.CONFIG_FILE)["config"]["run"]["seed"])
-        if _json(loaded.path / runs.CONFIG_FILE)["config"]["model"]["load_path"] == "":
-            init_params = model_lib.init(model_cfg, jax.random.key(loaded_seed))
-            ref_init_distance = float(jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
-                jax.tree.leaves(loaded.params), jax.tree.leaves(init_params)))))
+            and (loaded.path / runs.CONFIG_FILE).exists()):  # a run of this project: its init is known
+        loaded_config = _json(loaded.path / runs.CONFIG_FILE).get("config", {})
+        if loaded_config.get("model", {}).get("load_path") == "":  # trained from scratch here
+            init_params = families.init(model_cfg, jax.random.key(int(loaded_config["run"]["seed"])))
+            ref_init_distance = float(optax.tree.norm(jax.tree.map(jnp.subtract, loaded.params, init_params)))
 
     lineage = tuple(dict.fromkeys((*(loaded.lineage_ids if loaded else ()), dataset.token_file.dataset_id)))
     resolved = {"model": runs.model_to_dict(model_cfg), "lineage_ids": list(lineage),
                 "dataset_id": dataset.token_file.dataset_id,
                 "tokenizer_sha256": dataset.token_file.meta.get("tokenizer_sha256"),
                 "total_steps": total_steps, "warmup_steps": warmup_steps, "eval_every": eval_every,
-                "param_count": sum(math.prod(a.shape) for a in runs.abstract_params(model_cfg).values()),
+                "param_count": families.param_count(model_cfg),
                 "paper_param_count": model_lib.paper_param_count(model_cfg),
                 "loaded_from": str(loaded.path) if loaded else None}
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
