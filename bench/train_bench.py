@@ -192,7 +192,7 @@ def run(bc: BenchConfig) -> dict[str, Any]:
         results["train_kl_pre"] = _time_train(cfg, bc, params, "kl_pre")
         results["train_kl_pre"]["mfu"] = results["train_kl_pre"]["model_gflops"] / peak
     if bc.json:
-        from forgetting.stages.cli import write_json_atomic
+        from forgetting.core.files import write_json_atomic
 
         write_json_atomic(Path(bc.json), results)
     return results

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from forgetting.core import files
+
 FORMAT = "forgetting-checkpoint"
 VERSION = 1
 MAGIC = b"FGTCKPT1"
@@ -178,7 +180,7 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    files.fsync_dir(path.parent)
 
 
 def _hash_header_fields(sha, payload_bytes: int, n_leaves: int, metadata: dict) -> None:
@@ -189,19 +191,6 @@ def _hash_header_fields(sha, payload_bytes: int, n_leaves: int, metadata: dict) 
 
 def _metadata_json(metadata: dict) -> str:
     return json.dumps(metadata, sort_keys=True, separators=(",", ":"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------- read

@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from forgetting.core.files import write_json_atomic as write_json_atomic  # the sidecar writer (re-exported)
 
 DTYPE = np.dtype("<u2")
 DTYPES = {"uint16": DTYPE, "uint32": np.dtype("<u4")}
@@ -41,15 +42,6 @@ def sidecar_path(path: str | Path) -> Path:
 def dtype_for_vocab(vocab_size: int) -> str:
     """The token file dtype for a vocabulary: uint16 up to 65536 ids, else uint32."""
     return "uint16" if vocab_size <= 65536 else "uint32"
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 class TokenWriter:
@@ -121,7 +113,8 @@ class TokenFile:
             raise FileNotFoundError(f"token file not found: {self.path}")
         meta_path = sidecar_path(self.path)
         if not meta_path.exists():
-            raise FileNotFoundError(f"sidecar {meta_path} not found; token files are written with one by the tokenize/generate stages")
+            raise FileNotFoundError(f"sidecar {meta_path} not found; token files are written with one by the "
+                                    "tokenize/generate stages")
         try:
             self.meta: dict = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

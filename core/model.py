@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from forgetting.core import families, layers, xla_cpu
-from forgetting.core.families import ParamSpec  # noqa: F401 - re-exported: part of this module's API
+from forgetting.core.families import ParamSpec as ParamSpec  # re-exported: part of this module's API
 
 Params = dict[str, jax.Array]
 Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout

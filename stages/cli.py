@@ -15,6 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+from forgetting.core.files import write_json_atomic as write_json_atomic  # stages write their JSON with it
+
 C = TypeVar("C")
 
 
@@ -131,26 +133,6 @@ def command_line(module: str, cfg: Any) -> str:
     import shlex
 
     return " ".join(["python", "-m", module, *map(shlex.quote, to_argv(cfg))])
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes JSON through a temp file + fsync + rename, so a reader never sees half a file."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,

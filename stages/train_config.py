@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
+from forgetting.core import model as model_lib
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 MESH_STRATEGIES = ("", "dp", "fsdp", "tp")
@@ -40,17 +41,30 @@ class MixConfig:
 
 
 @dataclass(frozen=True)
-class ModelArgs:
-    """Model shape (ignored when loading: the checkpoint's shape is used) and where to start from."""
+class ModelArgs(model_lib.ModelConfig):
+    """The paper model's config itself (every field a flag: --model.d_model, --model.impl, --model.remat, ...)
+    plus where training starts from. When loading, the checkpoint's shape is used and the numerics fields
+    (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
 
     vocab_size: int = 0  # 0 = take it from the data sidecar
-    d_model: int = 256  # residual width D
-    n_layers: int = 6  # transformer blocks L
-    head_dim: int = 64  # per-head width; heads = d_model / head_dim
-    seq_len: int = 256  # sequence length T
-    dtype: str = "bfloat16"  # matmul input dtype: bfloat16 (f32 accumulation) or float32
-    load_path: str = ""  # finetune from this run directory (or an authors' weights.npz directory)
+    load_path: str = ""  # finetune from this run directory (or an authors' weights.npz / HF Llama directory)
     lora_rank: int = 0  # >0: train only rank-r LoRA adapters on every non-embedding matrix
+
+    def __post_init__(self) -> None:
+        """Checked by `TrainConfig.validate` instead, so a bad flag is a one-line message."""
+
+    def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
+        """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+        fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
+        return model_lib.ModelConfig(**fields)
+
+    def numerics(self) -> dict:
+        """The fields that apply to any family's loaded config (not its shape)."""
+        return {name: getattr(self, name) for name in NUMERICS_FIELDS}
+
+
+NUMERICS_FIELDS = ("impl", "remat", "kv_cache_dtype", "unroll", "loss_chunk", "streams")
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,12 @@ class TrainConfig:
             raise ValueError(f"--run.mesh must be one of dp, fsdp, tp (or empty), got {self.run.mesh!r}")
         if self.model.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
+        if self.model.vocab_size < 0:
+            raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data), got {self.model.vocab_size}")
+        try:
+            self.model.model_config()
+        except ValueError as e:
+            raise ValueError(f"--model.{e}") from None
         if self.data.num_tokens_valid <= 0:
             raise ValueError("--data.num_tokens_valid must be positive (validation loss drives metrics and stops)")
 

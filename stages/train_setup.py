@@ -22,7 +22,7 @@ from forgetting.stages.train_config import TrainConfig
 
 @dataclasses.dataclass
 class Setup:
-    model_cfg: model_lib.ModelConfig
+    model_cfg: Any  # a config of any registered family
     dataset: data_lib.SequenceDataset
     prev_dataset: data_lib.SequenceDataset | None
     mix_dataset: data_lib.SequenceDataset | None
@@ -60,24 +60,23 @@ def _open_dataset(path: str, vocab_size: int, seq_len: int, num_tokens_valid: in
     return data_lib.SequenceDataset(token_file, seq_len, num_tokens_valid=num_tokens_valid, split_seed=split_seed)
 
 
-def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: int) -> model_lib.ModelConfig:
+def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: int) -> Any:
     if loaded is not None:
         if data_vocab and data_vocab != loaded.model_cfg.vocab_size:
             raise ValueError(f"the checkpoint {loaded.path} has a vocab of {loaded.model_cfg.vocab_size} but "
                              f"{cfg.data.path} was made with a vocab of {data_vocab}; tokenize the new data with "
                              "the checkpoint's tokenizer")
-        return loaded.model_cfg
+        # The checkpoint fixes the shape; how it is computed (impl, remat, ...) comes from the flags.
+        return dataclasses.replace(loaded.model_cfg, **cfg.model.numerics())
     vocab = cfg.model.vocab_size or data_vocab
     if not vocab:
         raise ValueError(f"{cfg.data.path}: the sidecar has no vocab_size; pass --model.vocab_size")
     if data_vocab and vocab < data_vocab:
         raise ValueError(f"--model.vocab_size {vocab} is smaller than the data's vocab {data_vocab}")
-    m = cfg.model
-    return model_lib.ModelConfig(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim,
-                                 seq_len=m.seq_len, dtype=m.dtype)
+    return cfg.model.model_config(vocab)
 
 
-def _steps(cfg: TrainConfig, model_cfg: model_lib.ModelConfig, dataset: data_lib.SequenceDataset,
+def _steps(cfg: TrainConfig, model_cfg: Any, dataset: data_lib.SequenceDataset,
            tokens_per_step: int) -> tuple[int | None, str | None]:
     s = cfg.stop
     if s.num_tokens_train:
