@@ -139,16 +139,21 @@ def dense(spec: str, a: jax.Array, b: jax.Array, dtype: Any, impl: str) -> jax.A
 
 
 def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
-              k_positions_s: jax.Array, dtype: Any, impl: str) -> jax.Array:
+              k_positions_s: jax.Array | None, dtype: Any, impl: str) -> jax.Array:
     """Causal grouped-query attention, f32 [B, t, H, e]: q [B, t, H, e], k/v [B, s, K, e] with H a
     multiple of K; query head h reads kv head h // (H // K) (Hugging Face's `repeat_kv`). Key j is
-    visible to query i iff k_positions[j] <= q_positions[i]."""
-    visible_ts = k_positions_s[None, :] <= q_positions_t[:, None]
+    visible to query i iff k_positions[j] <= q_positions[i]; `k_positions_s` None means the keys are the
+    queries' own positions (a plain causal forward: on GPU the reference path can then use cuDNN's
+    causal flash attention, which takes no explicit mask)."""
     if impl == "reference":
         dt = jnp.dtype(dtype)
-        out = jax.nn.dot_product_attention(q_bthe.astype(dt), k_bske.astype(dt), v_bske.astype(dt),
-                                           mask=visible_ts[None, None])
-        return out.astype(f32)
+        q, k, v = q_bthe.astype(dt), k_bske.astype(dt), v_bske.astype(dt)
+        if k_positions_s is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(f32)
+        visible_ts = jnp.asarray(k_positions_s)[None, :] <= jnp.asarray(q_positions_t)[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=visible_ts[None, None]).astype(f32)
+    k_positions_s = q_positions_t if k_positions_s is None else k_positions_s
+    visible_ts = jnp.asarray(k_positions_s)[None, :] <= jnp.asarray(q_positions_t)[:, None]
     B, t, H, e = q_bthe.shape
     K = k_bske.shape[2]
     q = q_bthe.reshape(B, t, K, H // K, e)

@@ -238,7 +238,7 @@ def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positio
     q = layers.apply_rope(dense("btd,dhe->bthe", h, layer["wq"]), *rope_sin_cos)
     k = layers.apply_rope(dense("btd,dke->btke", h, layer["wk"]), *rope_sin_cos)
     v = dense("btd,dke->btke", h, layer["wv"])
-    keys, values, key_positions = k, v, positions_t
+    keys, values, key_positions = k, v, None  # None: causal over the same positions
     if kv_cache is not None:
         kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=1)
         keys, values = kv_cache

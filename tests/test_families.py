@@ -79,6 +79,9 @@ def test_shared_blocks():
         full = layers.attention(q, jnp.repeat(kv[0], 2, axis=2), jnp.repeat(kv[1], 2, axis=2), pos, pos,
                                 jnp.float32, impl)
         np.testing.assert_allclose(grouped, full, rtol=1e-6, atol=1e-6)
+        # No key positions = causal over the queries' own positions (is_causal on the reference path).
+        np.testing.assert_allclose(layers.attention(q, kv[0], kv[1], pos, None, jnp.float32, impl), grouped,
+                                   rtol=1e-6, atol=1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
