@@ -95,7 +95,9 @@ def by_name(name: str) -> Family:
             raise ValueError(f"unknown model family {name!r}")
         try:
             importlib.import_module(f"forgetting.core.{module}")
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as e:
+            if e.name != f"forgetting.core.{module}":  # the module exists but lacks a dependency
+                raise
             raise ValueError(f"unknown model family {name!r}: no module forgetting.core.{module}") from None
         if name not in _BY_NAME:
             raise ValueError(f"unknown model family {name!r}: forgetting.core.{module} registers no such family")
