@@ -1,9 +1,11 @@
-"""Throughput benchmark: matmul peak, train/eval step tokens/s and MFU, sampler tokens/s.
+"""Throughput benchmark: matmul peak, then train/eval step and sampler throughput and MFU for each
+implementation (`impl`: reference and xla_cpu, see `core.layers`) and dtype, side by side, same shape.
 
 Everything is measured in one process so the MFU is relative to the matmul peak of the same machine in
 the same state: MFU = model FLOP/s (from `model.flops_per_token`) / best measured matmul FLOP/s with
 bf16 inputs and f32 accumulation (`preferred_element_type=f32`, the model's own matmul recipe).
-Timings are the best of several repeats after warm-up (compilation excluded), with `block_until_ready`.
+Each timing is `repeats` runs of `steps` calls after warm-up (compilation excluded, `block_until_ready`
+at the end of a run); the table shows the median and the range over the runs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import model, optim, sampling, step
+from forgetting.core import layers, model, optim, sampling, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,36 +33,57 @@ class BenchConfig:
     seq_len: int = 128  # sequence length T
     vocab_size: int = 4096  # vocabulary V
     dtype: str = "bfloat16"  # matmul input dtype: bfloat16 (f32 accumulation) or float32
+    dtypes: tuple[str, ...] = ()  # several dtypes side by side (e.g. bfloat16 float32); empty = dtype
+    impls: tuple[str, ...] = ("reference", "xla_cpu")  # implementations side by side (auto: see the header)
     batch_size: int = 32  # train/eval batch rows
-    steps: int = 10  # timed steps per repeat
+    steps: int = 10  # timed steps per run
     warmup: int = 3  # untimed steps after compilation
-    repeats: int = 3  # timed repeats; the best is reported
+    repeats: int = 5  # timed runs; median and range are reported
     sampler_batch: int = 32  # rows sampled at once (0 skips the sampler)
     kl_pre: bool = True  # also time a kl_pre train step with a replay batch of batch_size // 2
     matmul_sizes: tuple[int, ...] = (512, 1024, 2048)  # square matmul sizes for the peak
     json: str = ""  # write the results here as JSON (empty: print only)
 
-    def model_config(self) -> model.ModelConfig:
+    def model_config(self, impl: str = "auto", dtype: str | None = None) -> model.ModelConfig:
         return model.ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-                                 head_dim=self.head_dim, seq_len=self.seq_len, dtype=self.dtype)
+                                 head_dim=self.head_dim, seq_len=self.seq_len, dtype=dtype or self.dtype, impl=impl)
+
+    def variants(self) -> list[tuple[str, str]]:
+        """(impl, dtype) pairs to measure, dtype-major."""
+        return [(impl, dtype) for dtype in (self.dtypes or (self.dtype,)) for impl in self.impls]
 
     def validate(self) -> None:
-        self.model_config()
+        if not self.impls:
+            raise ValueError("--impls needs at least one of reference, xla_cpu, auto")
+        for impl, dtype in self.variants():
+            self.model_config(impl, dtype)
         if self.batch_size < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("batch_size, steps and repeats must be >= 1 and warmup >= 0")
 
 
-def _best_time(fn: Callable[[], Any], n: int, repeats: int) -> float:
-    """Best over `repeats` of the mean seconds per call of `n` back-to-back calls (blocking at the end)."""
-    best = float("inf")
+def _run_times(fn: Callable[[], Any], n: int, repeats: int) -> list[float]:
+    """Mean seconds per call of `n` back-to-back calls (blocking at the end), for each of `repeats` runs."""
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = None
         for _ in range(n):
             out = fn()
         jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
+        times.append((time.perf_counter() - t0) / n)
+    return times
+
+
+def _best_time(fn: Callable[[], Any], n: int, repeats: int) -> float:
+    """Best over `repeats` runs (for matmul peaks: the attainable rate)."""
+    return min(_run_times(fn, n, repeats))
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    """Median and range of per-run seconds, in ms."""
+    ms = np.asarray(times) * 1e3
+    return {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+            "runs": len(times)}
 
 
 def matmul_peak(sizes: tuple[int, ...], repeats: int = 5) -> dict[str, dict[str, float]]:
@@ -127,12 +150,13 @@ def _time_train(cfg: model.ModelConfig, bc: BenchConfig, params: Any, reg: str) 
     compile_s = time.perf_counter() - t0
     for _ in range(bc.warmup):
         jax.block_until_ready(one())
-    seconds = _best_time(one, bc.steps, bc.repeats)
+    timing = _summary(_run_times(one, bc.steps, bc.repeats))
+    seconds = timing["median_ms"] / 1e3
     new_tokens = bc.batch_size * cfg.seq_len
     per_token = model.flops_per_token(cfg)
     # model FLOPs per step: fwd+bwd over new and replay rows, plus a forward (1/3) of the reference
     flops = per_token * (bc.batch_size + replay_rows + replay_rows / 3) * cfg.seq_len
-    return {"step_ms": seconds * 1e3, "tokens_per_s": new_tokens / seconds,
+    return {**timing, "step_ms": seconds * 1e3, "tokens_per_s": new_tokens / seconds,
             "all_tokens_per_s": (bc.batch_size + replay_rows) * cfg.seq_len / seconds,
             "model_gflops": flops / seconds / 1e9, "compile_s": compile_s}
 
@@ -143,9 +167,10 @@ def _time_eval(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[str
     jax.block_until_ready(fn(params, tokens))
     for _ in range(bc.warmup):
         jax.block_until_ready(fn(params, tokens))
-    seconds = _best_time(lambda: fn(params, tokens), bc.steps, bc.repeats)
+    timing = _summary(_run_times(lambda: fn(params, tokens), bc.steps, bc.repeats))
+    seconds = timing["median_ms"] / 1e3
     flops = model.flops_per_token(cfg) / 3 * bc.batch_size * cfg.seq_len
-    return {"step_ms": seconds * 1e3, "tokens_per_s": bc.batch_size * cfg.seq_len / seconds,
+    return {**timing, "step_ms": seconds * 1e3, "tokens_per_s": bc.batch_size * cfg.seq_len / seconds,
             "model_gflops": flops / seconds / 1e9}
 
 
@@ -156,22 +181,27 @@ def _time_sampler(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[
     jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0))
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0))
-    seconds = _best_time(lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0),
-                         max(1, bc.steps // 5), bc.repeats)
+    timing = _summary(_run_times(lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0),
+                                 max(1, bc.steps // 5), bc.repeats))
+    seconds = timing["median_ms"] / 1e3
     generated = bc.sampler_batch * (cfg.seq_len - 1)
-    return {"call_ms": seconds * 1e3, "tokens_per_s": generated / seconds, "compile_s": compile_s}
+    return {**timing, "call_ms": seconds * 1e3, "tokens_per_s": generated / seconds, "compile_s": compile_s}
+
+
+def _variant_key(impl: str, dtype: str) -> str:
+    return f"{impl}/{dtype}"
 
 
 def run(bc: BenchConfig) -> dict[str, Any]:
     """Runs every measurement and returns the results dict (also written to `bc.json` if set)."""
     bc.validate()
     cfg = bc.model_config()
-    params = model.init(cfg, jax.random.key(0))
+    params = model.init(cfg, jax.random.key(0))  # the same f32 parameters for every variant
     results: dict[str, Any] = {
         "config": dataclasses.asdict(bc),
         "env": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                 "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(),
-                "processor": platform.processor()},
+                "processor": platform.processor(), "auto_impl": layers.auto_impl()},
         "model": {"param_count": model.param_count(cfg), "paper_param_count": model.paper_param_count(cfg),
                   "flops_per_token": model.flops_per_token(cfg)},
     }
@@ -181,31 +211,34 @@ def run(bc: BenchConfig) -> dict[str, Any]:
     results["matmul_best_gflops"] = best
     peak = best["bf16_in_f32_acc"]
     results["model_shaped_matmul_gflops"] = shaped_matmuls(cfg, bc.batch_size)
-    results["train"] = _time_train(cfg, bc, params, "none")
-    results["train"]["mfu"] = results["train"]["model_gflops"] / peak
-    results["train"]["mfu_vs_f32_peak"] = results["train"]["model_gflops"] / best["f32"]
-    results["eval"] = _time_eval(cfg, bc, params)
-    results["eval"]["mfu"] = results["eval"]["model_gflops"] / peak
-    if bc.sampler_batch > 0:
-        results["sampler"] = _time_sampler(cfg, bc, params)
-    if bc.kl_pre:
-        results["train_kl_pre"] = _time_train(cfg, bc, params, "kl_pre")
-        results["train_kl_pre"]["mfu"] = results["train_kl_pre"]["model_gflops"] / peak
+    results["variants"] = {}
+    for impl, dtype in bc.variants():
+        vcfg = bc.model_config(impl, dtype)
+        r: dict[str, Any] = {"train": _time_train(vcfg, bc, params, "none"), "eval": _time_eval(vcfg, bc, params)}
+        if bc.sampler_batch > 0:
+            r["sampler"] = _time_sampler(vcfg, bc, params)
+        if bc.kl_pre:
+            r["train_kl_pre"] = _time_train(vcfg, bc, params, "kl_pre")
+        for key in ("train", "eval", "train_kl_pre"):
+            if key in r:
+                r[key]["mfu"] = r[key]["model_gflops"] / peak
+        results["variants"][_variant_key(impl, dtype)] = r
     if bc.json:
-        from forgetting.stages.cli import write_json_atomic
+        from forgetting.core.files import write_json_atomic
 
         write_json_atomic(Path(bc.json), results)
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    """A readable summary of `run`'s results."""
+    """A readable summary of `run`'s results: one column per (impl, dtype), median [min-max] per cell."""
     c, m = results["config"], results["model"]
     lines = [
         f"model D={c['d_model']} L={c['n_layers']} head={c['head_dim']} T={c['seq_len']} V={c['vocab_size']} "
-        f"dtype={c['dtype']} batch={c['batch_size']}: {m['param_count']:,} params, "
-        f"{m['flops_per_token'] / 1e6:.2f} MFLOP/token (fwd+bwd)",
-        f"backend {results['env']['backend']} x{results['env']['devices']}, jax {results['env']['jax']}",
+        f"batch={c['batch_size']}: {m['param_count']:,} params, {m['flops_per_token'] / 1e6:.2f} MFLOP/token "
+        "(fwd+bwd)",
+        f"backend {results['env']['backend']} x{results['env']['devices']}, jax {results['env']['jax']}; "
+        f"impl=auto here is {results['env']['auto_impl']}",
         "",
         "matmul GFLOP/s     " + "".join(f"{n:>9}" for n in next(iter(results["matmul_gflops"].values()))),
     ]
@@ -214,22 +247,22 @@ def table(results: dict[str, Any]) -> str:
     peak = results["matmul_best_gflops"]["bf16_in_f32_acc"]
     lines += ["", "model-shaped matmuls (bf16 in, f32 acc), GFLOP/s:"]
     lines += [f"  {name:<26}{v:9.1f}" for name, v in results.get("model_shaped_matmul_gflops", {}).items()]
-    lines += ["", f"{'':<22}{'ms/step':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>8}"]
+    variants = results["variants"]
+    width = 26
+    lines += ["", f"ms per call: median [min-max] of {c['repeats']} runs; MFU of the median", f"{'':<22}"
+              + "".join(f"{k:>{width}}" for k in variants)]
     for key, label in (("train", "train step (reg none)"), ("train_kl_pre", "train step (kl_pre)"),
-                       ("eval", "eval step")):
-        if key in results:
-            r = results[key]
-            lines.append(f"{label:<22}{r['step_ms']:10.1f}{r['tokens_per_s']:12.0f}{r['model_gflops']:10.1f}"
-                         f"{100 * r['mfu']:7.1f}%")
-    if "sampler" in results:
-        r = results["sampler"]
-        lines.append(f"{'sampler (T=1, full)':<22}{r['call_ms']:10.1f}{r['tokens_per_s']:12.0f}"
-                     f"{'':>10}{'':>8}  (ms per {c['sampler_batch']}x{c['seq_len']} call)")
-    lines.append(f"MFU = model FLOP/s / best bf16-in f32-acc matmul ({peak:.1f} GFLOP/s); "
-                 f"train vs f32 peak: {100 * results['train']['mfu_vs_f32_peak']:.1f}%")
-    if "train_kl_pre" in results:
-        lines.append("kl_pre: tokens/s counts new-data tokens; FLOPs include replay fwd+bwd and the "
-                     "reference forward")
+                       ("eval", "eval step"), ("sampler", "sampler (full seq)")):
+        if not all(key in v for v in variants.values()):
+            continue
+        cells = [f"{v[key]['median_ms']:.1f} [{v[key]['min_ms']:.1f}-{v[key]['max_ms']:.1f}]" for v in variants.values()]
+        lines.append(f"{label:<22}" + "".join(f"{cell:>{width}}" for cell in cells))
+        if key != "sampler":
+            mfus = [f"MFU {100 * v[key]['mfu']:.1f}%" for v in variants.values()]
+            lines.append(f"{'':<22}" + "".join(f"{cell:>{width}}" for cell in mfus))
+    lines.append(f"MFU = model FLOP/s / best bf16-in f32-acc matmul ({peak:.1f} GFLOP/s)")
+    if c["kl_pre"]:
+        lines.append("kl_pre: FLOPs include replay fwd+bwd and the reference forward")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Causal self-attention with QK-norm and RoPE, as in PAPER.md.
+"""The paper model's causal self-attention with QK-norm and RoPE, as tuned for XLA-CPU (`impl="xla_cpu"`,
+see `core.xla_cpu`; the reference path is `core.layers.attention`).
 
 Two entry points:
 - `causal_self_attention(h, w_qkv, sin, cos, eps, positions, dtype)`: from the normed input [B, t, D]
@@ -35,23 +36,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from forgetting.core import matmul
+from forgetting.core import layers, matmul
 
-NEG_INF = -1e30  # masked scores: finite, so a fully masked row cannot produce NaN
+NEG_INF = layers.NEG_INF
 f32 = jnp.float32
 
 
-def rms_norm(x: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm without gain over the last axis, computed in f32."""
-    x = x.astype(f32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-
-
-def rotate(x: jax.Array, sin: jax.Array, cos: jax.Array, axis: int = -1) -> jax.Array:
-    """Rotate-half RoPE along `axis` (the head feature axis), with tables that broadcast against one
-    half of x: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin)."""
-    x1, x2 = jnp.split(x, 2, axis=axis)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis)
+rms_norm = layers.rms_norm  # the shared RMSNorm (no gain here)
+rotate = layers.rotate  # the shared rotate-half RoPE
 
 
 def _rotate_transpose(g: jax.Array, sin: jax.Array, cos: jax.Array, axis: int) -> jax.Array:

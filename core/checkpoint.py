@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
-from forgetting.core import data as data_lib
+from forgetting.core import files
 
 FORMAT = "forgetting-checkpoint"
 VERSION = 1
@@ -157,7 +157,7 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None, *,
         raise TypeError(f"checkpoint metadata must be JSON-serializable: {e}") from None
     leaves, _ = _flatten(tree)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = data_lib.create_temp_file(path.parent, f".{path.name}.")  # the user's umask, not 0600
+    fd, tmp = files.create_temp_file(path.parent, f".{path.name}.")  # the user's umask, not 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC)
@@ -184,7 +184,7 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None, *,
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    files.fsync_dir(path.parent)
 
 
 def _hash_header_fields(sha, payload_bytes: int, n_leaves: int, metadata: dict) -> None:
@@ -195,19 +195,6 @@ def _hash_header_fields(sha, payload_bytes: int, n_leaves: int, metadata: dict) 
 
 def _metadata_json(metadata: dict) -> str:
     return json.dumps(metadata, sort_keys=True, separators=(",", ":"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------- read

@@ -32,12 +32,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from forgetting.core.files import write_json_atomic as write_json_atomic  # the sidecar writer (re-exported)
 
 DTYPE = np.dtype("<u2")
 # The dataset ids the authors' dataloader assigns by file stem (their DATASET_TOKEN_IDS).
@@ -53,47 +54,6 @@ def sidecar_path(path: str | Path) -> Path:
 def dtype_for_vocab(vocab_size: int) -> str:
     """The token file dtype for a vocabulary: uint16 up to 65536 ids, else uint32."""
     return "uint16" if vocab_size <= 65536 else "uint32"
-
-
-def create_temp_file(directory: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
-    """(fd, path) of a new, exclusively created file for an atomic write. Unlike `tempfile.mkstemp` (always
-    mode 0600), the file gets the user's umask, like any other file the user writes: a run stays readable
-    by the group on a shared cluster when the umask says so."""
-    for _ in range(100):
-        tmp = os.path.join(directory, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}{suffix}")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file in {directory}")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """The project's one atomic JSON writer: temp file (the user's umask) + fsync + rename + directory
-    fsync, so a reader (or a machine that loses power) sees the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp_file(path.parent, path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 class TokenWriter:

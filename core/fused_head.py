@@ -1,4 +1,5 @@
-"""The unembedding fused with its loss: next-token NLL and KL(ref ‖ θ) from final hidden states.
+"""The unembedding fused with its loss: next-token NLL and KL(ref ‖ θ) from final hidden states (the
+`impl="xla_cpu"` loss head, see `core.xla_cpu`; the reference head is `core.losses` on the logits).
 
 `hidden @ embed_out.T` is a step's largest array ([B, T, V] f32: 64 MB at B=32, T=128, V=4096), and autodiff
 through it costs several full passes over memory plus f32 matmuls in the backward (the cotangent of an

@@ -7,9 +7,10 @@ of Hugging Face's `LlamaForCausalLM` (whose converted q/k weights are permuted f
 load without any permutation) with the checkpoint's theta and optional Llama-3 frequency scaling; SwiGLU
 MLP `down(silu(gate(x)) * up(x))`; no biases; tied or untied input/output embeddings.
 
-`LlamaConfig` plugs into the shared code through the protocol of `core.model`: `forward`, `init_cache`,
-`lora_views`, `param_specs`, `seq_len`, `vocab_size`. So `sampling.sample`, `step.make_train_step`,
-`lora` and `losses` work unchanged.
+The family registers itself with `core.families` (param specs, forward, final hidden states, cache,
+LoRA targets, Hugging Face tensor names), so `sampling.sample`, `step.make_train_step`, `lora`,
+`sharding` and the run records work unchanged. It shares RMSNorm (with gain), RoPE and grouped-query
+attention with the paper model (`core.layers`), and the `impl`/`remat` switches with it.
 
 Parameter layout (a flat dict; "L" = layers stacked on the leading axis and run with `lax.scan`):
 
@@ -41,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from forgetting.core import families, layers
 from forgetting.core import hf_config as hf_config_lib
-from forgetting.core import matmul
 from forgetting.core import rope_scaling as rope_lib
-from forgetting.core.model import ParamSpec
+from forgetting.core.families import ParamSpec
 
 Params = dict[str, jax.Array]
 Cache = dict[str, jax.Array]
@@ -106,6 +107,12 @@ class LlamaConfig:
     bos_id: int = 0  # beginning-of-text token (the self-generated replay prompt)
     eos_id: int = 1  # end-of-text token
     init_std: float = 0.02  # HF initializer_range, for `init`
+    impl: str = "auto"  # auto | reference | xla_cpu (see core.layers)
+    remat: str = "none"  # activation checkpointing: none | block | dots
+    kv_cache_dtype: str = "auto"  # auto (f32 on xla_cpu, else dtype) | bfloat16 | float32
+    unroll: int = 0  # layer-loop unroll; 0 = backend default
+    loss_chunk: int = 0  # fused loss head logits elements per chunk; 0 = default
+    streams: int = 0  # independent row groups through the layers; 0 = backend default
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:
@@ -121,6 +128,7 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("bfloat16", "float32"):
                 raise ValueError(f"{name} must be 'bfloat16' or 'float32', got {getattr(self, name)!r}")
+        layers.check_numerics_fields(self)
 
     @property
     def rope_attention_scaling(self) -> float:
@@ -134,20 +142,6 @@ class LlamaConfig:
     @property
     def storage_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
-
-    # --- the protocol used by core.model / lora / sharding -------------------------------------------
-    def forward(self, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
-                pos: jax.Array | int = 0):
-        return forward(self, params, tokens_bt, cache, pos)
-
-    def init_cache(self, batch_size: int) -> Cache:
-        return init_cache(self, batch_size)
-
-    def lora_views(self) -> dict[str, tuple[tuple[int, ...], int]]:
-        return dict(_LORA_VIEWS)
-
-    def param_specs(self) -> dict[str, ParamSpec]:
-        return param_specs(self)
 
 
 # leaf -> (permutation to [L, in..., out...], number of "in" axes): every non-embedding matrix.
@@ -235,97 +229,128 @@ def rope_attention_scaling(cfg: LlamaConfig) -> float:
 
 
 def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm with gain, in f32."""
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return x * gain.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    """RMSNorm with gain, in f32 (`layers.rms_norm`)."""
+    return layers.rms_norm(x, eps, gain)
 
 
 def rope(x_bthd: jax.Array, positions_t: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
     """Rotate-half RoPE (HF convention) at integer positions, cos and sin times `scale` (yarn); f32 out."""
-    half = x_bthd.shape[-1] // 2
-    x = x_bthd.astype(jnp.float32)
-    angles_tf = positions_t.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-    sin, cos = jnp.sin(angles_tf)[None, :, None, :], jnp.cos(angles_tf)[None, :, None, :]
-    if scale != 1.0:
-        sin, cos = sin * scale, cos * scale
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    sin, cos = layers.rope_tables(positions_t, inv_freq)
+    return layers.apply_rope(x_bthd, sin * scale, cos * scale)
+
+
+def rope_tables(cfg: LlamaConfig, positions_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [t, hd/2] of the configured rope type, times its attention scaling (1 except yarn)."""
+    sin, cos = layers.rope_tables(positions_t, rope_inv_freq(cfg))
+    scale = cfg.rope_attention_scaling
+    return (sin, cos) if scale == 1.0 else (sin * scale, cos * scale)
 
 
 def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
-              k_positions_s: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """Causal grouped-query attention: q [B,t,H,e], k/v [B,s,K,e] with H a multiple of K; query head h
-    attends with kv head h // (H // K). Key s is visible to query t iff k_pos[s] <= q_pos[t]. f32 out."""
-    B, t, H, e = q_bthe.shape
-    K = k_bske.shape[2]
-    q = q_bthe.reshape(B, t, K, H // K, e)
-    scores = matmul.mm("btkge,bske->bkgts", q, k_bske, dtype) / math.sqrt(e)
-    visible_ts = k_positions_s[None, :] <= q_positions_t[:, None]
-    scores = jnp.where(visible_ts[None, None, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = matmul.mm("bkgts,bske->btkge", probs, v_bske, dtype)
-    return out.reshape(B, t, H, e)
+              k_positions_s: jax.Array, dtype: Any = jnp.float32, impl: str = "xla_cpu") -> jax.Array:
+    """Causal grouped-query attention (`layers.attention`): q [B,t,H,e], k/v [B,s,K,e]; f32 out."""
+    return layers.attention(q_bthe, k_bske, v_bske, q_positions_t, k_positions_s, dtype, impl)
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int) -> Cache:
-    """Empty KV cache [L, B, seq_len, K, hd] (compute dtype) for keys and values."""
+    """Empty KV cache [L, B, seq_len, K, hd] for keys and values (`layers.kv_cache_dtype`)."""
     shape = (cfg.n_layers, batch_size, cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    dt = layers.kv_cache_dtype(cfg)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
-def _block(cfg: LlamaConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
-           inv_freq: np.ndarray, kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int):
+def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
+           rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
+           pos: jax.Array | int):
     cdt = cfg.compute_dtype
-    h = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-    scale = cfg.rope_attention_scaling
-    q = rope(matmul.mm("btd,dhe->bthe", h, layer["wq"], cdt), positions_t, inv_freq, scale)
-    k = rope(matmul.mm("btd,dke->btke", h, layer["wk"], cdt), positions_t, inv_freq, scale)
-    v = matmul.mm("btd,dke->btke", h, layer["wv"], cdt)
-    if kv_cache is None:
-        keys, values, key_positions = k, v, positions_t
+
+    def dense(spec, a, w):
+        return layers.dense(spec, a, w, cdt, impl)
+
+    h = layers.rms_norm(x_btd, cfg.norm_eps, layer["attn_norm"])
+    q = layers.apply_rope(dense("btd,dhe->bthe", h, layer["wq"]), *rope_sin_cos)
+    k = layers.apply_rope(dense("btd,dke->btke", h, layer["wk"]), *rope_sin_cos)
+    v = dense("btd,dke->btke", h, layer["wv"])
+    keys, values, key_positions = k, v, None  # None: causal over the same positions
+    if kv_cache is not None:
+        kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=1)
+        keys, values = kv_cache
+        key_positions = jnp.arange(keys.shape[1])
+    attended = layers.attention(q, keys, values, positions_t, key_positions, cdt, impl)
+    x_btd = x_btd + dense("bthe,hed->btd", attended, layer["wo"])
+    h = layers.rms_norm(x_btd, cfg.norm_eps, layer["mlp_norm"])
+    hidden = jax.nn.silu(dense("btd,df->btf", h, layer["w_gate"])) * dense("btd,df->btf", h, layer["w_up"])
+    return x_btd + dense("btf,fd->btd", hidden, layer["w_down"]), kv_cache
+
+
+def _run(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | None, pos: jax.Array | int):
+    """(normed final hidden states f32 [B, t, D], new cache or None)."""
+    impl = layers.resolve_impl(cfg.impl)
+    positions_t = pos + jnp.arange(tokens_bt.shape[1])
+    rope_sin_cos = rope_tables(cfg, positions_t)
+    x_btd = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.float32)
+    stacked = {name: params[name] for name in LAYER_LEAVES}
+    new_cache = None
+    if cache is None:
+        def body(x, layer):
+            return _block(cfg, impl, x, layer, positions_t, rope_sin_cos, None, pos)[0], None
+
+        x_btd, _ = jax.lax.scan(layers.remat_block(cfg, body), x_btd, stacked, unroll=layers.scan_unroll(cfg))
     else:
-        cache_k, cache_v = kv_cache
-        keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, pos, 0, 0))
-        values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, pos, 0, 0))
-        kv_cache = (keys, values)
-        key_positions = jnp.arange(cache_k.shape[1])
-    attended = attention(q, keys, values, positions_t, key_positions, cdt)
-    x_btd = x_btd + matmul.mm("bthe,hed->btd", attended, layer["wo"], cdt)
-    h = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
-    hidden = jax.nn.silu(matmul.mm("btd,df->btf", h, layer["w_gate"], cdt)) * matmul.mm("btd,df->btf", h, layer["w_up"], cdt)
-    x_btd = x_btd + matmul.mm("btf,fd->btd", hidden, layer["w_down"], cdt)
-    return x_btd, kv_cache
+        def body(x, layer_and_cache):
+            layer, k, v = layer_and_cache
+            return _block(cfg, impl, x, layer, positions_t, rope_sin_cos, (k, v), pos)
+
+        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (stacked, cache["k"], cache["v"]))
+        new_cache = {"k": ks, "v": vs}
+    return layers.rms_norm(x_btd, cfg.norm_eps, params["final_norm"]), new_cache
+
+
+def output_embedding(cfg: LlamaConfig, params: Params) -> jax.Array:
+    """The unembedding [V, D]: the input embedding when tied."""
+    return params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+
+def final_hidden(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
+    """The normed last hidden states f32 [B, t, D] of a causal forward without a cache."""
+    return _run(cfg, params, tokens_bt, None, 0)[0]
 
 
 def forward(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
             pos: jax.Array | int = 0):
     """Logits f32 [B, t, V] for int tokens [B, t] at positions pos..pos+t-1; with a cache (from
     `init_cache`) also returns the updated cache (same contract as `core.model.forward`)."""
-    t = tokens_bt.shape[1]
-    positions_t = pos + jnp.arange(t)
-    inv_freq = rope_inv_freq(cfg)
-    x_btd = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.float32)
-    layers = {name: params[name] for name in LAYER_LEAVES}
-    if cache is None:
-        def body(x, layer):
-            x, _ = _block(cfg, x, layer, positions_t, inv_freq, None, pos)
-            return x, None
-
-        x_btd, _ = jax.lax.scan(body, x_btd, layers)
-        new_cache = None
-    else:
-        def body(x, layer_and_cache):
-            layer, k, v = layer_and_cache
-            x, (k, v) = _block(cfg, x, layer, positions_t, inv_freq, (k, v), pos)
-            return x, (k, v)
-
-        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (layers, cache["k"], cache["v"]))
-        new_cache = {"k": ks, "v": vs}
-    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    h = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
-    logits_btv = matmul.mm("btd,vd->btv", h, head, cfg.compute_dtype)
+    h, new_cache = _run(cfg, params, tokens_bt, cache, pos)
+    logits_btv = layers.dense("btd,vd->btv", h, output_embedding(cfg, params), cfg.compute_dtype,
+                              layers.resolve_impl(cfg.impl))
     return logits_btv if cache is None else (logits_btv, new_cache)
+
+
+_HF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+
+
+def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, int | None]]:
+    """Hugging Face tensor name -> (leaf, layer index or None for unstacked leaves)."""
+    names: dict[str, tuple[str, int | None]] = {"model.embed_tokens.weight": ("embed", None),
+                                                "model.norm.weight": ("final_norm", None)}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head", None)
+    for i in range(cfg.n_layers):
+        for leaf, suffix in _HF_LAYER_NAMES.items():
+            names[f"model.layers.{i}.{suffix}"] = (leaf, i)
+    return names
+
+
+def config_from_dict(d: dict) -> LlamaConfig:
+    """A LlamaConfig from its `cli.to_dict` record (rope_scaling as a dict or None)."""
+    d = dict(d)
+    rs = d.pop("rope_scaling", None)
+    return LlamaConfig(**d, rope_scaling=RopeScaling(**rs) if rs else None)
 
 
 # --- Hugging Face config.json ----------------------------------------------------------------------------
@@ -372,3 +397,9 @@ def to_hf_config(cfg: LlamaConfig, *, torch_dtype: str | None = None) -> dict:
     if cfg.rope_scaling is not None:
         out["rope_scaling"] = cfg.rope_scaling.to_hf()
     return out
+
+
+FAMILY = families.register(families.Family(
+    name="llama", config_type=LlamaConfig, param_specs=param_specs, init=init, forward=forward,
+    final_hidden=final_hidden, output_embedding=output_embedding, init_cache=init_cache,
+    lora_targets=_LORA_VIEWS, hf_names=hf_names, config_from_dict=config_from_dict))

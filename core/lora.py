@@ -12,22 +12,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from forgetting.core import model
+from forgetting.core import families
 
-# leaf name -> (permutation taking the leaf to [L, in..., out...], number of "in" axes after L)
-_PAPER_VIEWS: dict[str, tuple[tuple[int, ...], int]] = {
-    "qkv": ((0, 3, 1, 2, 4), 1),  # [L,3,H,D,hd] -> [L, D | 3,H,hd]
-    "out": ((0, 1, 2, 3), 2),  # [L,H,hd,D] -> [L, H,hd | D]
-    "up": ((0, 1, 2), 1),  # [L,D,F]
-    "down": ((0, 1, 2), 1),  # [L,F,D]
-}
-
-
-def matrix_views(cfg: Any) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Which leaves get adapters, and how each is seen as a per-layer matrix."""
-    if isinstance(cfg, model.ModelConfig):
-        return _PAPER_VIEWS
-    return cfg.lora_views()
+def matrix_views(cfg: Any) -> families.LoraViews:
+    """Which leaves get adapters, and how each is seen as a per-layer matrix: the family's LoRA targets,
+    leaf -> (permutation taking the leaf to [L, in..., out...], number of "in" axes after L)."""
+    return families.of(cfg).lora_targets
 
 
 def _in_out(shape: tuple[int, ...], perm: tuple[int, ...], n_in: int) -> tuple[int, int, int]:

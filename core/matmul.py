@@ -1,10 +1,13 @@
-"""einsum with low-precision inputs and f32 accumulation, and a gradient that keeps that recipe."""
+"""einsum with low-precision inputs and f32 accumulation, and a gradient that keeps that recipe (the
+`impl="xla_cpu"` matmul, see `core.xla_cpu`; `core.layers.dense` picks it)."""
 from __future__ import annotations
 
 import functools
 
 import jax
 import jax.numpy as jnp
+
+from forgetting.core import layers
 
 
 def mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -16,9 +19,7 @@ def mm(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return _mm_lowp(spec, jnp.dtype(dtype).name, a, b)
 
 
-def einsum_f32_acc(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    """einsum of `a` and `b` cast to `dtype`, accumulated and returned in f32 (plain autodiff)."""
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+einsum_f32_acc = layers.einsum_f32_acc  # plain autodiff: the reference recipe
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

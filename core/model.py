@@ -6,10 +6,12 @@ input/output embeddings. Layers are stacked on a leading axis and run with `lax.
 does not grow with depth. Parameters are f32; matmuls take `cfg.dtype` inputs (bf16 by default) and
 accumulate in f32; norms, softmax and logits are f32.
 
-With bf16 the backward pass keeps the same recipe (bf16 cotangents and operands, f32 accumulation)
-through hand-written gradients: `core.matmul` (every projection), `core.attention` (QK-norm, RoPE and
-attention in one function), and `core.fused_head` for the losses on `final_hidden` (the train and eval steps
-never hold the [B, T, V] logits). With `dtype="float32"` every gradient is the exact f32 formula.
+This file is the architecture in plain JAX, built from the shared blocks of `core.layers` (the same
+RMSNorm, RoPE and grouped-query attention Llama uses, here with kv heads == heads). `cfg.impl` picks
+their implementation: "reference" is autodiff of these formulas (attention through
+`jax.nn.dot_product_attention`); "xla_cpu" swaps in the kernels tuned for XLA's CPU backend
+(`core.xla_cpu`: custom bf16 VJPs, a feature-major attention, the fused loss head); "auto" picks by
+backend. `cfg.remat` checkpoints activations per block.
 
 The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,D], `embed_out` [V,D],
 `qkv` [L,3,H,D,hd], `out` [L,H,hd,D], `up` [L,D,4D], `down` [L,4D,D].
@@ -17,14 +19,14 @@ The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import attention, matmul
+from forgetting.core import families, layers, xla_cpu
+from forgetting.core.families import ParamSpec as ParamSpec  # re-exported: part of this module's API
 
 Params = dict[str, jax.Array]
 Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout
@@ -43,6 +45,12 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-6  # RMSNorm epsilon
     dtype: str = "bfloat16"  # matmul input dtype (f32 accumulation); "float32" for exact arithmetic
+    impl: str = "auto"  # auto | reference | xla_cpu: kernels for attention, loss head, matmul gradients
+    remat: str = "none"  # activation checkpointing: none | block (recompute each block) | dots
+    kv_cache_dtype: str = "auto"  # auto (f32 on xla_cpu, else dtype) | bfloat16 | float32
+    unroll: int = 0  # layer-loop unroll for lax.scan; 0 = backend default (full on xla_cpu, else 1)
+    loss_chunk: int = 0  # fused loss head: logits elements per chunk; 0 = default (8 MB of f32)
+    streams: int = 0  # independent row groups through the layers; 0 = backend default
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio"):
@@ -54,6 +62,7 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        layers.check_numerics_fields(self)
 
     @property
     def n_heads(self) -> int:
@@ -67,15 +76,6 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
-
-
-class ParamSpec(NamedTuple):
-    """One leaf of the abstract parameter tree: init and shardings both derive from it."""
-
-    shape: tuple[int, ...]
-    logical_axes: tuple[str | None, ...]
-    init_std: float
-    dtype: Any = jnp.float32
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -94,7 +94,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype) for k, s in param_specs(cfg).items()}
+    return families.abstract_params(cfg)
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> Params:
@@ -109,38 +109,33 @@ def init(cfg: ModelConfig, key: jax.Array) -> Params:
 
 def param_count(cfg: ModelConfig) -> int:
     """The true number of parameters (sum of leaf sizes)."""
-    return sum(math.prod(s.shape) for s in param_specs(cfg).values())
+    return families.param_count(cfg)
 
 
-def paper_param_count(cfg: ModelConfig) -> int:
-    """The paper's count for tokens-per-parameter and size labels: 12·L·D² + D·V (one embedding)."""
+def paper_param_count(cfg: Any) -> int:
+    """The paper's count for tokens-per-parameter and size labels: 12·L·D² + D·V (one embedding).
+    The one place it is computed."""
     return 12 * cfg.n_layers * cfg.d_model**2 + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Forward+backward matmul FLOPs per trained token (6·N_matmul + attention), for MFU figures."""
     T = seq_len or cfg.seq_len
-    n_matmul = 12 * cfg.n_layers * cfg.d_model**2 + cfg.d_model * cfg.vocab_size
     attention = 12 * cfg.n_layers * cfg.d_model * T / 2  # causal: half the score/value matmuls are used
-    return 6 * n_matmul + attention
+    return 6 * paper_param_count(cfg) + attention
 
 
-rms_norm = attention.rms_norm  # RMSNorm without gain, in f32
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without gain, in f32."""
+    return layers.rms_norm(x, eps)
 
 
 def rope_tables(positions_t: jax.Array | np.ndarray, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """(sin, cos) [t, head_dim/2] of the rotary angles. Concrete (numpy) positions give constant tables:
-    computed in-graph, XLA-CPU fuses sin/cos into every head's rotation and evaluates them B·H times."""
-    half = head_dim // 2
-    xp = np if isinstance(positions_t, np.ndarray) else jnp
-    inv_freq = base ** (-xp.arange(half, dtype=xp.float32) / half)
-    angles_tf = positions_t.astype(xp.float32)[:, None] * inv_freq[None, :]
-    return jnp.asarray(xp.sin(angles_tf), jnp.float32), jnp.asarray(xp.cos(angles_tf), jnp.float32)
+    """(sin, cos) [t, head_dim/2] of the rotary angles (see `layers.rope_tables`)."""
+    return layers.rope_tables(positions_t, layers.rope_inv_freq(head_dim, base))
 
 
-def apply_rope(x_bthd: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array) -> jax.Array:
-    """Rotary embedding (rotate-half form) with tables from `rope_tables`; f32 in and out."""
-    return attention.rotate(x_bthd, sin_tf[None, :, None, :], cos_tf[None, :, None, :])
+apply_rope = layers.apply_rope
 
 
 def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
@@ -148,40 +143,52 @@ def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
     return apply_rope(x_bthd, *rope_tables(positions_t, x_bthd.shape[-1], base))
 
 
+auto_streams = xla_cpu.auto_streams
+
+
 def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
     """An empty KV cache for `batch_size` rows and `cfg.seq_len` positions: per layer, keys and values
-    [B, H, T, hd]. Separate head-major buffers: a decoding step updates each layer's buffer alone and
-    attention reads it without a transpose (a stacked [L, ...] cache was re-stacked, i.e. copied, and
-    transposed at every step: sampling 32x128 tokens went from 557 to 373 ms on the benchmark model)."""
-    shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.head_dim)
-    # f32 storage: XLA-CPU rewrites a bf16 dynamic_update_slice as convert(whole cache) -> f32 update ->
-    # convert back, two full passes per layer per decoding step; the matmuls still take bf16 inputs.
-    return {name: tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.n_layers)) for name in ("k", "v")}
+    in separate buffers ([B, T, H, hd]; head-major [B, H, T, hd] on xla_cpu), so a decoding step
+    updates each layer's buffer alone (a stacked [L, ...] cache was re-stacked, i.e. copied, at every
+    step: sampling 32x128 tokens went from 557 to 373 ms on the benchmark model)."""
+    if layers.resolve_impl(cfg.impl) == "xla_cpu":
+        shape = (batch_size, cfg.n_heads, cfg.seq_len, cfg.head_dim)
+    else:
+        shape = (batch_size, cfg.seq_len, cfg.n_heads, cfg.head_dim)
+    dt = layers.kv_cache_dtype(cfg)
+    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)) for name in ("k", "v")}
 
 
-def _block(cfg: ModelConfig, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
+def _attention(cfg: ModelConfig, impl: str, h_btd: jax.Array, layer: Params, positions_t: Any,
+               rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
+               pos: jax.Array | int):
+    """The attention sub-block: qkv projection, QK-norm, RoPE, causal attention, output projection."""
+    if impl == "xla_cpu":
+        return xla_cpu.paper_attention(h_btd, layer["qkv"], layer["out"], *rope_sin_cos, cfg.norm_eps,
+                                       positions_t, cfg.dtype, kv_cache, pos)
+    cdt = cfg.compute_dtype
+    q, k, v = layers.dense("btd,khde->kbthe", h_btd, layer["qkv"], cdt, impl)  # each [B, t, H, hd]
+    q = layers.apply_rope(layers.rms_norm(q, cfg.norm_eps), *rope_sin_cos)
+    k = layers.apply_rope(layers.rms_norm(k, cfg.norm_eps), *rope_sin_cos)
+    keys, values, key_positions = k, v, None  # None: causal over the same positions
+    if kv_cache is not None:
+        kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=1)
+        keys, values = kv_cache
+        key_positions = jnp.arange(keys.shape[1])
+    attended = layers.attention(q, keys, values, positions_t, key_positions, cdt, impl)
+    return layers.dense("bthe,hed->btd", attended, layer["out"], cdt, impl), kv_cache
+
+
+def _block(cfg: ModelConfig, impl: str, x_btd: jax.Array, layer: Params, positions_t: Any,
            rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
            pos: jax.Array | int):
     cdt = cfg.compute_dtype
-    h = rms_norm(x_btd, cfg.norm_eps)
-    if kv_cache is None:
-        attended = attention.causal_self_attention(h, layer["qkv"], *rope_sin_cos, cfg.norm_eps, positions_t,
-                                                   cfg.dtype)
-    else:  # decoding: head-major, the cache's layout
-        qkv = attention.project_qkv(h, layer["qkv"], cdt)
-        q, k, v = attention.split_heads(qkv, *rope_sin_cos, cfg.norm_eps)  # each [B, H, t, hd]
-        cache_k, cache_v = kv_cache  # [B, H, T, hd]
-        keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, pos, 0))
-        values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, pos, 0))
-        kv_cache = (keys, values)
-        # f32 attention over the f32 cache: rounding it to bf16 for the matmuls cost a full pass over the
-        # cache per layer and decoding step (40% of sampling time), for matrix-vector products.
-        attended = attention.attention(q, keys, values, jnp.asarray(positions_t), jnp.arange(cache_k.shape[2]),
-                                       "float32")
-    x_btd = x_btd + matmul.mm("bhte,hed->btd", attended, layer["out"], cdt)
-    h = rms_norm(x_btd, cfg.norm_eps)
-    hidden = jax.nn.gelu(matmul.mm("btd,df->btf", h, layer["up"], cdt))
-    x_btd = x_btd + matmul.mm("btf,fd->btd", hidden, layer["down"], cdt)
+    attended, kv_cache = _attention(cfg, impl, layers.rms_norm(x_btd, cfg.norm_eps), layer, positions_t,
+                                    rope_sin_cos, kv_cache, pos)
+    x_btd = x_btd + attended
+    h = layers.rms_norm(x_btd, cfg.norm_eps)
+    hidden = jax.nn.gelu(layers.dense("btd,df->btf", h, layer["up"], cdt, impl))
+    x_btd = x_btd + layers.dense("btf,fd->btd", hidden, layer["down"], cdt, impl)
     return x_btd, kv_cache
 
 
@@ -201,73 +208,73 @@ def final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: ja
                  streams: int = 1) -> jax.Array:
     """The normed last hidden states f32 [B, t, D] (what the unembedding multiplies) of a plain causal
     forward without a cache; `forward` is `unembed(final_hidden)`. Training losses take this and fuse
-    the unembedding into the loss (`core.fused_head`).
-
-    `streams` > 1 (dividing B) runs the rows as that many independent groups (rows s, s + streams, ...)
-    through the layers: the same function, different summation order in the weight gradients. It is for
-    XLA-CPU, which runs some ops single-threaded (batched attention matmuls, matmuls fused with a
-    reduction): a second independent chain of ops keeps the other core busy (see `auto_streams`).
-    Strided groups keep a batch-sharded array's rows on their devices."""
-    B = tokens_bt.shape[0]
-    if streams <= 1 or B % streams:
-        return _final_hidden(cfg, params, tokens_bt, pos)
-    groups = tokens_bt.reshape(B // streams, streams, *tokens_bt.shape[1:])
-    hidden = [_final_hidden(cfg, params, groups[:, s], pos) for s in range(streams)]
-    return jnp.stack(hidden, axis=1).reshape(B, *hidden[0].shape[1:])
-
-
-def auto_streams(rows: int) -> int:
-    """`final_hidden` streams for a batch of `rows` on this backend: 2 on a single CPU device for an even
-    batch of at least 16 rows (the benchmark train step: 10% faster on 2 cores), else 1. Multi-device
-    and accelerator runs have their parallelism elsewhere; tiny batches would only compile twice the
-    layers."""
-    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    return 2 if single_cpu and rows >= 16 and rows % 2 == 0 else 1
+    the unembedding into the loss on xla_cpu (`core.fused_head`). `streams` > 1 runs the rows as that
+    many independent groups (`xla_cpu.in_streams`)."""
+    return xla_cpu.in_streams(lambda tokens: _final_hidden(cfg, params, tokens, pos), tokens_bt, streams)
 
 
 def _final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: jax.Array | int) -> jax.Array:
+    impl = layers.resolve_impl(cfg.impl)
     x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos)
 
     def body(x, layer):
-        x, _ = _block(cfg, x, layer, positions_t, rope_sin_cos, None, pos)
+        x, _ = _block(cfg, impl, x, layer, positions_t, rope_sin_cos, None, pos)
         return x, None
 
-    # Unrolled: XLA's CPU backend runs the backward pass of a rolled layer loop ~1.3-1.6x slower
-    # (measured on this project's benchmark shapes); stacked parameters keep the tree the same.
-    x_btd, _ = jax.lax.scan(body, x_btd, _layers(params), unroll=True)
-    return rms_norm(x_btd, cfg.norm_eps)
+    x_btd, _ = jax.lax.scan(layers.remat_block(cfg, body), x_btd, _layers(params), unroll=layers.scan_unroll(cfg))
+    return layers.rms_norm(x_btd, cfg.norm_eps)
+
+
+def output_embedding(cfg: ModelConfig, params: Params) -> jax.Array:
+    return params["embed_out"]
 
 
 def unembed(cfg: ModelConfig, params: Params, hidden_btd: jax.Array) -> jax.Array:
     """Logits f32 [B, t, V] from `final_hidden`."""
-    return matmul.mm("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype)
+    return layers.dense("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype,
+                        layers.resolve_impl(cfg.impl))
+
+
+def _forward(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
+             pos: jax.Array | int = 0):
+    if cache is None:
+        return unembed(cfg, params, _final_hidden(cfg, params, tokens_bt, pos))
+    impl = layers.resolve_impl(cfg.impl)
+    x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos)
+    stacked = _layers(params)
+    ks, vs = list(cache["k"]), list(cache["v"])
+    for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
+        layer = {name: w[i] for name, w in stacked.items()}
+        x_btd, (ks[i], vs[i]) = _block(cfg, impl, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
+    new_cache = {"k": tuple(ks), "v": tuple(vs)}
+    return unembed(cfg, params, layers.rms_norm(x_btd, cfg.norm_eps)), new_cache
 
 
 def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
             pos: jax.Array | int = 0):
-    """Logits f32 [B, t, V] for int tokens [B, t] at positions pos..pos+t-1.
+    """Logits f32 [B, t, V] for int tokens [B, t] at positions pos..pos+t-1, for a config of any
+    registered family (`core.families`).
 
-    Without a cache: plain causal forward (pos is normally 0). With a cache (from `init_cache`): the
-    new keys/values are written at `pos` and attention runs over all earlier cached positions; returns
-    (logits, new_cache). Config types other than ModelConfig (e.g. a Llama config) supply their own
-    `forward(params, tokens, cache, pos)` method and share everything built on this function.
+    Without a cache: plain causal forward (pos is normally 0). With a cache (from `cache_for`): the new
+    keys/values are written at `pos` and attention runs over all earlier cached positions; returns
+    (logits, new_cache).
     """
-    if not isinstance(cfg, ModelConfig):
-        return cfg.forward(params, tokens_bt, cache, pos)
-    if cache is None:
-        return unembed(cfg, params, final_hidden(cfg, params, tokens_bt, pos))
-    x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos)
-    layers = _layers(params)
-    ks, vs = list(cache["k"]), list(cache["v"])
-    for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
-        layer = {name: w[i] for name, w in layers.items()}
-        x_btd, (ks[i], vs[i]) = _block(cfg, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
-    new_cache = {"k": tuple(ks), "v": tuple(vs)}
-    return unembed(cfg, params, rms_norm(x_btd, cfg.norm_eps)), new_cache
+    return families.forward(cfg, params, tokens_bt, cache, pos)
 
 
 def cache_for(cfg: Any, batch_size: int) -> Cache:
-    """`init_cache` for any supported config type."""
-    if not isinstance(cfg, ModelConfig):
-        return cfg.init_cache(batch_size)
-    return init_cache(cfg, batch_size)
+    """An empty KV cache for a config of any registered family."""
+    return families.init_cache(cfg, batch_size)
+
+
+_LORA_TARGETS = {
+    "qkv": ((0, 3, 1, 2, 4), 1),  # [L,3,H,D,hd] -> [L, D | 3,H,hd]
+    "out": ((0, 1, 2, 3), 2),  # [L,H,hd,D] -> [L, H,hd | D]
+    "up": ((0, 1, 2), 1),  # [L,D,F]
+    "down": ((0, 1, 2), 1),  # [L,F,D]
+}
+
+FAMILY = families.register(families.Family(
+    name="paper", config_type=ModelConfig, param_specs=param_specs, init=init, forward=_forward,
+    final_hidden=lambda cfg, params, tokens: _final_hidden(cfg, params, tokens, 0),
+    output_embedding=output_embedding, init_cache=init_cache, lora_targets=_LORA_TARGETS))

@@ -1,7 +1,7 @@
 """Device meshes and parameter placements: data parallel, FSDP and tensor parallel.
 
 A mesh has two named axes, ("data", "model"). Placements derive from the logical axes of the abstract
-parameter tree (`model.param_specs(cfg)[name].logical_axes`: "vocab", "embed", "layers", "heads",
+parameter tree (`families.param_specs(cfg)[name].logical_axes`: "vocab", "embed", "layers", "heads",
 "head_dim", "mlp", None), through these rules:
 
 - "dp": every parameter replicated; the batch is split over "data".
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from forgetting.core import model
+from forgetting.core import families
 
 DATA, MODEL = "data", "model"
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -62,12 +62,6 @@ def make_mesh(data: int, model: int = 1, devices: Sequence[jax.Device] | None = 
                          devices=devices)
 
 
-def _param_specs(cfg: Any) -> dict:
-    if isinstance(cfg, model.ModelConfig):
-        return model.param_specs(cfg)
-    return cfg.param_specs()
-
-
 def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                    strategy: str) -> P:
     """The PartitionSpec of one parameter under `strategy` (see the module docstring)."""
@@ -95,7 +89,7 @@ def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mes
 def param_shardings(cfg: Any, mesh: Mesh, strategy: str) -> dict[str, NamedSharding]:
     """NamedSharding per parameter name, from the config's abstract parameter tree."""
     return {name: NamedSharding(mesh, partition_spec(s.shape, s.logical_axes, mesh, strategy))
-            for name, s in _param_specs(cfg).items()}
+            for name, s in families.param_specs(cfg).items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from forgetting.core import families, fused_head, layers, losses, xla_cpu
 from forgetting.core import lora as lora_lib
-from forgetting.core import fused_head, losses, model
 
 Batch = dict[str, jax.Array]
 
@@ -35,16 +35,60 @@ def init_state(trainable: Any, opt: optax.GradientTransformation) -> TrainState:
     return TrainState(trainable, opt.init(trainable), jnp.zeros((), jnp.int32))
 
 
-def global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+class _Head:
+    """The loss head of a config's family and implementation: on xla_cpu the chunked fused head
+    (`core.fused_head`, no [B, T, V] logits), on reference autodiff of `core.losses` on the logits.
+    `streams` None means the config's (`xla_cpu.streams_for`)."""
+
+    def __init__(self, cfg: Any, streams: int | None):
+        self.cfg, self.family = cfg, families.of(cfg)
+        self.fused = layers.resolve_impl(cfg.impl) == "xla_cpu"
+        self.streams = streams
+        self.chunk = xla_cpu.loss_chunk_elements(cfg)
+
+    def hidden(self, params, tokens_bt):
+        streams = xla_cpu.streams_for(self.cfg, tokens_bt.shape[0]) if self.streams is None else self.streams
+        return xla_cpu.in_streams(lambda t: self.family.final_hidden(self.cfg, params, t), tokens_bt, streams)
+
+    def logits(self, params, hidden_btd):
+        w = self.family.output_embedding(self.cfg, params)
+        return layers.dense("btd,vd->btv", hidden_btd, w, self.cfg.compute_dtype, layers.resolve_impl(self.cfg.impl))
+
+    def next_token_loss(self, params, hidden_btd, tokens_bt, mask_bt):
+        if self.fused:
+            return fused_head.next_token_loss(hidden_btd, self.family.output_embedding(self.cfg, params), tokens_bt,
+                                              mask_bt, self.cfg.dtype, self.chunk)
+        return losses.next_token_loss(self.logits(params, hidden_btd), tokens_bt, mask_bt)
+
+    def kl_to_reference(self, params, hidden_btd, ref, ref_hidden_btd):
+        if self.fused:
+            return fused_head.kl_to_reference(hidden_btd, self.family.output_embedding(self.cfg, params),
+                                              ref_hidden_btd, self.family.output_embedding(self.cfg, ref), None,
+                                              self.cfg.dtype, self.chunk)
+        ref_logits = jax.lax.stop_gradient(self.logits(ref, ref_hidden_btd))
+        return losses.kl_to_reference(self.logits(params, hidden_btd), ref_logits)
+
+    def nll_per_position(self, params, hidden_btd, tokens_bt):
+        if self.fused:
+            return fused_head.nll_per_position(hidden_btd, self.family.output_embedding(self.cfg, params), tokens_bt,
+                                               self.cfg.dtype, self.chunk)
+        return losses.next_token_nll(self.logits(params, hidden_btd), tokens_bt)
+
+    def kl_per_position(self, params, hidden_btd, ref, ref_hidden_btd):
+        if self.fused:
+            return fused_head.kl_per_position(hidden_btd, self.family.output_embedding(self.cfg, params),
+                                              ref_hidden_btd, self.family.output_embedding(self.cfg, ref),
+                                              self.cfg.dtype, self.chunk)
+        return losses.kl_per_position(self.logits(params, hidden_btd), self.logits(ref, ref_hidden_btd))
 
 
 def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
                  use_lora: bool = False, streams: int | None = None) -> Callable:
-    """loss(trainable, frozen, batch) -> (objective, metrics). `streams`: see `model.final_hidden`
-    (None: `model.auto_streams` of the forward's batch)."""
+    """loss(trainable, frozen, batch) -> (objective, metrics), for a config of any registered family.
+    `streams`: see `xla_cpu.in_streams` (None: the config's `streams`, 0 there = backend default)."""
     if reg_method not in losses.REGULARIZERS:
         raise ValueError(f"unknown regularizer {reg_method!r}; choose one of {losses.REGULARIZERS}")
+    head = _Head(cfg, streams)
 
     def loss_fn(trainable, frozen: dict, batch: Batch):
         params = lora_lib.merge(cfg, jax.lax.stop_gradient(frozen["base"]), trainable) if use_lora else trainable
@@ -52,48 +96,22 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
         replay = batch.get("replay") if reg_method in ("ntp_pre", "kl_pre") else None
         # One forward over new and replay rows together: bigger matmuls, one weight pass.
         rows = tokens if replay is None else jnp.concatenate([tokens, replay], axis=0)
-        if isinstance(cfg, model.ModelConfig):
-            ntp, reg = _fused_terms(cfg, params, frozen, rows, tokens, replay, batch.get("mask"))
+        B = tokens.shape[0]
+        hidden = head.hidden(params, rows)
+        hidden_new, hidden_replay = hidden[:B], hidden[B:]
+        ntp = head.next_token_loss(params, hidden_new, tokens, batch.get("mask"))
+        if reg_method == "none":
+            reg = jnp.zeros((), jnp.float32)
+        elif reg_method == "ntp_pre":
+            reg = head.next_token_loss(params, hidden_replay, replay, None)
+        elif reg_method in ("kl_pre", "kl_dwn"):
+            ref = jax.lax.stop_gradient(frozen["ref"])
+            on, h = (replay, hidden_replay) if reg_method == "kl_pre" else (tokens, hidden_new)
+            reg = head.kl_to_reference(params, h, ref, jax.lax.stop_gradient(head.hidden(ref, on)))
         else:
-            ntp, reg = _logit_terms(cfg, params, frozen, rows, tokens, replay, batch.get("mask"))
+            raise ValueError(f"regularizer {reg_method!r} has no train-step term")
         objective = ntp + reg_coeff * reg
         return objective, {"loss": objective, "ntp": ntp, "reg": reg}
-
-    def _streams(rows: int) -> int:
-        return model.auto_streams(rows) if streams is None else streams
-
-    def _fused_terms(cfg, params, frozen, rows, tokens, replay, mask):
-        """The paper's transformer: losses straight from the final hidden states (`core.fused_head`),
-        so the [B, T, V] logits never exist whole."""
-        B = tokens.shape[0]
-        hidden = model.final_hidden(cfg, params, rows, streams=_streams(rows.shape[0]))
-        hidden_new, hidden_replay = hidden[:B], hidden[B:]
-        w = params["embed_out"]
-        ntp = fused_head.next_token_loss(hidden_new, w, tokens, mask, cfg.dtype)
-        if reg_method == "none":
-            return ntp, jnp.zeros((), jnp.float32)
-        if reg_method == "ntp_pre":
-            return ntp, fused_head.next_token_loss(hidden_replay, w, replay, None, cfg.dtype)
-        ref = frozen["ref"]
-        on, h = (replay, hidden_replay) if reg_method == "kl_pre" else (tokens, hidden_new)
-        ref_hidden = jax.lax.stop_gradient(model.final_hidden(cfg, ref, on, streams=_streams(on.shape[0])))
-        return ntp, fused_head.kl_to_reference(h, w, ref_hidden, ref["embed_out"], None, cfg.dtype)
-
-    def _logit_terms(cfg, params, frozen, rows, tokens, replay, mask):
-        """Any other model family: losses on full logits from `model.forward`."""
-        B = tokens.shape[0]
-        logits = model.forward(cfg, params, rows)
-        logits_new, logits_replay = logits[:B], (logits[B:] if replay is not None else None)
-        ntp = losses.next_token_loss(logits_new, tokens, mask)
-        ref_new = ref_replay = None
-        if reg_method == "kl_pre":
-            ref_replay = jax.lax.stop_gradient(model.forward(cfg, frozen["ref"], replay))
-        elif reg_method == "kl_dwn":
-            ref_new = jax.lax.stop_gradient(model.forward(cfg, frozen["ref"], tokens))
-        reg = losses.regularizer(reg_method, logits_new=logits_new, ref_logits_new=ref_new,
-                                 logits_replay=logits_replay, ref_logits_replay=ref_replay,
-                                 replay_tokens=replay)
-        return ntp, reg
 
     return loss_fn
 
@@ -105,7 +123,7 @@ def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: 
 
     `state_sharding`/`batch_sharding` (pytrees of `jax.sharding.Sharding`, see `core.sharding`) pin the
     placement of the state across steps, e.g. for FSDP; without them placement follows the inputs.
-    `streams`: see `model.final_hidden` (None: automatic).
+    `streams`: see `make_loss_fn`.
     """
     loss_fn = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff, use_lora=use_lora, streams=streams)
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -114,7 +132,7 @@ def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: 
         grads, metrics = grad_fn(state.params, frozen, batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=global_norm(grads), update_norm=global_norm(updates))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
         return TrainState(params, opt_state, state.step + 1), metrics
 
     jit_kwargs: dict = {"donate_argnums": (0,) if donate else ()}
@@ -133,16 +151,11 @@ def make_eval_step(cfg: Any) -> Callable:
     drops target positions from the NTP sums and positions from the KL sums.
     """
 
+    head = _Head(cfg, None)
+
     def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None):
-        fused = isinstance(cfg, model.ModelConfig)  # the paper's model: no [B, T, V] logits
-        streams = model.auto_streams(tokens_bt.shape[0])
-        if fused:
-            hidden = model.final_hidden(cfg, params, tokens_bt, streams=streams)
-            nll = fused_head.nll_per_position(hidden, params["embed_out"], tokens_bt, cfg.dtype)
-        else:
-            logits = model.forward(cfg, params, tokens_bt)
-            nll = losses.next_token_nll(logits, tokens_bt)
-        # nll: [B, T-1], column j predicts token j+1
+        hidden = head.hidden(params, tokens_bt)
+        nll = head.nll_per_position(params, hidden, tokens_bt)  # [B, T-1], column j predicts token j+1
         T = tokens_bt.shape[1]
         target_mask = jnp.ones_like(nll) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
         second_half = (jnp.arange(1, T) >= T // 2).astype(jnp.float32)[None, :] * target_mask
@@ -153,12 +166,7 @@ def make_eval_step(cfg: Any) -> Callable:
         if ref_params is None:
             out["kl_sum"], out["kl_count"] = jnp.zeros(()), jnp.zeros(())
         else:
-            if fused:
-                kl = fused_head.kl_per_position(hidden, params["embed_out"],
-                                                model.final_hidden(cfg, ref_params, tokens_bt, streams=streams),
-                                                ref_params["embed_out"], cfg.dtype)
-            else:
-                kl = losses.kl_per_position(logits, model.forward(cfg, ref_params, tokens_bt))
+            kl = head.kl_per_position(params, hidden, ref_params, head.hidden(ref_params, tokens_bt))
             position_mask = jnp.ones_like(kl) if mask_bt is None else mask_bt.astype(jnp.float32)
             out["kl_sum"], out["kl_count"] = jnp.sum(kl * position_mask), jnp.sum(position_mask)
         return out

@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
+from forgetting.core.files import write_json_atomic as write_json_atomic  # stages write their JSON with it
+
 C = TypeVar("C")
 
 
@@ -186,13 +188,6 @@ def command_line(module: str, cfg: Any) -> str:
     import shlex
 
     return " ".join(["python", "-m", module, *map(shlex.quote, to_argv(cfg))])
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes JSON atomically (`core.data.write_json_atomic`: temp file + fsync + rename)."""
-    from forgetting.core import data as data_lib
-
-    data_lib.write_json_atomic(path, obj)
 
 
 def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetting.core import multihost, sharded_checkpoint
+from forgetting.core import families, files, multihost, sharded_checkpoint
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.stages import cli
@@ -82,20 +82,8 @@ def truncate_metrics(path: Path, last_step: int) -> list[dict]:
     (a fresh start). Returns the rows kept."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
     if multihost.is_writer():
-        write_text_atomic(path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        files.write_text_atomic(path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = data_lib.create_temp_file(path.parent, path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -262,7 +250,7 @@ class LoadedRun:
     """A finished run (or an authors' checkpoint) ready to finetune from."""
 
     path: Path
-    model_cfg: model_lib.ModelConfig
+    model_cfg: Any  # a config of any registered family (`core.families`)
     params: dict
     data_path: str  # the data it was trained on ("" if unknown)
     num_tokens_valid: int
@@ -338,37 +326,24 @@ def read_run_config(path: str | Path) -> dict:
 
 
 def model_to_dict(model_cfg: Any) -> dict:
-    """The resolved-model record of a run: the config's fields, plus `"family": "llama"` for Llama models
-    (paper-model records stay exactly as before: no family key)."""
-    from forgetting.core import llama  # noqa: PLC0415
-
+    """The resolved-model record of a run: the config's fields, plus `"family": name` for every family
+    but the paper model's (paper-model records keep their old form: no family key)."""
     d = cli.to_dict(model_cfg)
-    if isinstance(model_cfg, llama.LlamaConfig):
-        d["family"] = "llama"
+    name = families.of(model_cfg).name
+    if name != "paper":
+        d["family"] = name
     return d
 
 
 def model_config_from_dict(model_dict: dict) -> Any:
-    """Inverse of `model_to_dict`: a ModelConfig, or a LlamaConfig when the record says family llama."""
+    """Inverse of `model_to_dict`: the config of the recorded family (the paper model without a key)."""
     d = dict(model_dict)
-    family = d.pop("family", "paper")
-    if family == "paper":
-        return model_lib.ModelConfig(**d)
-    if family == "llama":
-        from forgetting.core import llama  # noqa: PLC0415
-
-        rs = d.pop("rope_scaling", None)
-        return llama.LlamaConfig(**d, rope_scaling=llama.RopeScaling(**rs) if rs else None)
-    raise ValueError(f"unknown model family {family!r} in a run's resolved config")
+    return families.by_name(d.pop("family", "paper")).from_dict(d)
 
 
 def abstract_params(model_cfg: Any) -> dict:
-    """Shape/dtype tree of the parameters of either model family."""
-    if isinstance(model_cfg, model_lib.ModelConfig):
-        return model_lib.abstract_params(model_cfg)
-    import jax  # noqa: PLC0415
-
-    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype) for k, s in model_cfg.param_specs().items()}
+    """Shape/dtype tree of the parameters of any model family."""
+    return families.abstract_params(model_cfg)
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:

@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from forgetting.core import lora, multihost, sharded_checkpoint, step as step_lib
@@ -50,7 +51,7 @@ Config = TrainConfig
 
 
 def _norm(tree: Any) -> float:
-    return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))))
+    return float(optax.tree.norm(tree))
 
 
 def _diff_norm(a: Any, b: Any) -> float:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
+from forgetting.core import model as model_lib
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 MESH_STRATEGIES = ("", "dp", "fsdp", "tp")
@@ -42,24 +43,37 @@ class MixConfig:
 
 
 @dataclass(frozen=True)
-class ModelArgs:
-    """Model shape (ignored when loading: the checkpoint's shape is used) and where to start from."""
+class ModelArgs(model_lib.ModelConfig):
+    """The paper model's config itself (every field a flag: --model.d_model, --model.impl, --model.remat, ...)
+    plus where training starts from. When loading, the checkpoint's shape is used and the numerics fields
+    (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
 
     vocab_size: int = 0  # 0 = take it from the data sidecar
-    d_model: int = 256  # residual width D
-    n_layers: int = 6  # transformer blocks L
-    head_dim: int = 64  # per-head width; heads = d_model / head_dim
-    seq_len: int = 256  # sequence length T
-    dtype: str = "bfloat16"  # matmul input dtype: bfloat16 (f32 accumulation) or float32
-    load_path: str = ""  # finetune from this run directory (or an authors' weights.npz directory)
+    load_path: str = ""  # finetune from this run directory (or an authors' weights.npz / HF / GGUF checkpoint)
     load_dir: str = ""  # with load_idx: finetune from the load_idx-th run in this directory (the authors' load_dir)
     load_idx: int = -1  # index into the sorted finished runs / authors' checkpoints under load_dir
     lora_rank: int = 0  # >0: train only rank-r LoRA adapters on every non-embedding matrix
+
+    def __post_init__(self) -> None:
+        """Checked by `TrainConfig.validate` instead, so a bad flag is a one-line message."""
 
     @property
     def loads(self) -> bool:
         """Whether the run starts from a loaded model (load_path, or load_dir/load_idx)."""
         return bool(self.load_path or self.load_dir)
+
+    def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
+        """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+        fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
+        return model_lib.ModelConfig(**fields)
+
+    def numerics(self) -> dict:
+        """The fields that apply to any family's loaded config (not its shape)."""
+        return {name: getattr(self, name) for name in NUMERICS_FIELDS}
+
+
+NUMERICS_FIELDS = ("impl", "remat", "kv_cache_dtype", "unroll", "loss_chunk", "streams")
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,13 @@ def validate_model_args(m: ModelArgs) -> None:
     if m.lora_rank and not m.loads:
         raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
     # lora_rank <= min(d_in, d_out) needs the loaded model's shape: checked in train_setup.
+    try:  # the rest of ModelConfig's own checks (numerics fields; shape too unless a checkpoint gives it)
+        if m.loads:
+            model_lib.ModelConfig(dtype=m.dtype, **m.numerics())
+        else:
+            m.model_config()
+    except ValueError as e:
+        raise ValueError(f"--model.{e}") from None
 
 
 def _positive(flag: str, value: float) -> None:

@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from forgetting.core import data as data_lib
-from forgetting.core import lora, optim, sharding
+from forgetting.core import families, lora, optim, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
 from forgetting.stages import replay, runs
@@ -21,7 +22,7 @@ from forgetting.stages.train_config import TrainConfig
 
 @dataclasses.dataclass
 class Setup:
-    model_cfg: model_lib.ModelConfig
+    model_cfg: Any  # a config of any registered family
     dataset: data_lib.SequenceDataset
     prev_dataset: data_lib.SequenceDataset | None
     mix_dataset: data_lib.SequenceDataset | None
@@ -60,25 +61,24 @@ def _open_dataset(path: str, vocab_size: int, seq_len: int, num_tokens_valid: in
     return data_lib.SequenceDataset(token_file, seq_len, num_tokens_valid=num_tokens_valid, split_seed=split_seed)
 
 
-def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: int) -> model_lib.ModelConfig:
+def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: int) -> Any:
     if loaded is not None:
         if data_vocab and data_vocab != loaded.model_cfg.vocab_size:
             raise ValueError(f"the checkpoint {loaded.path} has a vocab of {loaded.model_cfg.vocab_size} but "
                              f"{cfg.data.path} was made with a vocab of {data_vocab}; tokenize the new data with "
                              "the checkpoint's tokenizer")
-        return loaded.model_cfg
+        # The checkpoint fixes the shape; how it is computed (impl, remat, ...) comes from the flags.
+        return dataclasses.replace(loaded.model_cfg, **cfg.model.numerics())
     vocab = cfg.model.vocab_size or data_vocab
     if not vocab:
         raise ValueError(f"{cfg.data.path}: no sidecar gives a vocab_size (a raw .bin has none); pass "
                          "--model.vocab_size")
     if data_vocab and vocab < data_vocab:
         raise ValueError(f"--model.vocab_size {vocab} is smaller than the data's vocab {data_vocab}")
-    m = cfg.model
-    return model_lib.ModelConfig(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim,
-                                 seq_len=m.seq_len, dtype=m.dtype)
+    return cfg.model.model_config(vocab)
 
 
-def _steps(cfg: TrainConfig, model_cfg: model_lib.ModelConfig, dataset: data_lib.SequenceDataset,
+def _steps(cfg: TrainConfig, model_cfg: Any, dataset: data_lib.SequenceDataset,
            tokens_per_step: int) -> tuple[int | None, str | None]:
     s = cfg.stop
     if s.num_tokens_train:
@@ -124,7 +124,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
                                          "--eval.extra_paths") for p in cfg.eval.extra_paths}
 
     key = jax.random.key(cfg.run.seed)
-    params = loaded.params if loaded is not None else model_lib.init(model_cfg, key)
+    params = loaded.params if loaded is not None else families.init(model_cfg, key)
     params = jax.tree.map(jnp.asarray, params)
     use_lora = cfg.model.lora_rank > 0
     if use_lora and cfg.model.lora_rank > lora.max_rank(model_cfg, params):
@@ -178,19 +178,18 @@ def build_setup(cfg: TrainConfig) -> Setup:
 
     ref_init_distance = None
     if (loaded is not None and not (loaded.path / "weights.npz").exists()
-            and isinstance(model_cfg, model_lib.ModelConfig)):  # the paper model's init only
-        loaded_seed = int(_json(loaded.path / runs.CONFIG_FILE)["config"]["run"]["seed"])
-        if _json(loaded.path / runs.CONFIG_FILE)["config"]["model"]["load_path"] == "":
-            init_params = model_lib.init(model_cfg, jax.random.key(loaded_seed))
-            ref_init_distance = float(jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
-                jax.tree.leaves(loaded.params), jax.tree.leaves(init_params)))))
+            and (loaded.path / runs.CONFIG_FILE).exists()):  # a run of this project: its init is known
+        loaded_config = _json(loaded.path / runs.CONFIG_FILE).get("config", {})
+        if loaded_config.get("model", {}).get("load_path") == "":  # trained from scratch here
+            init_params = families.init(model_cfg, jax.random.key(int(loaded_config["run"]["seed"])))
+            ref_init_distance = float(optax.tree.norm(jax.tree.map(jnp.subtract, loaded.params, init_params)))
 
     lineage = tuple(dict.fromkeys((*(loaded.lineage_ids if loaded else ()), dataset.token_file.dataset_id)))
     resolved = {"model": runs.model_to_dict(model_cfg), "lineage_ids": list(lineage),
                 "dataset_id": dataset.token_file.dataset_id,
                 "tokenizer_sha256": dataset.token_file.meta.get("tokenizer_sha256"),
                 "total_steps": total_steps, "warmup_steps": warmup_steps, "eval_every": eval_every,
-                "param_count": sum(math.prod(a.shape) for a in runs.abstract_params(model_cfg).values()),
+                "param_count": families.param_count(model_cfg),
                 "paper_param_count": model_lib.paper_param_count(model_cfg),
                 "loaded_from": str(loaded.path) if loaded else None}
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,

@@ -66,8 +66,8 @@ def _self_attention(dtype, fused=False):
     """causal_self_attention; `fused` runs the low-precision path's hand-written backward in `dtype`
     even for f32, so its math can be checked against autodiff."""
     if fused:
-        return lambda h, w, sin, cos: attention._feature_major(dtype, h, w, sin, cos, jnp.float32(1e-6), jnp.arange(h.shape[1]))  # noqa: E731,E501
-    return lambda h, w, sin, cos: attention.causal_self_attention(h, w, sin, cos, 1e-6, np.arange(h.shape[1]), dtype)  # noqa: E731,E501
+        return lambda h, w, sin, cos: attention._feature_major(dtype, h, w, sin, cos, jnp.float32(1e-6), jnp.arange(h.shape[1]))  # noqa: E501
+    return lambda h, w, sin, cos: attention.causal_self_attention(h, w, sin, cos, 1e-6, np.arange(h.shape[1]), dtype)
 
 
 def _loss(f, weight, sin, cos):
@@ -81,7 +81,7 @@ def test_feature_major_backward_is_the_gradient_of_the_textbook_formula(seed, st
     rng = np.random.default_rng(seed)
     h, w_qkv, sin, cos = _inputs(rng, start)
     weight = _normal(rng, B, H, T, E)
-    textbook = lambda h, w, sin, cos: _textbook_self_attention(h, w, sin, cos, 1e-6)  # noqa: E731
+    textbook = lambda h, w, sin, cos: _textbook_self_attention(h, w, sin, cos, 1e-6)
     fused = _self_attention("float32", fused=True)
     np.testing.assert_allclose(fused(h, w_qkv, sin, cos), textbook(h, w_qkv, sin, cos), rtol=1e-4, atol=1e-5)
     expected = jax.grad(_loss(textbook, weight, sin, cos), (0, 1))(h, w_qkv)
@@ -136,8 +136,8 @@ def test_low_precision_matmul_gradient_tracks_f32(seed, spec):
     a = _normal(rng, *[shapes[c] for c in lhs])
     b = _normal(rng, *[shapes[c] for c in rhs]).astype(jnp.bfloat16)  # mixed input dtypes
     w = _normal(rng, *[shapes[c] for c in spec.split("->")[1]])
-    low = lambda a, b: jnp.sum(w * matmul.mm(spec, a, b, jnp.bfloat16))  # noqa: E731
-    ref = lambda a, b: jnp.sum(w * jnp.einsum(spec, a, b.astype(jnp.float32), precision=HIGHEST))  # noqa: E731
+    low = lambda a, b: jnp.sum(w * matmul.mm(spec, a, b, jnp.bfloat16))
+    ref = lambda a, b: jnp.sum(w * jnp.einsum(spec, a, b.astype(jnp.float32), precision=HIGHEST))
     out, out_ref = matmul.mm(spec, a, b, jnp.bfloat16), jnp.einsum(spec, a, b.astype(jnp.float32), precision=HIGHEST)
     assert out.dtype == jnp.float32 and _relative_error(out, out_ref) < 0.02
     (ga, gb), (ra, rb) = jax.grad(low, (0, 1))(a, b), jax.grad(ref, (0, 1))(a, b)

@@ -31,7 +31,7 @@ def _equal(a, b) -> bool:
 
 
 def _assert_same(tree, restored):
-    is_none = lambda x: x is None  # noqa: E731
+    is_none = lambda x: x is None
     assert jax.tree.structure(tree, is_leaf=is_none) == jax.tree.structure(restored, is_leaf=is_none)
     for a, b in zip(jax.tree.leaves(tree, is_leaf=is_none), jax.tree.leaves(restored, is_leaf=is_none)):
         assert _equal(a, b), (a, b)

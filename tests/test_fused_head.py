@@ -19,7 +19,7 @@ seeds = st.integers(0, 2**31 - 1)
 def _draw(seed, shape, scale=1.0):
     rng = np.random.default_rng(seed)
     B, T, V, D = shape
-    f = lambda *s: jnp.asarray(scale * rng.standard_normal(s), jnp.float32)  # noqa: E731
+    f = lambda *s: jnp.asarray(scale * rng.standard_normal(s), jnp.float32)
     tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
     mask = jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32)
     return f(B, T, D), f(V, D), f(B, T, D), f(V, D), tokens, mask
@@ -38,8 +38,8 @@ budgets = pytest.mark.parametrize("chunk_budget", [1 << 30, 1], ids=["one-chunk"
 def test_next_token_loss_and_gradient_match_the_logit_path(chunk_budget, seed, shape, masked):
     h, w, _, _, tokens, mask = _draw(seed, shape)
     mask = mask if masked else None
-    fused = lambda h, w: fused_head.next_token_loss(h, w, tokens, mask, "float32", chunk_budget)  # noqa: E731
-    plain = lambda h, w: losses.next_token_loss(_logits(h, w), tokens, mask)  # noqa: E731
+    fused = lambda h, w: fused_head.next_token_loss(h, w, tokens, mask, "float32", chunk_budget)
+    plain = lambda h, w: losses.next_token_loss(_logits(h, w), tokens, mask)
     np.testing.assert_allclose(fused(h, w), plain(h, w), rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.grad(fused, (0, 1))(h, w), jax.grad(plain, (0, 1))(h, w)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -50,8 +50,8 @@ def test_next_token_loss_and_gradient_match_the_logit_path(chunk_budget, seed, s
 def test_kl_and_gradient_match_the_logit_path(chunk_budget, seed, shape, masked):
     h, w, ref_h, ref_w, _, mask = _draw(seed, shape, scale=2.0)
     mask = mask if masked else None
-    fused = lambda h, w: fused_head.kl_to_reference(h, w, ref_h, ref_w, mask, "float32", chunk_budget)  # noqa: E731
-    plain = lambda h, w: losses.kl_to_reference(_logits(h, w), _logits(ref_h, ref_w), mask)  # noqa: E731
+    fused = lambda h, w: fused_head.kl_to_reference(h, w, ref_h, ref_w, mask, "float32", chunk_budget)
+    plain = lambda h, w: losses.kl_to_reference(_logits(h, w), _logits(ref_h, ref_w), mask)
     np.testing.assert_allclose(fused(h, w), plain(h, w), rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.grad(fused, (0, 1))(h, w), jax.grad(plain, (0, 1))(h, w)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -115,7 +115,7 @@ def test_jitted_bf16_gradient_compiles_to_the_eager_numbers(n_chunks):
     the number of chunks): every chunking must compile, run and give the eager gradient."""
     h, w, ref_h, ref_w, tokens, mask = _draw(n_chunks, SHAPES[0])
     B, T, V, _ = SHAPES[0]
-    loss = lambda h, w: fused_head.next_token_loss(h, w, tokens, mask, "bfloat16", B * (T // n_chunks) * V)  # noqa: E731,E501
+    loss = lambda h, w: fused_head.next_token_loss(h, w, tokens, mask, "bfloat16", B * (T // n_chunks) * V)
     value, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(h, w)
     eager_value, eager_grads = jax.value_and_grad(loss, (0, 1))(h, w)
     np.testing.assert_allclose(value, eager_value, rtol=1e-5)

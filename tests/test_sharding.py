@@ -149,7 +149,7 @@ def sharded_results():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"sharded subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON"))
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("RESULT_JSON"))
     return json.loads(line[len("RESULT_JSON"):])
 
 
