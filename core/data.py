@@ -34,7 +34,7 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 

@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import checkpoint, multihost
-from forgetting.core import data as data_lib
+from forgetting.core import checkpoint, files, multihost
 
 FORMAT = "forgetting-sharded-checkpoint"
 VERSION = 1
@@ -136,7 +135,7 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None, *,
                 raise FileNotFoundError(f"process {p}'s shard file {file} is missing after the save barrier; is "
                                         "the run directory on a file system every process shares?")
             files[file.name] = checkpoint.read_header(file)["sha256"]
-        data_lib.write_json_atomic(manifest_path(path), {
+        files.write_json_atomic(manifest_path(path), {
             "format": FORMAT, "version": VERSION, "tag": tag, "num_processes": n, "files": files,
             "leaves": specs, "metadata": metadata})
         for old in shards_dir(path).iterdir():  # earlier saves and interrupted attempts
