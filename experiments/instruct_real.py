@@ -17,6 +17,7 @@ temperature 1 without a chat template, and shared by the kl and ntp arms.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sysconfig
@@ -264,7 +265,9 @@ def greedy_answers(model: Model, params: Any, prompts: Sequence[list[int]], answ
     ids, lens = pad_prompts(prompts, model.tokenizer.eos_id)
     eos = tuple(model.tokenizer.eos_ids or (model.tokenizer.eos_id,))
     length = ids.shape[1] + answer_tokens
-    out = np.asarray(sampling.sample(model.cfg, params, ids, jax.random.key(0), 0.0, eos_id=eos,
+    # The training config's KV cache is the training length; chats get their own (same parameters).
+    chat_cfg = dataclasses.replace(model.cfg, seq_len=max(length, model.cfg.seq_len))
+    out = np.asarray(sampling.sample(chat_cfg, params, ids, jax.random.key(0), 0.0, eos_id=eos,
                                      pad_id=model.tokenizer.eos_id, length=length, prompt_lengths=lens))
     answers = []
     for row, n in zip(out, lens):
@@ -347,9 +350,12 @@ def prepare_real(cfg: PrepareRealConfig, run_dir: Path) -> dict:
     answers = greedy_answers(model, model.params, prompts, r.chat_answer_tokens)
     timings["chat_answers_s"] = time.perf_counter() - start
     sets["chat_tokens"], sets["chat_answer_mask"] = chat_rows(prompts, answers, tok.eos_id)
+    start = time.perf_counter()
+    start_measures = measure(model.cfg, model.params, model.params, sets)  # the same step 0 for every arm
+    timings["measure_s"] = time.perf_counter() - start
     np.savez(run_dir / "sets.npz", **sets)
     (run_dir / "chat_prompts.json").write_text(json.dumps([list(map(int, p)) for p in prompts]))
-    return {"model": model.path, "timings": timings, "shapes": {k: list(v.shape) for k, v in sets.items()},
+    return {"model": model.path, "timings": timings, "start": start_measures, "shapes": {k: list(v.shape) for k, v in sets.items()},
             "stdlib_files": len(files), "replay_example": tok.decode([int(t) for t in sets["self_replay"][0]]),
             "chat_answers_before": {q: tok.decode(a) for q, a in zip(CHAT_PROMPTS, answers)}}
 
@@ -394,8 +400,10 @@ def finetune_arm(cfg: ArmConfig, run_dir: Path) -> dict:
     domain = sets["domain_train"]
     order = rng.permutation(np.resize(np.arange(domain.shape[0]), cfg.steps * cfg.batch_size))
     replay = {"self": sets["self_replay"], "real": sets["old_replay"]}.get(cfg.source)
-    trajectory = [dict(step=0, **measure(model.cfg, model.params, ref, sets))]
-    train_seconds = 0.0
+    from forgetting.experiments import framework
+
+    trajectory = [dict(step=0, **framework.read_result(Path(cfg.prepare_dir))["start"])]
+    train_seconds = eval_seconds = 0.0
     for s in range(cfg.steps):
         batch = {"tokens": jnp.asarray(domain[order[s * cfg.batch_size:(s + 1) * cfg.batch_size]])}
         if replay is not None:
@@ -406,11 +414,13 @@ def finetune_arm(cfg: ArmConfig, run_dir: Path) -> dict:
         jax.block_until_ready(metrics)
         train_seconds += time.perf_counter() - start
         if (s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps:
+            start = time.perf_counter()
             trajectory.append(dict(step=s + 1, train_loss=float(metrics["ntp"]),
                                    **measure(model.cfg, state.params, ref, sets)))
+            eval_seconds += time.perf_counter() - start
     prompts = json.loads((Path(cfg.prepare_dir) / "chat_prompts.json").read_text())[: cfg.printed_answers]
     answers = greedy_answers(model, state.params, prompts, r.chat_answer_tokens)
     return {"method": cfg.method, "source": cfg.source, "coeff": cfg.coeff, "steps": cfg.steps,
             "before": trajectory[0], "after": trajectory[-1], "trajectory": trajectory,
-            "train_seconds": train_seconds,
+            "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "chat_answers_after": {q: model.tokenizer.decode(a) for q, a in zip(CHAT_PROMPTS, answers)}}
