@@ -164,19 +164,20 @@ def letter_accuracy(cfg: Any, params: Any, encode, questions: Sequence[dict], *,
         rows.append(list(encode(q["prompt"]))[-max_len:])
         letters.append([t[0] for t in ids])
         answers.append(int(q["answer_index"]))
-    width = min(max_len, 1 << max(4, (max(len(r) for r in rows) - 1).bit_length()))
-    cfg = dc.replace(cfg, seq_len=max(cfg.seq_len, width))
+    # Longest first, each batch padded to its own power-of-two width: a few compiled shapes, little padding.
+    order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))
     correct = 0
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        width = min(max_len, 1 << max(4, (len(rows[idx[0]]) - 1).bit_length()))
         tokens = np.zeros((batch, width), np.int32)
         last = np.zeros((batch,), np.int32)
-        for r, ids in enumerate(chunk):
-            tokens[r, :len(ids)] = ids
-            last[r] = len(ids) - 1
-        logp = np.asarray(_last_logprobs(cfg, params, tokens, last))
-        for r in range(len(chunk)):
-            k = start + r
+        for r, k in enumerate(idx):
+            tokens[r, :len(rows[k])] = rows[k]
+            last[r] = len(rows[k]) - 1
+        wide_cfg = dc.replace(cfg, seq_len=max(cfg.seq_len, width))
+        logp = np.asarray(_last_logprobs(wide_cfg, params, tokens, last))
+        for r, k in enumerate(idx):
             correct += int(np.argmax(logp[r, letters[k]])) == answers[k]
     return correct / len(rows)
 
