@@ -122,7 +122,7 @@ class Knobs:
 PRESETS = {
     # Sized from measured throughput of the 135M model on this machine's 2 cores (see README's instruct row):
     # ~7 CPU-s per train step at T=64, B=8 (KL with 4 replay rows ~1.35x), sampling ~127 tokens per CPU-s at
-    # batch 32; predicted ~22 min on an idle machine. Cut against the paper: T=64 (not 1024), 20K new tokens
+    # batch 32, MMLU 100 questions ~74 CPU-s; predicted ~26 min on an idle machine. Cut against the paper: T=64 (not 1024), 20K new tokens
     # per arm (not 100M), c=1 only, 16-row measure sets, no benchmark (none ships offline).
     "mini": Knobs(model_path="smollm2", methods=("none", "kl_self", "ntp_self", "kl_real"), coeffs=(1.0,),
                   seq_len=64, batch_size=8, replay_batch=4, peak_lr=1e-4, warmup_tokens=4 * 8 * 64, steps=40,
