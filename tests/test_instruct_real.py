@@ -7,7 +7,6 @@ import json
 import sysconfig
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
