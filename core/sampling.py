@@ -1,16 +1,19 @@
 """Autoregressive sampling with a KV cache: one jitted, fixed-shape `lax.while_loop`.
 
-Every row starts from its own prompt token (column 0) and decodes to the full sequence length. The
-compiled program depends only on (config, batch size, EOS setting), never on the temperature or key,
-so a second call with the same shapes does not recompile.
+Every row starts from its own prompt (one token, or a padded prefix of per-row length) and decodes from
+its end to the full sequence length. The compiled program depends only on (config, batch size, prompt
+width, EOS setting), never on the prompt contents or lengths, the temperature or the key, so a second
+call with the same shapes does not recompile.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from forgetting.core import model
 
@@ -33,13 +36,23 @@ def _next_token(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array) ->
     return jax.lax.cond(temperature > 0, sampled, greedy, logits_bv)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "eos_id", "pad_id", "length"))
-def _sample(cfg: Any, params: Any, prompt_b: jax.Array, key: jax.Array, temperature: jax.Array,
-            eos_id: int | None, pad_id: int, length: int) -> jax.Array:
-    batch = prompt_b.shape[0]
-    tokens_bt = jnp.full((batch, length), pad_id, jnp.int32).at[:, 0].set(prompt_b.astype(jnp.int32))
+@functools.partial(jax.jit, static_argnames=("cfg", "eos_ids", "pad_id", "length"))
+def _sample(cfg: Any, params: Any, prompt_bp: jax.Array, prompt_len_b: jax.Array, key: jax.Array,
+            temperature: jax.Array, eos_ids: tuple[int, ...], pad_id: int, length: int) -> jax.Array:
+    batch, prompt_width = prompt_bp.shape
+    column_p = jnp.arange(prompt_width)
+    prompt_bp = jnp.where(column_p[None, :] < prompt_len_b[:, None], prompt_bp.astype(jnp.int32), pad_id)
+    tokens_bt = jnp.full((batch, length), pad_id, jnp.int32).at[:, :prompt_width].set(prompt_bp)
     cache = model.cache_for(cfg, batch)
-    done_b = jnp.zeros((batch,), bool) if eos_id is None else prompt_b == eos_id
+
+    def is_eos(tokens_b):
+        if not eos_ids:
+            return jnp.zeros(tokens_b.shape, bool)
+        return jnp.any(tokens_b[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
+
+    # A row whose prompt ends in EOS has nothing to continue: it stops at once.
+    last_prompt_b = jnp.take_along_axis(prompt_bp, (prompt_len_b - 1)[:, None], axis=1)[:, 0]
+    done_b = is_eos(last_prompt_b)
 
     def cond(state):
         i, _, _, done_b = state
@@ -47,12 +60,16 @@ def _sample(cfg: Any, params: Any, prompt_b: jax.Array, key: jax.Array, temperat
 
     def body(state):
         i, tokens_bt, cache, done_b = state
+        # Every row feeds position i; rows still inside their prompt keep the prompt's next token
+        # (token-by-token prefill), the others write a sample. The loop's shapes never depend on the
+        # prompt lengths, so new prompts reuse the compiled program.
         current_b1 = jax.lax.dynamic_slice_in_dim(tokens_bt, i, 1, axis=1)
         logits_b1v, cache = model.forward(cfg, params, current_b1, cache, i)
-        next_b = _next_token(logits_b1v[:, 0].astype(jnp.float32), jax.random.fold_in(key, i), temperature)
-        if eos_id is not None:
-            next_b = jnp.where(done_b, pad_id, next_b)  # rows that already stopped emit padding
-            done_b = done_b | (next_b == eos_id)
+        sampled_b = _next_token(logits_b1v[:, 0].astype(jnp.float32), jax.random.fold_in(key, i), temperature)
+        in_prompt_b = i + 1 < prompt_len_b
+        stored_b = jax.lax.dynamic_slice_in_dim(tokens_bt, i + 1, 1, axis=1)[:, 0]
+        next_b = jnp.where(in_prompt_b, stored_b, jnp.where(done_b, pad_id, sampled_b))
+        done_b = done_b | (~in_prompt_b & is_eos(next_b))
         tokens_bt = jax.lax.dynamic_update_slice_in_dim(tokens_bt, next_b[:, None], i + 1, axis=1)
         return i + 1, tokens_bt, cache, done_b
 
@@ -61,19 +78,49 @@ def _sample(cfg: Any, params: Any, prompt_b: jax.Array, key: jax.Array, temperat
 
 
 def sample(cfg: Any, params: Any, prompt: jax.Array, key: jax.Array, temperature: float = 1.0, *,
-           eos_id: int | None = None, pad_id: int = 0, length: int | None = None) -> jax.Array:
-    """Samples int32 [B, length] (default `cfg.seq_len`) from int prompts [B]; column 0 is the prompt.
+           eos_id: int | Sequence[int] | None = None, pad_id: int = 0, length: int | None = None,
+           prompt_lengths: jax.Array | Sequence[int] | None = None) -> jax.Array:
+    """Samples int32 [B, length] (default `cfg.seq_len`) that begin with each row's prompt.
 
-    temperature 0 decodes greedily. With `eos_id`, a row stops at its first EOS and every later
-    position holds `pad_id`; without it every row runs to full length (the paper's replay setting).
+    `prompt` is int [B] (one token per row, column 0) or a padded int [B, P] whose row b holds
+    `prompt_lengths[b]` (1..P) real tokens; each row decodes from the end of its own prompt, and the
+    padding past it is never read. Only the shapes (B, P, length) and the EOS/pad ids select the
+    compiled program: new prompt contents or lengths, keys and temperatures reuse it.
+
+    temperature 0 decodes greedily. With `eos_id` (one id or several), a row stops at its first
+    generated EOS (or at once when its prompt ends in one) and every later position holds `pad_id`;
+    without it every row runs to full length (the paper's replay setting).
     """
     length = cfg.seq_len if length is None else length
     if not 1 <= length <= cfg.seq_len:
         raise ValueError(f"length must be in [1, seq_len={cfg.seq_len}], got {length}")
     prompt = jnp.asarray(prompt)
-    if prompt.ndim != 1:
-        raise ValueError(f"prompt must be int [B] (one token per row), got shape {prompt.shape}")
-    return _sample(cfg, params, prompt, key, jnp.asarray(temperature, jnp.float32), eos_id, pad_id, length)
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    prompt = prompt.astype(jnp.int32)  # int64 numpy input and int32 share one compiled program
+    if prompt.ndim == 1:
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths goes with a padded [B, P] prompt; a [B] prompt is one token per row")
+        prompt_bp, prompt_len_b = prompt[:, None], jnp.ones(prompt.shape, jnp.int32)
+    elif prompt.ndim == 2:
+        prompt_bp = prompt
+        if prompt_lengths is None:
+            prompt_len_b = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+        else:
+            lengths_np = np.asarray(prompt_lengths)
+            if lengths_np.shape != (prompt.shape[0],):
+                raise ValueError(f"prompt_lengths must be int [B={prompt.shape[0]}], got shape {lengths_np.shape}")
+            if lengths_np.size and (lengths_np.min() < 1 or lengths_np.max() > prompt.shape[1]):
+                raise ValueError(f"prompt_lengths must lie in [1, P={prompt.shape[1]}] (every row needs a "
+                                 f"prompt token), got {lengths_np.min()}..{lengths_np.max()}")
+            prompt_len_b = jnp.asarray(lengths_np, jnp.int32)
+    else:
+        raise ValueError(f"prompt must be int [B] or padded int [B, P] with prompt_lengths, got shape {prompt.shape}")
+    if prompt_bp.shape[1] > length:
+        raise ValueError(f"prompt width P={prompt_bp.shape[1]} exceeds the sample length {length}")
+    eos_ids = () if eos_id is None else tuple(sorted({int(e) for e in np.atleast_1d(eos_id)}))
+    return _sample(cfg, params, prompt_bp, prompt_len_b, key, jnp.asarray(temperature, jnp.float32),
+                   eos_ids, pad_id, length)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "prompt_len"))

