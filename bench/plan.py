@@ -13,10 +13,8 @@ arguments + outputs - aliased + temporaries, and XLA's FLOP count of one step ne
 6·N·tokens (+ attention) count. Placements: `single` (one device), `dp`, `fsdp`, `tp` (all N devices on the
 "model" axis) and `fsdp_tp` (N/`--tp` data x `--tp` model), as in `core.sharding`.
 
-Remat: `--remat on` recomputes each transformer block in the backward pass (`jax.checkpoint` on the block)
-inside a rolled layer loop. The model has no remat switch on this branch (issue 13 adds
-`ModelConfig.remat`), so the plan applies it itself while it traces (wrapping the block functions and
-rolling the `lax.scan` over layers); when the config grows a `remat` field the plan uses that instead.
+Remat: `--remat on` traces the config with `remat="block"` (each transformer block recomputed in the
+backward pass) and a rolled layer loop (`unroll=1`).
 
 FLOPs: XLA's cost analysis counts a loop body once, so its count is only shown where the layer loop is
 unrolled (the paper model without remat), and even there it undercounts the fused head's chunk loop
@@ -25,19 +23,19 @@ unrolled (the paper model without remat), and even there it undercounts the fuse
 
 Caveats: the numbers are XLA:CPU's compilation of the step (its fusion and buffer assignment), standing in
 for an accelerator's; a GPU compile fuses differently, so treat them as +-20%, and keep headroom for the
-runtime's own buffers. `--hours` is a plan from FLOP counts at an assumed MFU, not a measured GPU run.
+runtime's own buffers. `--hours` prints `python -m forgetting.experiments.paper_cost` (GPU-hours of every
+paper sweep from FLOP counts at an assumed MFU: an estimate, not a measured GPU run).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 GiB = 1024**3
 
@@ -85,44 +83,11 @@ def param_count(cfg: Any) -> int:
     return sum(math.prod(s.shape) for s in runs.abstract_params(cfg).values())
 
 
-@contextlib.contextmanager
-def remat_blocks(cfg: Any, on: bool) -> Iterator[Any]:
-    """Yields the config to trace with; with `on`, every transformer block is recomputed in the backward
-    pass. Uses `cfg.remat` when the config has it; otherwise wraps the block functions while tracing."""
-    if not on:
-        yield cfg
-        return
-    if any(f.name == "remat" for f in dataclasses.fields(cfg)):
-        yield dataclasses.replace(cfg, remat=True)
-        return
-    import jax
-
-    from forgetting.core import llama, model
-
-    originals = {mod: mod._block for mod in (model, llama)}
-    scan = jax.lax.scan
-
-    def rolled_scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
-        # The layer loop rolled, as remat is used on accelerators: each backward iteration recomputes its
-        # own block. Unrolled, XLA:CPU's scheduler runs all recomputations early and nothing is saved.
-        return scan(f, init, xs, length=length, reverse=reverse, unroll=1, **kw)
-
-    def checkpointed(block):
-        def wrapped(cfg, x, layer, *rest):
-            # positions, RoPE tables, cache and offset are closed over: only activations and weights are inputs
-            return jax.checkpoint(lambda x, layer: block(cfg, x, layer, *rest))(x, layer)
-
-        return wrapped
-
-    try:
-        for mod, block in originals.items():
-            mod._block = checkpointed(block)
-        jax.lax.scan = rolled_scan
-        yield cfg
-    finally:
-        jax.lax.scan = scan
-        for mod, block in originals.items():
-            mod._block = block
+def with_remat(cfg: Any, on: bool) -> Any:
+    """The config to trace: with `on`, every transformer block is recomputed in the backward pass
+    (`remat="block"`) inside a rolled layer loop (`unroll=1`), as remat is used on accelerators. Unrolled,
+    XLA:CPU's scheduler runs all recomputations early and nothing is saved."""
+    return dataclasses.replace(cfg, remat="block", unroll=1) if on else cfg
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -164,9 +129,9 @@ def measure(case: Case, strategy: str, devices: int, remat: bool, tp: int = 2) -
                                   sharding=None if batch_sh is None else batch_sh["tokens"])
     frozen = {"ref": None, "base": None}
     t0 = time.perf_counter()
-    with remat_blocks(cfg, remat) as traced_cfg:
-        step = step_lib.make_train_step(traced_cfg, opt, state_sharding=state_sh, batch_sharding=batch_sh, streams=1)
-        compiled = step.lower(abstract_state, {"tokens": tokens}, frozen).compile()
+    step = step_lib.make_train_step(with_remat(cfg, remat), opt, state_sharding=state_sh, batch_sharding=batch_sh,
+                                    streams=1)
+    compiled = step.lower(abstract_state, {"tokens": tokens}, frozen).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -194,89 +159,6 @@ def _analytic_flops_per_token(cfg: Any) -> float:
     D, L, T = cfg.d_model, cfg.n_layers, cfg.seq_len
     per_layer = D * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2) + 3 * D * cfg.d_mlp
     return 6 * (L * per_layer + D * cfg.vocab_size) + 12 * L * cfg.n_heads * cfg.head_dim * T / 2
-
-
-# ------------------------------------------------------------------------------------------ GPU-hours
-
-
-def sweep_hours(mfu: float, peak_tflops: float) -> list[dict]:
-    """Training FLOPs of every paper-scale sweep (each figure's `paper` preset), as GPU-hours at `mfu` of
-    `peak_tflops`. Runs that stop at a target loss count their token cap (an upper bound)."""
-    import importlib
-    from pathlib import Path
-
-
-    figures = ["model_size", "pretrain_length", "grid_2d", "learning_rate", "high_lr", "model_capacity",
-               "method_comparison", "instruct", "toy_continual"]
-    rows = []
-    for name in figures:
-        mod = importlib.import_module(f"forgetting.experiments.{name}")
-        try:
-            specs = mod.runs(mod.PRESETS["paper"], Path("/nonexistent/out"))
-        except Exception as e:  # noqa: BLE001 - a figure that needs real inputs to list its runs
-            rows.append({"figure": name, "runs": None, "note": f"not listed: {type(e).__name__}: {e}"[:120]})
-            continue
-        flops, runs_n, capped, skipped = 0.0, 0, 0, 0
-        from forgetting.stages import runs as runs_lib
-
-        trained = {str(runs_lib.run_dir(s.config)): s.config for s in specs if s.module == "forgetting.stages.train"}
-        for s in specs:
-            cfg = s.config
-            if s.module != "forgetting.stages.train":
-                continue
-            mc = _train_model_config(cfg, trained, name)
-            if mc is None:
-                skipped += 1
-                continue
-            tokens = _train_tokens(cfg, mc)
-            if tokens is None:
-                continue
-            rows_per_step = cfg.opt.batch_size + (cfg.reg.batch_size if cfg.reg.method in ("ntp_pre", "kl_pre") else 0)
-            ref_rows = {"kl_pre": cfg.reg.batch_size, "kl_dwn": cfg.opt.batch_size}.get(cfg.reg.method, 0)
-            if cfg.reg.synth and cfg.reg.method in ("ntp_pre", "kl_pre", "replace"):
-                ref_rows += cfg.reg.batch_size  # generating the replay rows: about one forward pass each
-            per_token = _analytic_flops_per_token(mc)
-            # trained rows cost 3 passes (fwd+bwd), reference rows 1 forward pass
-            flops += tokens * per_token * (rows_per_step + ref_rows / 3) / cfg.opt.batch_size
-            runs_n += 1
-            capped += bool(cfg.stop.target_loss)
-        rows.append({"figure": name, "runs": runs_n, "target_loss_runs": capped, "runs_not_counted": skipped,
-                     "pflops": flops / 1e15,
-                     "gpu_hours": flops / (mfu * peak_tflops * 1e12) / 3600})
-    return rows
-
-
-def _train_model_config(cfg: Any, trained: dict, figure: str) -> Any:
-    """The model a train config trains: its own shape, the shape of the sweep's run it finetunes, or (the
-    instruct figure) Llama-3.2-1B; None when unknown."""
-    from forgetting.core import model
-
-    seen = set()
-    while cfg.model.load_path:
-        if cfg.model.load_path in trained and cfg.model.load_path not in seen:
-            seen.add(cfg.model.load_path)
-            cfg = trained[cfg.model.load_path]
-            continue
-        if figure == "instruct":
-            return dataclasses.replace(LLAMA_1B.config(), seq_len=cfg.model.seq_len or LLAMA_1B.shape["seq_len"])
-        return None
-    m = cfg.model
-    try:
-        return model.ModelConfig(vocab_size=m.vocab_size or 4096, d_model=m.d_model, n_layers=m.n_layers,
-                                 head_dim=m.head_dim, seq_len=m.seq_len, dtype=m.dtype)
-    except (TypeError, ValueError):
-        return None
-
-
-def _train_tokens(cfg: Any, mc: Any) -> float | None:
-    from forgetting.core import model
-
-    s = cfg.stop
-    if s.num_tokens_train:
-        return float(s.num_tokens_train)
-    if s.tokens_per_param:
-        return float(s.tokens_per_param * model.paper_param_count(mc))
-    return None
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -311,13 +193,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="accelerator peak dense bf16 TFLOP/s for --hours (989: H100 SXM)")
     args = p.parse_args(argv)
-    if args.hours:
+    if args.hours:  # one estimate of the sweeps' cost in the project: experiments.paper_cost
         if not 0 < args.mfu <= 1:
             p.error(f"--mfu must be in (0, 1], got {args.mfu}")
-        rows = sweep_hours(args.mfu, args.peak_tflops)
-        for r in rows:
-            print(json.dumps(r), flush=True)
-        return rows
+        from forgetting.experiments import paper_cost
+
+        return paper_cost.main(["--mfu", str(args.mfu), "--peak_tflops", str(args.peak_tflops)])
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as hst
 
-from forgetting.core import llama, losses
+from forgetting.core import families, llama, losses
 from forgetting.stages import benchmarks as bm
 
 import hf_fixtures  # tests/: the tiny HF-layout checkpoint
@@ -24,9 +24,23 @@ class BigramConfig:
     vocab_size: int = 256
     seq_len: int = 64
 
-    def forward(self, params, tokens, cache=None, pos=0):
-        assert cache is None
-        return params["table"][tokens]
+
+
+def _bigram_forward(cfg, params, tokens, cache=None, pos=0):
+    assert cache is None
+    return params["table"][tokens]
+
+
+def _unused(*args):
+    raise AssertionError("the benchmark scorers only call forward")
+
+
+# A family of its own, found through the registry like any other (scoring never asks which family it is).
+families.register(families.Family(
+    name="test_bigram", config_type=BigramConfig,
+    param_specs=lambda cfg: {"table": families.ParamSpec((cfg.vocab_size, cfg.vocab_size), ("vocab", None), 1.0)},
+    init=_unused, forward=_bigram_forward, final_hidden=_unused, output_embedding=_unused, init_cache=_unused,
+    lora_targets={}))
 
 
 def byte_encode(text: str) -> list[int]:

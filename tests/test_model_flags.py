@@ -39,7 +39,8 @@ def test_vocab_from_data_and_load_fields():
 @pytest.mark.parametrize("flag, value, message", [
     ("--model.impl", "cuda", "--model.impl must be one of"),
     ("--model.remat", "all", "--model.remat must be one of"),
-    ("--model.head_dim", "7", "must be a multiple of head_dim=7"),
+    ("--model.head_dim", "7", "--model.head_dim 7 must be even"),
+    ("--model.head_dim", "512", "must be at least --model.head_dim 512"),
     ("--model.vocab_size", "-1", "--model.vocab_size must be >= 0"),
 ])
 def test_bad_model_flags_are_one_line_errors(flag, value, message):

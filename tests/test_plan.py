@@ -24,14 +24,6 @@ def test_measure_counts_state_and_remat_lowers_temporaries():
     assert 0.3 * off["analytic_tflops_per_step"] < off["xla_tflops_per_device"] <= 1.1 * off["analytic_tflops_per_step"]
 
 
-def test_sweep_hours_scale_with_mfu():
-    a, b = plan.sweep_hours(0.4, 989.0), plan.sweep_hours(0.2, 989.0)
-    assert [r["figure"] for r in a] == [r["figure"] for r in b]
-    for x, y in zip(a, b):
-        assert x["runs"] > 0 and x["gpu_hours"] > 0
-        assert y["gpu_hours"] == pytest.approx(2 * x["gpu_hours"])
-
-
 def test_bad_case_is_one_line_error():
     proc = subprocess.run([sys.executable, "-m", "forgetting.bench.plan", "--cases", "nope"], capture_output=True,
                           text=True, timeout=120)
