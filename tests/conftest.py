@@ -64,3 +64,15 @@ def tiny_ref_params(tiny_cfg):
     from forgetting.core import model
 
     return jax.jit(model.init, static_argnums=0)(tiny_cfg, jax.random.key(1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cluster` tests (several jax.distributed processes over loopback; a private one-node Slurm) take
+    minutes each, so the default suite skips them; `-m cluster` runs them (.ci/run does, after the suite)."""
+    if "cluster" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="cluster test: run with `python -m pytest -q -m cluster tests/test_multihost.py "
+                                   "tests/test_slurm.py`")
+    for item in items:
+        if "cluster" in item.keywords:
+            item.add_marker(skip)

@@ -6,7 +6,8 @@ metrics row written once; `kill -9` of one process mid-run, then a rerun of all,
 the uninterrupted multi-process run; a checkpoint written by 2 processes resumes on 1 and on 4.
 
 Each case starts several Python processes that each compile the train step (10-40 s each on 2 busy
-cores), so the module is `slow`: `python -m pytest -q -m slow tests/test_multihost.py`.
+cores), so the module is marked `cluster` (skipped by the default suite): `python -m pytest -q -m cluster
+tests/test_multihost.py` (.ci/run runs it after the suite).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import pytest
 from forgetting.core import sharded_checkpoint
 from forgetting.stages import generate, runs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 T = 32
 KEYS = ("valid_ntp", "valid_ntp_h2", "train_loss", "weight_norm", "step")

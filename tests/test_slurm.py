@@ -2,10 +2,10 @@
 
 The script checks are fast and in the default suite. `test_real_slurm_matches_local_run` starts a private
 Slurm (tests/slurm/start_slurm.sh: Debian's slurm-wlm + munge, as root), submits a shrunken high_lr mini,
-and compares its summary with a local run's; it takes minutes, so it is `slow` and skipped without Slurm:
+and compares its summary with a local run's; it takes minutes, so it is marked `cluster` (skipped by the default suite) and skips without Slurm:
 
     apt-get install -y slurm-wlm munge
-    python -m pytest -q -m slow tests/test_slurm.py -p no:cacheprovider
+    python -m pytest -q -m cluster tests/test_slurm.py -p no:cacheprovider
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def _wait_for(job: str, env: dict, timeout: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_real_slurm_matches_local_run(slurm, tmp_path):
     write = _figure("--out", str(tmp_path / "slurm_out"), "--slurm", str(tmp_path / "scripts"), *SMALL,
                     "--slurm_cpus", "1", "--slurm_mem", "2G", "--slurm_time", "0:30:00", cwd=tmp_path)
