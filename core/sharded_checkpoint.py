@@ -128,15 +128,15 @@ def save(path: str | Path, tree: Any, metadata: dict | None = None, *,
                     before_replace=before_replace)
     multihost.barrier(f"checkpoint-written-{tag}")
     if writer:
-        files = {}
+        file_hashes = {}
         for p in range(n):
             file = folder / _file_name(p, n)
             if not file.exists():
                 raise FileNotFoundError(f"process {p}'s shard file {file} is missing after the save barrier; is "
                                         "the run directory on a file system every process shares?")
-            files[file.name] = checkpoint.read_header(file)["sha256"]
+            file_hashes[file.name] = checkpoint.read_header(file)["sha256"]
         files.write_json_atomic(manifest_path(path), {
-            "format": FORMAT, "version": VERSION, "tag": tag, "num_processes": n, "files": files,
+            "format": FORMAT, "version": VERSION, "tag": tag, "num_processes": n, "files": file_hashes,
             "leaves": specs, "metadata": metadata})
         for old in shards_dir(path).iterdir():  # earlier saves and interrupted attempts
             if old.name != tag:
