@@ -29,6 +29,26 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
+CORPUS_SEQ_LEN = 32  # the sequence length the synthetic test corpora are cut for
+CORPUS_TOKENS = 40_000
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> dict[int, str]:
+    """Two related synthetic languages (ids 0 and 1, vocab 64), `CORPUS_TOKENS` tokens each: the old and new
+    data of the end-to-end stage tests."""
+    from forgetting.stages import generate
+
+    root = tmp_path_factory.mktemp("corpora")
+    paths = {}
+    for lang in (0, 1):
+        out = root / f"lang{lang}.bin"
+        generate.generate(generate.Config(corpus="synthetic", language=lang, num_tokens=CORPUS_TOKENS, vocab_size=64,
+                                          seq_len=CORPUS_SEQ_LEN, out=str(out)))
+        paths[lang] = str(out)
+    return paths
+
+
 def tiny_config(dtype: str = "float32", **overrides):
     """A tiny transformer (2 heads of 16, 2 layers, vocab 64, 16 positions): compiles in a second."""
     from forgetting.core import model

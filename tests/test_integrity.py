@@ -37,16 +37,6 @@ def tiny_argv(data_path: str, run_dir: Path, *extra: str) -> list[str]:
             "--run.dir", str(run_dir), *extra]
 
 
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[int, str]:
-    root = tmp_path_factory.mktemp("corpora")
-    paths = {}
-    for lang in (0, 1):
-        out = root / f"lang{lang}.bin"
-        generate.generate(generate.Config(corpus="synthetic", language=lang, num_tokens=40_000, vocab_size=64,
-                                          seq_len=T, out=str(out)))
-        paths[lang] = str(out)
-    return paths
 
 
 # ------------------------------------------------------------------------------ 1. range checks

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.slow
 T = 32
 
 
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("corpora")
-    paths = {}
-    for lang in (0, 1):
-        out = root / f"lang{lang}.bin"
-        generate.generate(generate.Config(corpus="synthetic", language=lang, num_tokens=40_000, vocab_size=64,
-                                          seq_len=T, out=str(out)))
-        paths[lang] = str(out)
-    return paths
 
 
 def tiny(corpora, tmp_path, **changes) -> TrainConfig:

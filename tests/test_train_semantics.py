@@ -6,23 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting.stages import generate, runs, train
+from forgetting.stages import runs, train
 from forgetting.stages.train_config import OptConfig, TrainConfig, replace
 from forgetting.stages.train_setup import optimizer_for
+
+from conftest import CORPUS_TOKENS  # tests/: the shared synthetic corpora
 
 T = 32
 
 
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[int, str]:
-    root = tmp_path_factory.mktemp("corpora")
-    paths = {}
-    for lang in (0, 1):
-        out = root / f"lang{lang}.bin"
-        generate.generate(generate.Config(corpus="synthetic", language=lang, num_tokens=20_000, vocab_size=64,
-                                          seq_len=T, out=str(out)))
-        paths[lang] = str(out)
-    return paths
 
 
 def tiny(corpora, tmp_path, **changes) -> TrainConfig:
@@ -65,7 +57,7 @@ def test_train_seconds_leave_out_the_first_steps(corpora, tmp_path):
 def test_authors_metrics_in_pretraining_and_finetuning(corpora, tmp_path):
     pre = train.train(tiny(corpora, tmp_path, **{"mix.path": corpora[1], "mix.coeff": 0.25}))
     rows = runs.read_metrics(pre["run_dir"])
-    num_train = 20_000 // T - 1024 // T
+    num_train = CORPUS_TOKENS // T - 1024 // T
     for r in rows:
         assert r["epoch"] == pytest.approx(r["step"] * 8 / num_train)
         assert "mix_ntp" in r and "mix_ntp_h2" in r  # the mixture's dataset, without extra flags
