@@ -80,6 +80,7 @@ def test_pyranet_conversation_filters():
     assert instruct.pyranet_conversation(_row("assign y = ~a;")) is None  # no module ... endmodule
     assert instruct.pyranet_conversation(_row("module m; // no end")) is None
     assert instruct.pyranet_conversation(_row("['module m; endmodule']")) is None  # a listed string
+    assert instruct.pyranet_conversation(_row('"module m; endmodule"')) is None  # a quoted string
     assert instruct.pyranet_conversation(_row("module m;\\n  wire a;\\nendmodule")) is None  # escaped newlines only
     assert instruct.pyranet_conversation(_row("modules endmodules")) is None  # whole words only
     assert instruct.pyranet_conversation({"code": CODE, "description": {"description": "x" * 20,
@@ -129,6 +130,21 @@ def test_verilog_chat_rows_mask_exactly_the_assistant_turns(tmp_path, chat_ckpt)
         for r, mm in zip(rows_b, masks_b):
             i = [k for k in range(2) if np.array_equal(tokens[k, 1:], r[1:])][0]
             np.testing.assert_array_equal(mm, mask[i].astype(np.float32))
+
+
+def test_one_per_row_text_documents(tmp_path, chat_ckpt):
+    texts = ["module a; endmodule", "x " * 200, "a short one"]
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    meta = tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(chat_ckpt), one_per_row=True,
+                                                   seq_len=32, out=str(tmp_path / "t.bin")))
+    tok = hc.load_tokenizer(chat_ckpt)
+    rows = np.fromfile(tmp_path / "t.bin", meta["dtype"]).reshape(-1, 32)
+    assert meta["dropped_documents"] == 1 and meta["num_documents"] == 2 and "loss_mask" not in meta
+    for row, text in zip(rows, (texts[0], texts[2])):
+        ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+        assert row[:len(ids)].tolist() == ids and np.all(row[len(ids):] == meta["pad_id"])
+    assert meta["pad_fraction"] == pytest.approx(float(np.mean(rows == meta["pad_id"])), abs=1e-4)
 
 
 def test_one_per_row_rejects_bad_settings(tmp_path, chat_ckpt):
