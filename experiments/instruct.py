@@ -136,6 +136,9 @@ class Knobs:
 
         if self.scoring not in SCORINGS:
             raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.model_path and self.scoring != "loglik":
+            raise ValueError("--scoring is for the train-stage protocol (smoke / paper); the real-model mini scores "
+                             "its MMLU questions by log-likelihood")
         if self.domain_path and self.verilog_source:
             raise ValueError("give --domain_path (a token file) or --verilog_source (rows to build chat data from), "
                              "not both")

@@ -211,3 +211,16 @@ def test_stage_chat_scorings(tmp_path, chat_ckpt):
         eb.dataclasses.replace(good, chat_template="t.jinja").validate()
     with pytest.raises(ValueError, match="--max_new_tokens must be >= 1"):
         eb.dataclasses.replace(good, scoring="chat", max_new_tokens=0).validate()
+
+
+def test_knobs_refuse_what_they_would_ignore():
+    with pytest.raises(ValueError, match="--scoring must be one of"):
+        instruct.Knobs(scoring="greedy").validate()
+    with pytest.raises(ValueError, match="--scoring is for the train-stage protocol"):
+        instruct.Knobs(model_path="smollm2", steps=1, scoring="chat").validate()
+    with pytest.raises(ValueError, match="not both"):
+        instruct.Knobs(hf_path="h", old_path="o", domain_path="d", verilog_source="v").validate()
+    with pytest.raises(ValueError, match="give all of"):
+        instruct.Knobs(verilog_source="v").validate()
+    instruct.Knobs(hf_path="h", old_path="o", verilog_source="v", scoring="chat").validate()
+    instruct.PRESETS["paper"].validate()
