@@ -54,9 +54,10 @@ Scales:
   T=512, batch 128 sequences, replay batch 32, buffer 32, AdamW (β2 0.997, weight decay 0.02) at
   constant LR 1e-5 after a 10M-token warm-up, 5 epochs of the Verilog train split, 20M validation tokens
   (39,063 conversations), evaluations every 20M tokens; `--run.mesh tp` splits the model over devices if
-  needed. Not matched: the authors score 2048 MMLU and 1024 ARC-Challenge / CommonsenseQA questions
-  (shuffled with seed 42; prompt + answer within 512 / 256 / 192 tokens), here every question whose
-  prompt + answer fits `bench_seq_len` = 512 (`bench_limit` caps the count, first questions first).
+  needed. Benchmark subsets as the authors draw them: each test split (MMLU all/test, ARC-Challenge test,
+  CommonsenseQA validation, in the hub's row order) shuffled with Python's `random.Random(42)`, the first
+  2048 / 1024 / 1024 questions kept. Not matched: the authors skip questions whose chat prompt + answer
+  reaches 512 / 256 / 192 tokens (MMLU / ARC / CSQA); here one cap, `bench_seq_len` = 512, for all three.
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ class Knobs:
     arc: str = ""  # ARC-Challenge questions ("" = mini)
     csqa: str = ""  # CommonsenseQA questions ("" = mini)
     bench_limit: int = 0  # at most this many questions per benchmark (0 = all)
+    bench_limits: tuple[int, ...] = ()  # (MMLU, ARC-Challenge, CommonsenseQA) caps; () = bench_limit for each
+    bench_shuffle_seed: int = -1  # >= 0: the questions are shuffled (Python's random) before the caps
     scoring: str = "loglik"  # benchmark scoring: loglik | chat_loglik | chat (stages.benchmarks)
     coeffs: tuple[float, ...] = (10.0,)  # replay coefficients c (objective NTP + c·R)
     methods: tuple[str, ...] = ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")  # runs of the sweep
@@ -136,6 +139,9 @@ class Knobs:
 
         if self.scoring not in SCORINGS:
             raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.bench_limits and (len(self.bench_limits) != 3 or min(self.bench_limits) < 0):
+            raise ValueError(f"--bench_limits takes three caps >= 0 (MMLU, ARC-Challenge, CommonsenseQA), got "
+                             f"{self.bench_limits}")
         if self.model_path and self.scoring != "loglik":
             raise ValueError("--scoring is for the train-stage protocol (smoke / paper); the real-model mini scores "
                              "its MMLU questions by log-likelihood")
@@ -166,6 +172,7 @@ PRESETS = {
                    coeffs=(1.0, 3.0, 10.0), seq_len=512, batch_size=128, replay_batch=32, buffer=32, peak_lr=1e-5,
                    warmup_tokens=10_000_000, weight_decay=0.02, b2=0.997, num_tokens_train=0, num_epochs=5.0,
                    num_tokens_valid=20_000_000, eval_every_tokens=20_000_000, dtype="bfloat16", bench_seq_len=512,
+                   bench_limits=(2048, 1024, 1024), bench_shuffle_seed=42,
                    domain_eval_rows=512, mini_docs=0, mini_pretrain_steps=0),
 }
 
@@ -389,11 +396,14 @@ def _inputs_of(knobs: Knobs, out: Path) -> dict:
 def bench_config(knobs: Knobs, load_path: str, inputs: dict):
     from forgetting.stages import evaluate_benchmarks as eb
 
+    limits = knobs.bench_limits or (0, 0, 0)  # 0: the stage falls back to --limit (bench_limit)
+
     return eb.BenchConfig(
         model=eb.BenchModelArgs(load_path=load_path, dtype=knobs.dtype, seq_len=knobs.bench_seq_len),
         domain=eb.DomainArgs(path=inputs["domain"], seq_len=knobs.seq_len, num_tokens_valid=knobs.num_tokens_valid,
                              split_seed=0, max_rows=knobs.domain_eval_rows),
-        mmlu=inputs["mmlu"], arc=inputs["arc"], csqa=inputs["csqa"], limit=knobs.bench_limit, scoring=knobs.scoring)
+        mmlu=inputs["mmlu"], arc=inputs["arc"], csqa=inputs["csqa"], limit=knobs.bench_limit, scoring=knobs.scoring,
+        mmlu_limit=limits[0], arc_limit=limits[1], csqa_limit=limits[2], shuffle_seed=knobs.bench_shuffle_seed)
 
 
 def finetune_config(knobs: Knobs, inputs: dict, method: str, source: str, coeff: float) -> TrainConfig:

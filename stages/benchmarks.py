@@ -404,12 +404,24 @@ def csqa_question(row: dict) -> Question | None:
 _CONVERTERS = {"mmlu": mmlu_question, "arc_challenge": arc_question, "commonsense_qa": csqa_question}
 
 
+def shuffled(rows: list, seed: int | None) -> list:
+    """`rows` in the order Python's `random.Random(seed).shuffle` leaves them (the authors draw their
+    evaluation subsets so: shuffle with seed 42, keep the first N); None keeps the order."""
+    import random  # noqa: PLC0415
+
+    rows = list(rows)
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    return rows
+
+
 def load_benchmark(name: str, source: str | Path | None = None, *, split: str | None = None,
-                   limit: int | None = None) -> list[Question]:
-    """The questions of benchmark `name` (one of BENCHMARKS) from `source` (default: its hub id)."""
+                   limit: int | None = None, shuffle_seed: int | None = None) -> list[Question]:
+    """The questions of benchmark `name` (one of BENCHMARKS) from `source` (default: its hub id); with
+    `shuffle_seed` the rows are shuffled (`shuffled`) before the first `limit` are kept."""
     if name not in _CONVERTERS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
-    rows = read_rows(source or DEFAULT_HF[name], split=split)
+    rows = shuffled(read_rows(source or DEFAULT_HF[name], split=split), shuffle_seed)
     questions = [q for q in (_CONVERTERS[name](r) for r in rows) if q is not None]
     return questions[:limit] if limit else questions
 
@@ -429,22 +441,25 @@ class ChatScoring:
 
 def evaluate_benchmarks(cfg: Any, params: Any, encode: Callable[[str], list[int]],
                         sources: dict[str, str | Path | Iterable[Question]], *, bos_id: int | None = None,
-                        limit: int | None = None, batch_size: int = 8, scoring: str = "loglik",
-                        chat: ChatScoring | None = None) -> dict[str, Any]:
+                        limit: int | dict[str, int] | None = None, batch_size: int = 8, scoring: str = "loglik",
+                        chat: ChatScoring | None = None, shuffle_seed: int | None = None) -> dict[str, Any]:
     """{"mmlu", "arc_challenge", "commonsense_qa", "average"} accuracies for the benchmarks in `sources` (a
     path/`hf:` id, or the questions), scored by `scoring` (SCORINGS; module doc). loglik adds
     "<name>_norm" and "average_norm" (acc_norm); the chat scorings add "<name>_n" and "<name>_skipped",
-    and `chat` "<name>_unparsed" (completions with no readable letter, counted wrong)."""
+    and `chat` "<name>_unparsed" (completions with no readable letter, counted wrong). `limit` is one cap for
+    all or {name: cap} (0/None = all); `shuffle_seed` shuffles each benchmark before the cap (`shuffled`)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring != "loglik" and chat is None:
         raise ValueError(f"scoring {scoring!r} needs the chat template (a ChatScoring)")
     out: dict[str, Any] = {"scoring": scoring}
     for name, source in sources.items():
+        cap = (limit.get(name) if isinstance(limit, dict) else limit) or None
         if isinstance(source, (str, Path)):
-            questions = load_benchmark(name, source, limit=limit)
+            questions = load_benchmark(name, source, limit=cap, shuffle_seed=shuffle_seed)
         else:
-            questions = list(source)[:limit] if limit else list(source)
+            questions = shuffled(list(source), shuffle_seed)
+            questions = questions[:cap] if cap else questions
         if scoring == "loglik":
             result = score_multiple_choice(cfg, params, encode, questions, bos_id=bos_id, batch_size=batch_size)
             out[name], out[f"{name}_norm"] = result["acc"], result["acc_norm"]

@@ -66,6 +66,10 @@ class BenchConfig:
     arc: str = ""  # ARC-Challenge questions (allenai/ai2_arc layout) ("" = skip)
     csqa: str = ""  # CommonsenseQA questions (tau/commonsense_qa layout) ("" = skip)
     limit: int = 0  # at most this many questions per benchmark (0 = all)
+    mmlu_limit: int = 0  # MMLU's own cap (0 = --limit)
+    arc_limit: int = 0  # ARC-Challenge's own cap (0 = --limit)
+    csqa_limit: int = 0  # CommonsenseQA's own cap (0 = --limit)
+    shuffle_seed: int = -1  # >= 0: shuffle each benchmark with Python's random.Random(seed) before the caps
     batch_size: int = 8  # (question, choice) rows per forward
     scoring: str = "loglik"  # loglik | chat_loglik (chat prompt, "ANSWER: X" log-lik.) | chat (greedy answer's letter)
     chat_template: str = ""  # chat scorings: a .jinja file, directory / tokenizer_config.json or .gguf ("" = the tokenizer's)
@@ -84,6 +88,11 @@ class BenchConfig:
             raise ValueError("--chat_template is used by the chat scorings only; pass --scoring chat or chat_loglik")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("mmlu_limit", "arc_limit", "csqa_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0 (0 = --limit), got {getattr(self, name)}")
+        if self.shuffle_seed < -1:
+            raise ValueError(f"--shuffle_seed must be >= 0 (or -1: file order), got {self.shuffle_seed}")
         if self.limit < 0 or self.batch_size <= 0:
             raise ValueError(f"--limit must be >= 0 (0 = all) and --batch_size positive, got {self.limit}, "
                              f"{self.batch_size}")
@@ -196,8 +205,11 @@ def evaluate(cfg: BenchConfig) -> dict:
         if cfg.scoring != "loglik":
             chat = chat_scoring(tok, cfg.chat_template or tok_source, cfg.max_new_tokens)
         out.update(benchmarks.evaluate_benchmarks(bench_cfg, loaded.params, tok.encode, sources, bos_id=bos,
-                                                  limit=cfg.limit or None, batch_size=cfg.batch_size,
-                                                  scoring=cfg.scoring, chat=chat))
+                                                  limit={"mmlu": cfg.mmlu_limit or cfg.limit,
+                                                         "arc_challenge": cfg.arc_limit or cfg.limit,
+                                                         "commonsense_qa": cfg.csqa_limit or cfg.limit},
+                                                  batch_size=cfg.batch_size, scoring=cfg.scoring, chat=chat,
+                                                  shuffle_seed=None if cfg.shuffle_seed < 0 else cfg.shuffle_seed))
     if cfg.domain.path:
         d = cfg.domain
         dataset = _open_dataset(d.path, mc.vocab_size, d.seq_len or train_seq_len, d.num_tokens_valid, d.split_seed,

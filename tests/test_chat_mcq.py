@@ -166,3 +166,23 @@ def test_evaluate_benchmarks_scorings(tmp_path):
                                scoring="chat_loglik")
     q = bm.load_benchmark("mmlu", tmp_path / "mmlu.jsonl")[0]
     assert q["question"] == "Q1?" and q["options"] == ["w", "x", "y", "z0"]
+
+
+def test_subsets_shuffled_as_the_authors_draw_them(tmp_path):
+    import random
+
+    rows = [{"question": f"Q{i}?", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(40)]
+    (tmp_path / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    order = list(range(40))
+    random.Random(42).shuffle(order)  # the authors: rows = list(ds); random.Random(42).shuffle(rows); rows[:N]
+    qs = bm.load_benchmark("mmlu", tmp_path / "mmlu.jsonl", limit=7, shuffle_seed=42)
+    assert [q["question"] for q in qs] == [f"Q{i}?" for i in order[:7]]
+    assert [q["question"] for q in bm.load_benchmark("mmlu", tmp_path / "mmlu.jsonl", limit=3)] == ["Q0?", "Q1?", "Q2?"]
+    # per-benchmark caps through evaluate_benchmarks (chat_loglik: every question fits, so n = the cap)
+    params = {"table": jnp.zeros((256, 256), jnp.float32)}
+    chat = bm.ChatScoring(chat_encode=byte_encode, decode=byte_decode, eos_ids=(EOS,), pad_id=0)
+    out = bm.evaluate_benchmarks(ChatBigramConfig(seq_len=512), params, byte_encode,
+                                 {"mmlu": tmp_path / "mmlu.jsonl"}, limit={"mmlu": 5}, scoring="chat_loglik",
+                                 chat=chat, shuffle_seed=42)
+    # a uniform model ties every option: argmax takes A, so accuracy = share of answer 0 among the 5 drawn
+    assert out["mmlu_n"] == 5 and out["mmlu"] == pytest.approx(sum(order[i] % 4 == 0 for i in range(5)) / 5)

@@ -209,6 +209,10 @@ def test_stage_chat_scorings(tmp_path, chat_ckpt):
         eb.dataclasses.replace(good, scoring="greedy").validate()
     with pytest.raises(ValueError, match="--chat_template is used by the chat scorings only"):
         eb.dataclasses.replace(good, chat_template="t.jinja").validate()
+    with pytest.raises(ValueError, match="--arc_limit must be >= 0"):
+        eb.dataclasses.replace(good, arc_limit=-1).validate()
+    with pytest.raises(ValueError, match="--shuffle_seed must be >= 0"):
+        eb.dataclasses.replace(good, shuffle_seed=-2).validate()
     with pytest.raises(ValueError, match="--max_new_tokens must be >= 1"):
         eb.dataclasses.replace(good, scoring="chat", max_new_tokens=0).validate()
 
@@ -223,4 +227,6 @@ def test_knobs_refuse_what_they_would_ignore():
     with pytest.raises(ValueError, match="give all of"):
         instruct.Knobs(verilog_source="v").validate()
     instruct.Knobs(hf_path="h", old_path="o", verilog_source="v", scoring="chat").validate()
+    with pytest.raises(ValueError, match="--bench_limits takes three caps"):
+        instruct.Knobs(bench_limits=(10, 10)).validate()
     instruct.PRESETS["paper"].validate()

@@ -197,6 +197,7 @@ def test_instruct(tmp_path, capsys):
                                                                                            10_000_000)
     bench = mod.bench_config(knobs, "/d/run", dict(inputs, mmlu="m", arc="a", csqa="c"))
     assert (bench.scoring, bench.model.seq_len, bench.limit) == ("chat_loglik", 512, 0)
+    assert (bench.mmlu_limit, bench.arc_limit, bench.csqa_limit, bench.shuffle_seed) == (2048, 1024, 1024, 42)
 
     # `--list --scale paper`: prepare_chat first (chat data, one conversation per 512-token row), then the
     # 13 finetunes on its token file and the chat-scored evaluations
