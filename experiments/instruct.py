@@ -33,20 +33,31 @@ Scales:
   nothing about the claim: it only runs HF loading, BOS-prompted sampling, KL/NTP replay, benchmark
   scoring, domain accuracy and the figure.
 - `--scale paper` needs local files (nothing is downloaded; see the knobs):
-  `data/instruct/Llama-3.2-1B-Instruct/` (the HF snapshot: config.json, model.safetensors,
-  tokenizer.json or original/tokenizer.model), `data/instruct/verilog.bin` and `data/instruct/olmo.bin`
-  (made with `python -m forgetting.stages.tokenize_hf --hf_tokenizer data/instruct/Llama-3.2-1B-Instruct
-  --sources ... --out ...`; uint32 token files, BOS + text + EOS per document), and the benchmark files
+  `data/instruct/Llama-3.2-1B-Instruct/` (the HF snapshot: config.json, model.safetensors, tokenizer.json
+  with tokenizer_config.json's chat template), `data/instruct/PyraNet-Verilog/` (the rows of
+  bnadimi/PyraNet-Verilog, train split: .jsonl/.parquet with `code` and `description`, or an `hf:` id
+  with the `datasets` package), `data/instruct/olmo.bin` (made with `python -m forgetting.stages.tokenize_hf
+  --hf_tokenizer data/instruct/Llama-3.2-1B-Instruct --sources ... --out ...`) and the benchmark files
   under `data/instruct/benchmarks/` (`mmlu`, `arc_challenge`, `commonsense_qa`: .jsonl/.parquet in the
   cais/mmlu, allenai/ai2_arc, tau/commonsense_qa layouts, or `hf:` ids with the `datasets` package).
-  Settings: the authors' released sweep (experiments/instruct/sweep.yaml and their train_lm.py defaults):
-  {none, ntp_pre, kl_pre} × {real, self-generated} × c ∈ {1, 3, 10} (`none` once: the source and c do
-  not change it), full finetuning in bf16 compute / f32 weights, T=512, batch 128 sequences, replay batch
-  32, buffer 32, AdamW (β2 0.997, weight decay 0.02) at constant LR 1e-5 after a 10M-token warm-up, 5
-  epochs of the Verilog train split, 20M validation tokens, evaluations every 20M tokens; `--run.mesh tp`
-  splits the model over devices if needed. Not matched: the authors format each Verilog example with the
-  chat template and train on the assistant tokens only; here the domain file is plain text and every
-  token counts (the tokenize_hf stage has no chat/assistant-mask mode yet).
+  Data as the authors build it (their ptx/data.py): the `prepare_chat` run turns each PyraNet row into a
+  conversation (`pyranet_conversation`: user "Write the following Verilog program. {description}",
+  assistant: the code; rows kept only when their metadata says "compile_status": "No error!", the
+  description has >= 16 characters and the code is a real module) and tokenizes them with
+  `tokenize_hf --chat true --one_per_row true --seq_len 512`: the Llama 3 chat template, one conversation
+  per padded 512-token row (longer ones dropped), the loss on the assistant turn only (its code and
+  `<|eot_id|>`). Benchmarks scored chat-style as the authors' `chat_mcq` does (`--scoring chat_loglik`:
+  the question in the chat template with the generation prompt, the options "ANSWER: A".. compared by
+  log-likelihood; `stages.benchmarks`). Settings: the authors' released sweep (experiments/instruct/
+  sweep.yaml and their train_lm.py defaults): {none, ntp_pre, kl_pre} × {real, self-generated} × c ∈ {1,
+  3, 10} (`none` once: the source and c do not change it), full finetuning in bf16 compute / f32 weights,
+  T=512, batch 128 sequences, replay batch 32, buffer 32, AdamW (β2 0.997, weight decay 0.02) at
+  constant LR 1e-5 after a 10M-token warm-up, 5 epochs of the Verilog train split, 20M validation tokens
+  (39,063 conversations), evaluations every 20M tokens; `--run.mesh tp` splits the model over devices if
+  needed. Benchmark subsets as the authors draw them: each test split (MMLU all/test, ARC-Challenge test,
+  CommonsenseQA validation, in the hub's row order) shuffled with Python's `random.Random(42)`, the first
+  2048 / 1024 / 1024 questions kept. Not matched: the authors skip questions whose chat prompt + answer
+  reaches 512 / 256 / 192 tokens (MMLU / ARC / CSQA); here one cap, `bench_seq_len` = 512, for all three.
 """
 from __future__ import annotations
 
@@ -70,12 +81,16 @@ class Knobs:
     """Knobs of the instruction-tuned-model figure."""
 
     hf_path: str = ""  # the starting HF checkpoint ("" = mini: written by the `prepare` run)
-    domain_path: str = ""  # new-domain token file (Verilog) ("" = mini: written by `prepare`)
+    domain_path: str = ""  # new-domain token file (Verilog) ("" = mini: written by `prepare`; paper: by `prepare_chat`)
+    verilog_source: str = ""  # PyraNet-Verilog rows -> chat conversations -> tokens with an assistant mask (`prepare_chat`)
     old_path: str = ""  # real replay data (Olmo) ("" = mini: written by `prepare`)
     mmlu: str = ""  # MMLU questions ("" = mini: written by `prepare`)
     arc: str = ""  # ARC-Challenge questions ("" = mini)
     csqa: str = ""  # CommonsenseQA questions ("" = mini)
     bench_limit: int = 0  # at most this many questions per benchmark (0 = all)
+    bench_limits: tuple[int, ...] = ()  # (MMLU, ARC-Challenge, CommonsenseQA) caps; () = bench_limit for each
+    bench_shuffle_seed: int = -1  # >= 0: the questions are shuffled (Python's random) before the caps
+    scoring: str = "loglik"  # benchmark scoring: loglik | chat_loglik | chat (stages.benchmarks)
     coeffs: tuple[float, ...] = (10.0,)  # replay coefficients c (objective NTP + c·R)
     methods: tuple[str, ...] = ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")  # runs of the sweep
     seq_len: int = 128  # training sequence length T
@@ -120,9 +135,25 @@ class Knobs:
         unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; choose from none ntp_real ntp_self kl_real kl_self")
-        paper_inputs = (self.hf_path, self.domain_path, self.old_path)
+        from forgetting.stages.benchmarks import SCORINGS
+
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.bench_limits and (len(self.bench_limits) != 3 or min(self.bench_limits) < 0):
+            raise ValueError(f"--bench_limits takes three caps >= 0 (MMLU, ARC-Challenge, CommonsenseQA), got "
+                             f"{self.bench_limits}")
+        if self.model_path and self.scoring != "loglik":
+            raise ValueError("--scoring is for the train-stage protocol (smoke / paper); the real-model mini scores "
+                             "its MMLU questions by log-likelihood")
+        if self.domain_path and self.verilog_source:
+            raise ValueError("give --domain_path (a token file) or --verilog_source (rows to build chat data from), "
+                             "not both")
+        paper_inputs = (self.hf_path, self.domain_path or self.verilog_source, self.old_path)
         if any(paper_inputs) and not all(paper_inputs):
-            raise ValueError("give all of --hf_path, --domain_path, --old_path (or none of them for mini data)")
+            raise ValueError("give all of --hf_path, --domain_path (or --verilog_source), --old_path (or none of "
+                             "them for mini data)")
+        if self.verilog_source and not self.hf_path:
+            raise ValueError("--verilog_source needs --hf_path (its tokenizer and chat template)")
 
 
 PRESETS = {
@@ -135,12 +166,13 @@ PRESETS = {
                   eval_every=10, domain_train_rows=320, eval_rows=16, replay_rows=160, sample_batch=32),
     # The train-stage pipeline on a tiny random Llama (what `mini` was before the real model): minutes.
     "smoke": Knobs(),
-    "paper": Knobs(hf_path="data/instruct/Llama-3.2-1B-Instruct", domain_path="data/instruct/verilog.bin",
-                   old_path="data/instruct/olmo.bin", mmlu="data/instruct/benchmarks/mmlu",
+    "paper": Knobs(hf_path="data/instruct/Llama-3.2-1B-Instruct", verilog_source="data/instruct/PyraNet-Verilog",
+                   old_path="data/instruct/olmo.bin", scoring="chat_loglik", mmlu="data/instruct/benchmarks/mmlu",
                    arc="data/instruct/benchmarks/arc_challenge", csqa="data/instruct/benchmarks/commonsense_qa",
                    coeffs=(1.0, 3.0, 10.0), seq_len=512, batch_size=128, replay_batch=32, buffer=32, peak_lr=1e-5,
                    warmup_tokens=10_000_000, weight_decay=0.02, b2=0.997, num_tokens_train=0, num_epochs=5.0,
-                   num_tokens_valid=20_000_000, eval_every_tokens=20_000_000, dtype="bfloat16", bench_seq_len=2048,
+                   num_tokens_valid=20_000_000, eval_every_tokens=20_000_000, dtype="bfloat16", bench_seq_len=512,
+                   bench_limits=(2048, 1024, 1024), bench_shuffle_seed=42,
                    domain_eval_rows=512, mini_docs=0, mini_pretrain_steps=0),
 }
 
@@ -184,6 +216,101 @@ def verilog_corpus(n: int, seed: int) -> list[str]:
             f"    else {q} <= {q} {op} {a};\n"
             f"  end\nendmodule\n")
     return docs
+
+
+# ----------------------------------------------------------------- paper: chat-formatted Verilog data
+VERILOG_REQUEST = "Write the following Verilog program. "
+_REJECTS = ("metadata", "compile_status", "description", "code")
+
+
+def _pyranet_reject(row: dict) -> tuple[str | None, tuple[str, str] | None]:
+    """(why the row is dropped, or None; (description, code) when kept): the authors' filters."""
+    import re
+
+    meta = row.get("description")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            return "metadata", None
+    if not isinstance(meta, dict):
+        return "metadata", None
+    if meta.get("compile_status") != "No error!":  # only code that compiled
+        return "compile_status", None
+    description = meta.get("description")
+    if not isinstance(description, str) or len(description.strip()) < 16:
+        return "description", None
+    code = row.get("code")
+    code = code.strip() if isinstance(code, str) else ""
+    # Code that is really a quoted/listed string, lacks a whole module, or has escaped newlines only.
+    if (not code or code[0] in "['\"" or not re.search(r"\bmodule\b", code)
+            or not re.search(r"\bendmodule\b", code) or ("\\n" in code and "\n" not in code)):
+        return "code", None
+    return None, (description.strip(), code)
+
+
+def pyranet_conversation(row: dict) -> list[dict[str, str]] | None:
+    """A PyraNet-Verilog row as a two-turn conversation (the user asks for the described module, the
+    assistant answers with the code), or None when the authors' filters drop it."""
+    why, kept = _pyranet_reject(row)
+    if why is not None:
+        return None
+    description, code = kept
+    return [{"role": "user", "content": VERILOG_REQUEST + description}, {"role": "assistant", "content": code}]
+
+
+def write_verilog_conversations(source: str, out: Path, *, limit: int = 0) -> dict:
+    """Reads PyraNet rows (`benchmarks.read_rows`: a file, directory or `hf:` id), writes the kept ones as
+    {"messages": [...]} lines to `out`; returns {"rows", "conversations", "dropped": {reason: count}}."""
+    from forgetting.stages import benchmarks
+
+    rows = benchmarks.read_rows(source, split="train")
+    dropped = dict.fromkeys(_REJECTS, 0)
+    kept = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "code" not in row or "description" not in row:
+                raise ValueError(f"{source}: row {i} is not a PyraNet row (needs 'code' and 'description' fields)")
+            messages = pyranet_conversation(row)
+            if messages is None:
+                dropped[_pyranet_reject(row)[0]] += 1
+                continue
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            kept += 1
+            if limit and kept >= limit:
+                break
+    if not kept:
+        raise ValueError(f"{source}: no row passes the filters (dropped: {dropped})")
+    return {"rows": kept + sum(dropped.values()), "conversations": kept, "dropped": dropped}
+
+
+@dataclass(frozen=True)
+class PrepareChatConfig:
+    """paper: PyraNet rows -> conversations.jsonl -> verilog_chat.bin (+ assistant mask), one per row."""
+
+    verilog_source: str = ""
+    hf_path: str = ""  # the tokenizer and its chat template
+    seq_len: int = 512  # row length (longer conversations are dropped, as the authors do)
+
+
+def prepare_chat(cfg: PrepareChatConfig, run_dir: Path) -> dict:
+    from forgetting.stages import tokenize_hf
+
+    run_dir = Path(run_dir)
+    counts = write_verilog_conversations(cfg.verilog_source, run_dir / "conversations.jsonl")
+    meta = tokenize_hf.tokenize(tokenize_hf.Config(
+        sources=(str(run_dir / "conversations.jsonl"),), hf_tokenizer=cfg.hf_path, out=str(run_dir / CHAT_FILE),
+        chat=True, one_per_row=True, seq_len=cfg.seq_len))
+    return {**counts, "too_long": meta["dropped_documents"], "rows": meta["num_documents"],
+            "assistant_tokens": meta["assistant_tokens"], "pad_fraction": meta["pad_fraction"]}
+
+
+CHAT_FILE = "verilog_chat.bin"
+
+
+def _prepare_chat_spec(knobs: Knobs) -> RunSpec:
+    return RunSpec("prepare_chat", PrepareChatConfig(verilog_source=knobs.verilog_source, hf_path=knobs.hf_path,
+                                                     seq_len=knobs.seq_len), fn=prepare_chat)
 
 
 @dataclass(frozen=True)
@@ -256,7 +383,8 @@ def _data_knobs(knobs: Knobs) -> Knobs:
 def _inputs_of(knobs: Knobs, out: Path) -> dict:
     """Paths of the checkpoint, data and benchmarks: the knobs' (paper) or the prepare run's (mini)."""
     if knobs.hf_path:
-        return {"hf": knobs.hf_path, "domain": knobs.domain_path, "old": knobs.old_path,
+        domain = knobs.domain_path or str(framework.run_dir(_prepare_chat_spec(knobs), out) / CHAT_FILE)
+        return {"hf": knobs.hf_path, "domain": domain, "old": knobs.old_path,
                 "mmlu": knobs.mmlu, "arc": knobs.arc, "csqa": knobs.csqa}
     p = framework.run_dir(_prepare_spec(knobs), out)
     return {"hf": str(p / "ckpt"), "domain": str(p / "domain.bin"), "old": str(p / "old.bin"),
@@ -268,11 +396,14 @@ def _inputs_of(knobs: Knobs, out: Path) -> dict:
 def bench_config(knobs: Knobs, load_path: str, inputs: dict):
     from forgetting.stages import evaluate_benchmarks as eb
 
+    limits = knobs.bench_limits or (0, 0, 0)  # 0: the stage falls back to --limit (bench_limit)
+
     return eb.BenchConfig(
         model=eb.BenchModelArgs(load_path=load_path, dtype=knobs.dtype, seq_len=knobs.bench_seq_len),
         domain=eb.DomainArgs(path=inputs["domain"], seq_len=knobs.seq_len, num_tokens_valid=knobs.num_tokens_valid,
                              split_seed=0, max_rows=knobs.domain_eval_rows),
-        mmlu=inputs["mmlu"], arc=inputs["arc"], csqa=inputs["csqa"], limit=knobs.bench_limit)
+        mmlu=inputs["mmlu"], arc=inputs["arc"], csqa=inputs["csqa"], limit=knobs.bench_limit, scoring=knobs.scoring,
+        mmlu_limit=limits[0], arc_limit=limits[1], csqa_limit=limits[2], shuffle_seed=knobs.bench_shuffle_seed)
 
 
 def finetune_config(knobs: Knobs, inputs: dict, method: str, source: str, coeff: float) -> TrainConfig:
@@ -349,6 +480,9 @@ def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
     if not knobs.hf_path:
         specs.append(_prepare_spec(knobs))
         first = ("prepare",)
+    elif knobs.verilog_source:
+        specs.append(_prepare_chat_spec(knobs))
+        first = ("prepare_chat",)
     eval_knobs = dataclasses.replace(knobs, coeffs=(), methods=())  # the sweep does not change an eval
     specs.append(RunSpec("eval_start", BenchRunConfig(inputs["hf"], eval_knobs), fn=bench_run, after=first))
     for name, method, source, coeff in _sweep(knobs):

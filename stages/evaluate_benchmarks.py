@@ -9,6 +9,13 @@ the `*_norm` variants, and with `--domain.path` the per-token accuracy `domain_t
 token == target, over the domain file's validation split as the train stage splits it; padding of packed
 files excluded). `--model.load_path` is a Hugging Face Llama directory or a finished run directory; a run
 finetuned from a HF checkpoint finds its tokenizer by following `loaded_from` back to that directory.
+
+`--scoring` chooses how a question is answered (`stages.benchmarks`): `loglik` (default; the plain-text
+prompts above), `chat_loglik` (the question in the chat template with the generation prompt; the options
+"ANSWER: A".. scored by log-likelihood: the authors' instruct evaluation) or `chat` (the same chat prompt;
+the letter read from the greedy completion, at most `--max_new_tokens`; unreadable answers count as wrong
+and are reported as `<name>_unparsed`). The chat template is the tokenizer's (`chat_template.jinja`,
+`tokenizer_config.json`, or the GGUF's), or `--chat_template FILE_OR_DIR`.
 """
 from __future__ import annotations
 
@@ -59,7 +66,14 @@ class BenchConfig:
     arc: str = ""  # ARC-Challenge questions (allenai/ai2_arc layout) ("" = skip)
     csqa: str = ""  # CommonsenseQA questions (tau/commonsense_qa layout) ("" = skip)
     limit: int = 0  # at most this many questions per benchmark (0 = all)
+    mmlu_limit: int = 0  # MMLU's own cap (0 = --limit)
+    arc_limit: int = 0  # ARC-Challenge's own cap (0 = --limit)
+    csqa_limit: int = 0  # CommonsenseQA's own cap (0 = --limit)
+    shuffle_seed: int = -1  # >= 0: shuffle each benchmark with Python's random.Random(seed) before the caps
     batch_size: int = 8  # (question, choice) rows per forward
+    scoring: str = "loglik"  # loglik | chat_loglik (chat prompt, "ANSWER: X" log-lik.) | chat (greedy answer's letter)
+    chat_template: str = ""  # chat scorings: a .jinja file, directory / tokenizer_config.json or .gguf ("" = the tokenizer's)
+    max_new_tokens: int = 32  # --scoring chat: longest greedy answer
 
     def validate(self) -> None:
         if not self.model.load_path:
@@ -68,25 +82,34 @@ class BenchConfig:
             raise ValueError("nothing to evaluate: pass --mmlu/--arc/--csqa and/or --domain.path")
         if self.model.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
+        if self.scoring not in benchmarks.SCORINGS:
+            raise ValueError(f"--scoring must be one of {', '.join(benchmarks.SCORINGS)}, got {self.scoring!r}")
+        if self.chat_template and self.scoring == "loglik":
+            raise ValueError("--chat_template is used by the chat scorings only; pass --scoring chat or chat_loglik")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("mmlu_limit", "arc_limit", "csqa_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0 (0 = --limit), got {getattr(self, name)}")
+        if self.shuffle_seed < -1:
+            raise ValueError(f"--shuffle_seed must be >= 0 (or -1: file order), got {self.shuffle_seed}")
         if self.limit < 0 or self.batch_size <= 0:
             raise ValueError(f"--limit must be >= 0 (0 = all) and --batch_size positive, got {self.limit}, "
                              f"{self.batch_size}")
 
 
-def find_tokenizer(path: str | Path, explicit: str = ""):
-    """The HF tokenizer of a checkpoint: `explicit`, the directory (or .gguf file) itself, or the HF directory
-    or .gguf a run (or its ancestors) was finetuned from."""
-    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
-
+def find_tokenizer_source(path: str | Path, explicit: str = "") -> Path:
+    """Where a checkpoint's HF tokenizer lives: `explicit`, the directory (or .gguf file) itself, or the HF
+    directory or .gguf a run (or its ancestors) was finetuned from."""
     if explicit:
-        return hf_checkpoint.load_tokenizer(explicit)
+        return Path(explicit)
     path, seen = Path(path), set()
     while path not in seen:
         seen.add(path)
         if path.suffix == ".gguf" and path.is_file():  # a llama.cpp file carries its tokenizer
-            return hf_checkpoint.load_tokenizer(path)
+            return path
         if runs.is_hf_checkpoint(path):
-            return hf_checkpoint.load_tokenizer(path, json.loads((path / "config.json").read_text()))
+            return path
         config = path / runs.CONFIG_FILE
         if not config.exists():
             break
@@ -95,6 +118,39 @@ def find_tokenizer(path: str | Path, explicit: str = ""):
             break
         path = Path(parent)
     raise FileNotFoundError(f"no Hugging Face tokenizer found for {path}; pass --model.tokenizer HF_DIR")
+
+
+def find_tokenizer(path: str | Path, explicit: str = ""):
+    """The HF tokenizer of a checkpoint (found as `find_tokenizer_source` says)."""
+    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
+
+    source = find_tokenizer_source(path, explicit)
+    if source.is_dir() and (source / "config.json").exists():
+        return hf_checkpoint.load_tokenizer(source, json.loads((source / "config.json").read_text()))
+    return hf_checkpoint.load_tokenizer(source)
+
+
+def chat_scoring(tok: Any, source: str | Path, max_new_tokens: int = 32) -> benchmarks.ChatScoring:
+    """Chat-style scoring inputs for tokenizer `tok`: the template and special-token names of `source` (a
+    .jinja file, a checkpoint directory / tokenizer_config.json or a .gguf). The prompt is the rendering of
+    one user turn with the generation prompt, special-token text read as special ids (no BOS is added:
+    templates that want one write it)."""
+    from forgetting.stages import chat_template as ct  # noqa: PLC0415
+
+    source = Path(source)
+    template = source.read_text(encoding="utf-8") if source.suffix == ".jinja" else ct.load_chat_template(source)
+    special = {} if source.suffix == ".jinja" else ct.special_tokens_of(source)
+    if not hasattr(tok, "tokenizer"):
+        raise ValueError(f"{source}: chat scoring needs a tokenizer.json or GGUF tokenizer (tokenizers library)")
+
+    def chat_encode(text: str) -> list[int]:
+        rendered = ct.render(template, [{"role": "user", "content": text}], add_generation_prompt=True,
+                             special_tokens=special)
+        return list(tok.tokenizer.encode(rendered, add_special_tokens=False).ids)
+
+    eos = tuple(tok.eos_ids or (tok.eos_id,))
+    return benchmarks.ChatScoring(chat_encode=chat_encode, decode=lambda ids: tok.decode(ids), eos_ids=eos,
+                                  pad_id=int(tok.eos_id), max_new_tokens=max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -139,13 +195,21 @@ def evaluate(cfg: BenchConfig) -> dict:
     sources = {name: src for name, src in (("mmlu", cfg.mmlu), ("arc_challenge", cfg.arc),
                                            ("commonsense_qa", cfg.csqa)) if src}
     if sources:
+        tok_source = find_tokenizer_source(loaded.path, cfg.model.tokenizer)
         tok = find_tokenizer(loaded.path, cfg.model.tokenizer)
         bench_cfg = mc
         if cfg.model.seq_len and hasattr(mc, "bos_id"):  # Llama: seq_len only sizes buffers (RoPE positions)
             bench_cfg = dataclasses.replace(mc, seq_len=cfg.model.seq_len)
         bos = getattr(mc, "bos_id", tok.bos_id)
+        chat = None
+        if cfg.scoring != "loglik":
+            chat = chat_scoring(tok, cfg.chat_template or tok_source, cfg.max_new_tokens)
         out.update(benchmarks.evaluate_benchmarks(bench_cfg, loaded.params, tok.encode, sources, bos_id=bos,
-                                                  limit=cfg.limit or None, batch_size=cfg.batch_size))
+                                                  limit={"mmlu": cfg.mmlu_limit or cfg.limit,
+                                                         "arc_challenge": cfg.arc_limit or cfg.limit,
+                                                         "commonsense_qa": cfg.csqa_limit or cfg.limit},
+                                                  batch_size=cfg.batch_size, scoring=cfg.scoring, chat=chat,
+                                                  shuffle_seed=None if cfg.shuffle_seed < 0 else cfg.shuffle_seed))
     if cfg.domain.path:
         d = cfg.domain
         dataset = _open_dataset(d.path, mc.vocab_size, d.seq_len or train_seq_len, d.num_tokens_valid, d.split_seed,

@@ -21,6 +21,12 @@ BOS (unless the rendering starts with it) + the rendering; no EOS is added (the 
 tokens end it). Beside OUT goes OUT.mask.bin: one uint8 per token, 1 where the token belongs to an assistant
 turn (its content and end-of-turn tokens), named in the sidecar as `"loss_mask": "<name>.mask.bin"`, with
 `"assistant_tokens"`. `--hf_tokenizer` may also be a tokenizer.json or a llama.cpp `.gguf` file.
+
+One document per row (`--one_per_row true --seq_len T`, text or `--chat`): every document alone in its own
+T-token row, right-padded as `--pack` pads (the padding never counts), and documents longer than T dropped
+(`"dropped_documents"` in the sidecar): the authors' instruct data layout (their loader pads each
+conversation to the sequence length and skips longer ones). With `--chat` the mask file follows the rows
+(0 on padding).
 """
 from __future__ import annotations
 
@@ -56,12 +62,17 @@ class Config:
     chat: bool = False  # .jsonl conversations rendered with the chat template; writes OUT.mask.bin
     messages_field: str = "messages"  # --chat: field holding the list of {"role", "content"} messages
     chat_template: str = ""  # --chat: a .jinja file, a directory / tokenizer_config.json or .gguf (default: --hf_tokenizer)
+    one_per_row: bool = False  # each document alone in a padded --seq_len row; longer documents are dropped
 
     def validate(self) -> None:
         if not self.hf_tokenizer:
             raise ValueError("pass --hf_tokenizer DIR (a Hugging Face checkpoint directory, tokenizer.json or .gguf)")
         if self.pack and self.seq_len < 2:
             raise ValueError("--pack true needs --seq_len T (the training sequence length)")
+        if self.one_per_row and self.seq_len < 2:
+            raise ValueError("--one_per_row true needs --seq_len T (the training sequence length)")
+        if self.one_per_row and self.pack:
+            raise ValueError("--one_per_row true and --pack true are two row layouts; choose one")
         if self.max_tokens < 0 or self.max_documents < 0:
             raise ValueError("--max_tokens and --max_documents must be >= 0")
         if self.seq_len < 0:
@@ -192,9 +203,29 @@ def tokenize(cfg: Config) -> dict:
     writer = data.TokenWriter(cfg.out, data.dtype_for_vocab(vocab))
     mask_tmp = Path(str(mask_path(cfg.out)) + ".tmp")
     mask_file = open(mask_tmp, "wb") if cfg.chat else None
-    n_pad = n_assistant = 0
+    n_pad = n_assistant = n_dropped = 0
     try:
-        if cfg.pack:  # streamed: one row at a time
+        if cfg.one_per_row:
+            pad = _pad_id(cfg, tok)
+            for ids in documents():
+                mask_of_doc = masks.pop() if mask_file is not None else None
+                if len(ids) > cfg.seq_len:  # the authors skip what does not fit one row
+                    n_dropped += 1
+                    continue
+                if pad in ids:
+                    raise ValueError(f"a document contains the padding id {pad}; choose a --pad_id the text cannot "
+                                     "produce")
+                row = np.full(cfg.seq_len, pad, np.int64)
+                row[:len(ids)] = ids
+                writer.write(row)
+                n_pad += cfg.seq_len - len(ids)
+                if mask_file is not None:
+                    mask = np.zeros(cfg.seq_len, np.uint8)
+                    mask[:len(ids)] = mask_of_doc
+                    mask_file.write(mask.tobytes())
+                    n_assistant += int(mask.sum())
+            meta.update(pad_id=pad, packed_seq_len=cfg.seq_len, dropped_documents=n_dropped)
+        elif cfg.pack:  # streamed: one row at a time
             pad = _pad_id(cfg, tok)
             for row in data.iter_packed_rows(documents(), cfg.seq_len, pad):
                 writer.write(row)
@@ -214,6 +245,12 @@ def tokenize(cfg: Config) -> dict:
             mask_file.close()
             mask_tmp.unlink(missing_ok=True)
         raise
+    if cfg.one_per_row and writer.num_tokens == 0 and n_dropped:
+        if mask_file is not None:
+            mask_file.close()
+            mask_tmp.unlink(missing_ok=True)
+        writer.abort()
+        raise ValueError(f"all {n_dropped} documents are longer than --seq_len {cfg.seq_len}: nothing to write")
     if mask_file is not None:
         mask_file.close()
         if n_assistant == 0:
@@ -225,9 +262,9 @@ def tokenize(cfg: Config) -> dict:
     if writer.num_tokens == 0:
         writer.abort()
         raise ValueError(f"the corpus is empty: no text in {', '.join(cfg.sources)}")
-    if cfg.pack:
+    if cfg.pack or cfg.one_per_row:
         meta["pad_fraction"] = round(n_pad / writer.num_tokens, 4)
-    meta.update(num_documents=counts["docs"], seconds=round(time.perf_counter() - start, 3))
+    meta.update(num_documents=counts["docs"] - n_dropped, seconds=round(time.perf_counter() - start, 3))
     return writer.close(meta)
 
 run = tokenize

@@ -137,7 +137,8 @@ def test_readers_and_evaluate_benchmarks(tmp_path):
                                "Q1?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
     assert qs[0]["choices"] == [" A", " B", " C", " D"] and [q["answer_index"] for q in qs] == [1, 1, 2]
     arc_qs = bm.load_benchmark("arc_challenge", tmp_path / "arc", split="test")
-    assert arc_qs[1] == {"prompt": "Question: Nested?\nAnswer:", "choices": [" Bb", " Zb"], "answer_index": 0}
+    assert arc_qs[1] == {"prompt": "Question: Nested?\nAnswer:", "choices": [" Bb", " Zb"], "answer_index": 0,
+                         "question": "Nested?", "options": ["Bb", "Zb"]}  # the bare texts, for chat scoring
     csqa_qs = bm.load_benchmark("commonsense_qa", tmp_path / "csqa.json")
     assert len(csqa_qs) == 1 and csqa_qs[0]["prompt"].endswith("E. z\nAnswer:")
 

@@ -186,12 +186,38 @@ def test_instruct(tmp_path, capsys):
     assert sorted((m, s, c) for _, m, s, c in sweep if m != "none") == sorted(
         (m, s, c) for m in ("kl_pre", "ntp_pre") for s in ("real", "self") for c in (1.0, 3.0, 10.0))
     assert [m for _, m, _, _ in sweep].count("none") == 1
+    # the authors' data and evaluation: chat-formatted PyraNet Verilog, chat-style multiple choice
+    assert (knobs.verilog_source, knobs.domain_path, knobs.scoring) == ("data/instruct/PyraNet-Verilog", "",
+                                                                         "chat_loglik")
     inputs = {"out": str(tmp_path), "domain": "/d/verilog.bin", "old": "/d/olmo.bin", "hf": "/d/llama"}
     cfg = mod.finetune_config(knobs, inputs, "kl_pre", "self", 3.0)
     assert (cfg.model.seq_len, cfg.opt.batch_size, cfg.reg.batch_size, cfg.reg.buffer) == (512, 128, 32, 32)
     assert cfg.stop.num_epochs == 5 and cfg.stop.num_tokens_train == 0
     assert (cfg.opt.peak_lr, cfg.opt.b2, cfg.opt.weight_decay, cfg.opt.warmup_tokens) == (1e-5, 0.997, 0.02,
                                                                                            10_000_000)
+    bench = mod.bench_config(knobs, "/d/run", dict(inputs, mmlu="m", arc="a", csqa="c"))
+    assert (bench.scoring, bench.model.seq_len, bench.limit) == ("chat_loglik", 512, 0)
+    assert (bench.mmlu_limit, bench.arc_limit, bench.csqa_limit, bench.shuffle_seed) == (2048, 1024, 1024, 42)
+
+    # `--list --scale paper`: prepare_chat first (chat data, one conversation per 512-token row), then the
+    # 13 finetunes on its token file and the chat-scored evaluations
+    argv = ["--list", "--scale", "paper", "--out", str(tmp_path)]
+    framework.main(mod.Knobs, mod.PRESETS, mod.runs, mod.summarize, mod.plot, doc=mod.__doc__, argv=argv,
+                   progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["# wave 0", f"python -m forgetting.experiments.instruct --scale paper --out {tmp_path} "
+                                     "--only prepare_chat"]
+    prep = mod._prepare_chat_spec(knobs)
+    assert (prep.config.verilog_source, prep.config.hf_path, prep.config.seq_len) == (
+        "data/instruct/PyraNet-Verilog", "data/instruct/Llama-3.2-1B-Instruct", 512)
+    chat_file = str(framework.run_dir(prep, tmp_path) / "verilog_chat.bin")
+    trains = [cli.parse(TrainConfig, shlex.split(line)[3:]) for line in lines
+              if line.startswith("python -m forgetting.stages.train ")]
+    assert len(trains) == 13 and all(c.data.path == chat_file for c in trains)
+    assert sorted((c.reg.method, c.reg.synth, c.reg.coeff) for c in trains if c.reg.method != "none") == sorted(
+        (m, s, c) for m in ("kl_pre", "ntp_pre") for s in (False, True) for c in (1.0, 3.0, 10.0))
+    evals = [line for line in lines if "--only eval_" in line]
+    assert len(evals) == 14  # the start and every finetune
 
 
 def test_paper_cost_counts_training_replay_and_evaluation_flops():
