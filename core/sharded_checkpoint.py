@@ -218,13 +218,13 @@ class _ShardIndex:
         for file, i, stored in self.pieces.get(leaf, []):
             lo = [max(a, s0) for (a, _), (s0, _) in zip(bounds, stored)]
             hi = [min(b, s1) for (_, b), (_, s1) in zip(bounds, stored)]
-            if any(h <= l for l, h in zip(lo, hi)) and out.size:
+            if any(end <= start for start, end in zip(lo, hi)) and out.size:
                 continue
             data = self._data(file, i)
-            src = tuple(slice(l - s0, h - s0) for l, h, (s0, _) in zip(lo, hi, stored))
-            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, bounds))
+            src = tuple(slice(start - s0, end - s0) for start, end, (s0, _) in zip(lo, hi, stored))
+            dst = tuple(slice(start - a, end - a) for start, end, (a, _) in zip(lo, hi, bounds))
             out[dst] = data[src]
-            filled += int(np.prod([h - l for l, h in zip(lo, hi)]))
+            filled += int(np.prod([end - start for start, end in zip(lo, hi)]))
         if filled != out.size:
             raise ValueError(f"sharded checkpoint: the stored pieces of {leaf} cover {filled} of the {out.size} "
                              f"elements of {[list(b) for b in bounds]}; the checkpoint is incomplete")

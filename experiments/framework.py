@@ -500,7 +500,7 @@ def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, 
                 else:
                     try:
                         execute(s, out)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - one failed run is reported; the sweep goes on
                         failed.append(s.name)
                         _log(f"run {s.name!r} failed:\n{traceback.format_exc()}")
                 bar.update(1)

@@ -9,7 +9,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: figure files run on clusters and in tests
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 STYLE = {
     "font.size": 11,

@@ -87,8 +87,7 @@ def make_data(k: Knobs):
     x_new = rng.uniform(k.new_lo, k.new_hi, size=k.n_new)
     y_old = truth(x_old) + k.noise * rng.standard_normal(k.n_old)
     y_new = truth(x_new) + k.noise * rng.standard_normal(k.n_new)
-    f32 = lambda a: a.astype(np.float32)
-    return f32(x_old), f32(y_old), f32(x_new), f32(y_new)
+    return tuple(a.astype(np.float32) for a in (x_old, y_old, x_new, y_new))
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -147,7 +146,7 @@ def _objective(k: Knobs, x, y, n_total: int):
     def energy(ps):
         f = _predict_all(ps, x)  # [S, N]
         nll = jnp.sum((f - y[None, :]) ** 2) / (2 * k.noise**2)
-        prior = sum(jnp.sum(l**2) for l in jax.tree_util.tree_leaves(ps)) / (2 * k.prior_std**2)
+        prior = sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(ps)) / (2 * k.prior_std**2)
         return (nll + prior) / n_total
 
     return energy
@@ -191,7 +190,7 @@ def _train(k: Knobs, ps, energy_fn, steps: int, lr: float, key, n_total: int, ex
         leaves, tree = jax.tree_util.tree_flatten(v)
         keys = jax.random.split(kn, len(leaves))
         noise = jax.tree_util.tree_unflatten(
-            tree, [jax.random.normal(kk, l.shape) for kk, l in zip(keys, leaves)])
+            tree, [jax.random.normal(kk, leaf.shape) for kk, leaf in zip(keys, leaves)])
         scale = jnp.sqrt(2.0 * a * eta * temp / n_total)
         v = jax.tree_util.tree_map(lambda v_, g_, n_: (1 - a) * v_ - eta * g_ + scale * n_, v, g, noise)
         ps = jax.tree_util.tree_map(lambda p_, v_: p_ + v_, ps, v)

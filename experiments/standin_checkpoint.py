@@ -40,7 +40,7 @@ _TINY_TEXT = (
 
 def tiny_tokenizer_tokens(n_ranks: int, text: str = _TINY_TEXT) -> list[bytes]:
     """`n_ranks` byte-level BPE tokens in rank order: the 256 bytes, then merges learned on `text`."""
-    from forgetting.stages import tokenizer as tokenizer_stage  # noqa: PLC0415
+    from forgetting.stages import tokenizer as tokenizer_stage
 
     if n_ranks < 256:
         raise ValueError(f"a byte-level vocabulary needs at least 256 ranks, got {n_ranks}")

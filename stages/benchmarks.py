@@ -159,7 +159,7 @@ def parse_answer_letter(completion: str, n_options: int) -> int | None:
     letters. The last two are the lenient fallback the authors' scorer uses; note that the last one reads
     an English article "A" as option A.
     """
-    import re  # noqa: PLC0415
+    import re
 
     valid = LETTERS[:n_options]
     if not valid:
@@ -214,7 +214,7 @@ def chat_completions(cfg: Any, params: Any, prompts: Sequence[list[int]], *, eos
     """Greedy completions (ids after the prompt, through the first EOS id, at most `max_new_tokens`).
     Prompt widths are bucketed to powers of two and batches padded to `batch_size`, so a benchmark
     compiles a few sampling programs."""
-    from forgetting.core import sampling  # noqa: PLC0415
+    from forgetting.core import sampling
 
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -298,13 +298,13 @@ def token_accuracy(cfg: Any, params: Any, tokens_bt: Any, *, batch_size: int = 8
 # --- reading rows -------------------------------------------------------------------------------------------
 def _read_parquet(path: Path) -> list[dict]:
     try:
-        import pyarrow.parquet as pq  # noqa: PLC0415 (optional)
+        import pyarrow.parquet as pq  # (optional)
 
         return pq.read_table(path).to_pylist()
     except ImportError:
         pass
     try:
-        import pandas as pd  # noqa: PLC0415 (optional)
+        import pandas as pd  # (optional)
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow or pandas; use a .json/.jsonl file instead") from None
     return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
@@ -338,7 +338,7 @@ def read_rows(source: str | Path, *, split: str | None = None) -> list[dict]:
         name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
         hf_split = parts[2] if len(parts) > 2 else (split or "test")
         try:
-            import datasets  # noqa: PLC0415 (optional `hf` extra)
+            import datasets  # (optional `hf` extra)
         except ImportError:
             raise ImportError(f"{text}: reading from the Hugging Face hub needs the optional `hf` extra "
                               "(pip install 'forgetting[hf]'); or pass a local .json/.jsonl/.parquet file") from None
@@ -407,7 +407,7 @@ _CONVERTERS = {"mmlu": mmlu_question, "arc_challenge": arc_question, "commonsens
 def shuffled(rows: list, seed: int | None) -> list:
     """`rows` in the order Python's `random.Random(seed).shuffle` leaves them (the authors draw their
     evaluation subsets so: shuffle with seed 42, keep the first N); None keeps the order."""
-    import random  # noqa: PLC0415
+    import random
 
     rows = list(rows)
     if seed is not None:

@@ -35,10 +35,10 @@ class ChatTemplateError(ValueError):
 
 def _environment() -> Any:
     try:
-        import jinja2  # noqa: PLC0415 (the hf / gguf extras)
-        from jinja2 import nodes  # noqa: PLC0415
-        from jinja2.ext import Extension  # noqa: PLC0415
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+        import jinja2  # (the hf / gguf extras)
+        from jinja2 import nodes
+        from jinja2.ext import Extension
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise ImportError("chat templates need jinja2: pip install 'forgetting[hf]'") from None
 
@@ -62,7 +62,7 @@ def _environment() -> Any:
                sort_keys: bool = False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    def strftime_now(format: str) -> str:  # noqa: A002 (the name templates call it with)
+    def strftime_now(format: str) -> str:  # (the name templates call it with)
         return datetime.now().strftime(format)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -77,7 +77,7 @@ def render(template: str, messages: Sequence[Mapping[str, Any]], *, add_generati
            special_tokens: Mapping[str, str | None] | None = None, tools: Any = None, documents: Any = None,
            **kwargs: Any) -> str:
     """The template rendered for `messages` (see the module doc)."""
-    import jinja2  # noqa: PLC0415
+    import jinja2
 
     env = _environment()
     try:
@@ -92,7 +92,7 @@ def load_chat_template(path: str | Path, name: str = "default") -> str:
     """The chat template of a checkpoint directory, tokenizer_config.json or .gguf file (module doc)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
+        from forgetting.stages import gguf_checkpoint
 
         template = gguf_checkpoint.gguf_chat_template(path)
         if not template:
@@ -119,7 +119,7 @@ def special_tokens_of(path: str | Path) -> dict[str, str]:
     """bos_token, eos_token, ... names as the template sees them (tokenizer_config.json, else GGUF ids)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
+        from forgetting.stages import gguf_checkpoint
 
         g = gguf_checkpoint.open_gguf(path)
         tokens = g.require("tokenizer.ggml.tokens")

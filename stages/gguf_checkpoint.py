@@ -65,7 +65,7 @@ _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
 
 def _import_gguf() -> Any:
     try:
-        import gguf  # noqa: PLC0415 (the optional `gguf` extra)
+        import gguf  # (the optional `gguf` extra)
     except ImportError:
         raise ImportError("reading .gguf files needs the gguf package: pip install 'forgetting[gguf]'") from None
     return gguf
@@ -81,7 +81,7 @@ class GGUFFile:
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         try:
             self.reader = gguf.GGUFReader(self.path)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - gguf's reader fails in many ways on a damaged file
             raise ValueError(f"{self.path} is not a readable GGUF file: {err}") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
 
@@ -206,7 +206,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
               seq_len: int | None = None, max_seq_len: int = 2048,
               ) -> tuple[llama.LlamaConfig, llama.Params, hf_tokenizer.HFTokenizer]:
     """(config, parameters, tokenizer) of a Llama GGUF file; arguments as `hf_checkpoint.load_hf`."""
-    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
+    from forgetting.stages import hf_checkpoint
 
     g = open_gguf(path)
     cfg = llama.from_hf_config(hf_config_from_gguf(g), seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,

@@ -112,7 +112,7 @@ Tokenizer = HFTokenizer | TiktokenTokenizer
 
 def _import_tokenizers() -> Any:
     try:
-        import tokenizers  # noqa: PLC0415 (the optional `hf` extra)
+        import tokenizers  # (the optional `hf` extra)
     except ImportError:
         raise ImportError("reading tokenizer.json needs Hugging Face's tokenizers: pip install 'forgetting[hf]'") from None
     return tokenizers
@@ -127,7 +127,7 @@ def tokenizers_from_json(spec: dict) -> tuple[Any, Any]:
         full = tokenizers.Tokenizer.from_str(json.dumps(spec))
         plain = dict(spec, added_tokens=[t for t in spec.get("added_tokens", []) if not t.get("special")])
         ordinary = tokenizers.Tokenizer.from_str(json.dumps(plain))
-    except Exception as err:  # the library's own message says what it could not read
+    except Exception as err:  # noqa: BLE001 - the library's own message says what it could not read
         raise ValueError(f"tokenizers cannot read this tokenizer.json: {err}") from None
     return full, ordinary
 
@@ -217,7 +217,7 @@ def load_tokenizer(path: str | Path, hf_config: dict | None = None) -> Tokenizer
     `tokenizer.model` or `original/tokenizer.model`), a tokenizer.json file, or a `.gguf` file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
+        from forgetting.stages import gguf_checkpoint
 
         return gguf_checkpoint.load_gguf_tokenizer(path)
     if path.is_file() and path.suffix == ".json":

@@ -360,7 +360,7 @@ def is_hf_checkpoint(path: str | Path) -> bool:
 def _load_hf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
     """A HF Llama checkpoint as a LoadedRun: no training data is known (real replay needs --reg.path), and
     self-generated replay is prompted by BOS (the lineage is just the BOS id)."""
-    from forgetting.stages import hf_checkpoint  # noqa: PLC0415
+    from forgetting.stages import hf_checkpoint
 
     model_cfg, params, _ = hf_checkpoint.load_hf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                  seq_len=seq_len or None)
@@ -369,7 +369,7 @@ def _load_hf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> L
 
 def _load_gguf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
     """A llama.cpp GGUF file (Llama architecture) as a LoadedRun, like a HF checkpoint directory."""
-    from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
+    from forgetting.stages import gguf_checkpoint
 
     model_cfg, params, _ = gguf_checkpoint.load_gguf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                      seq_len=seq_len or None)

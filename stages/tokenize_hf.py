@@ -126,7 +126,7 @@ def _iter_conversations(sources: list[str], field: str):
 
 
 def _chat_template_text(cfg: Config) -> str:
-    from forgetting.stages import chat_template  # noqa: PLC0415
+    from forgetting.stages import chat_template
 
     source = Path(cfg.chat_template or cfg.hf_tokenizer)
     if source.suffix == ".jinja":
@@ -145,7 +145,7 @@ def _pad_id(cfg: Config, tok) -> int:
 
 def tokenize(cfg: Config) -> dict:
     """Tokenizes `cfg.sources` into `cfg.out`; returns the sidecar dict."""
-    from forgetting.stages import chat_template, hf_checkpoint  # noqa: PLC0415
+    from forgetting.stages import chat_template, hf_checkpoint
 
     cfg.validate()
     directory = Path(cfg.hf_tokenizer)

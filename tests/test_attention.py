@@ -66,7 +66,7 @@ def _self_attention(dtype, fused=False):
     """causal_self_attention; `fused` runs the low-precision path's hand-written backward in `dtype`
     even for f32, so its math can be checked against autodiff."""
     if fused:
-        return lambda h, w, sin, cos: attention._feature_major(dtype, h, w, sin, cos, jnp.float32(1e-6), jnp.arange(h.shape[1]))  # noqa: E501
+        return lambda h, w, sin, cos: attention._feature_major(dtype, h, w, sin, cos, jnp.float32(1e-6), jnp.arange(h.shape[1]))
     return lambda h, w, sin, cos: attention.causal_self_attention(h, w, sin, cos, 1e-6, np.arange(h.shape[1]), dtype)
 
 

@@ -96,7 +96,7 @@ def _nll(cfg, params, toks):
 def test_batched_padded_scores_equal_one_at_a_time(tiny_llama, seed):
     cfg, params = tiny_llama
     rng = np.random.default_rng(seed)
-    encode = lambda s: [ord(c) % 256 for c in s]  # noqa: E731
+    encode = lambda s: [ord(c) % 256 for c in s]
     letters = "abcdefghij"
     questions = []
     for _ in range(3):

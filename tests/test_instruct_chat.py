@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("jinja2", reason="needs the hf extra (jinja2)")
 pytest.importorskip("tokenizers", reason="needs the hf extra (tokenizers)")
 
-from forgetting.core import data as data_lib  # noqa: E402
-from forgetting.experiments import instruct  # noqa: E402
-from forgetting.stages import chat_template, evaluate_benchmarks as eb, hf_checkpoint as hc, tokenize_hf  # noqa: E402
+from forgetting.core import data as data_lib
+from forgetting.experiments import instruct
+from forgetting.stages import chat_template, evaluate_benchmarks as eb, hf_checkpoint as hc, tokenize_hf
 
-import hf_fixtures  # noqa: E402  (tests/)
+import hf_fixtures  # (tests/)
 
 # A Llama-3-Instruct-shaped template: BOS, a system turn always present, header tokens, <|eot_id|> ends a turn.
 LLAMA3_TEMPLATE = """{{ bos_token }}<|start_header_id|>system<|end_header_id|>
