@@ -404,7 +404,8 @@ def check_switches(spec: hf_config_lib.HFModelSpec, cls: type, family: str) -> N
                                        (spec.o_bias, False, "attention_bias (o_proj bias)"),
                                        (spec.mlp_bias, False, "mlp_bias"), (spec.qk_norm, cls.QK_NORM, "q/k norm")):
         if present and not implemented:
-            raise ValueError(f"config.json: {name} is not implemented for {family}")
+            field, _, what = name.partition(" (")
+            raise ValueError(f"config.json: {field} is not implemented for {family}{' (' + what if what else ''}")
         if implemented and not present:
             raise ValueError(f"config.json: {family} needs {name}, which this config does not have")
 
