@@ -16,7 +16,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the h
 
 from forgetting.core import families, llama  # noqa: E402
 from forgetting.stages import export, hf_checkpoint, runs  # noqa: E402
-from tests.qwen_fixtures import CHAT_TEMPLATE, write_qwen_checkpoint  # noqa: E402
+from qwen_fixtures import CHAT_TEMPLATE, write_qwen_checkpoint  # noqa: E402 (tests/)
 
 TEXT = "The quick brown fox <|im_start|> jumps over 123 lazy dogs; def add(a, b): return a + b"
 TOKENS = [3, 17, 250, 41, 5, 99, 128, 7, 200, 12]
