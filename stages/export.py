@@ -47,7 +47,7 @@ HF_SHARD_BYTES = 5 * 10**9  # above this, shards + model.safetensors.index.json 
 class ExportConfig:
     """Export a finished run to another codebase's checkpoint layout."""
 
-    load_path: str = ""  # a finished run directory of this project (a paper-model run)
+    load_path: str = ""  # a finished run (authors: a paper-model run; hf: a Llama/Qwen run, HF dir or .gguf)
     out: str = ""  # the checkpoint directory to write (created; existing files in it are replaced)
     format: str = "authors"  # authors: weights.npz + config.yaml as the authors' train_single.py saves them; hf: HF layout
     dtype: str = "float32"  # hf: storage dtype of the written tensors (float32 | bfloat16)

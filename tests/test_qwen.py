@@ -97,3 +97,49 @@ def test_qwen3_head_dim_from_config_and_qwen_defaults(tmp_path):
     cfg, _, _ = hf_checkpoint.load_hf(tmp_path / "ckpt", dtype="float32")
     assert (cfg.head_dim, cfg.d_model, cfg.n_heads) == (16, 32, 4)
     assert set(llama.param_specs(cfg)) >= {"q_norm", "k_norm", "lm_head"} and "bq" not in llama.param_specs(cfg)
+
+
+@pytest.mark.slow
+def test_instruct_paper_scale_takes_a_qwen3_directory(tmp_path, capsys):
+    """`experiments/instruct.py --scale paper --hf_path QWEN3_DIR --list` prints finetunes loading that
+    directory; one of them, cut to a few tiny steps, trains with KL on BOS-prompted self-generated replay."""
+    import importlib
+    import shlex
+
+    from forgetting.experiments import framework
+    from forgetting.stages import cli, tokenize_hf, train
+    from forgetting.stages.train_config import TrainConfig
+
+    ckpt = tmp_path / "qwen3"
+    hf, _ = write_qwen_checkpoint(ckpt, "qwen3", tie=True)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"module m{i}(input a); assign b = a + {i}; endmodule"}) + "\n"
+                            for i in range(60)))
+    domain = tmp_path / "domain.bin"
+    tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(docs),), hf_tokenizer=str(ckpt), out=str(domain)))
+    mod = importlib.import_module("forgetting.experiments.instruct")
+    argv = ["--list", "--scale", "paper", "--out", str(tmp_path / "exp"), "--hf_path", str(ckpt),
+            "--domain_path", str(domain), "--old_path", str(domain)]
+    framework.main(mod.Knobs, mod.PRESETS, mod.runs, mod.summarize, mod.plot, doc=mod.__doc__, argv=argv,
+                   progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    cfgs = [cli.parse(TrainConfig, shlex.split(line)[3:]) for line in lines
+            if line.startswith("python -m forgetting.stages.train ")]
+    assert len(cfgs) == 13 and all(c.model.load_path == str(ckpt) for c in cfgs)  # none + 2 x 2 x 3 coeffs
+    assert any("--only eval_start" in line for line in lines)
+    cfg = next(c for c in cfgs if c.reg.method == "kl_pre" and c.reg.synth)
+    seq = 16
+    cfg = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, dir=str(tmp_path / "runs")),
+        model=dataclasses.replace(cfg.model, seq_len=seq, dtype="float32"),
+        data=dataclasses.replace(cfg.data, num_tokens_valid=4 * seq),
+        reg=dataclasses.replace(cfg.reg, batch_size=2, buffer=2),
+        opt=dataclasses.replace(cfg.opt, batch_size=4, warmup_tokens=seq),
+        stop=dataclasses.replace(cfg.stop, num_epochs=0.0, num_tokens_train=2 * 4 * seq),
+        eval=dataclasses.replace(cfg.eval, max_tokens=4 * seq),
+        log=dataclasses.replace(cfg.log, every_steps=2))
+    cfg.validate()
+    result = train.train(cfg)
+    assert result["metrics"]["steps"] == 2 and np.isfinite(result["metrics"]["valid_ntp"])
+    assert runs.read_run_config(result["run_dir"])["resolved"]["model"]["family"] == "qwen3"
+    assert runs.load_run(result["run_dir"]).model_cfg.bos_id == hf["bos_token_id"]  # the replay prompt
