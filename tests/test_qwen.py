@@ -143,3 +143,13 @@ def test_instruct_paper_scale_takes_a_qwen3_directory(tmp_path, capsys):
     assert result["metrics"]["steps"] == 2 and np.isfinite(result["metrics"]["valid_ntp"])
     assert runs.read_run_config(result["run_dir"])["resolved"]["model"]["family"] == "qwen3"
     assert runs.load_run(result["run_dir"]).model_cfg.bos_id == hf["bos_token_id"]  # the replay prompt
+    # the benchmark stage scores the finetuned Qwen3 run (tokenizer found through loaded_from)
+    from forgetting.stages import evaluate_benchmarks as eb
+
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "subject": "math", "answer": i % 4,
+                                        "choices": [str(2 * i + d) for d in range(4)]}) + "\n" for i in range(3)))
+    bench = eb.evaluate(eb.BenchConfig(model=eb.BenchModelArgs(load_path=result["run_dir"], dtype="float32", seq_len=64),
+                                       domain=eb.DomainArgs(path=str(domain), seq_len=seq, num_tokens_valid=4 * seq),
+                                       mmlu=str(mmlu)))
+    assert 0.0 <= bench["mmlu"] <= 1.0 and 0.0 <= bench["domain_token_acc"] <= 1.0
