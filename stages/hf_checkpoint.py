@@ -3,10 +3,10 @@
     cfg, params, tok = load_hf("/path/to/Llama-3.2-1B-Instruct")          # a local directory
     cfg, params, tok = load_hf("meta-llama/Llama-3.2-1B-Instruct")        # a hub id: needs the `hf` extra
 
-A directory holds `config.json` (model_type "llama"), `model.safetensors` or shards with
-`model.safetensors.index.json`, and a tokenizer: `tokenizer.json` (HF byte-level BPE) or the tiktoken-format
-`tokenizer.model` of Llama 3 (also looked for under `original/`); see `stages.hf_tokenizer`. Nothing is downloaded unless a hub id is
-given and `huggingface_hub` is importable.
+A directory holds `config.json` (model_type "llama", "mistral", "qwen2" or "qwen3"), `model.safetensors` or
+shards with `model.safetensors.index.json`, and a tokenizer: `tokenizer.json` (HF byte-level BPE) or the
+tiktoken-format `tokenizer.model` of Llama 3 (also looked for under `original/`); see `stages.hf_tokenizer`.
+Nothing is downloaded unless a hub id is given and `huggingface_hub` is importable.
 
 HF names -> `core.llama` layout (HF Linear weights are [out, in]; the q/k rows are already in the
 rotate-half order that `core.llama.rope` uses, exactly as HF's LlamaForCausalLM, so no permutation):

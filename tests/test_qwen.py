@@ -81,7 +81,8 @@ def _write_config(path, **change):
     ("qwen3", {"attention_bias": True}, "attention_bias"),
     ("qwen2", {"mlp_bias": True}, "mlp_bias"),
     ("qwen2", {"hidden_act": "gelu"}, "hidden_act"),
-    ("qwen3", {"model_type": "llama", "sliding_window": None}, "q_norm"),  # Qwen3 tensors under a Llama config: unused, refused
+    # Qwen tensors under a Llama config.json: unused tensors, refused by name
+    ("qwen3", {"model_type": "llama", "sliding_window": None}, "q_norm"),
     ("qwen2", {"model_type": "llama", "sliding_window": None}, "q_proj.bias"),
     ("qwen2", {"model_type": "qwen2_moe"}, "model_type"),
 ])
