@@ -184,12 +184,16 @@ def export_hf(src: Path, out: Path, dtype: str = "float32") -> dict:
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
     tensors = hf_checkpoint.params_to_hf_tensors(cfg, loaded.params, np_dtype)
     hf = module.to_hf_config(cfg, torch_dtype=dtype)
-    if source.suffix != ".gguf":
-        # The source's token ids and position range describe the model, not this run's cache length.
+    if source.suffix == ".gguf":
+        from forgetting.stages import gguf_checkpoint  # noqa: PLC0415
+
+        src_hf = gguf_checkpoint.hf_config_from_gguf(gguf_checkpoint.open_gguf(source))
+    else:
         src_hf = json.loads((source / "config.json").read_text())
-        for key in ("bos_token_id", "eos_token_id", "max_position_embeddings"):
-            if src_hf.get(key) is not None:
-                hf[key] = src_hf[key]
+    # The source's token ids and position range describe the model (not this run's KV-cache length).
+    for key in ("bos_token_id", "eos_token_id", "max_position_embeddings"):
+        if src_hf.get(key) is not None:
+            hf[key] = src_hf[key]
     if sum(t.nbytes for t in tensors.values()) > HF_SHARD_BYTES:
         st.save_sharded(out, tensors, HF_SHARD_BYTES, {"format": "pt"})
         weight_files = sorted(p.name for p in out.glob("model-*.safetensors")) + ["model.safetensors.index.json"]

@@ -357,6 +357,7 @@ def test_gguf_exports_to_the_hf_layout(tiny_gguf, tmp_path):
     ids = lib.encode(text, add_special_tokens=False).ids
     assert ids == tok_g.tokenizer.encode(text, add_special_tokens=False).ids and 259 in ids and 258 in ids
     assert tok_h.encode(text) == tok_g.encode(text) and (tok_h.bos_id, tok_h.eos_id) == (259, 260)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 64  # GGUF context_length
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] == gguf_checkpoint.gguf_chat_template(path)
     assert (tok_config["bos_token"], tok_config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
