@@ -21,7 +21,7 @@ pytest.importorskip("tokenizers", reason="needs Hugging Face tokenizers (the ggu
 import hf_fixtures  # noqa: E402 (tests/)
 import numpy_reference  # noqa: E402 (tests/)
 
-from forgetting.core import sampling  # noqa: E402
+from forgetting.core import families, sampling  # noqa: E402
 from forgetting.stages import chat_template, gguf_checkpoint, hf_tokenizer, packaged_models, runs  # noqa: E402
 from forgetting.stages import tokenize_hf  # noqa: E402
 
@@ -140,7 +140,7 @@ def test_tiny_gguf_logits_match_the_numpy_reference(tiny_gguf):
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.tie_embeddings) == (
         2, 256, 4, 2, 64, False)
     tokens = [3, 200, 45, 259, 7, 100, 258, 12, 0, 255]
-    logits = np.asarray(cfg.forward(params, jnp.asarray([tokens], jnp.int32)))[0]
+    logits = np.asarray(families.forward(cfg, params, jnp.asarray([tokens], jnp.int32)))[0]
     expected = _reference(stored, tokens, **TINY)
     np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     # without undoing the permutation the logits would differ: the check can fail
@@ -228,7 +228,7 @@ def test_smollm2_logits_match_the_numpy_reference(smollm2):
               for t in reader.tensors}
     assert {t.tensor_type.name for t in reader.tensors} == {"Q4_1", "Q8_0", "F32"}
     tokens = tok.encode("The capital of France is", bos=True)
-    logits = np.asarray(cfg.forward(params, jnp.asarray([tokens], jnp.int32)))[0]
+    logits = np.asarray(families.forward(cfg, params, jnp.asarray([tokens], jnp.int32)))[0]
     expected = _reference(stored, tokens, n_layers=30, n_heads=9, n_kv_heads=3, theta=100000.0, eps=1e-5)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3 * scale)
@@ -324,7 +324,7 @@ def test_gguf_finetunes_on_chat_data_with_assistant_only_loss(tiny_gguf, tmp_pat
     got = evaluation.ntp_and_kl(step_lib.make_eval_step(loaded.model_cfg), loaded.params, ds, 4)["ntp"]
     nll_sum = count = 0.0
     for rows, mask in ds.valid_batches(4, with_mask=True):
-        logits = np.asarray(loaded.model_cfg.forward(loaded.params, jnp.asarray(rows)), np.float64)
+        logits = np.asarray(families.forward(loaded.model_cfg, loaded.params, jnp.asarray(rows)), np.float64)
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
             -1, keepdims=True)
         nll = -np.take_along_axis(logp[:, :-1], rows[:, 1:, None], -1)[..., 0]
@@ -339,7 +339,6 @@ def test_gguf_exports_to_the_hf_layout(tiny_gguf, tmp_path):
     metadata, encodes as the GGUF's tokenizer with the `tokenizers` library; specials and template kept."""
     import tokenizers  # noqa: PLC0415
 
-    from forgetting.core import families  # noqa: PLC0415
     from forgetting.stages import export, hf_checkpoint  # noqa: PLC0415
 
     path, _ = tiny_gguf
