@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,8 @@ Params = dict[str, jax.Array]
 Cache = dict[str, jax.Array]
 
 LAYER_LEAVES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+BIAS_LEAVES = ("bq", "bk", "bv")  # per-layer q/k/v biases, present when the config's QKV_BIAS (Qwen2)
+QK_NORM_LEAVES = ("q_norm", "k_norm")  # per-layer q/k RMSNorm gains [hd], present when QK_NORM (Qwen3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,11 @@ class LlamaConfig:
     loss_chunk: int = 0  # fused loss head logits elements per chunk; 0 = default
     streams: int = 0  # independent row groups through the layers; 0 = backend default
 
+    # Architecture switches of the families built on this block (class constants, not fields: a family
+    # is a config subclass that sets them, so a run record's family name fixes them).
+    QKV_BIAS: ClassVar[bool] = False  # bias on the q, k and v projections (not o): Qwen2/2.5
+    QK_NORM: ClassVar[bool] = False  # RMSNorm with gain on each q and k head, before RoPE: Qwen3
+
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:
             rope_lib.check_scaling(self.rope_scaling.to_hf())
@@ -156,8 +163,14 @@ _LORA_VIEWS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 
 
+def layer_leaves(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The stacked per-layer leaves of this config (the Llama ones plus its family's switches)."""
+    return LAYER_LEAVES + (BIAS_LEAVES if cfg.QKV_BIAS else ()) + (QK_NORM_LEAVES if cfg.QK_NORM else ())
+
+
 def param_specs(cfg: LlamaConfig) -> dict[str, ParamSpec]:
-    """The abstract parameter tree. Norm gains have init_std 0 and are initialized to 1 by `init`."""
+    """The abstract parameter tree. Norm gains have init_std 0 and are initialized to 1 by `init`;
+    biases have init_std 0 (zeros, as HF initializes them)."""
     V, D, L, H, K, hd, F = (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
                             cfg.head_dim, cfg.d_mlp)
     std, dt = cfg.init_std, cfg.storage_dtype
@@ -174,6 +187,13 @@ def param_specs(cfg: LlamaConfig) -> dict[str, ParamSpec]:
         "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), std, dt),
         "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), std, dt),
     }
+    if cfg.QKV_BIAS:
+        specs["bq"] = ParamSpec((L, H, hd), ("layers", "heads", "head_dim"), 0.0, dt)
+        specs["bk"] = ParamSpec((L, K, hd), ("layers", "heads", "head_dim"), 0.0, dt)
+        specs["bv"] = ParamSpec((L, K, hd), ("layers", "heads", "head_dim"), 0.0, dt)
+    if cfg.QK_NORM:
+        specs["q_norm"] = ParamSpec((L, hd), ("layers", None), 0.0, dt)
+        specs["k_norm"] = ParamSpec((L, hd), ("layers", None), 0.0, dt)
     if not cfg.tie_embeddings:
         specs["lm_head"] = ParamSpec((V, D), ("vocab", "embed"), std, dt)
     return specs
@@ -268,9 +288,16 @@ def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positio
         return layers.dense(spec, a, w, cdt, impl)
 
     h = layers.rms_norm(x_btd, cfg.norm_eps, layer["attn_norm"])
-    q = layers.apply_rope(dense("btd,dhe->bthe", h, layer["wq"]), *rope_sin_cos)
-    k = layers.apply_rope(dense("btd,dke->btke", h, layer["wk"]), *rope_sin_cos)
+    q = dense("btd,dhe->bthe", h, layer["wq"])
+    k = dense("btd,dke->btke", h, layer["wk"])
     v = dense("btd,dke->btke", h, layer["wv"])
+    if cfg.QKV_BIAS:  # added in f32 to the f32 projections
+        q, k, v = (a + layer[b].astype(jnp.float32)[None, None] for a, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    if cfg.QK_NORM:  # per head over hd, one gain shared by the heads, before RoPE
+        q = layers.rms_norm(q, cfg.norm_eps, layer["q_norm"])
+        k = layers.rms_norm(k, cfg.norm_eps, layer["k_norm"])
+    q = layers.apply_rope(q, *rope_sin_cos)
+    k = layers.apply_rope(k, *rope_sin_cos)
     keys, values, key_positions = k, v, None  # None: causal over the same positions
     if kv_cache is not None:
         kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=1)
@@ -289,7 +316,7 @@ def _run(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | 
     positions_t = pos + jnp.arange(tokens_bt.shape[1])
     rope_sin_cos = rope_tables(cfg, positions_t)
     x_btd = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.float32)
-    stacked = {name: params[name] for name in LAYER_LEAVES}
+    stacked = {name: params[name] for name in layer_leaves(cfg)}
     new_cache = None
     if cache is None:
         def body(x, layer):
@@ -326,11 +353,13 @@ def forward(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache
     return logits_btv if cache is None else (logits_btv, new_cache)
 
 
-_HF_LAYER_NAMES = {
+HF_LAYER_NAMES = {
     "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
     "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
     "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
+    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 
 
@@ -341,16 +370,16 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, int | None]]:
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = ("lm_head", None)
     for i in range(cfg.n_layers):
-        for leaf, suffix in _HF_LAYER_NAMES.items():
-            names[f"model.layers.{i}.{suffix}"] = (leaf, i)
+        for leaf in layer_leaves(cfg):
+            names[f"model.layers.{i}.{HF_LAYER_NAMES[leaf]}"] = (leaf, i)
     return names
 
 
-def config_from_dict(d: dict) -> LlamaConfig:
-    """A LlamaConfig from its `cli.to_dict` record (rope_scaling as a dict or None)."""
+def config_from_dict(d: dict, cls: type = LlamaConfig) -> LlamaConfig:
+    """A LlamaConfig (or the subclass `cls`) from its `cli.to_dict` record (rope_scaling a dict or None)."""
     d = dict(d)
     rs = d.pop("rope_scaling", None)
-    return LlamaConfig(**d, rope_scaling=RopeScaling(**rs) if rs else None)
+    return cls(**d, rope_scaling=RopeScaling(**rs) if rs else None)
 
 
 # --- Hugging Face config.json ----------------------------------------------------------------------------
@@ -364,14 +393,30 @@ def from_hf_config(hf: dict, *, seq_len: int | None = None, dtype: str = "bfloat
     spec = hf_config_lib.parse_hf_config(hf)  # validates; refuses what would change the numbers
     if spec.model_type not in ("llama", "mistral"):
         raise ValueError(f"model_type {spec.model_type!r} is not a Llama; this loader reads Llama checkpoints")
-    for field, name in ((spec.qkv_bias or spec.o_bias, "attention_bias"), (spec.mlp_bias, "mlp_bias"),
-                        (spec.qk_norm, "q/k norm")):
-        if field:
-            raise ValueError(f"config.json: {name} is not implemented for the Llama family")
+    check_switches(spec, LlamaConfig, "the Llama family")
+    return LlamaConfig(**config_kwargs(spec, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
+                                       max_seq_len=max_seq_len))
+
+
+def check_switches(spec: hf_config_lib.HFModelSpec, cls: type, family: str) -> None:
+    """Refuses a parsed config whose biases / q-k norm differ from what `cls` implements (one line each)."""
+    for present, implemented, name in ((spec.qkv_bias, cls.QKV_BIAS, "attention_bias (q/k/v bias)"),
+                                       (spec.o_bias, False, "attention_bias (o_proj bias)"),
+                                       (spec.mlp_bias, False, "mlp_bias"), (spec.qk_norm, cls.QK_NORM, "q/k norm")):
+        if present and not implemented:
+            field, _, what = name.partition(" (")
+            raise ValueError(f"config.json: {field} is not implemented for {family}{' (' + what if what else ''}")
+        if implemented and not present:
+            raise ValueError(f"config.json: {family} needs {name}, which this config does not have")
+
+
+def config_kwargs(spec: hf_config_lib.HFModelSpec, *, seq_len: int | None, dtype: str, param_dtype: str,
+                  max_seq_len: int) -> dict:
+    """The LlamaConfig fields of a parsed HF config (shared by the families built on this block)."""
     scaling = (None if spec.rope_scaling is None
                else RopeScaling.from_hf(dict(spec.rope_scaling), spec.max_position_embeddings))
     eos = spec.eos_token_ids[0] if spec.eos_token_ids else 1
-    return LlamaConfig(
+    return dict(
         vocab_size=spec.vocab_size, d_model=spec.hidden_size, n_layers=spec.num_hidden_layers,
         n_heads=spec.num_attention_heads, n_kv_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
         d_mlp=spec.intermediate_size, rope_theta=spec.rope_theta, rope_scaling=scaling,

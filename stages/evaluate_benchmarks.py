@@ -38,7 +38,7 @@ from forgetting.stages import benchmarks, cli, runs
 class BenchModelArgs:
     """The model to evaluate."""
 
-    load_path: str = ""  # a Hugging Face Llama checkpoint directory or a finished run directory
+    load_path: str = ""  # a Hugging Face Llama/Qwen checkpoint directory, a .gguf or a finished run directory
     tokenizer: str = ""  # HF directory holding the tokenizer; default: the checkpoint's own (or its lineage's)
     dtype: str = "bfloat16"  # matmul input dtype: bfloat16 or float32
     seq_len: int = 1024  # longest scored prompt + answer (older prompt tokens are cut); 0 = the model's own

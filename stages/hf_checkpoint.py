@@ -1,12 +1,12 @@
-"""Llama-family checkpoints in the Hugging Face layout, without PyTorch or `transformers`.
+"""Llama-, Qwen2- and Qwen3-family checkpoints in the Hugging Face layout, without PyTorch or `transformers`.
 
     cfg, params, tok = load_hf("/path/to/Llama-3.2-1B-Instruct")          # a local directory
     cfg, params, tok = load_hf("meta-llama/Llama-3.2-1B-Instruct")        # a hub id: needs the `hf` extra
 
-A directory holds `config.json` (model_type "llama"), `model.safetensors` or shards with
-`model.safetensors.index.json`, and a tokenizer: `tokenizer.json` (HF byte-level BPE) or the tiktoken-format
-`tokenizer.model` of Llama 3 (also looked for under `original/`); see `stages.hf_tokenizer`. Nothing is downloaded unless a hub id is
-given and `huggingface_hub` is importable.
+A directory holds `config.json` (model_type "llama", "mistral", "qwen2" or "qwen3"), `model.safetensors` or
+shards with `model.safetensors.index.json`, and a tokenizer: `tokenizer.json` (HF byte-level BPE) or the
+tiktoken-format `tokenizer.model` of Llama 3 (also looked for under `original/`); see `stages.hf_tokenizer`.
+Nothing is downloaded unless a hub id is given and `huggingface_hub` is importable.
 
 HF names -> `core.llama` layout (HF Linear weights are [out, in]; the q/k rows are already in the
 rotate-half order that `core.llama.rope` uses, exactly as HF's LlamaForCausalLM, so no permutation):
@@ -19,6 +19,10 @@ rotate-half order that `core.llama.rope` uses, exactly as HF's LlamaForCausalLM,
     model.layers.{i}.post_attention_layernorm.weight   -> mlp_norm[i]
     model.layers.{i}.mlp.{gate,up}_proj.weight [F,D]   -> w_gate[i], w_up[i] [D,F]
     model.layers.{i}.mlp.down_proj.weight [D,F]        -> w_down[i] [F,D]
+  Qwen2 (q/k/v biases) and Qwen3 (q/k norm) also have
+    model.layers.{i}.self_attn.q_proj.bias [H*hd]      -> bq[i] [H,hd]     (k_proj, v_proj: bk, bv [K,hd])
+    model.layers.{i}.self_attn.{q,k}_norm.weight [hd]  -> q_norm[i], k_norm[i] [hd]
+A tensor the config does not use is refused (a bias under a Llama config.json would otherwise be dropped).
 
 Memory: tensors are memory-mapped and each stacked leaf is built and moved to the device one at a time,
 so the peak is about one copy of the weights (in `param_dtype`) plus one leaf.
@@ -26,16 +30,18 @@ so the peak is about one copy of the weights (in `param_dtype`) plus one leaf.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from forgetting.core import llama
+from forgetting.core import families, llama
 from forgetting.core import safetensors_io as st
 
 # The tokenizer code lives in stages/hf_tokenizer.py; these names stay importable from here.
@@ -46,13 +52,30 @@ from forgetting.stages.hf_tokenizer import (  # noqa: E402,F401
 
 
 # --- weights ------------------------------------------------------------------------------------------------
+# HF model_type -> the core module whose from_hf_config / to_hf_config read and write it (a family built on
+# the `core.llama` block: its leaves and HF names come from `llama.layer_leaves` / `llama.hf_names`).
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def family_module(model_type: str) -> ModuleType:
+    """The core module of a HF model_type (`core.llama`, `core.qwen2`, `core.qwen3`)."""
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(HF_MODEL_TYPES)})")
+    return importlib.import_module(f"forgetting.core.{HF_MODEL_TYPES[model_type]}")
+
+
+def module_of_config(cfg: llama.LlamaConfig) -> ModuleType:
+    """The core module of a config built on the Llama block (for its to_hf_config)."""
+    name = families.of(cfg).name
+    if name not in HF_MODEL_TYPES.values():
+        raise ValueError(f"a {type(cfg).__name__} has no Hugging Face layout here "
+                         f"(families with one: {', '.join(sorted(set(HF_MODEL_TYPES.values())))})")
+    return importlib.import_module(f"forgetting.core.{name}")
+
+
 def _hf_layer_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    return {"attn_norm": p + "input_layernorm.weight", "mlp_norm": p + "post_attention_layernorm.weight",
-            "wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
-            "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
-            "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight",
-            "w_down": p + "mlp.down_proj.weight"}
+    return {leaf: f"model.layers.{i}.{suffix}" for leaf, suffix in llama.HF_LAYER_NAMES.items()}
 
 
 def _from_hf_layer(cfg: llama.LlamaConfig, leaf: str, w: np.ndarray) -> np.ndarray:
@@ -66,6 +89,10 @@ def _from_hf_layer(cfg: llama.LlamaConfig, leaf: str, w: np.ndarray) -> np.ndarr
         return w.reshape(D, H, hd).transpose(1, 2, 0)
     if leaf in ("w_gate", "w_up", "w_down"):
         return w.T
+    if leaf == "bq":
+        return w.reshape(H, hd)
+    if leaf in ("bk", "bv"):
+        return w.reshape(K, hd)
     return w
 
 
@@ -79,6 +106,8 @@ def _to_hf_layer(cfg: llama.LlamaConfig, leaf: str, w: np.ndarray) -> np.ndarray
         return w.transpose(2, 0, 1).reshape(D, H * hd)
     if leaf in ("w_gate", "w_up", "w_down"):
         return w.T
+    if leaf in ("bq", "bk", "bv"):
+        return w.reshape(-1)
     return w
 
 
@@ -106,12 +135,23 @@ def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: dict[str, np.ndarray
     put("final_norm", get("model.norm.weight"))
     if not cfg.tie_embeddings:
         put("lm_head", get("lm_head.weight"))
-    for leaf in llama.LAYER_LEAVES:
+    for leaf in llama.layer_leaves(cfg):
         stacked = np.empty(specs[leaf].shape, np_dtype)
         for i in range(cfg.n_layers):
-            stacked[i] = _from_hf_layer(cfg, leaf, get(_hf_layer_names(i)[leaf]))
+            name = _hf_layer_names(i)[leaf]
+            w = _from_hf_layer(cfg, leaf, get(name))
+            if w.shape != specs[leaf].shape[1:]:
+                raise ValueError(f"{name}: checkpoint shape {get(name).shape} does not fit {leaf} "
+                                 f"{specs[leaf].shape[1:]} of config.json")
+            stacked[i] = w
         params[leaf] = jax.device_put(stacked)  # freshly allocated: safe to hand over
         del stacked
+    expected = set(llama.hf_names(cfg))
+    unused = sorted(k for k in tensors if k not in expected and not (cfg.tie_embeddings and k == "lm_head.weight")
+                    and not k.endswith("rotary_emb.inv_freq"))  # a buffer some old exports wrote; from config
+    if unused:  # e.g. biases a config without them would silently drop
+        raise ValueError(f"checkpoint tensors not used by a {type(cfg).__name__}: {', '.join(unused[:5])}"
+                         f"{' ...' if len(unused) > 5 else ''}")
     return params
 
 
@@ -124,7 +164,7 @@ def params_to_hf_tensors(cfg: llama.LlamaConfig, params: llama.Params, dtype: An
     out = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = host(params["lm_head"])
-    for leaf in llama.LAYER_LEAVES:
+    for leaf in llama.layer_leaves(cfg):
         stacked = host(params[leaf])
         for i in range(cfg.n_layers):
             out[_hf_layer_names(i)[leaf]] = np.ascontiguousarray(_to_hf_layer(cfg, leaf, stacked[i]))
@@ -151,7 +191,8 @@ def _resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
 def load_hf(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: str = "float32",
             seq_len: int | None = None, max_seq_len: int = 2048,
             ) -> tuple[llama.LlamaConfig, llama.Params, Tokenizer]:
-    """(config, parameters, tokenizer) of a Llama checkpoint in the HF layout.
+    """(config, parameters, tokenizer) of a Llama, Qwen2/2.5 or Qwen3 checkpoint in the HF layout (the
+    family from config.json's model_type, `HF_MODEL_TYPES`).
 
     dtype: matmul input dtype of the forward pass; param_dtype: storage of the loaded leaves ("bfloat16"
     halves memory); seq_len: the KV-cache / sampling length (default min(max_position_embeddings,
@@ -162,8 +203,9 @@ def load_hf(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", param
     if not hf_config:
         raise FileNotFoundError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory, hf_config)
-    cfg = llama.from_hf_config(hf_config, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
-                               max_seq_len=max_seq_len)
+    module = family_module(hf_config.get("model_type", "llama"))
+    cfg = module.from_hf_config(hf_config, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
+                                max_seq_len=max_seq_len)
     cfg = dataclasses.replace(cfg, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     tensors = st.load_dir(directory)
     if cfg.tie_embeddings and "lm_head.weight" in tensors:

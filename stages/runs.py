@@ -261,7 +261,7 @@ class LoadedRun:
 
 def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None = None) -> LoadedRun:
     """Loads a finished run directory of this project, an authors' `weights.npz` directory, a Hugging
-    Face Llama checkpoint directory or a llama.cpp `.gguf` file (`seq_len`: its sequence length here; ignored for run directories,
+    Face Llama/Qwen2/Qwen3 checkpoint directory or a llama.cpp `.gguf` file (`seq_len`: its sequence length here; ignored for run directories,
     which keep their own)."""
     path = Path(path)
     if not path.exists():

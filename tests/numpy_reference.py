@@ -40,9 +40,14 @@ def _rope(x_thd: np.ndarray, theta: float, layout: str) -> np.ndarray:
 
 
 def llama_logits(w: dict[str, np.ndarray], tokens: list[int], *, n_layers: int, n_heads: int, n_kv_heads: int,
-                 theta: float, eps: float, rope_layout: str) -> np.ndarray:
+                 theta: float, eps: float, rope_layout: str, qkv_bias: bool = False,
+                 qk_norm: bool = False) -> np.ndarray:
     """Logits [T, V] of one sequence. `w` uses GGUF names: token_embd, output_norm, output (absent when tied),
-    blk.{i}.attn_norm / attn_q / attn_k / attn_v / attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down."""
+    blk.{i}.attn_norm / attn_q / attn_k / attn_v / attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down.
+
+    qkv_bias (Qwen2/2.5): q, k, v = h W^T + b with blk.{i}.attn_{q,k,v}.bias [heads*hd].
+    qk_norm (Qwen3): each head's q and k vector [hd] is RMS-normalized and multiplied by
+    blk.{i}.attn_{q,k}_norm.weight [hd] (shared by the heads) before RoPE."""
     w = {k: np.asarray(v, np.float64) for k, v in w.items()}
     x = w["token_embd.weight"][tokens]
     t = len(tokens)
@@ -50,9 +55,18 @@ def llama_logits(w: dict[str, np.ndarray], tokens: list[int], *, n_layers: int, 
     for i in range(n_layers):
         p = f"blk.{i}."
         h = _rms_norm(x, w[p + "attn_norm.weight"], eps)
-        q = (h @ w[p + "attn_q.weight"].T).reshape(t, n_heads, -1)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(t, n_kv_heads, -1)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(t, n_kv_heads, -1)
+        proj = {}
+        for name in ("q", "k", "v"):
+            y = h @ w[p + f"attn_{name}.weight"].T
+            if qkv_bias:
+                y = y + w[p + f"attn_{name}.bias"]
+            proj[name] = y
+        q = proj["q"].reshape(t, n_heads, -1)
+        k = proj["k"].reshape(t, n_kv_heads, -1)
+        v = proj["v"].reshape(t, n_kv_heads, -1)
+        if qk_norm:
+            q = _rms_norm(q, w[p + "attn_q_norm.weight"], eps)
+            k = _rms_norm(k, w[p + "attn_k_norm.weight"], eps)
         hd = q.shape[-1]
         q, k = _rope(q, theta, rope_layout), _rope(k, theta, rope_layout)
         heads = []
@@ -68,3 +82,29 @@ def llama_logits(w: dict[str, np.ndarray], tokens: list[int], *, n_layers: int, 
         x = x + ((gate / (1 + np.exp(-gate))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
     head = w.get("output.weight", w["token_embd.weight"])
     return _rms_norm(x, w["output_norm.weight"], eps) @ head.T
+
+
+_HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+               "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+               "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+               "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+               "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def gguf_names_of_hf(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Hugging Face tensor names (model.layers.{i}.self_attn.q_proj.weight, ...) -> the GGUF names
+    `llama_logits` reads. Both store [out, in], HF q/k rows in the "half" RoPE layout."""
+    out = {}
+    for name, value in w.items():
+        if name == "model.embed_tokens.weight":
+            out["token_embd.weight"] = value
+        elif name == "model.norm.weight":
+            out["output_norm.weight"] = value
+        elif name == "lm_head.weight":
+            out["output.weight"] = value
+        else:
+            _, _, i, suffix = name.split(".", 3)
+            out[f"blk.{i}.{_HF_TO_GGUF[suffix]}"] = value
+    return out

@@ -332,3 +332,31 @@ def test_gguf_finetunes_on_chat_data_with_assistant_only_loss(tiny_gguf, tmp_pat
         count += float(mask[:, 1:].sum())
     assert 0 < count < ds.num_valid * (seq - 1)
     assert got == pytest.approx(nll_sum / count, rel=1e-4)
+
+
+def test_gguf_exports_to_the_hf_layout(tiny_gguf, tmp_path):
+    """`export --format hf` of a GGUF: reload gives identical logits; tokenizer.json, built from the GGUF
+    metadata, encodes as the GGUF's tokenizer with the `tokenizers` library; specials and template kept."""
+    import tokenizers  # noqa: PLC0415
+
+    from forgetting.stages import export, hf_checkpoint  # noqa: PLC0415
+
+    path, _ = tiny_gguf
+    out = tmp_path / "hf"
+    result = export.export(export.ExportConfig(load_path=str(path), out=str(out), format="hf"))
+    assert result["tokenizer_from"] == str(path)
+    cfg_g, params_g, tok_g = gguf_checkpoint.load_gguf(path, dtype="float32", seq_len=16)
+    cfg_h, params_h, tok_h = hf_checkpoint.load_hf(out, dtype="float32", seq_len=16)
+    assert cfg_h == cfg_g
+    tokens = jnp.asarray([[3, 200, 45, 259, 7, 100, 258, 12, 0, 255]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(families.forward(cfg_h, params_h, tokens)),
+                                  np.asarray(families.forward(cfg_g, params_g, tokens)))
+    text = "the the<|im_start|>user\nthe the<|im_end|>"
+    lib = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    ids = lib.encode(text, add_special_tokens=False).ids
+    assert ids == tok_g.tokenizer.encode(text, add_special_tokens=False).ids and 259 in ids and 258 in ids
+    assert tok_h.encode(text) == tok_g.encode(text) and (tok_h.bos_id, tok_h.eos_id) == (259, 260)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 64  # GGUF context_length
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == gguf_checkpoint.gguf_chat_template(path)
+    assert (tok_config["bos_token"], tok_config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
