@@ -45,7 +45,7 @@ from forgetting.core import families, llama
 from forgetting.core import safetensors_io as st
 
 # The tokenizer code lives in stages/hf_tokenizer.py; these names stay importable from here.
-from forgetting.stages.hf_tokenizer import (  # noqa: E402,F401
+from forgetting.stages.hf_tokenizer import (  # noqa: F401
     _read_json,
     BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, LLAMA3_PATTERN, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer,
     llama3_special_tokens, read_tiktoken_ranks, write_tiktoken_ranks)
@@ -179,7 +179,7 @@ def _resolve_dir(path_or_hub_id: str | os.PathLike) -> Path:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith("."):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     try:
-        import huggingface_hub  # noqa: PLC0415 (optional `hf` extra)
+        import huggingface_hub  # (optional `hf` extra)
     except ImportError:
         raise FileNotFoundError(
             f"{text!r} is not a local directory; to fetch it as a Hugging Face hub id install the optional "

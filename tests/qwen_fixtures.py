@@ -17,7 +17,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 def write_tokenizer(directory: Path, vocab_size: int) -> dict[str, int]:
     """tokenizer.json + tokenizer_config.json (Qwen's: no BOS, EOS <|im_end|>); returns the special ids."""
-    import tokenizers  # noqa: PLC0415
+    import tokenizers
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,7 +78,7 @@ def random_hf_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
 def write_qwen_checkpoint(directory: Path, model_type: str, *, tie: bool, seed: int = 0,
                           **overrides) -> tuple[dict, dict[str, np.ndarray]]:
     """Writes config.json, model.safetensors, tokenizer files; returns (config dict, tensors)."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     hf = qwen_config(model_type, tie=tie, **overrides)

@@ -28,7 +28,7 @@ def _logits(cfg, params, tokens=TOKENS) -> np.ndarray:
 
 
 def _finetune(tmp_path, source, lora_rank: int) -> str:
-    from forgetting.stages import tokenize_hf, train, train_config as tc  # noqa: PLC0415
+    from forgetting.stages import tokenize_hf, train, train_config as tc
 
     seq = 16
     src = tmp_path / "text.jsonl"
@@ -79,7 +79,7 @@ def test_lora_finetuned_qwen3_run_exports_and_reloads(tmp_path):
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                                      {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}])
 def test_llama_checkpoint_round_trips_with_rope_scaling(tmp_path, scaling):
-    from experiments.standin_checkpoint import tiny_config, write_tiny_hf_checkpoint  # noqa: PLC0415
+    from experiments.standin_checkpoint import tiny_config, write_tiny_hf_checkpoint
 
     cfg = tiny_config(tie_embeddings=False, dtype="float32",
                       rope_scaling=None if scaling is None else llama.RopeScaling.from_hf(scaling, 128))
@@ -110,7 +110,7 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="--dtype"):
         export.export(export.ExportConfig(load_path=str(tmp_path / "q"), out=str(out), format="hf", dtype="int8"))
     # a finished paper-model run has no HF layout (no family module with to_hf_config)
-    from forgetting.core import model as model_lib  # noqa: PLC0415
+    from forgetting.core import model as model_lib
 
     with pytest.raises(ValueError, match="has no Hugging Face layout"):
         hf_checkpoint.module_of_config(model_lib.ModelConfig())

@@ -337,9 +337,9 @@ def test_gguf_finetunes_on_chat_data_with_assistant_only_loss(tiny_gguf, tmp_pat
 def test_gguf_exports_to_the_hf_layout(tiny_gguf, tmp_path):
     """`export --format hf` of a GGUF: reload gives identical logits; tokenizer.json, built from the GGUF
     metadata, encodes as the GGUF's tokenizer with the `tokenizers` library; specials and template kept."""
-    import tokenizers  # noqa: PLC0415
+    import tokenizers
 
-    from forgetting.stages import export, hf_checkpoint  # noqa: PLC0415
+    from forgetting.stages import export, hf_checkpoint
 
     path, _ = tiny_gguf
     out = tmp_path / "hf"

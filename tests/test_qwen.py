@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("tokenizers", reason="needs the hf extra")
 pytest.importorskip("safetensors", reason="needs the hf extra")
 
-from forgetting.core import families, llama  # noqa: E402
-from forgetting.stages import hf_checkpoint, runs  # noqa: E402
-import numpy_reference  # noqa: E402 (tests/)
-from qwen_fixtures import write_qwen_checkpoint  # noqa: E402 (tests/)
+from forgetting.core import families, llama
+from forgetting.stages import hf_checkpoint, runs
+import numpy_reference  # (tests/)
+from qwen_fixtures import write_qwen_checkpoint  # (tests/)
 
 TOKENS = [3, 17, 250, 41, 5, 99, 128, 7, 300, 12, 64, 2]
 
