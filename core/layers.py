@@ -163,6 +163,19 @@ def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positio
     return dense("bkgts,bske->btkge", probs, v_bske, dtype, impl).reshape(B, t, H, e)
 
 
+def cached_attention(q_bthe: jax.Array, k_btke: jax.Array, v_btke: jax.Array, positions_t: jax.Array,
+                     kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int, dtype: Any,
+                     impl: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """(causal attention of the new queries, updated cache): without a cache over the new keys alone; with
+    one ([B, T, K, e] buffers), the new keys/values are written at `pos` and every cached position is
+    visible up to each query's own."""
+    if kv_cache is None:
+        return attention(q_bthe, k_btke, v_btke, positions_t, None, dtype, impl), None
+    kv_cache = update_cache(*kv_cache, k_btke, v_btke, pos, time_axis=1)
+    keys, values = kv_cache
+    return attention(q_bthe, keys, values, positions_t, jnp.arange(keys.shape[1]), dtype, impl), kv_cache
+
+
 def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | int,
                  time_axis: int) -> tuple[jax.Array, jax.Array]:
     """The cache buffers with new keys/values written at `pos` along `time_axis`."""

@@ -298,12 +298,7 @@ def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positio
         k = layers.rms_norm(k, cfg.norm_eps, layer["k_norm"])
     q = layers.apply_rope(q, *rope_sin_cos)
     k = layers.apply_rope(k, *rope_sin_cos)
-    keys, values, key_positions = k, v, None  # None: causal over the same positions
-    if kv_cache is not None:
-        kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=1)
-        keys, values = kv_cache
-        key_positions = jnp.arange(keys.shape[1])
-    attended = layers.attention(q, keys, values, positions_t, key_positions, cdt, impl)
+    attended, kv_cache = layers.cached_attention(q, k, v, positions_t, kv_cache, pos, cdt, impl)
     x_btd = x_btd + dense("bthe,hed->btd", attended, layer["wo"])
     h = layers.rms_norm(x_btd, cfg.norm_eps, layer["mlp_norm"])
     hidden = jax.nn.silu(dense("btd,df->btf", h, layer["w_gate"])) * dense("btd,df->btf", h, layer["w_up"])

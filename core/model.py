@@ -170,12 +170,7 @@ def _attention(cfg: ModelConfig, impl: str, h_btd: jax.Array, layer: Params, pos
     q, k, v = layers.dense("btd,khde->kbthe", h_btd, layer["qkv"], cdt, impl)  # each [B, t, H, hd]
     q = layers.apply_rope(layers.rms_norm(q, cfg.norm_eps), *rope_sin_cos)
     k = layers.apply_rope(layers.rms_norm(k, cfg.norm_eps), *rope_sin_cos)
-    keys, values, key_positions = k, v, None  # None: causal over the same positions
-    if kv_cache is not None:
-        kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=1)
-        keys, values = kv_cache
-        key_positions = jnp.arange(keys.shape[1])
-    attended = layers.attention(q, keys, values, positions_t, key_positions, cdt, impl)
+    attended, kv_cache = layers.cached_attention(q, k, v, positions_t, kv_cache, pos, cdt, impl)
     return layers.dense("bthe,hed->btd", attended, layer["out"], cdt, impl), kv_cache
 
 
