@@ -120,7 +120,7 @@ def test_instruct_paper_scale_takes_a_qwen3_directory(tmp_path, capsys):
     tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(docs),), hf_tokenizer=str(ckpt), out=str(domain)))
     mod = importlib.import_module("forgetting.experiments.instruct")
     argv = ["--list", "--scale", "paper", "--out", str(tmp_path / "exp"), "--hf_path", str(ckpt),
-            "--domain_path", str(domain), "--old_path", str(domain)]
+            "--domain_path", str(domain), "--verilog_source", "", "--old_path", str(domain)]
     framework.main(mod.Knobs, mod.PRESETS, mod.runs, mod.summarize, mod.plot, doc=mod.__doc__, argv=argv,
                    progress=False)
     lines = capsys.readouterr().out.splitlines()
