@@ -4,8 +4,8 @@ A family is one architecture (the paper's transformer, Llama, ...) described by 
 pure functions over (config, parameter pytree). Everything shared (train and eval steps, LoRA,
 sharding, sampling, run records) looks a config's family up here, by the config's type, and never asks
 which family it is. Adding a family takes one module that defines its config dataclass, implements the
-functions below and calls `register` at import time, plus its tests; `by_name("qwen")` imports
-`forgetting.core.qwen` on first use, so run records name it without a list to edit.
+functions below and calls `register` at import time, plus its tests; `by_name("qwen3")` imports
+`forgetting.core.qwen3` on first use, so run records name it without a list to edit.
 
 The protocol (see `Family`): parameter specs with logical axes (`ParamSpec`, which also drive init and
 sharding), forward with an optional KV cache, the normed final hidden states and the output embedding
