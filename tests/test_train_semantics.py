@@ -37,7 +37,8 @@ def test_sgd_is_plain_sgd_whatever_the_adamw_settings():
 @pytest.mark.slow
 def test_early_stop_after_more_than_n_evals_without_improvement(corpora, tmp_path):
     # LR 1e-30 (LR must be positive): updates vanish below f32 rounding, so the loss never changes. As the
-    # authors', the first eval after training starts (step 2) sets the best; evals at steps 4, 6, 8 bring nothing new, and the 3rd of them is more than N=2: stop at step 8.
+    # authors', the first eval after training starts (step 2) sets the best; evals at steps 4, 6, 8 bring
+    # nothing new, and the 3rd of them is more than N=2: stop at step 8.
     cfg = tiny(corpora, tmp_path, **{"opt.peak_lr": 1e-30, "stop.num_tokens_train": 8 * T * 40,
                                      "stop.early_stop_evals": 2})
     final = train.train(cfg)["metrics"]
