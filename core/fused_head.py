@@ -129,15 +129,20 @@ def _nll_chunk(logits_bcv, next_bc, consts):
     return lse_bc - target_bc, e_bcv / s_bc1 - is_target_bcv.astype(jnp.float32)
 
 
-def _kl_chunk(logits_bcv, ref_h_bcd, ref_w_vd):
-    """KL(p_ref ‖ p_θ) and its gradient in the logits: softmax·Σ p_ref − p_ref."""
-    e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
+def _kl_parts(logits_bcv, lse_bc, ref_h_bcd, ref_w_vd):
+    """(KL(p_ref ‖ p_θ) per position, p_ref) from θ's logits and their logsumexp."""
     ref_logits_bcv = _unembed(ref_h_bcd, ref_w_vd)
     ref_e_bcv, ref_s_bc1, ref_lse_bc = _log_softmax_parts(ref_logits_bcv)
     p_ref_bcv = ref_e_bcv / ref_s_bc1
     # Σ p_ref (logp_ref − logp) with logp = logits − lse; entries with p_ref = 0 contribute 0.
     diff_bcv = (ref_logits_bcv - ref_lse_bc[..., None]) - (logits_bcv - lse_bc[..., None])
-    kl_bc = jnp.sum(jnp.where(p_ref_bcv > 0, p_ref_bcv * diff_bcv, 0.0), axis=-1)
+    return jnp.sum(jnp.where(p_ref_bcv > 0, p_ref_bcv * diff_bcv, 0.0), axis=-1), p_ref_bcv
+
+
+def _kl_chunk(logits_bcv, ref_h_bcd, ref_w_vd):
+    """KL(p_ref ‖ p_θ) and its gradient in the logits: softmax·Σ p_ref − p_ref."""
+    e_bcv, s_bc1, lse_bc = _log_softmax_parts(logits_bcv)
+    kl_bc, p_ref_bcv = _kl_parts(logits_bcv, lse_bc, ref_h_bcd, ref_w_vd)
     mass_bc1 = jnp.sum(p_ref_bcv, axis=-1, keepdims=True)
     return kl_bc, e_bcv / s_bc1 * mass_bc1 - p_ref_bcv
 
@@ -195,3 +200,24 @@ def kl_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, ref_hidden_b
     weight_bt = jnp.ones((B, T), jnp.float32)
     return _scan_head(_kl_chunk, hidden_btd, embed_out_vd, ref_hidden_btd, ref_embed_out_vd.astype(dtype),
                       weight_bt, dtype, chunk, False)[0]
+
+
+def nll_and_kl_per_position(hidden_btd: jax.Array, embed_out_vd: jax.Array, tokens_bt: jax.Array,
+                            ref_hidden_btd: jax.Array, ref_embed_out_vd: jax.Array, dtype: str = "bfloat16",
+                            chunk_elements: int = CHUNK_ELEMENTS) -> tuple[jax.Array, jax.Array]:
+    """(`nll_per_position`, `kl_per_position`) from one pass over θ's logits, each chunk unembedded once.
+    For evaluation (no gradient)."""
+    B, T, _ = hidden_btd.shape
+    chunk = chunk_length(B, T, embed_out_vd.shape[0], chunk_elements // 2)
+    w_c, ref_w_c = embed_out_vd.astype(dtype), ref_embed_out_vd.astype(dtype)
+
+    def body(_, xs):
+        h_bcd, ref_h_bcd, next_bc = xs
+        logits_bcv = _unembed(h_bcd, w_c)
+        _, _, lse_bc = _log_softmax_parts(logits_bcv)
+        target_bc = jnp.take_along_axis(logits_bcv, next_bc[..., None], axis=-1)[..., 0]
+        return None, (lse_bc - target_bc, _kl_parts(logits_bcv, lse_bc, ref_h_bcd, ref_w_c)[0])
+
+    xs = (_chunks(hidden_btd, chunk), _chunks(ref_hidden_btd, chunk), _chunks(losses.next_token_targets(tokens_bt), chunk))
+    _, (nll, kl) = jax.lax.scan(body, None, xs)
+    return _unchunk(nll)[:, :-1], _unchunk(kl)

@@ -74,6 +74,14 @@ class _Head:
                                                self.cfg.dtype, self.chunk)
         return losses.next_token_nll(self.logits(params, hidden_btd), tokens_bt)
 
+    def nll_and_kl_per_position(self, params, hidden_btd, tokens_bt, ref, ref_hidden_btd):
+        if self.fused:
+            return fused_head.nll_and_kl_per_position(
+                hidden_btd, self.family.output_embedding(self.cfg, params), tokens_bt, ref_hidden_btd,
+                self.family.output_embedding(self.cfg, ref), self.cfg.dtype, self.chunk)
+        logits = self.logits(params, hidden_btd)
+        return losses.next_token_nll(logits, tokens_bt), losses.kl_per_position(logits, self.logits(ref, ref_hidden_btd))
+
     def kl_per_position(self, params, hidden_btd, ref, ref_hidden_btd):
         if self.fused:
             return fused_head.kl_per_position(hidden_btd, self.family.output_embedding(self.cfg, params),
@@ -143,19 +151,28 @@ def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: 
 
 
 def make_eval_step(cfg: Any) -> Callable:
-    """eval(params, tokens [B, T], ref_params or None, mask [B, T] or None) -> sums for exact averaging.
+    """eval(params, tokens [B, T], ref_params or None, mask [B, T] or None, ref_hidden or None) -> sums
+    for exact averaging.
 
     Returns `ntp_sum`/`ntp_count` over all predicted positions, `ntp_h2_sum`/`ntp_h2_count` over the
     second half (targets at index >= T//2), and `kl_sum`/`kl_count` of KL(ref ‖ θ) at every position
     (zero when no reference is given). A mask (1 = the token counts, e.g. not padding of packed data)
-    drops target positions from the NTP sums and positions from the KL sums.
+    drops target positions from the NTP sums and positions from the KL sums. `ref_hidden` [B, T, D], the
+    reference's final hidden states of these tokens (`make_hidden_fn`), saves its forward pass: a
+    frozen reference on a fixed validation split gives the same ones at every eval.
     """
 
     head = _Head(cfg, None)
 
-    def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None):
+    def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None,
+                  ref_hidden_btd: jax.Array | None = None):
         hidden = head.hidden(params, tokens_bt)
-        nll = head.nll_per_position(params, hidden, tokens_bt)  # [B, T-1], column j predicts token j+1
+        kl = None
+        if ref_params is None:
+            nll = head.nll_per_position(params, hidden, tokens_bt)  # [B, T-1], column j predicts token j+1
+        else:  # one pass over θ's logits for both
+            ref_hidden = head.hidden(ref_params, tokens_bt) if ref_hidden_btd is None else ref_hidden_btd
+            nll, kl = head.nll_and_kl_per_position(params, hidden, tokens_bt, ref_params, ref_hidden)
         T = tokens_bt.shape[1]
         target_mask = jnp.ones_like(nll) if mask_bt is None else mask_bt[:, 1:].astype(jnp.float32)
         second_half = (jnp.arange(1, T) >= T // 2).astype(jnp.float32)[None, :] * target_mask
@@ -163,12 +180,18 @@ def make_eval_step(cfg: Any) -> Callable:
             "ntp_sum": jnp.sum(nll * target_mask), "ntp_count": jnp.sum(target_mask),
             "ntp_h2_sum": jnp.sum(nll * second_half), "ntp_h2_count": jnp.sum(second_half),
         }
-        if ref_params is None:
+        if kl is None:
             out["kl_sum"], out["kl_count"] = jnp.zeros(()), jnp.zeros(())
         else:
-            kl = head.kl_per_position(params, hidden, ref_params, head.hidden(ref_params, tokens_bt))
             position_mask = jnp.ones_like(kl) if mask_bt is None else mask_bt.astype(jnp.float32)
             out["kl_sum"], out["kl_count"] = jnp.sum(kl * position_mask), jnp.sum(position_mask)
         return out
 
     return jax.jit(eval_step)
+
+
+def make_hidden_fn(cfg: Any) -> Callable:
+    """hidden(params, tokens [B, T]) -> the final hidden states f32 [B, T, D] the loss heads start from,
+    exactly as `make_eval_step` computes them (the eval step's `ref_hidden`)."""
+    head = _Head(cfg, None)
+    return jax.jit(head.hidden)

@@ -36,6 +36,55 @@ def ntp_and_kl(eval_step: Callable, params: Any, dataset: data_lib.SequenceDatas
     return out
 
 
+class EvalSplit:
+    """A dataset's validation batches kept for the repeated evals of one run, with the frozen reference's
+    final hidden states computed at the first eval and reused at every later one (the KL term then costs
+    the reference's output layer only, not its forward pass). The hidden states are kept while they fit
+    `budget_bytes` (f32 [rows, T, D]); beyond it, or with `budget_bytes` 0, the reference runs every time."""
+
+    def __init__(self, dataset: data_lib.SequenceDataset, batch_size: int, max_tokens: int = 0, budget_bytes: int = 0):
+        self.dataset = dataset
+        self.batches = list(_limited_batches(dataset, batch_size, max_tokens))
+        if not self.batches:
+            raise ValueError(f"{dataset.token_file.path}: validation split is empty; raise --data.num_tokens_valid")
+        self.budget_bytes = budget_bytes
+        self._ref_hidden: list | None = None
+        self._ref_id: int | None = None
+
+    def ref_hidden(self, hidden_fn: Callable, ref_params: Any) -> list:
+        """Per batch, the reference's hidden states (None where they are not kept)."""
+        if self._ref_hidden is None or self._ref_id != id(ref_params):
+            kept: list = []
+            used = 0
+            for _ in self.batches:
+                if used >= self.budget_bytes:
+                    break
+                hidden = hidden_fn(ref_params, self.batches[len(kept)][0])
+                used += hidden.nbytes
+                kept.append(hidden if used <= self.budget_bytes else None)
+            self._ref_hidden, self._ref_id = kept + [None] * (len(self.batches) - len(kept)), id(ref_params)
+        return self._ref_hidden
+
+
+def ntp_and_kl_split(eval_step: Callable, hidden_fn: Callable, params: Any, split: EvalSplit, ref_params: Any = None,
+                     same_as_ref: bool = False) -> dict[str, float]:
+    """`ntp_and_kl` over a kept `EvalSplit`: one pass per batch computes ntp, ntp_h2 and KL together, the
+    reference's hidden states come from the split's cache, and `same_as_ref` (θ is bitwise the reference,
+    as at step 0) skips the reference altogether: KL(ref ‖ ref) is exactly 0."""
+    use_ref = ref_params is not None and not same_as_ref
+    hidden = split.ref_hidden(hidden_fn, ref_params) if use_ref else [None] * len(split.batches)
+    pending = [eval_step(params, batch, ref_params if use_ref else None, mask, h)
+               for (batch, mask), h in zip(split.batches, hidden)]
+    totals: dict[str, float] = {}
+    for sums in jax.device_get(pending):
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    out = {"ntp": totals["ntp_sum"] / totals["ntp_count"], "ntp_h2": totals["ntp_h2_sum"] / totals["ntp_h2_count"]}
+    if ref_params is not None:
+        out["kl"] = totals["kl_sum"] / totals["kl_count"] if use_ref else 0.0
+    return out
+
+
 def answer_span(meta: dict) -> tuple[int, int] | None:
     """(start, end) of the scored answer positions for task data whose sidecar names a prompt length."""
     if "prompt_len" not in meta:

@@ -8,6 +8,8 @@ buffer, never reused — and hands out one slice per step.
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -33,10 +35,14 @@ class RealReplay:
 
 
 class SelfGeneratedReplay:
-    """Sequences sampled from the frozen reference model, prompted by old dataset ids in equal shares."""
+    """Sequences sampled from the frozen reference model, prompted by old dataset ids in equal shares.
+
+    While the training steps of one buffer run, the next buffer is sampled on a background thread: the
+    sampler's decoding loop leaves cores idle that the train step uses, and the reverse. Each buffer's
+    key depends only on its index, so the rows are the same with or without the prefetch."""
 
     def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int], rows: int, buffer: int,
-                 temperature: float, seed: int):
+                 temperature: float, seed: int, prefetch: bool = True):
         if not prompt_ids:
             raise ValueError("self-generated replay needs at least one prompt id (--reg.prompt_ids)")
         self.model_cfg, self.ref_params = model_cfg, ref_params
@@ -46,18 +52,35 @@ class SelfGeneratedReplay:
         self.prompts = np.asarray(prompt_ids, np.int32)[np.arange(n) % len(prompt_ids)]
         self.key = jax.random.fold_in(jax.random.key(seed), _SYNTH_REPLAY_KEY_SALT)
         self._buffer_index, self._buffer = -1, None
+        self._pending: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="replay") if prefetch else None
+        self.last_index: int | None = None  # buffers past the run's last step are not prefetched
         self.sampling_seconds = 0.0
+
+    def _sample(self, index: int) -> np.ndarray:
+        tokens = sampling.sample(self.model_cfg, self.ref_params, self.prompts, jax.random.fold_in(self.key, index),
+                                 self.temperature)
+        return np.asarray(tokens)
 
     def rows(self, step: int) -> np.ndarray:
         index = step // self.buffer
         if index != self._buffer_index:
-            import time
-
             start = time.perf_counter()
-            tokens = sampling.sample(self.model_cfg, self.ref_params, self.prompts,
-                                     jax.random.fold_in(self.key, index), self.temperature)
-            self._buffer = np.asarray(tokens)
+            future = self._pending.pop(index, None)
+            self._buffer = future.result() if future is not None else self._sample(index)
             self._buffer_index = index
+            for stale in [i for i in self._pending if i < index]:
+                self._pending.pop(stale).cancel()
+            nxt = index + 1
+            if self._pool is not None and nxt not in self._pending and (self.last_index is None or nxt <= self.last_index):
+                self._pending[nxt] = self._pool.submit(self._sample, nxt)
             self.sampling_seconds += time.perf_counter() - start
         offset = (step % self.buffer) * self.rows_per_step
         return self._buffer[offset: offset + self.rows_per_step]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._pending.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending = {}

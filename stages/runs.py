@@ -36,11 +36,17 @@ FAULT_ENV = "FORGETTING_FAULT_AT"  # tests: `kill -9` the run at this named poin
 
 # Fields that change where or how a run is shown or placed, not its numbers: left out of the hash.
 _UNHASHED = {("run", "dir"), ("run", "mesh"), ("run", "mesh_model"), ("log", "wandb"),
-             ("log", "wandb_project"), ("log", "progress")}
+             ("log", "wandb_project"), ("log", "progress"), ("log", "checkpoint_every_steps"),
+             ("log", "checkpoint_minutes")}
 
 
 def hashed_config(cfg: Any) -> dict:
     d = cli.to_dict(cfg)
+    model = d.get("model")
+    if isinstance(model, dict) and model.get("dtype") == "auto":  # the run is named by the dtype it computes in
+        from forgetting.stages import auto_dtype
+
+        model["dtype"] = auto_dtype.resolve("auto")
     for section, key in _UNHASHED:
         d.get(section, {}).pop(key, None)
     return d

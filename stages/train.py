@@ -50,6 +50,16 @@ run_dir = runs.run_dir
 Config = TrainConfig
 
 
+def _same_tree(a: Any, b: Any) -> bool:
+    """Bitwise-equal pytrees of arrays (same structure, shapes, dtypes and values)."""
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    if any(x.shape != y.shape or x.dtype != y.dtype for x, y in pairs):
+        return False
+    return all(bool(v) for v in jax.device_get([jnp.array_equal(x, y) for x, y in pairs]))
+
+
 def _norm(tree: Any) -> float:
     return float(optax.tree.norm(tree))
 
@@ -69,6 +79,9 @@ class _Trainer:
             raise ValueError(f"{cfg.data.path} has an assistant-only loss mask, which --mix and --reg.method replace "
                              "would misalign (they swap rows); use kl/ntp replay or tokenize without --chat")
         self.eval_step = step_lib.make_eval_step(self.s.model_cfg)
+        self.hidden_fn = step_lib.make_hidden_fn(self.s.model_cfg)
+        self._splits: dict[str, Any] = {}  # eval sets kept across evals (evaluation.EvalSplit)
+        self._last_checkpoint = time.perf_counter()
 
     # ----- batches -------------------------------------------------------------------------------
     def batch(self, step: int) -> dict:
@@ -109,21 +122,26 @@ class _Trainer:
         if train_terms:
             ntp, reg = np.mean(np.asarray(jax.device_get(train_terms), np.float64), axis=0)
             row["train_loss_ntp"], row["train_loss_reg"] = float(ntp), float(reg)
-        bs, cap = s.eval_batch_size, cfg.eval.max_tokens
         kl_ref = ref if ref is not None else s.init_params  # pretraining: KL to the initialization
+        # θ is bitwise the reference at the start of a run: KL is exactly 0 and the reference need not run
+        same = step == 0 and kl_ref is not None and _same_tree(params, kl_ref)
         for prefix, dataset in (("valid", s.dataset), ("prev", s.prev_dataset), ("mix", s.mix_dataset)):
             if dataset is None:
                 continue
-            m = evaluation.ntp_and_kl(self.eval_step, params, dataset, bs, kl_ref, cap)
+            m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, self._split(prefix, dataset),
+                                            kl_ref, same)
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
             span = evaluation.answer_span(dataset.token_file.meta)
             if span:
-                row[f"{prefix}_acc"] = evaluation.exact_match(s.model_cfg, params, dataset, bs, span, cap)
+                row[f"{prefix}_acc"] = evaluation.exact_match(s.model_cfg, params, dataset, s.eval_batch_size, span,
+                                                              cfg.eval.max_tokens)
         for name, dataset in s.extra_datasets.items():
-            row[f"ntp/{name}"] = evaluation.ntp_and_kl(self.eval_step, params, dataset, bs, None, cap)["ntp"]
+            split = self._split(f"extra/{name}", dataset)
+            row[f"ntp/{name}"] = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split)["ntp"]
             span = evaluation.answer_span(dataset.token_file.meta)
             if span:
-                row[f"acc/{name}"] = evaluation.exact_match(s.model_cfg, params, dataset, bs, span, cap)
+                row[f"acc/{name}"] = evaluation.exact_match(s.model_cfg, params, dataset, s.eval_batch_size, span,
+                                                            cfg.eval.max_tokens)
         row["weight_norm"] = _norm(params)
         if ref is not None:
             moved = _diff_norm(params, ref)
@@ -137,9 +155,34 @@ class _Trainer:
         row["tokens_per_s"] = (step - s.first_step_timed) * s.tokens_per_step / max(s.throughput_seconds, 1e-9)
         return row
 
+    def _split(self, key: str, dataset) -> Any:
+        from forgetting.stages import evaluation
+
+        if key not in self._splits:
+            cfg = self.cfg
+            # The reference's hidden states are kept on the one-device, one-process path only.
+            single = not cfg.run.mesh and jax.process_count() == 1
+            budget = cfg.eval.reference_cache_mb * 2**20 if single else 0
+            self._splits[key] = evaluation.EvalSplit(dataset, self.s.eval_batch_size, cfg.eval.max_tokens, budget)
+        return self._splits[key]
+
     # ----- checkpoints ---------------------------------------------------------------------------
+    @property
+    def _own_checkpoint_cadence(self) -> bool:
+        return bool(self.cfg.log.checkpoint_every_steps or self.cfg.log.checkpoint_minutes)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        """With a checkpoint cadence of its own (--log.checkpoint_every_steps / --log.checkpoint_minutes):
+        whether one is due after `step`. Every process follows process 0's clock."""
+        every, minutes = self.cfg.log.checkpoint_every_steps, self.cfg.log.checkpoint_minutes
+        due = bool(every) and step % every == 0
+        if minutes:
+            due = multihost.agree(due or time.perf_counter() - self._last_checkpoint >= 60 * minutes)
+        return due
+
     def save_state(self, state, step: int, extras: dict) -> None:
         runs.save_checkpoint(self.out / runs.STATE_FILE, {"state": state, "extras": extras}, {"step": step})
+        self._last_checkpoint = time.perf_counter()
         runs.fault_point(f"state_saved:{step}")
 
     def restore_state(self, template_state) -> tuple[Any, int, dict] | None:
@@ -222,6 +265,10 @@ class _Trainer:
             if cfg.stop.train_time:  # clocks differ between processes: all follow process 0's decision
                 out_of_time = multihost.agree(bool(out_of_time))
             if step % s.eval_every and not at_end and not out_of_time:
+                if self._checkpoint_due(step):
+                    self.save_state(state, step, dict(extras, **_pending(losses, terms, s.eval_every),
+                                                      train_seconds=np.float32(train_seconds + timed_seconds),
+                                                      wall_time=np.float32(time.perf_counter() - wall_start)))
                 continue
             jax.block_until_ready(state.params)
             mean_loss = float(np.mean(jax.device_get(losses)))
@@ -255,7 +302,8 @@ class _Trainer:
                           wall_time=np.float32(row["wall_time"]), **_pending([], [], s.eval_every),
                           stop_code=np.int32(STOP_REASONS.index(stop_reason)))
             last_row = self._log(row, logger)
-            self.save_state(state, step, extras)
+            if not self._own_checkpoint_cadence or self._checkpoint_due(step):
+                self.save_state(state, step, extras)
         if bar is not None:
             bar.close()
         if last_row is None or last_row["step"] != step:
@@ -368,6 +416,15 @@ def train(cfg: TrainConfig) -> dict:
     One process writes a run directory at a time (`runs.RunLock`); a resumed run must read the same input
     files it started with (`runs.check_inputs`)."""
     cfg.validate()
+    dtype_choice = {"dtype": cfg.model.dtype, "why": "--model.dtype given"}
+    if cfg.model.dtype == "auto":
+        from forgetting.stages import auto_dtype
+        from forgetting.stages.train_config import with_resolved_dtype
+
+        cfg = with_resolved_dtype(cfg)
+        dtype_choice = {**auto_dtype.auto_dtype(), "dtype": cfg.model.dtype}
+        if multihost.is_writer():
+            print(f"--model.dtype {auto_dtype.auto_dtype()['why']}", file=sys.stderr)
     out = runs.run_dir(cfg)
     if runs.is_done(out):
         return _reused(out)
@@ -389,8 +446,13 @@ def train(cfg: TrainConfig) -> dict:
             runs.check_inputs(out, inputs, _checkpoint_step(state_file))
         elif writer:
             runs.write_json(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved,
-                                                     "inputs": inputs})
-        final = trainer.train(stop_requests)
+                                                     "inputs": inputs, "dtype_choice": dtype_choice})
+        try:
+            final = trainer.train(stop_requests)
+        finally:
+            close = getattr(trainer.s.replay, "close", None)
+            if close is not None:
+                close()  # the replay prefetch thread
     return {"run_dir": str(out), "metrics": final, "status": "finished"}
 
 

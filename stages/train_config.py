@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
+from forgetting.stages import auto_dtype
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 MESH_STRATEGIES = ("", "dp", "fsdp", "tp")
@@ -49,6 +50,7 @@ class ModelArgs(model_lib.ModelConfig):
     (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
 
     vocab_size: int = 0  # 0 = take it from the data sidecar
+    dtype: str = "auto"  # matmul input dtype: bfloat16 (f32 accumulation) | float32 | auto (the faster one here: stages.auto_dtype)
     load_path: str = ""  # finetune from this run directory (or an authors' weights.npz / HF / GGUF checkpoint)
     load_dir: str = ""  # with load_idx: finetune from the load_idx-th run in this directory (the authors' load_dir)
     load_idx: int = -1  # index into the sorted finished runs / authors' checkpoints under load_dir
@@ -65,6 +67,7 @@ class ModelArgs(model_lib.ModelConfig):
     def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
         """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+        fields["dtype"] = auto_dtype.resolve(self.dtype)
         fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
         return model_lib.ModelConfig(**fields)
 
@@ -123,14 +126,17 @@ class EvalConfig:
     extra_paths: tuple[str, ...] = ()  # .bin files evaluated at every eval (their validation split)
     batch_size: int = 0  # eval batch size; 0 = the training batch size
     max_tokens: int = 0  # cap on tokens evaluated per set (0 = the whole validation split)
+    reference_cache_mb: int = 1024  # keep the frozen reference's hidden states of the eval sets up to this size (0 = recompute every eval)
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """Evaluation cadence and logging."""
 
-    every_tokens: int = 1_000_000  # evaluate, log and checkpoint every this many training tokens
+    every_tokens: int = 1_000_000  # evaluate and log every this many training tokens (and checkpoint, unless a checkpoint cadence is set)
     every_steps: int = 0  # if > 0, overrides every_tokens
+    checkpoint_every_steps: int = 0  # > 0: checkpoint every this many steps instead of at every eval
+    checkpoint_minutes: float = 0.0  # > 0: checkpoint once this much wall time has passed since the last, instead of at every eval
     wandb: bool = False  # also log to Weights & Biases (needs the `wandb` extra)
     wandb_project: str = "forgetting"  # W&B project name
     progress: bool = True  # progress bar on stderr
@@ -214,8 +220,6 @@ class TrainConfig:
             raise ValueError("--mix.coeff given without --mix.path")
         if self.run.mesh not in MESH_STRATEGIES:
             raise ValueError(f"--run.mesh must be one of dp, fsdp, tp (or empty), got {self.run.mesh!r}")
-        if self.model.dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"--model.dtype must be bfloat16 or float32, got {self.model.dtype!r}")
 
 
 def check_run_name(name: str) -> None:
@@ -245,11 +249,13 @@ def validate_model_args(m: ModelArgs) -> None:
     if m.lora_rank and not m.loads:
         raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
     # lora_rank <= min(d_in, d_out) needs the loaded model's shape: checked in train_setup.
+    if m.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--model.dtype must be auto, bfloat16 or float32, got {m.dtype!r}")
     try:  # the rest of ModelConfig's own checks (numerics fields; shape too unless a checkpoint gives it)
         if m.loads:
-            model_lib.ModelConfig(dtype=m.dtype, **m.numerics())
+            model_lib.ModelConfig(**m.numerics())
         else:
-            m.model_config()
+            dataclasses.replace(m, dtype="float32").model_config()  # checks without running the auto probe
     except ValueError as e:
         raise ValueError(f"--model.{e}") from None
 
@@ -301,6 +307,9 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     if cfg.log.every_tokens <= 0:
         raise ValueError(f"--log.every_tokens must be positive, got {cfg.log.every_tokens}")
     _non_negative("--log.every_steps", cfg.log.every_steps, " (0 = use --log.every_tokens)")
+    _non_negative("--log.checkpoint_every_steps", cfg.log.checkpoint_every_steps, " (0 = at every eval)")
+    _non_negative("--log.checkpoint_minutes", cfg.log.checkpoint_minutes, " (0 = at every eval)")
+    _non_negative("--eval.reference_cache_mb", cfg.eval.reference_cache_mb, " (0 = recompute at every eval)")
     _non_negative("--eval.batch_size", cfg.eval.batch_size, " (0 = the training batch size)")
     _non_negative("--eval.max_tokens", cfg.eval.max_tokens, " (0 = the whole split)")
 
@@ -326,3 +335,14 @@ def replace(cfg, **changes):
     for head, sub in nested.items():
         flat[head] = replace(getattr(cfg, head), **sub)
     return dataclasses.replace(cfg, **flat)
+
+
+def with_resolved_dtype(cfg: "TrainConfig") -> "TrainConfig":
+    """`cfg` with --model.dtype auto replaced by the machine's choice (`stages.auto_dtype`); in a
+    multi-process run every process takes process 0's."""
+    if cfg.model.dtype != "auto":
+        return cfg
+    from forgetting.core import multihost
+
+    bf16 = multihost.agree(auto_dtype.resolve("auto") == "bfloat16")
+    return replace(cfg, **{"model.dtype": "bfloat16" if bf16 else "float32"})

@@ -17,7 +17,7 @@ from forgetting.core import families, lora, optim, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
 from forgetting.stages import replay, runs
-from forgetting.stages.train_config import TrainConfig
+from forgetting.stages.train_config import TrainConfig, with_resolved_dtype
 
 
 @dataclasses.dataclass
@@ -92,6 +92,7 @@ def _steps(cfg: TrainConfig, model_cfg: Any, dataset: data_lib.SequenceDataset,
 
 
 def build_setup(cfg: TrainConfig) -> Setup:
+    cfg = with_resolved_dtype(cfg)
     load_path = cfg.model.load_path
     if cfg.model.load_dir:
         load_path = str(runs.run_in_dir(cfg.model.load_dir, cfg.model.load_idx))
@@ -145,8 +146,10 @@ def build_setup(cfg: TrainConfig) -> Setup:
             outside = [i for i in prompt_ids if not 0 <= i < V]
             if outside:
                 raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
+            # Prefetching on a second thread only on one device in one process: a sharded sampler's
+            # collectives must not interleave with the train step's.
             replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
-                                                       cfg.run.seed)
+                                                       cfg.run.seed, prefetch=not cfg.run.mesh and jax.process_count() == 1)
         else:
             if r.path:
                 old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
@@ -163,6 +166,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
     schedule = optim.schedule(cfg.opt.peak_lr, warmup_steps, total_steps, cfg.opt.lr_decay)
     opt = optimizer_for(cfg.opt, schedule)
     eval_every = cfg.log.every_steps or max(1, round(cfg.log.every_tokens / tokens_per_step))
+    if total_steps is not None and isinstance(replay_source, replay.SelfGeneratedReplay):
+        replay_source.last_index = (total_steps - 1) // r.buffer
 
     put_batch, put_state, state_sharding, batch_sharding = _placement(cfg, model_cfg, trainable, opt, use_lora,
                                                                       masked=dataset.pad_id is not None)
