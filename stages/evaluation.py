@@ -44,9 +44,21 @@ class EvalSplit:
 
     def __init__(self, dataset: data_lib.SequenceDataset, batch_size: int, max_tokens: int = 0, budget_bytes: int = 0):
         self.dataset = dataset
-        self.batches = list(_limited_batches(dataset, batch_size, max_tokens))
-        if not self.batches:
+        batches = list(_limited_batches(dataset, batch_size, max_tokens))
+        if not batches:
             raise ValueError(f"{dataset.token_file.path}: validation split is empty; raise --data.num_tokens_valid")
+        # One shape and one signature for every batch, so the eval step compiles once: every batch carries a
+        # mask (ones where the data has none: the same sums), and a short last batch is filled up with
+        # rows whose mask is 0.
+        width = batches[0][0].shape[0]
+        self.batches = []
+        for tokens, mask in batches:
+            mask = np.ones(tokens.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
+            short = width - tokens.shape[0]
+            if short:
+                tokens = np.concatenate([tokens, np.zeros((short, tokens.shape[1]), tokens.dtype)])
+                mask = np.concatenate([mask, np.zeros((short, mask.shape[1]), np.float32)])
+            self.batches.append((tokens, mask))
         self.budget_bytes = budget_bytes
         self._ref_hidden: list | None = None
         self._ref_id: int | None = None

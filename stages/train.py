@@ -14,6 +14,10 @@ final metrics. In a multi-process run (`jax.distributed`, see core.sharding.init
 process computes the same rows; process 0 alone writes them, the config, the done marker and stdout's
 JSON, and each process writes its own checkpoint shards (core.sharded_checkpoint).
 
+Checkpoints (`state.msgpack`) are written at every eval, or with `--log.checkpoint_every_steps` /
+`--log.checkpoint_minutes` on a cadence of their own (between evals they carry the losses since the last
+eval, so a resume still ends with the uninterrupted run's numbers).
+
 Timing: `train_seconds` (the time axis of the high-LR figure and `--stop.train_time`) is training time as
 the authors' `log.measure_time` counts it: it leaves out the first 5 steps of each process (compilation
 and warm-up) and evaluations. Unlike theirs it includes assembling each step's batch, so reading real

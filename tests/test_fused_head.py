@@ -83,6 +83,11 @@ def test_per_position_values_match_the_logit_path(chunk_budget, seed, shape):
     assert kl.shape == (B, T)
     np.testing.assert_allclose(kl, losses.kl_per_position(_logits(h, w), _logits(ref_h, ref_w)),
                                rtol=1e-5, atol=1e-5)
+    # the eval's one pass over θ's logits gives both
+    both_nll, both_kl = fused_head.nll_and_kl_per_position(h, w, tokens, ref_h, ref_w, "float32", chunk_budget)
+    assert both_nll.shape == (B, T - 1) and both_kl.shape == (B, T)
+    np.testing.assert_allclose(both_nll, nll, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(both_kl, kl, rtol=1e-6, atol=1e-6)
 
 
 @given(seed=seeds)
