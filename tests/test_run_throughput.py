@@ -12,17 +12,8 @@ from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
 from forgetting.stages import auto_dtype, evaluation, replay, runs, train
-from forgetting.stages.train_config import TrainConfig, replace
 
-T = 32
-
-
-def tiny(corpora, tmp_path, **changes) -> TrainConfig:
-    return replace(TrainConfig(), **{
-        "data.path": corpora[0], "data.num_tokens_valid": 2048, "model.d_model": 32, "model.n_layers": 1,
-        "model.head_dim": 16, "model.seq_len": T, "model.dtype": "float32", "opt.batch_size": 8,
-        "opt.warmup_tokens": 256, "opt.peak_lr": 3e-3, "stop.num_tokens_train": 8 * T * 12,
-        "log.every_steps": 4, "log.progress": False, "run.dir": str(tmp_path / "runs"), **changes})
+from test_train import T, tiny  # tests/: the train-stage tests' tiny run
 
 
 @pytest.fixture(scope="module")
