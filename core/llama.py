@@ -385,12 +385,21 @@ def from_hf_config(hf: dict, *, seq_len: int | None = None, dtype: str = "bfloat
     `seq_len` defaults to min(max_position_embeddings, `max_seq_len`): the KV cache and the sampler's
     length are sized by it, and Llama 3.2's 131072 positions would not fit a cache.
     """
+    return config_from_hf(hf, LlamaConfig, ("llama", "mistral"),
+                          "model_type {model_type} is not a Llama; this loader reads Llama checkpoints",
+                          "the Llama family", seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
+                          max_seq_len=max_seq_len)
+
+
+def config_from_hf(hf: dict, cls: type, model_types: tuple[str, ...], refusal: str, family: str, *,
+                   seq_len: int | None, dtype: str, param_dtype: str, max_seq_len: int) -> Any:
+    """A config of class `cls` (LlamaConfig or a subclass) from a HF `config.json` dict whose model_type is
+    one of `model_types` (else ValueError(refusal.format(model_type=repr(...))))."""
     spec = hf_config_lib.parse_hf_config(hf)  # validates; refuses what would change the numbers
-    if spec.model_type not in ("llama", "mistral"):
-        raise ValueError(f"model_type {spec.model_type!r} is not a Llama; this loader reads Llama checkpoints")
-    check_switches(spec, LlamaConfig, "the Llama family")
-    return LlamaConfig(**config_kwargs(spec, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
-                                       max_seq_len=max_seq_len))
+    if spec.model_type not in model_types:
+        raise ValueError(refusal.format(model_type=repr(spec.model_type)))
+    check_switches(spec, cls, family)
+    return cls(**config_kwargs(spec, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len))
 
 
 def check_switches(spec: hf_config_lib.HFModelSpec, cls: type, family: str) -> None:

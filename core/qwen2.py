@@ -17,7 +17,6 @@ import dataclasses
 from typing import ClassVar
 
 from forgetting.core import families, llama
-from forgetting.core import hf_config as hf_config_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +31,9 @@ class Qwen2Config(llama.LlamaConfig):
 def from_hf_config(hf: dict, *, seq_len: int | None = None, dtype: str = "bfloat16",
                    param_dtype: str = "float32", max_seq_len: int = 2048) -> Qwen2Config:
     """A Qwen2Config from a HF `config.json` dict (model_type "qwen2"); see `llama.from_hf_config`."""
-    spec = hf_config_lib.parse_hf_config(hf)
-    if spec.model_type != "qwen2":
-        raise ValueError(f"config.json: model_type {spec.model_type!r} is not qwen2")
-    llama.check_switches(spec, Qwen2Config, "the Qwen2 family")
-    return Qwen2Config(**llama.config_kwargs(spec, seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
-                                             max_seq_len=max_seq_len))
+    return llama.config_from_hf(hf, Qwen2Config, ("qwen2",), "config.json: model_type {model_type} is not qwen2",
+                                "the Qwen2 family", seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,
+                                max_seq_len=max_seq_len)
 
 
 def to_hf_config(cfg: Qwen2Config, *, torch_dtype: str | None = None) -> dict:
