@@ -303,17 +303,12 @@ def table(summary: dict) -> str:
 
 
 def machine() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import jax
 
-    return {"processor": model, "cpus": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version()}
+    from forgetting.stages.auto_dtype import processor
+
+    return {"processor": processor(), "cpus": os.cpu_count(), "jax": jax.__version__,
+            "python": platform.python_version()}
 
 
 def bench(cfg: VersusConfig) -> dict:

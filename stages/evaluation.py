@@ -22,18 +22,7 @@ def _limited_batches(dataset: data_lib.SequenceDataset, batch_size: int, max_tok
 def ntp_and_kl(eval_step: Callable, params: Any, dataset: data_lib.SequenceDataset, batch_size: int,
                ref_params: Any = None, max_tokens: int = 0) -> dict[str, float]:
     """Mean NTP loss (all predicted positions and second half) and, with a reference, mean KL(ref ‖ θ)."""
-    totals: dict[str, float] = {}
-    pending = [eval_step(params, batch, ref_params, mask)
-               for batch, mask in _limited_batches(dataset, batch_size, max_tokens)]
-    if not pending:
-        raise ValueError(f"{dataset.token_file.path}: validation split is empty; raise --data.num_tokens_valid")
-    for sums in jax.device_get(pending):
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    out = {"ntp": totals["ntp_sum"] / totals["ntp_count"], "ntp_h2": totals["ntp_h2_sum"] / totals["ntp_h2_count"]}
-    if ref_params is not None:
-        out["kl"] = totals["kl_sum"] / totals["kl_count"]
-    return out
+    return ntp_and_kl_split(eval_step, None, params, EvalSplit(dataset, batch_size, max_tokens), ref_params)
 
 
 class EvalSplit:
@@ -68,19 +57,18 @@ class EvalSplit:
         if self._ref_hidden is None or self._ref_id != id(ref_params):
             kept: list = []
             used = 0
-            for _ in self.batches:
-                if used >= self.budget_bytes:
-                    break
-                hidden = hidden_fn(ref_params, self.batches[len(kept)][0])
-                used += hidden.nbytes
+            for tokens, _ in self.batches:
+                hidden = hidden_fn(ref_params, tokens) if used < self.budget_bytes else None
+                used += 0 if hidden is None else hidden.nbytes
                 kept.append(hidden if used <= self.budget_bytes else None)
-            self._ref_hidden, self._ref_id = kept + [None] * (len(self.batches) - len(kept)), id(ref_params)
+            self._ref_hidden, self._ref_id = kept, id(ref_params)
         return self._ref_hidden
 
 
 def ntp_and_kl_split(eval_step: Callable, hidden_fn: Callable, params: Any, split: EvalSplit, ref_params: Any = None,
                      same_as_ref: bool = False) -> dict[str, float]:
-    """`ntp_and_kl` over a kept `EvalSplit`: one pass per batch computes ntp, ntp_h2 and KL together, the
+    """`ntp_and_kl` over a kept `EvalSplit` (`hidden_fn`: `step.make_hidden_fn`, needed only when the split
+    keeps hidden states): one pass per batch computes ntp, ntp_h2 and KL together, the
     reference's hidden states come from the split's cache, and `same_as_ref` (θ is bitwise the reference,
     as at step 0) skips the reference altogether: KL(ref ‖ ref) is exactly 0."""
     use_ref = ref_params is not None and not same_as_ref

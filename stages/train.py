@@ -231,14 +231,18 @@ class _Trainer:
             last_row = self._log(self.evaluate(state, 0, [], 0.0, 0.0), logger)
             self.save_state(state, 0, extras)
         bar = _progress(cfg, s.total_steps, step) if stop_reason is None else None
+
+        def between_evals() -> dict:  # a checkpoint's extras away from an eval: the losses since the last one
+            return dict(extras, **_pending(losses, terms, s.eval_every),
+                        train_seconds=np.float32(train_seconds + timed_seconds),
+                        wall_time=np.float32(time.perf_counter() - wall_start))
+
         while stop_reason is None:
             if s.total_steps is not None and step >= s.total_steps:
                 stop_reason = s.length_criterion
                 break
             if stop_requests.signum is not None:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
-                self.save_state(state, step, dict(extras, **_pending(losses, terms, s.eval_every),
-                                                  train_seconds=np.float32(train_seconds + timed_seconds),
-                                                  wall_time=np.float32(time.perf_counter() - wall_start)))
+                self.save_state(state, step, between_evals())
                 raise runs.Interrupted(
                     f"stopped by {signal.Signals(stop_requests.signum).name} after step {step}; the checkpoint "
                     f"is saved in {self.out}. Rerun the same command to resume (it ends with the numbers an "
@@ -270,9 +274,7 @@ class _Trainer:
                 out_of_time = multihost.agree(bool(out_of_time))
             if step % s.eval_every and not at_end and not out_of_time:
                 if self._checkpoint_due(step):
-                    self.save_state(state, step, dict(extras, **_pending(losses, terms, s.eval_every),
-                                                      train_seconds=np.float32(train_seconds + timed_seconds),
-                                                      wall_time=np.float32(time.perf_counter() - wall_start)))
+                    self.save_state(state, step, between_evals())
                 continue
             jax.block_until_ready(state.params)
             mean_loss = float(np.mean(jax.device_get(losses)))
@@ -428,7 +430,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg = with_resolved_dtype(cfg)
         dtype_choice = {**auto_dtype.auto_dtype(), "dtype": cfg.model.dtype}
         if multihost.is_writer():
-            print(f"--model.dtype {auto_dtype.auto_dtype()['why']}", file=sys.stderr)
+            print(f"--model.dtype {dtype_choice['why']}", file=sys.stderr)
     out = runs.run_dir(cfg)
     if runs.is_done(out):
         return _reused(out)
