@@ -60,11 +60,15 @@ def split_heads(qkv_bt3he: jax.Array, sin_tf: jax.Array, cos_tf: jax.Array, eps:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_positions: jax.Array,
-              key_positions: jax.Array, dtype: str) -> jax.Array:
+              key_positions: jax.Array, dtype: str, probs_dtype: str | None = None) -> jax.Array:
     """Causal attention f32 [B, H, t, hd] of head-major q [B, H, t, hd] and k, v [B, H, s, hd]: query i
-    sees key j iff key_positions[j] <= query_positions[i]. Plain autodiff."""
+    sees key j iff key_positions[j] <= query_positions[i]. Plain autodiff. `probs_dtype` rounds the
+    probabilities to that dtype's values (what `causal_self_attention` multiplies by v) before the
+    `dtype` matmul."""
     scores = matmul.einsum_f32_acc("bhte,bhse->bhts", q, k, dtype) / math.sqrt(q.shape[-1])
     probs = jax.nn.softmax(_causal(scores, query_positions, key_positions), axis=-1)
+    if probs_dtype is not None:
+        probs = probs.astype(probs_dtype).astype(probs.dtype)
     return matmul.einsum_f32_acc("bhts,bhse->bhte", probs, v, dtype)
 
 

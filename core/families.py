@@ -54,11 +54,16 @@ class Family:
     # `output_embedding` multiplies into the logits (the fused loss heads start from it).
     final_hidden: Callable[[Any, Params, jax.Array], jax.Array]
     output_embedding: Callable[[Any, Params], jax.Array]  # [V, D]
-    init_cache: Callable[[Any, int], Cache]  # (cfg, batch_size) -> an empty cache of cfg.seq_len positions
+    # (cfg, batch_size, length=None) -> an empty cache of `length` positions (None: cfg.seq_len)
+    init_cache: Callable[..., Cache]
     lora_targets: LoraViews  # the leaves LoRA adapts and how each is a per-layer matrix
     # hf_names(cfg) -> {HF tensor name: (leaf, layer index or None)}; None when the family has no HF form.
     hf_names: Callable[[Any], dict[str, tuple[str, int | None]]] | None = None
     config_from_dict: Callable[[dict], Any] | None = None  # inverse of `cli.to_dict`; default cls(**d)
+    # decode_hidden(cfg, params, tokens [B, t], cache, pos) -> (normed final hidden f32 [B, t, D], new
+    # cache): `forward` with a cache, stopped before the unembedding, so that the sampler can hand out
+    # the hidden states its samples were drawn from. None: the sampler cannot return them.
+    decode_hidden: Callable[..., Any] | None = None
 
     def from_dict(self, d: dict) -> Any:
         return self.config_from_dict(d) if self.config_from_dict else self.config_type(**d)
@@ -131,5 +136,17 @@ def forward(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache | None 
     return of(cfg).forward(cfg, params, tokens_bt, cache, pos)
 
 
-def init_cache(cfg: Any, batch_size: int) -> Cache:
-    return of(cfg).init_cache(cfg, batch_size)
+def init_cache(cfg: Any, batch_size: int, length: int | None = None) -> Cache:
+    return of(cfg).init_cache(cfg, batch_size, length)
+
+
+def has_decode_hidden(cfg: Any) -> bool:
+    return of(cfg).decode_hidden is not None
+
+
+def decode_hidden(cfg: Any, params: Params, tokens_bt: jax.Array, cache: Cache, pos: jax.Array | int):
+    family = of(cfg)
+    if family.decode_hidden is None:
+        raise ValueError(f"model family {family.name!r} provides no decode_hidden (a cached forward to the final "
+                         "hidden states), so its sampler cannot return them")
+    return family.decode_hidden(cfg, params, tokens_bt, cache, pos)

@@ -110,6 +110,17 @@ def rope_tables(positions_t: jax.Array | np.ndarray, inv_freq: np.ndarray) -> tu
     return jnp.asarray(xp.sin(angles_tf), f32), jnp.asarray(xp.cos(angles_tf), f32)
 
 
+def rope_tables_at(pos: jax.Array | int, t: int, inv_freq: np.ndarray, positions: int) -> tuple[jax.Array, jax.Array]:
+    """`rope_tables` for positions pos..pos+t-1, all below `positions` (a KV cache's length). A traced
+    `pos` (a decoding loop's) slices constant tables of `positions` rows: computed from a traced
+    position, sin/cos were re-evaluated inside every head's rotation (XLA-CPU fuses them into each
+    consumer), 10% of a decoding step."""
+    if isinstance(pos, (int, np.integer)):
+        return rope_tables(pos + np.arange(t), inv_freq)
+    sin_pf, cos_pf = rope_tables(np.arange(positions), inv_freq)
+    return (jax.lax.dynamic_slice_in_dim(sin_pf, pos, t), jax.lax.dynamic_slice_in_dim(cos_pf, pos, t))
+
+
 def rotate(x: jax.Array, sin: jax.Array, cos: jax.Array, axis: int = -1) -> jax.Array:
     """Rotate-half RoPE along `axis`, tables broadcasting against one half of x:
     (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin)."""

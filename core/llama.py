@@ -259,9 +259,14 @@ def rope(x_bthd: jax.Array, positions_t: jax.Array, inv_freq: np.ndarray, scale:
     return layers.apply_rope(x_bthd, sin * scale, cos * scale)
 
 
-def rope_tables(cfg: LlamaConfig, positions_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sin, cos) [t, hd/2] of the configured rope type, times its attention scaling (1 except yarn)."""
-    sin, cos = layers.rope_tables(positions_t, rope_inv_freq(cfg))
+def rope_tables(cfg: LlamaConfig, positions_t: jax.Array, pos: jax.Array | int = 0,
+                cache_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [t, hd/2] of the configured rope type, times its attention scaling (1 except yarn).
+    With a cache of `cache_length` positions, from `layers.rope_tables_at` (pos is the first position)."""
+    if cache_length is None:
+        sin, cos = layers.rope_tables(positions_t, rope_inv_freq(cfg))
+    else:
+        sin, cos = layers.rope_tables_at(pos, positions_t.shape[0], rope_inv_freq(cfg), cache_length)
     scale = cfg.rope_attention_scaling
     return (sin, cos) if scale == 1.0 else (sin * scale, cos * scale)
 
@@ -272,9 +277,10 @@ def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positio
     return layers.attention(q_bthe, k_bske, v_bske, q_positions_t, k_positions_s, dtype, impl)
 
 
-def init_cache(cfg: LlamaConfig, batch_size: int) -> Cache:
-    """Empty KV cache [L, B, seq_len, K, hd] for keys and values (`layers.kv_cache_dtype`)."""
-    shape = (cfg.n_layers, batch_size, cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
+def init_cache(cfg: LlamaConfig, batch_size: int, length: int | None = None) -> Cache:
+    """Empty KV cache [L, B, length, K, hd] for keys and values (`layers.kv_cache_dtype`); length
+    defaults to seq_len."""
+    shape = (cfg.n_layers, batch_size, cfg.seq_len if length is None else length, cfg.n_kv_heads, cfg.head_dim)
     dt = layers.kv_cache_dtype(cfg)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
@@ -309,7 +315,7 @@ def _run(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | 
     """(normed final hidden states f32 [B, t, D], new cache or None)."""
     impl = layers.resolve_impl(cfg.impl)
     positions_t = pos + jnp.arange(tokens_bt.shape[1])
-    rope_sin_cos = rope_tables(cfg, positions_t)
+    rope_sin_cos = rope_tables(cfg, positions_t, pos, None if cache is None else cache["k"].shape[2])
     x_btd = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.float32)
     stacked = {name: params[name] for name in layer_leaves(cfg)}
     new_cache = None
@@ -336,6 +342,11 @@ def output_embedding(cfg: LlamaConfig, params: Params) -> jax.Array:
 def final_hidden(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
     """The normed last hidden states f32 [B, t, D] of a causal forward without a cache."""
     return _run(cfg, params, tokens_bt, None, 0)[0]
+
+
+def decode_hidden(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache, pos: jax.Array | int):
+    """(normed final hidden states f32 [B, t, D], new cache) of a forward with a cache."""
+    return _run(cfg, params, tokens_bt, cache, pos)
 
 
 def forward(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | None = None,
@@ -451,4 +462,4 @@ def to_hf_config(cfg: LlamaConfig, *, torch_dtype: str | None = None) -> dict:
 FAMILY = families.register(families.Family(
     name="llama", config_type=LlamaConfig, param_specs=param_specs, init=init, forward=forward,
     final_hidden=final_hidden, output_embedding=output_embedding, init_cache=init_cache,
-    lora_targets=_LORA_VIEWS, hf_names=hf_names, config_from_dict=config_from_dict))
+    lora_targets=_LORA_VIEWS, hf_names=hf_names, config_from_dict=config_from_dict, decode_hidden=decode_hidden))

@@ -5,7 +5,9 @@ through θ: the frozen reference and a LoRA base enter as constants. The state b
 every metric comes back as an array (no Python floats inside the step, so no host sync per step).
 
 Batches are dicts: `tokens` int32 [B, T] (new data), optional `mask` [B, T] (which target tokens count),
-and, for `ntp_pre`/`kl_pre`, `replay` int32 [R, T]. `frozen` holds `ref` (the reference parameters, for
+and, for `ntp_pre`/`kl_pre`, `replay` int32 [R, T]; for `kl_pre` optionally `replay_ref_hidden` f32 [R, T, D],
+the reference's final hidden states on the replay rows when they are known already (the sampler that
+drew the rows computed them), instead of a forward of the reference inside the step. `frozen` holds `ref` (the reference parameters, for
 KL terms) and `base` (the frozen base weights when training LoRA adapters); absent ones are None.
 """
 from __future__ import annotations
@@ -115,7 +117,10 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
         elif reg_method in ("kl_pre", "kl_dwn"):
             ref = jax.lax.stop_gradient(frozen["ref"])
             on, h = (replay, hidden_replay) if reg_method == "kl_pre" else (tokens, hidden_new)
-            reg = head.kl_to_reference(params, h, ref, jax.lax.stop_gradient(head.hidden(ref, on)))
+            ref_hidden = batch.get("replay_ref_hidden") if reg_method == "kl_pre" else None
+            if ref_hidden is None:
+                ref_hidden = head.hidden(ref, on)
+            reg = head.kl_to_reference(params, h, ref, jax.lax.stop_gradient(ref_hidden))
         else:
             raise ValueError(f"regularizer {reg_method!r} has no train-step term")
         objective = ntp + reg_coeff * reg

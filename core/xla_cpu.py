@@ -9,7 +9,8 @@ on the benchmark model; see each kernel's module for the details):
   layout and a hand-written backward (no transposed dot operands, which XLA-CPU upcasts to f32).
 - `core.fused_head`: the loss computed from the final hidden states one chunk of positions at a time,
   with its gradient formed in the forward pass, so the [B, T, V] logits never exist whole.
-- An f32 KV cache with f32 decode attention (see `layers.kv_cache_dtype`), fully unrolled layer loops
+- An f32 KV cache with f32 decode attention on values rounded as the bf16 forward's matmul inputs
+  (see `layers.kv_cache_dtype`; decoding then gives the forward's numbers), fully unrolled layer loops
   (`layers.scan_unroll`), and `streams`: independent row groups that keep a second core busy where
   XLA-CPU runs an op single-threaded.
 All of it is reverse-mode only (custom VJPs); the reference path is the one for `jax.jvp`.
@@ -37,15 +38,23 @@ def paper_attention(h_btd: jax.Array, w_qkv: jax.Array, w_out: jax.Array, sin_tf
         attended = attention_kernels.causal_self_attention(h_btd, w_qkv, sin_tf, cos_tf, eps, positions_t, dtype)
     else:  # decoding: head-major, the cache's layout
         qkv = attention_kernels.project_qkv(h_btd, w_qkv, dtype)
-        q, k, v = attention_kernels.split_heads(qkv, sin_tf, cos_tf, eps)  # each [B, H, t, hd]
+        q, k, v = (_as_matmul_input(a, dtype) for a in attention_kernels.split_heads(qkv, sin_tf, cos_tf, eps))
         kv_cache = layers.update_cache(*kv_cache, k, v, pos, time_axis=2)
         keys, values = kv_cache
         # Attention in the cache's dtype (f32 by default): rounding an f32 cache to bf16 for the matmuls
         # cost a full pass over it per layer and decoding step (40% of sampling time), for matrix-vector
-        # products.
+        # products. The values are rounded as the forward's bf16 matmul inputs are (q, k, v when written,
+        # and the probabilities), so decoding computes the same numbers as `causal_self_attention`: an
+        # f32 product of two bf16 values is exact, and both accumulate in f32.
         attended = attention_kernels.attention(q, keys, values, jnp.asarray(positions_t),
-                                               jnp.arange(keys.shape[2]), keys.dtype.name)
+                                               jnp.arange(keys.shape[2]), keys.dtype.name,
+                                               probs_dtype=dtype)
     return matmul.mm("bhte,hed->btd", attended, w_out, dtype), kv_cache
+
+
+def _as_matmul_input(x: jax.Array, dtype: str) -> jax.Array:
+    """x (f32) holding the values a `dtype` matmul input would: rounded to bf16 and back, or x itself."""
+    return x if jnp.dtype(dtype) == f32 else x.astype(dtype).astype(f32)
 
 
 def auto_streams(rows: int) -> int:

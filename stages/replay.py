@@ -39,10 +39,12 @@ class SelfGeneratedReplay:
 
     While the training steps of one buffer run, the next buffer is sampled on a background thread: the
     sampler's decoding loop leaves cores idle that the train step uses, and the reverse. Each buffer's
-    key depends only on its index, so the rows are the same with or without the prefetch."""
+    key depends only on its index, so the rows are the same with or without the prefetch. With
+    `keep_hidden`, the sampler's final hidden states of the rows are kept too (`ref_hidden`): a KL to the
+    reference on these rows then needs no second forward of the reference."""
 
     def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int], rows: int, buffer: int,
-                 temperature: float, seed: int, prefetch: bool = True):
+                 temperature: float, seed: int, prefetch: bool = True, keep_hidden: bool = False):
         if not prompt_ids:
             raise ValueError("self-generated replay needs at least one prompt id (--reg.prompt_ids)")
         self.model_cfg, self.ref_params = model_cfg, ref_params
@@ -56,18 +58,21 @@ class SelfGeneratedReplay:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="replay") if prefetch else None
         self.last_index: int | None = None  # buffers past the run's last step are not prefetched
         self.sampling_seconds = 0.0
+        self.keep_hidden = keep_hidden
+        self._hidden: jax.Array | None = None
 
-    def _sample(self, index: int) -> np.ndarray:
-        tokens = sampling.sample(self.model_cfg, self.ref_params, self.prompts, jax.random.fold_in(self.key, index),
-                                 self.temperature)
-        return np.asarray(tokens)
+    def _sample(self, index: int) -> tuple[np.ndarray, jax.Array | None]:
+        out = sampling.sample(self.model_cfg, self.ref_params, self.prompts, jax.random.fold_in(self.key, index),
+                              self.temperature, return_hidden=self.keep_hidden)
+        tokens, hidden = out if self.keep_hidden else (out, None)
+        return np.asarray(tokens), hidden
 
-    def rows(self, step: int) -> np.ndarray:
+    def _load(self, step: int) -> None:
         index = step // self.buffer
         if index != self._buffer_index:
             start = time.perf_counter()
             future = self._pending.pop(index, None)
-            self._buffer = future.result() if future is not None else self._sample(index)
+            self._buffer, self._hidden = future.result() if future is not None else self._sample(index)
             self._buffer_index = index
             for stale in [i for i in self._pending if i < index]:
                 self._pending.pop(stale).cancel()
@@ -75,8 +80,20 @@ class SelfGeneratedReplay:
             if self._pool is not None and nxt not in self._pending and (self.last_index is None or nxt <= self.last_index):
                 self._pending[nxt] = self._pool.submit(self._sample, nxt)
             self.sampling_seconds += time.perf_counter() - start
+
+    def rows(self, step: int) -> np.ndarray:
+        self._load(step)
         offset = (step % self.buffer) * self.rows_per_step
         return self._buffer[offset: offset + self.rows_per_step]
+
+    def ref_hidden(self, step: int) -> jax.Array | None:
+        """With `keep_hidden`: the reference's final hidden states f32 [rows, T, D] on `rows(step)`, as the
+        sampler computed them while drawing the rows (`sampling.sample(return_hidden=True)`); else None."""
+        self._load(step)
+        if self._hidden is None:
+            return None
+        offset = (step % self.buffer) * self.rows_per_step
+        return self._hidden[offset: offset + self.rows_per_step]
 
     def close(self) -> None:
         if self._pool is not None:

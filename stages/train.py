@@ -99,6 +99,9 @@ class _Trainer:
             tokens = s.data_lib.replace_batch(tokens, s.replay.rows(step), cfg.reg.coeff)
         elif cfg.reg.method in ("ntp_pre", "kl_pre"):
             batch["replay"] = s.replay.rows(step)
+            ref_hidden = getattr(s.replay, "ref_hidden", lambda step: None)(step)
+            if ref_hidden is not None:  # the sampler's, for the KL (`--reg.reference_hidden`)
+                batch["replay_ref_hidden"] = ref_hidden
         batch["tokens"] = tokens
         # packed data: padding targets do not count; conversations: only assistant tokens count
         mask = (s.dataset.train_loss_mask(step, cfg.opt.batch_size, cfg.run.seed) if s.dataset.has_assistant_mask

@@ -11,6 +11,7 @@ from forgetting.core import model as model_lib
 from forgetting.stages import auto_dtype
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
+REFERENCE_HIDDEN = ("auto", "sampler", "forward")
 MESH_STRATEGIES = ("", "dp", "fsdp", "tp")
 
 
@@ -91,6 +92,10 @@ class RegConfig:
     temperature: float = 1.0  # self-generated replay sampling temperature
     path: str = ""  # real replay data (.bin); default: the loaded run's training data (train split only)
     prompt_ids: tuple[int, ...] = ()  # self-generated replay prompts; default: the loaded run's dataset ids
+    # Self-generated kl_pre: the reference's hidden states on the replay rows, from the sampler that drew
+    # them (no second forward of the reference; equal to it up to float rounding) or from a forward in the
+    # train step: auto (sampler on one device in one process) | sampler | forward
+    reference_hidden: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,11 @@ class TrainConfig:
                                  f"batch (--opt.batch_size {self.opt.batch_size}); lower it or use --reg.synth true")
         if r.synth and r.buffer <= 0:
             raise ValueError(f"--reg.buffer must be positive, got {r.buffer}")
+        if r.reference_hidden not in REFERENCE_HIDDEN:
+            raise ValueError(f"--reg.reference_hidden must be one of {', '.join(REFERENCE_HIDDEN)}, got {r.reference_hidden!r}")
+        if r.reference_hidden == "sampler" and not (r.synth and r.method == "kl_pre"):
+            raise ValueError("--reg.reference_hidden sampler applies to self-generated KL replay only "
+                             "(--reg.method kl_pre --reg.synth true); drop it or use auto")
         if r.synth and r.temperature < 0:
             raise ValueError(f"--reg.temperature must be >= 0, got {r.temperature}")
         if r.method == "replace" and not 0 < r.coeff < 1:

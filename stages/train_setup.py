@@ -138,7 +138,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
 
     # Replay source.
     r = cfg.reg
-    replay_source = None
+    replay_source, reference_hidden = None, None
     if r.method in ("ntp_pre", "kl_pre", "replace"):
         rows = r.batch_size if r.method != "replace" else data_lib.num_rows(r.coeff, cfg.opt.batch_size)
         if r.synth:
@@ -147,9 +147,19 @@ def build_setup(cfg: TrainConfig) -> Setup:
             if outside:
                 raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
             # Prefetching on a second thread only on one device in one process: a sharded sampler's
-            # collectives must not interleave with the train step's.
+            # collectives must not interleave with the train step's. The sampler's hidden states are handed
+            # to the step only there too (a batch of one device's arrays).
+            one_device = not cfg.run.mesh and jax.process_count() == 1
+            keep_hidden = r.method == "kl_pre" and r.reference_hidden != "forward"
+            if keep_hidden and not (one_device and families.has_decode_hidden(model_cfg)):
+                if r.reference_hidden == "sampler":
+                    raise ValueError("--reg.reference_hidden sampler needs one device in one process (no --run.mesh) "
+                                     f"and a model family with decode_hidden ({families.of(model_cfg).name!r}); "
+                                     "use auto or forward")
+                keep_hidden = False
+            reference_hidden = "sampler" if keep_hidden else "forward" if r.method == "kl_pre" else None
             replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
-                                                       cfg.run.seed, prefetch=not cfg.run.mesh and jax.process_count() == 1)
+                                                       cfg.run.seed, prefetch=one_device, keep_hidden=keep_hidden)
         else:
             if r.path:
                 old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
@@ -197,6 +207,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
                 "param_count": families.param_count(model_cfg),
                 "paper_param_count": model_lib.paper_param_count(model_cfg),
                 "loaded_from": str(loaded.path) if loaded else None}
+    if reference_hidden is not None:  # what --reg.reference_hidden came to (self-generated kl_pre)
+        resolved["reference_hidden"] = reference_hidden
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
                  opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
                  cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state,

@@ -37,7 +37,7 @@ families.register(families.Family(
     name="test_chat_bigram", config_type=ChatBigramConfig,
     param_specs=lambda cfg: {"table": families.ParamSpec((cfg.vocab_size, cfg.vocab_size), ("vocab", None), 1.0)},
     init=_unused, forward=_forward, final_hidden=_unused, output_embedding=_unused,
-    init_cache=lambda cfg, batch: jnp.zeros((batch,), jnp.int32), lora_targets={}))
+    init_cache=lambda cfg, batch, length=None: jnp.zeros((batch,), jnp.int32), lora_targets={}))
 
 
 def byte_encode(text: str) -> list[int]:

@@ -249,3 +249,15 @@ def test_streams_are_the_same_function(tiny_cfg, tiny_params, streams):
 def test_auto_streams_only_splits_large_even_batches():
     assert model.auto_streams(15) == 1 and model.auto_streams(7) == 1 and model.auto_streams(2) == 1
     assert model.auto_streams(32) in (1, 2)
+
+
+@given(pos=st.integers(0, 120), t=st.integers(1, 8))
+def test_rope_tables_at_a_traced_position_are_the_plain_tables(pos, t):
+    """Decoding slices constant tables at a traced position; they equal the tables computed for it."""
+    from forgetting.core import layers
+
+    inv_freq = layers.rope_inv_freq(16, 10000.0)
+    sliced = jax.jit(lambda p: layers.rope_tables_at(p, t, inv_freq, 128))(jnp.int32(pos))
+    direct = layers.rope_tables(np.arange(pos, pos + t), inv_freq)
+    for a, b in zip(sliced, direct):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)

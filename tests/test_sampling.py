@@ -2,6 +2,7 @@
 distribution equals the model's (chi-square), EOS padding, and no recompilation per call."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -287,3 +288,117 @@ def test_prompt_lengths_need_a_padded_prompt_and_fit_the_length(tiny_cfg, tiny_p
         sampling.sample(tiny_cfg, tiny_params, np.zeros((2,)), jax.random.key(0))
     with pytest.raises(ValueError, match="exceeds the sample length"):
         sampling.sample(tiny_cfg, tiny_params, np.zeros((2, 5), np.int32), jax.random.key(0), length=4)
+
+
+# ---------------------------------------------------------------- the two-level inverse CDF
+
+@settings(max_examples=12, deadline=None)
+@given(seed=seeds, vocab=st.sampled_from([1, 2, 5, 37, 64, 100]))
+def test_inverse_cdf_draws_the_categorical_and_never_a_zero_weight(seed, vocab):
+    """Weights with zero runs (whole blocks of them too) and a vocabulary that is not a multiple of the
+    block width: every draw has positive weight, and the frequencies match the normalized weights."""
+    rng = np.random.default_rng(seed)
+    weights = rng.exponential(1.0, vocab) * (rng.random(vocab) < 0.6)
+    weights[rng.integers(vocab)] += 1.0  # at least one positive entry
+    rows = 4096
+    draws = np.asarray(jax.jit(sampling._inverse_cdf)(jnp.asarray(np.tile(weights, (rows, 1)), jnp.float32),
+                                                      jax.random.key(seed)))
+    assert draws.min() >= 0 and draws.max() < vocab
+    assert np.all(weights[draws] > 0)
+    counts = np.bincount(draws, minlength=vocab)
+    stat, df = _chi2_stat(counts, weights / weights.sum())
+    if df > 0:
+        assert stat < _chi2_critical(df), (stat, df)
+
+
+def test_inverse_cdf_follows_each_rows_own_weights():
+    """Rows are independent categoricals: a one-hot row always gives its token, whatever the others hold."""
+    vocab = 50
+    weights = np.zeros((vocab, vocab), np.float32)
+    weights[np.arange(vocab), np.arange(vocab)[::-1]] = 3.0
+    draws = np.asarray(sampling._inverse_cdf(jnp.asarray(weights), jax.random.key(0)))
+    np.testing.assert_array_equal(draws, np.arange(vocab)[::-1])
+
+
+# ---------------------------------------------------------------- decoding phases
+
+@given(length=st.integers(1, 2048), phases=st.integers(1, 8))
+def test_phase_ends_cover_the_sequence(length, phases):
+    ends = sampling._phase_ends(length, phases)
+    assert ends == sorted(set(ends)) and ends[-1] == length and 1 <= len(ends) <= phases
+    assert all(e % 8 == 0 for e in ends[:-1])
+    # every phase but the first starts where the previous ended and holds at most one share (rounded to 8)
+    assert all(b - a <= -(-length // phases) + 8 for a, b in zip([0] + ends[:-1], ends))
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=seeds)
+def test_phased_decoding_equals_decoding_with_the_full_cache(tiny_cfg, tiny_params, seed):
+    """The phased sampler (caches of 8 and then 16 positions here) draws the same tokens as the plain loop:
+    one full-length cache, the same per-position keys and the same token choice."""
+    assert len(sampling._phase_ends(tiny_cfg.seq_len)) > 1
+    rng = np.random.default_rng(seed)
+    prompt = jnp.asarray(rng.integers(0, tiny_cfg.vocab_size, B), jnp.int32)
+    key = jax.random.key(seed)
+    out = np.asarray(sampling.sample(tiny_cfg, tiny_params, prompt, key, 1.0))
+
+    @jax.jit
+    def one_step(tokens_b1, cache, i):
+        logits, cache = model.forward(tiny_cfg, tiny_params, tokens_b1, cache, i)
+        return sampling._next_token(logits[:, 0], jax.random.fold_in(key, i), jnp.float32(1.0)), cache
+
+    cache, tokens = model.cache_for(tiny_cfg, B), [np.asarray(prompt)]
+    for i in range(tiny_cfg.seq_len - 1):
+        nxt, cache = one_step(jnp.asarray(tokens[-1])[:, None], cache, jnp.int32(i))
+        tokens.append(np.asarray(nxt))
+    np.testing.assert_array_equal(out, np.stack(tokens, axis=1))
+
+
+def test_grow_cache_pads_the_time_axis_of_every_layout(tiny_cfg):
+    """Both cache layouts of the paper model (head-major on xla_cpu, time-major on reference) and the
+    Llama family's stacked cache keep their values and gain zero positions at the end."""
+    from forgetting.core import llama
+
+    cfgs = [tiny_cfg, dataclasses.replace(tiny_cfg, impl="reference"),
+            llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_mlp=32,
+                              seq_len=16)]
+    for cfg in cfgs:
+        small = jax.tree.map(lambda a: jnp.ones_like(a) * 3, model.cache_for(cfg, 2, 8))
+        grown = sampling._grow_cache(cfg, 2, small, 8, 16)
+        for g, s, want in zip(jax.tree.leaves(grown), jax.tree.leaves(small),
+                              jax.tree.leaves(model.cache_for(cfg, 2, 16))):
+            assert g.shape == want.shape
+            axis = next(ax for ax, (a, b) in enumerate(zip(s.shape, g.shape)) if a != b)
+            head, tail = jnp.split(g, [8], axis=axis)
+            assert bool((head == 3).all()) and bool((tail == 0).all())
+
+
+# ---------------------------------------------------------------- hidden states from decoding
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_returned_hidden_states_are_the_forwards(tiny_cfg, peaked_params, dtype):
+    """`return_hidden`: the tokens are the plain sampler's, and the hidden states at every position
+    (the last one too) give the distribution a full forward of the rows gives, to float rounding. In
+    bf16 that holds because decoding rounds the attention's matmul inputs as the forward does (without
+    it the KL here reached 1e-3)."""
+    from forgetting.core import losses
+
+    cfg, tiny_params = dataclasses.replace(tiny_cfg, dtype=dtype), peaked_params
+    prompt = jnp.arange(B, dtype=jnp.int32)
+    tokens, hidden = sampling.sample(cfg, tiny_params, prompt, jax.random.key(5), return_hidden=True)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(sampling.sample(cfg, tiny_params, prompt,
+                                                                                 jax.random.key(5))))
+    assert hidden.shape == (B, cfg.seq_len, cfg.d_model) and hidden.dtype == jnp.float32
+    full = model.final_hidden(cfg, tiny_params, tokens)
+    kl = losses.kl_per_position(model.unembed(cfg, tiny_params, full), model.unembed(cfg, tiny_params, hidden))
+    assert float(jnp.max(jnp.abs(kl))) < 1e-5
+    if dtype == "float32":
+        np.testing.assert_allclose(np.asarray(hidden), np.asarray(full), atol=1e-5)
+
+
+def test_return_hidden_needs_a_family_that_decodes_to_hidden_states(tiny_cfg, tiny_params, monkeypatch):
+    from forgetting.core import families
+
+    monkeypatch.setattr(families, "has_decode_hidden", lambda cfg: False)
+    with pytest.raises(ValueError, match="decode_hidden"):
+        sampling.sample(tiny_cfg, tiny_params, jnp.zeros((2,), jnp.int32), jax.random.key(0), return_hidden=True)

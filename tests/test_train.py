@@ -49,6 +49,9 @@ def test_refuses_bad_settings_before_compute(corpora, tmp_path):
         "must be one of": {"reg.method": "l2"},
         "= 0 rows of each batch": {"mix.path": "other.bin", "mix.coeff": 0.1},  # floor(0.1 * 8) = 0
         "= 0 rows": {"model.load_path": "x", "reg.method": "replace", "reg.coeff": 0.1, "reg.path": "old.bin"},
+        "reference_hidden must be one of": {"reg.reference_hidden": "cache"},
+        "applies to self-generated KL replay only": {"model.load_path": "x", "reg.method": "kl_pre", "reg.batch_size": 4,
+                                                     "reg.reference_hidden": "sampler"},
     }
     for phrase, changes in cases.items():
         with pytest.raises(ValueError, match=phrase):
@@ -124,6 +127,30 @@ def test_finetune_methods_measure_forgetting(pretrained, corpora, tmp_path, meth
     assert final["valid_kl"] > 0 and final["dist_to_ref"] > 0 and final["rel_dist_to_ref"] > 0
     saved = json.loads((train.run_dir(cfg) / runs.CONFIG_FILE).read_text())
     assert saved["resolved"]["lineage_ids"] == [0, 1]
+
+
+def test_self_generated_kl_takes_the_samplers_hidden_states(pretrained, corpora, tmp_path):
+    """--reg.reference_hidden: `auto` resolves to the sampler's hidden states on one device (recorded in
+    config.json). They equal an in-step reference forward's to float rounding (f32 here, about 1e-6), so
+    the runs agree closely; not to 1e-6, because at the first step θ = ref makes the KL gradient pure
+    rounding, which Adam scales up to a full step for the parameters only the KL reaches (embedding rows
+    of tokens only the replay holds; this tiny run has no warm-up to damp it). A misaligned or wrong
+    reference would put the KL of the first steps far off (it is 0.007 here)."""
+    common = {"data.path": corpora[1], "model.load_path": pretrained, "reg.method": "kl_pre", "reg.synth": True,
+              "reg.batch_size": 4, "reg.buffer": 2, "stop.num_tokens_train": 8 * T * 4}
+    results = {}
+    for choice in ("auto", "forward"):
+        cfg = tiny(corpora, tmp_path / choice, **common, **{"reg.reference_hidden": choice})
+        train.train(cfg)
+        saved = json.loads((train.run_dir(cfg) / runs.CONFIG_FILE).read_text())
+        results[saved["resolved"]["reference_hidden"]] = runs.read_metrics(train.run_dir(cfg))
+    assert set(results) == {"sampler", "forward"}
+    for got, want in zip(results["sampler"], results["forward"], strict=True):
+        assert got.keys() == want.keys()
+        for key in ("train_loss", "train_loss_reg", "valid_ntp", "valid_kl", "prev_kl"):
+            if key in want:  # the step-0 row has no train losses
+                assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-7), key
+    assert results["sampler"][-1]["train_loss_reg"] > 0
 
 
 def test_lora_trains_adapters_only(pretrained, corpora, tmp_path):
