@@ -5,10 +5,11 @@ through θ: the frozen reference and a LoRA base enter as constants. The state b
 every metric comes back as an array (no Python floats inside the step, so no host sync per step).
 
 Batches are dicts: `tokens` int32 [B, T] (new data), optional `mask` [B, T] (which target tokens count),
-and, for `ntp_pre`/`kl_pre`, `replay` int32 [R, T]; for `kl_pre` optionally `replay_ref_hidden` f32 [R, T, D],
-the reference's final hidden states on the replay rows when they are known already (the sampler that
-drew the rows computed them), instead of a forward of the reference inside the step. `frozen` holds `ref` (the reference parameters, for
-KL terms) and `base` (the frozen base weights when training LoRA adapters); absent ones are None.
+and, for `ntp_pre`/`kl_pre`, `replay` int32 [R, T]; for `kl_pre` optionally `replay_ref_hidden` f32
+[R, T, D], the reference's final hidden states on the replay rows when they are known already (the
+sampler that drew the rows computed them), instead of a forward of the reference inside the step.
+`frozen` holds `ref` (the reference parameters, for KL terms) and `base` (the frozen base weights when
+training LoRA adapters); absent ones are None.
 """
 from __future__ import annotations
 
