@@ -41,6 +41,7 @@ class BenchConfig:
     repeats: int = 5  # timed runs; median and range are reported
     sampler_batch: int = 32  # rows sampled at once (0 skips the sampler)
     kl_pre: bool = True  # also time a kl_pre train step with a replay batch of batch_size // 2
+    replay_buffer: int = 8  # with kl_pre, self-generated replay: steps per sampled refill (0 skips it)
     matmul_sizes: tuple[int, ...] = (512, 1024, 2048)  # square matmul sizes for the peak
     json: str = ""  # write the results here as JSON (empty: print only)
 
@@ -59,6 +60,8 @@ class BenchConfig:
             self.model_config(impl, dtype)
         if self.batch_size < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("batch_size, steps and repeats must be >= 1 and warmup >= 0")
+        if self.replay_buffer < 0:
+            raise ValueError(f"replay_buffer must be >= 0 (0 skips self-generated replay), got {self.replay_buffer}")
 
 
 def _run_times(fn: Callable[[], Any], n: int, repeats: int) -> list[float]:
@@ -188,6 +191,71 @@ def _time_sampler(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[
     return {**timing, "call_ms": seconds * 1e3, "tokens_per_s": generated / seconds, "compile_s": compile_s}
 
 
+def kl_self_flops_per_step(cfg: model.ModelConfig, batch_size: int, replay_rows: int) -> float:
+    """Model FLOPs of one self-generated kl_pre step as the train stage runs it on one device: fwd+bwd
+    over the new and replay rows, the reference's output embedding over the replay rows (its hidden states
+    come from the sampler), and the share of sampling for one step (a forward per replay token)."""
+    per_token = model.flops_per_token(cfg)
+    reference_head = 2 * cfg.d_model * cfg.vocab_size
+    return (per_token * (batch_size + replay_rows) + (reference_head + per_token / 3) * replay_rows) * cfg.seq_len
+
+
+def kl_self_flop_bound(cfg: model.ModelConfig, batch_size: int, replay_rows: int) -> float:
+    """The KL-self / plain tokens/s ratio if every FLOP of both ran at the same rate: plain-step FLOPs over
+    `kl_self_flops_per_step`. Beating it takes running the extra work faster than the plain step runs its
+    own, or hiding it on idle cores."""
+    return model.flops_per_token(cfg) * batch_size * cfg.seq_len / kl_self_flops_per_step(cfg, batch_size, replay_rows)
+
+
+def _time_kl_self(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[str, Any]:
+    """Self-generated kl_pre as the train stage runs it on one device: the step fed the sampler's hidden
+    states (no reference forward), one sampler refill of rows × replay_buffer rows, and the two together
+    through `SelfGeneratedReplay` with its prefetch thread (whole refills per timed run)."""
+    from forgetting.stages import replay
+
+    rows = max(1, bc.batch_size // 2)
+    opt = optim.optimizer("adamw", 1e-4)
+    fn = step.make_train_step(cfg, opt, reg_method="kl_pre", reg_coeff=1.0)
+    frozen = {"ref": params, "base": None}
+    tokens = _tokens(jax.random.key(1), bc.batch_size, cfg)
+    prompt = jnp.zeros((rows * bc.replay_buffer,), jnp.int32)
+    keys = iter(jax.random.split(jax.random.key(5), 2 + bc.repeats))
+    replay_rows, hidden = sampling.sample(cfg, params, prompt, next(keys), 1.0, return_hidden=True)
+    refill = _summary(_run_times(lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0, return_hidden=True),
+                                 1, bc.repeats))
+    batch = {"tokens": tokens, "replay": replay_rows[:rows], "replay_ref_hidden": hidden[:rows]}
+    holder = {"state": step.init_state(params, opt), "step": 0}
+
+    def one(batch=batch):
+        holder["state"], metrics = fn(holder["state"], batch, frozen)
+        return metrics
+
+    for _ in range(1 + bc.warmup):
+        jax.block_until_ready(one())
+    from_hidden = _summary(_run_times(one, bc.steps, bc.repeats))
+
+    source = replay.SelfGeneratedReplay(cfg, params, [0], rows, bc.replay_buffer, 1.0, seed=0, prefetch=True,
+                                        keep_hidden=True)
+
+    def staged():
+        s = holder["step"]
+        holder["step"] += 1
+        return one({"tokens": tokens, "replay": source.rows(s), "replay_ref_hidden": source.ref_hidden(s)})
+
+    per_run = bc.replay_buffer * max(1, -(-bc.steps // bc.replay_buffer))
+    try:
+        holder["step"] = 0
+        for _ in range(bc.replay_buffer):  # the first refill is sampled in the foreground, the next prefetched
+            jax.block_until_ready(staged())
+        with_sampling = _summary(_run_times(staged, per_run, bc.repeats))
+    finally:
+        source.close()
+    serial_ms = from_hidden["median_ms"] + refill["median_ms"] / bc.replay_buffer
+    return {"replay_rows": rows, "replay_buffer": bc.replay_buffer, "step_from_sampler_hidden": from_hidden,
+            "sampler_refill": refill, "step_with_sampling": with_sampling, "serial_step_ms": serial_ms,
+            "flop_bound": kl_self_flop_bound(cfg, bc.batch_size, rows)}
+
+
 def _variant_key(impl: str, dtype: str) -> str:
     return f"{impl}/{dtype}"
 
@@ -219,6 +287,12 @@ def run(bc: BenchConfig) -> dict[str, Any]:
             r["sampler"] = _time_sampler(vcfg, bc, params)
         if bc.kl_pre:
             r["train_kl_pre"] = _time_train(vcfg, bc, params, "kl_pre")
+            if bc.replay_buffer > 0:
+                kl_self = _time_kl_self(vcfg, bc, params)
+                plain_ms = r["train"]["median_ms"]
+                kl_self["ratio_to_plain"] = plain_ms / kl_self["step_with_sampling"]["median_ms"]
+                kl_self["serial_ratio_to_plain"] = plain_ms / kl_self["serial_step_ms"]
+                r["kl_self"] = kl_self
         for key in ("train", "eval", "train_kl_pre"):
             if key in r:
                 r[key]["mfu"] = r[key]["model_gflops"] / peak
@@ -260,9 +334,24 @@ def table(results: dict[str, Any]) -> str:
         if key != "sampler":
             mfus = [f"MFU {100 * v[key]['mfu']:.1f}%" for v in variants.values()]
             lines.append(f"{'':<22}" + "".join(f"{cell:>{width}}" for cell in mfus))
+    if all("kl_self" in v for v in variants.values()):
+        k0 = next(iter(variants.values()))["kl_self"]
+        rows = f"{k0['replay_rows']}x{k0['replay_buffer']}"
+        for key, label in (("step_from_sampler_hidden", "kl_pre, sampler hidden"),
+                           ("sampler_refill", f"sampler refill {rows}"), ("step_with_sampling", "KL-self step")):
+            cells = [f"{v['kl_self'][key]['median_ms']:.1f} [{v['kl_self'][key]['min_ms']:.1f}-"
+                     f"{v['kl_self'][key]['max_ms']:.1f}]" for v in variants.values()]
+            lines.append(f"{label:<22}" + "".join(f"{cell:>{width}}" for cell in cells))
+        cells = [f"{v['kl_self']['ratio_to_plain']:.3f}x (serial {v['kl_self']['serial_ratio_to_plain']:.3f}x)"
+                 for v in variants.values()]
+        lines.append(f"{'  tokens/s vs plain':<22}" + "".join(f"{cell:>{width}}" for cell in cells))
     lines.append(f"MFU = model FLOP/s / best bf16-in f32-acc matmul ({peak:.1f} GFLOP/s)")
     if c["kl_pre"]:
         lines.append("kl_pre: FLOPs include replay fwd+bwd and the reference forward")
+    if all("kl_self" in v for v in variants.values()):
+        lines.append(f"KL-self (self-generated kl_pre, one refill of {rows} rows every {k0['replay_buffer']} steps, "
+                     "sampled on the prefetch thread; serial: step from the sampler's hidden + refill / buffer). "
+                     f"At equal FLOP/s for all work it would run at {k0['flop_bound']:.3f}x plain tokens/s")
     return "\n".join(lines)
 
 
