@@ -10,6 +10,7 @@ at the end of a run); the table shows the median and the range over the runs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -48,6 +49,11 @@ class BenchConfig:
     def model_config(self, impl: str = "auto", dtype: str | None = None) -> model.ModelConfig:
         return model.ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                                  head_dim=self.head_dim, seq_len=self.seq_len, dtype=dtype or self.dtype, impl=impl)
+
+    @property
+    def replay_rows(self) -> int:
+        """Replay rows of a kl_pre step: half the batch."""
+        return max(1, self.batch_size // 2)
 
     def variants(self) -> list[tuple[str, str]]:
         """(impl, dtype) pairs to measure, dtype-major."""
@@ -132,28 +138,39 @@ def _tokens(key: jax.Array, rows: int, cfg: model.ModelConfig) -> jax.Array:
     return jax.random.randint(key, (rows, cfg.seq_len), 0, cfg.vocab_size, jnp.int32)
 
 
-def _time_train(cfg: model.ModelConfig, bc: BenchConfig, params: Any, reg: str) -> dict[str, float]:
+def _compile_then_time(fn: Callable[[], Any], bc: BenchConfig, calls: int, warmup: int) -> tuple[dict[str, float], float]:
+    """(`_summary` of `bc.repeats` runs of `calls` calls, seconds of the first call, i.e. compilation),
+    with `warmup` untimed calls between the two."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    return _summary(_run_times(fn, calls, bc.repeats)), compile_s
+
+
+def _train_stepper(cfg: model.ModelConfig, params: Any, reg: str) -> Callable[[dict], Any]:
+    """batch -> metrics: `reg`'s train step (AdamW) on a state of its own; `params` is also the reference."""
     opt = optim.optimizer("adamw", 1e-4)
     fn = step.make_train_step(cfg, opt, reg_method=reg, reg_coeff=1.0)
-    batch = {"tokens": _tokens(jax.random.key(1), bc.batch_size, cfg)}
-    frozen = {"ref": None, "base": None}
-    replay_rows = 0
-    if reg == "kl_pre":
-        replay_rows = max(1, bc.batch_size // 2)
-        batch["replay"] = _tokens(jax.random.key(2), replay_rows, cfg)
-        frozen["ref"] = params
+    frozen = {"ref": params if reg == "kl_pre" else None, "base": None}
     holder = {"state": step.init_state(params, opt)}
 
-    def one():
+    def run(batch: dict) -> Any:
         holder["state"], metrics = fn(holder["state"], batch, frozen)
         return metrics
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(one())
-    compile_s = time.perf_counter() - t0
-    for _ in range(bc.warmup):
-        jax.block_until_ready(one())
-    timing = _summary(_run_times(one, bc.steps, bc.repeats))
+    return run
+
+
+def _time_train(cfg: model.ModelConfig, bc: BenchConfig, params: Any, reg: str) -> dict[str, float]:
+    run_step = _train_stepper(cfg, params, reg)
+    batch = {"tokens": _tokens(jax.random.key(1), bc.batch_size, cfg)}
+    replay_rows = 0
+    if reg == "kl_pre":
+        replay_rows = bc.replay_rows
+        batch["replay"] = _tokens(jax.random.key(2), replay_rows, cfg)
+    timing, compile_s = _compile_then_time(lambda: run_step(batch), bc, bc.steps, bc.warmup)
     seconds = timing["median_ms"] / 1e3
     new_tokens = bc.batch_size * cfg.seq_len
     per_token = model.flops_per_token(cfg)
@@ -167,27 +184,23 @@ def _time_train(cfg: model.ModelConfig, bc: BenchConfig, params: Any, reg: str) 
 def _time_eval(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[str, float]:
     fn = step.make_eval_step(cfg)
     tokens = _tokens(jax.random.key(3), bc.batch_size, cfg)
-    jax.block_until_ready(fn(params, tokens))
-    for _ in range(bc.warmup):
-        jax.block_until_ready(fn(params, tokens))
-    timing = _summary(_run_times(lambda: fn(params, tokens), bc.steps, bc.repeats))
+    timing, _ = _compile_then_time(lambda: fn(params, tokens), bc, bc.steps, bc.warmup)
     seconds = timing["median_ms"] / 1e3
     flops = model.flops_per_token(cfg) / 3 * bc.batch_size * cfg.seq_len
     return {**timing, "step_ms": seconds * 1e3, "tokens_per_s": bc.batch_size * cfg.seq_len / seconds,
             "model_gflops": flops / seconds / 1e9}
 
 
-def _time_sampler(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[str, float]:
-    prompt = jnp.zeros((bc.sampler_batch,), jnp.int32)
-    keys = iter(jax.random.split(jax.random.key(4), 2 + bc.repeats * max(1, bc.steps // 5)))
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0))
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0))
-    timing = _summary(_run_times(lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0),
-                                 max(1, bc.steps // 5), bc.repeats))
+def _time_sampler(cfg: model.ModelConfig, bc: BenchConfig, params: Any, rows: int,
+                  return_hidden: bool = False) -> dict[str, float]:
+    prompt = jnp.zeros((rows,), jnp.int32)
+    calls = max(1, bc.steps // 5)
+    keys = iter(jax.random.split(jax.random.key(4), 2 + bc.repeats * calls))
+    # one untimed call after compilation: it still runs about twice as long (first use of the phase caches)
+    timing, compile_s = _compile_then_time(
+        lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0, return_hidden=return_hidden), bc, calls, 1)
     seconds = timing["median_ms"] / 1e3
-    generated = bc.sampler_batch * (cfg.seq_len - 1)
+    generated = rows * (cfg.seq_len - 1)
     return {**timing, "call_ms": seconds * 1e3, "tokens_per_s": generated / seconds, "compile_s": compile_s}
 
 
@@ -213,47 +226,28 @@ def _time_kl_self(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[
     through `SelfGeneratedReplay` with its prefetch thread (whole refills per timed run)."""
     from forgetting.stages import replay
 
-    rows = max(1, bc.batch_size // 2)
-    opt = optim.optimizer("adamw", 1e-4)
-    fn = step.make_train_step(cfg, opt, reg_method="kl_pre", reg_coeff=1.0)
-    frozen = {"ref": params, "base": None}
+    rows, buffer = bc.replay_rows, bc.replay_buffer
+    refill = _time_sampler(cfg, bc, params, rows * buffer, return_hidden=True)
+    replay_rows, hidden = sampling.sample(cfg, params, jnp.zeros((rows * buffer,), jnp.int32), jax.random.key(5),
+                                          1.0, return_hidden=True)
+    run_step = _train_stepper(cfg, params, "kl_pre")
     tokens = _tokens(jax.random.key(1), bc.batch_size, cfg)
-    prompt = jnp.zeros((rows * bc.replay_buffer,), jnp.int32)
-    keys = iter(jax.random.split(jax.random.key(5), 2 + bc.repeats))
-    replay_rows, hidden = sampling.sample(cfg, params, prompt, next(keys), 1.0, return_hidden=True)
-    # untimed: the call after compilation still runs about twice as long (first use of the phase caches)
-    jax.block_until_ready(sampling.sample(cfg, params, prompt, next(keys), 1.0, return_hidden=True))
-    refill = _summary(_run_times(lambda: sampling.sample(cfg, params, prompt, next(keys), 1.0, return_hidden=True),
-                                 1, bc.repeats))
     batch = {"tokens": tokens, "replay": replay_rows[:rows], "replay_ref_hidden": hidden[:rows]}
-    holder = {"state": step.init_state(params, opt), "step": 0}
+    from_hidden, _ = _compile_then_time(lambda: run_step(batch), bc, bc.steps, bc.warmup)
 
-    def one(batch=batch):
-        holder["state"], metrics = fn(holder["state"], batch, frozen)
-        return metrics
-
-    for _ in range(1 + bc.warmup):
-        jax.block_until_ready(one())
-    from_hidden = _summary(_run_times(one, bc.steps, bc.repeats))
-
-    source = replay.SelfGeneratedReplay(cfg, params, [0], rows, bc.replay_buffer, 1.0, seed=0, prefetch=True,
-                                        keep_hidden=True)
+    source = replay.SelfGeneratedReplay(cfg, params, [0], rows, buffer, 1.0, seed=0, prefetch=True, keep_hidden=True)
+    step_index = itertools.count()
 
     def staged():
-        s = holder["step"]
-        holder["step"] += 1
-        return one({"tokens": tokens, "replay": source.rows(s), "replay_ref_hidden": source.ref_hidden(s)})
+        s = next(step_index)
+        return run_step({"tokens": tokens, "replay": source.rows(s), "replay_ref_hidden": source.ref_hidden(s)})
 
-    per_run = bc.replay_buffer * max(1, -(-bc.steps // bc.replay_buffer))
-    try:
-        holder["step"] = 0
-        for _ in range(bc.replay_buffer):  # the first refill is sampled in the foreground, the next prefetched
-            jax.block_until_ready(staged())
-        with_sampling = _summary(_run_times(staged, per_run, bc.repeats))
+    try:  # untimed: the first refill, sampled in the foreground while the next one is prefetched
+        with_sampling, _ = _compile_then_time(staged, bc, buffer * max(1, -(-bc.steps // buffer)), buffer - 1)
     finally:
         source.close()
-    serial_ms = from_hidden["median_ms"] + refill["median_ms"] / bc.replay_buffer
-    return {"replay_rows": rows, "replay_buffer": bc.replay_buffer, "step_from_sampler_hidden": from_hidden,
+    serial_ms = from_hidden["median_ms"] + refill["median_ms"] / buffer
+    return {"replay_rows": rows, "replay_buffer": buffer, "step_from_sampler_hidden": from_hidden,
             "sampler_refill": refill, "step_with_sampling": with_sampling, "serial_step_ms": serial_ms,
             "flop_bound": kl_self_flop_bound(cfg, bc.batch_size, rows)}
 
@@ -286,7 +280,7 @@ def run(bc: BenchConfig) -> dict[str, Any]:
         vcfg = bc.model_config(impl, dtype)
         r: dict[str, Any] = {"train": _time_train(vcfg, bc, params, "none"), "eval": _time_eval(vcfg, bc, params)}
         if bc.sampler_batch > 0:
-            r["sampler"] = _time_sampler(vcfg, bc, params)
+            r["sampler"] = _time_sampler(vcfg, bc, params, bc.sampler_batch)
         if bc.kl_pre:
             r["train_kl_pre"] = _time_train(vcfg, bc, params, "kl_pre")
             if bc.replay_buffer > 0:
@@ -304,6 +298,10 @@ def run(bc: BenchConfig) -> dict[str, Any]:
 
         write_json_atomic(Path(bc.json), results)
     return results
+
+
+def _cell(timing: dict[str, float]) -> str:
+    return f"{timing['median_ms']:.1f} [{timing['min_ms']:.1f}-{timing['max_ms']:.1f}]"
 
 
 def table(results: dict[str, Any]) -> str:
@@ -331,7 +329,7 @@ def table(results: dict[str, Any]) -> str:
                        ("eval", "eval step"), ("sampler", "sampler (full seq)")):
         if not all(key in v for v in variants.values()):
             continue
-        cells = [f"{v[key]['median_ms']:.1f} [{v[key]['min_ms']:.1f}-{v[key]['max_ms']:.1f}]" for v in variants.values()]
+        cells = [_cell(v[key]) for v in variants.values()]
         lines.append(f"{label:<22}" + "".join(f"{cell:>{width}}" for cell in cells))
         if key != "sampler":
             mfus = [f"MFU {100 * v[key]['mfu']:.1f}%" for v in variants.values()]
@@ -341,8 +339,7 @@ def table(results: dict[str, Any]) -> str:
         rows = f"{k0['replay_rows']}x{k0['replay_buffer']}"
         for key, label in (("step_from_sampler_hidden", "kl_pre, sampler hidden"),
                            ("sampler_refill", f"sampler refill {rows}"), ("step_with_sampling", "KL-self step")):
-            cells = [f"{v['kl_self'][key]['median_ms']:.1f} [{v['kl_self'][key]['min_ms']:.1f}-"
-                     f"{v['kl_self'][key]['max_ms']:.1f}]" for v in variants.values()]
+            cells = [_cell(v["kl_self"][key]) for v in variants.values()]
             lines.append(f"{label:<22}" + "".join(f"{cell:>{width}}" for cell in cells))
         cells = [f"{v['kl_self']['ratio_to_plain']:.3f}x (serial {v['kl_self']['serial_ratio_to_plain']:.3f}x)"
                  for v in variants.values()]
