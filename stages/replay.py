@@ -81,19 +81,20 @@ class SelfGeneratedReplay:
                 self._pending[nxt] = self._pool.submit(self._sample, nxt)
             self.sampling_seconds += time.perf_counter() - start
 
+    def _rows_of(self, buffer: Any, step: int) -> Any:
+        """`step`'s slice of a buffer-long array (tokens or hidden states)."""
+        offset = (step % self.buffer) * self.rows_per_step
+        return buffer[offset: offset + self.rows_per_step]
+
     def rows(self, step: int) -> np.ndarray:
         self._load(step)
-        offset = (step % self.buffer) * self.rows_per_step
-        return self._buffer[offset: offset + self.rows_per_step]
+        return self._rows_of(self._buffer, step)
 
     def ref_hidden(self, step: int) -> jax.Array | None:
         """With `keep_hidden`: the reference's final hidden states f32 [rows, T, D] on `rows(step)`, as the
         sampler computed them while drawing the rows (`sampling.sample(return_hidden=True)`); else None."""
         self._load(step)
-        if self._hidden is None:
-            return None
-        offset = (step % self.buffer) * self.rows_per_step
-        return self._hidden[offset: offset + self.rows_per_step]
+        return None if self._hidden is None else self._rows_of(self._hidden, step)
 
     def close(self) -> None:
         if self._pool is not None:
