@@ -23,11 +23,13 @@ def schedule(peak_lr: float, warmup_steps: int, total_steps: int | None = None,
 
 
 def optimizer(name: str, lr: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,
-              weight_decay: float = 0.02, momentum: float = 0.0) -> optax.GradientTransformation:
-    """AdamW (the paper's default: β 0.9/0.999, weight decay 0.02, no clipping) or SGD."""
+              weight_decay: float | None = None, momentum: float = 0.0) -> optax.GradientTransformation:
+    """AdamW (the paper's default: β 0.9/0.999, weight decay 0.02, no clipping) or SGD (plain by default,
+    as the authors': no momentum, no weight decay). `weight_decay` None means each one's default."""
     if name == "adamw":
-        return optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+        return optax.adamw(lr, b1=b1, b2=b2, weight_decay=0.02 if weight_decay is None else weight_decay)
     if name == "sgd":
+        weight_decay = weight_decay or 0.0
         sgd = optax.sgd(lr, momentum=momentum or None)
         return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")

@@ -74,6 +74,16 @@ def test_sgd_step(seed, lr, wd):
     np.testing.assert_allclose(new["w"], p - lr * (g + wd * p), rtol=1e-5, atol=1e-6)
 
 
+def test_sgd_by_default_is_plain_and_adamw_keeps_the_papers_decay():
+    """Core API defaults: `optimizer("sgd", lr)` is plain SGD (no weight decay), as the CLI's sgd is;
+    `optimizer("adamw", lr)` keeps the paper's weight decay 0.02."""
+    p, g = np.array([1.0, -2.0, 3.0], np.float32), np.array([0.5, 0.25, -1.0], np.float32)
+    sgd = _one_update(optim.optimizer("sgd", 0.1), {"w": jnp.asarray(p)}, {"w": jnp.asarray(g)})
+    np.testing.assert_allclose(sgd["w"], p - 0.1 * g, rtol=1e-6)
+    adamw = _one_update(optim.optimizer("adamw", 0.1), {"w": jnp.asarray(p)}, {"w": jnp.asarray(g)})
+    np.testing.assert_allclose(adamw["w"], p - 0.1 * (np.sign(g) + 0.02 * p), rtol=1e-4)
+
+
 @given(seed=st.integers(0, 2**31 - 1), lr=st.floats(1e-4, 1e-1), wd=st.sampled_from([0.0, 0.02]))
 def test_adamw_first_step_is_sign_plus_decoupled_decay(seed, lr, wd):
     """Adam's first update is g/|g| (bias-corrected moments), plus decoupled weight decay lr·wd·p."""
