@@ -17,6 +17,7 @@ import numpy as np
 
 from forgetting.core import data as data_lib
 from forgetting.core import sampling
+from forgetting.stages import prompts as prompts_lib
 
 # Offsets keep the replay streams independent of the training-batch stream of the same seed.
 _REAL_REPLAY_SEED_OFFSET = 1_000_003
@@ -35,7 +36,8 @@ class RealReplay:
 
 
 class SelfGeneratedReplay:
-    """Sequences sampled from the frozen reference model, prompted by old dataset ids in equal shares.
+    """Sequences sampled from the frozen reference model, prompted by old dataset ids in equal shares (or by
+    token-id prompts of any lengths, each row the prompt then samples).
 
     While the training steps of one buffer run, the next buffer is sampled on a background thread: the
     sampler's decoding loop leaves cores idle that the train step uses, and the reverse. Each buffer's
@@ -43,15 +45,20 @@ class SelfGeneratedReplay:
     `keep_hidden`, the sampler's final hidden states of the rows are kept too (`ref_hidden`): a KL to the
     reference on these rows then needs no second forward of the reference."""
 
-    def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int], rows: int, buffer: int,
-                 temperature: float, seed: int, prefetch: bool = True, keep_hidden: bool = False):
+    def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+                 rows: int, buffer: int, temperature: float, seed: int, prefetch: bool = True,
+                 keep_hidden: bool = False):
         if not prompt_ids:
             raise ValueError("self-generated replay needs at least one prompt id (--reg.prompt_ids)")
         self.model_cfg, self.ref_params = model_cfg, ref_params
         self.rows_per_step, self.buffer, self.temperature = rows, buffer, temperature
         n = rows * buffer
-        # Cycling the ids gives every step's slice equal shares whenever rows is a multiple of len(ids).
-        self.prompts = np.asarray(prompt_ids, np.int32)[np.arange(n) % len(prompt_ids)]
+        self.prompt_lengths = None  # one token per row; [n] lengths of padded multi-token prompts
+        if isinstance(prompt_ids[0], (int, np.integer)):
+            # Cycling the ids gives every step's slice equal shares whenever rows is a multiple of len(ids).
+            self.prompts = np.asarray(prompt_ids, np.int32)[np.arange(n) % len(prompt_ids)]
+        else:  # token sequences (`--reg.prompt_text`), spread over the rows the same way
+            self.prompts, self.prompt_lengths = prompts_lib.spread(prompt_ids, n)
         self.key = jax.random.fold_in(jax.random.key(seed), _SYNTH_REPLAY_KEY_SALT)
         self._buffer_index, self._buffer = -1, None
         self._pending: dict[int, Future] = {}
@@ -63,7 +70,7 @@ class SelfGeneratedReplay:
 
     def _sample(self, index: int) -> tuple[np.ndarray, jax.Array | None]:
         out = sampling.sample(self.model_cfg, self.ref_params, self.prompts, jax.random.fold_in(self.key, index),
-                              self.temperature, return_hidden=self.keep_hidden)
+                              self.temperature, prompt_lengths=self.prompt_lengths, return_hidden=self.keep_hidden)
         tokens, hidden = out if self.keep_hidden else (out, None)
         return np.asarray(tokens), hidden
 

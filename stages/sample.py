@@ -24,12 +24,17 @@ class SampleModelArgs:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sample text (or token ids) from a trained model, prompted by a dataset id token."""
+    """Sample text (or token ids) from a trained model, prompted by a dataset id token or by text."""
 
     model: SampleModelArgs = field(default_factory=SampleModelArgs)
     tokenizer: str = ""  # .tiktoken file to decode with; empty = print token ids
     num_samples: int = 4  # sequences to sample
     prompt_id: int = -1  # first token of every sample; -1 = the run's dataset id
+    # Prompts as text instead (one or more; sample i gets prompt i % n), tokenized as --reg.prompt_text is in
+    # the train stage (stages/prompts.py): with --tokenizer, else the checkpoint's own (GGUF / HF), which then
+    # also decodes. The printed text is what follows the prompt; --json adds the prompt.
+    prompt_text: tuple[str, ...] = ()
+    prompt_chat: bool = False  # render each --prompt_text as a user turn of the checkpoint's chat template, assistant header after it
     temperature: float = 1.0  # 0 = greedy
     length: int = 0  # tokens per sample including the prompt; 0 = the model's sequence length
     stop_at_eos: bool = True  # end a sample at the tokenizer's EOS (the rest is padding, not printed)
@@ -51,11 +56,20 @@ class SampleConfig:
         if self.prompt_id < -1 or self.seed < 0:
             raise ValueError(f"--prompt_id must be >= 0 (or -1 = the run's dataset id) and --seed >= 0, got "
                              f"{self.prompt_id}, {self.seed}")
+        if self.prompt_text and self.prompt_id != -1:
+            raise ValueError("--prompt_text and --prompt_id both give the prompt: keep one")
+        empty = [i for i, text in enumerate(self.prompt_text) if not text]
+        if empty:
+            raise ValueError(f"--prompt_text entries {empty} are empty strings: give each prompt some text")
+        if self.prompt_chat and not self.prompt_text:
+            raise ValueError("--prompt_chat applies to --prompt_text, which is not given: add it or drop --prompt_chat")
 
 
 def sample(cfg: SampleConfig) -> list[dict]:
     cfg.validate()
     loaded = runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype)
+    if cfg.prompt_text:
+        return _sample_text_prompts(cfg, loaded)
     mc = loaded.model_cfg
     encoding = eos_id = None
     if cfg.tokenizer:
@@ -86,6 +100,34 @@ def sample(cfg: SampleConfig) -> list[dict]:
             # Column 0 is the dataset-id prompt, not text: decode from column 1.
             item["text"] = encoding.decode([t for t in ids[1:] if t != eos_id])
         out.append(item)
+    return out
+
+
+def _sample_text_prompts(cfg: SampleConfig, loaded: runs.LoadedRun) -> list[dict]:
+    """`--prompt_text`: samples prompted by the texts' token ids (`stages.prompts`), the continuation
+    decoded with the tokenizer that encoded the prompts."""
+    from forgetting.stages import prompts
+
+    mc = loaded.model_cfg
+    length = cfg.length or mc.seq_len
+    tok = prompts.find_tokenizer(loaded.path, explicit=cfg.tokenizer, data_paths=(loaded.data_path,),
+                                 tokenizer_sha256=loaded.tokenizer_sha256, flag="--tokenizer")
+    ids = prompts.encode_prompts(cfg.prompt_text, tok, start_id=loaded.lineage_ids[-1], seq_len=length,
+                                 vocab_size=mc.vocab_size, chat=cfg.prompt_chat, flag="--prompt_text",
+                                 chat_flag="--prompt_chat")
+    prompt_bp, lengths_b = prompts.spread(ids, cfg.num_samples)
+    eos_ids = tok.eos_ids if cfg.stop_at_eos else None
+    tokens = np.asarray(sampling.sample(mc, loaded.params, prompt_bp, jax.random.key(cfg.seed), cfg.temperature,
+                                        eos_id=eos_ids, length=length, prompt_lengths=lengths_b))
+    out = []
+    for i, row in enumerate(tokens):
+        n = int(lengths_b[i])
+        new = row[n:].tolist()
+        ends = [k for k, t in enumerate(new) if eos_ids and t in eos_ids]
+        new = new[: ends[0] + 1] if ends else new
+        text = tok.decode([t for t in new if not (eos_ids and t in eos_ids)])
+        out.append({"tokens": row[:n].tolist() + new, "prompt": cfg.prompt_text[i % len(ids)],
+                    "prompt_tokens": n, "text": text})
     return out
 
 

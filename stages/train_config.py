@@ -92,6 +92,17 @@ class RegConfig:
     temperature: float = 1.0  # self-generated replay sampling temperature
     path: str = ""  # real replay data (.bin); default: the loaded run's training data (train split only)
     prompt_ids: tuple[int, ...] = ()  # self-generated replay prompts; default: the loaded run's dataset ids
+    # Self-generated replay prompts as text (one or more; row i gets prompt i % n), tokenized with the loaded
+    # checkpoint's tokenizer, special-token text such as <|im_start|> read as its id. Nothing is added for HF
+    # and GGUF tokenizers (write <|endoftext|> etc. into the text for a BOS); the paper model's .tiktoken
+    # tokenizers put the run's dataset id first. Rows hold the prompt, then samples, to the full length; the
+    # KL (or NTP) covers every position as with one-token prompts (the reference's next-token distributions
+    # inside the prompt are the reference's too). Ids recorded in config.json (resolved.replay_prompt_ids).
+    prompt_text: tuple[str, ...] = ()
+    prompt_chat: bool = False  # render each --reg.prompt_text as a user turn of the checkpoint's chat template, assistant header after it
+    # The tokenizer of --reg.prompt_text (.tiktoken, HF directory, tokenizer.json or .gguf); default: the
+    # checkpoint's own, else the .tiktoken file the data's sidecar names
+    prompt_tokenizer: str = ""
     # Self-generated kl_pre: the reference's hidden states on the replay rows, from the sampler that drew
     # them (no second forward of the reference; equal to it up to float rounding) or from a forward in the
     # train step: auto (sampler on one device in one process) | sampler | forward
@@ -307,6 +318,7 @@ def _check_ranges(cfg: "TrainConfig") -> None:
         raise ValueError(f"--reg.prompt_ids must be token ids >= 0, got {bad_ids}")  # (< vocab: in train_setup)
     if r.prompt_ids and not r.synth:
         raise ValueError("--reg.prompt_ids only applies to self-generated replay: add --reg.synth true")
+    _check_prompt_text(r)
     _non_negative("--mix.coeff", cfg.mix.coeff)
     if cfg.data.num_tokens_valid <= 0:
         raise ValueError("--data.num_tokens_valid must be positive (validation loss drives metrics and stops)")
@@ -330,6 +342,20 @@ def _check_ranges(cfg: "TrainConfig") -> None:
         raise ValueError("give either --model.load_path or --model.load_dir/--model.load_idx, not both")
     if cfg.data.dataset_id < -1:
         raise ValueError(f"--data.dataset_id must be >= 0 (or -1: from the sidecar), got {cfg.data.dataset_id}")
+
+
+def _check_prompt_text(r: RegConfig) -> None:
+    """The text-prompt flags: what needs files (the tokenizer, the lengths) is checked in `stages.prompts`."""
+    if r.prompt_text and r.prompt_ids:
+        raise ValueError("--reg.prompt_text and --reg.prompt_ids both give the replay prompts: keep one")
+    if r.prompt_text and not r.synth:
+        raise ValueError("--reg.prompt_text only applies to self-generated replay: add --reg.synth true")
+    empty = [i for i, text in enumerate(r.prompt_text) if not text]
+    if empty:
+        raise ValueError(f"--reg.prompt_text entries {empty} are empty strings: give each prompt some text")
+    for flag, given in (("--reg.prompt_chat", r.prompt_chat), ("--reg.prompt_tokenizer", r.prompt_tokenizer)):
+        if given and not r.prompt_text:
+            raise ValueError(f"{flag} applies to --reg.prompt_text, which is not given: add it or drop {flag}")
 
 
 def replace(cfg, **changes):

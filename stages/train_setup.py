@@ -16,7 +16,7 @@ from forgetting.core import data as data_lib
 from forgetting.core import families, lora, optim, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
-from forgetting.stages import replay, runs
+from forgetting.stages import prompts, replay, runs
 from forgetting.stages.train_config import TrainConfig, with_resolved_dtype
 
 
@@ -138,14 +138,17 @@ def build_setup(cfg: TrainConfig) -> Setup:
 
     # Replay source.
     r = cfg.reg
-    replay_source, reference_hidden = None, None
+    replay_source, reference_hidden, prompt_record = None, None, {}
     if r.method in ("ntp_pre", "kl_pre", "replace"):
         rows = r.batch_size if r.method != "replace" else data_lib.num_rows(r.coeff, cfg.opt.batch_size)
         if r.synth:
-            prompt_ids = r.prompt_ids or loaded.lineage_ids
-            outside = [i for i in prompt_ids if not 0 <= i < V]
-            if outside:
-                raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
+            if r.prompt_text:  # token-id prompts of the texts, recorded in config.json (`stages.prompts`)
+                prompt_ids, prompt_record = prompts.replay_prompts(r, loaded, cfg.data.path, T, V)
+            else:
+                prompt_ids, prompt_record = r.prompt_ids or loaded.lineage_ids, {}
+                outside = [i for i in prompt_ids if not 0 <= i < V]
+                if outside:
+                    raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
             # Prefetching on a second thread only on one device in one process: a sharded sampler's
             # collectives must not interleave with the train step's. The sampler's hidden states are handed
             # to the step only there too (a batch of one device's arrays).
@@ -209,6 +212,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
                 "loaded_from": str(loaded.path) if loaded else None}
     if reference_hidden is not None:  # what --reg.reference_hidden came to (self-generated kl_pre)
         resolved["reference_hidden"] = reference_hidden
+    resolved.update(prompt_record)  # --reg.prompt_text: the prompts' token ids
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
                  opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
                  cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state,
