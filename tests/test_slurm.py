@@ -2,7 +2,8 @@
 
 The script checks are fast and in the default suite. `test_real_slurm_matches_local_run` starts a private
 Slurm (tests/slurm/start_slurm.sh: Debian's slurm-wlm + munge, as root), submits a shrunken high_lr mini,
-and compares its summary with a local run's; it takes minutes, so it is marked `cluster` (skipped by the default suite) and skips without Slurm:
+and compares its summary with a local run's (and once more with `--slurm_requeue` and two preemptions of
+the pretraining task); it takes minutes, so it is marked `cluster` (skipped by the default suite) and skips without Slurm:
 
     apt-get install -y slurm-wlm munge
     python -m pytest -q -m cluster tests/test_slurm.py -p no:cacheprovider
