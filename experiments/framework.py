@@ -52,6 +52,11 @@ runs in-process; its result is stored as `out/<name>-<config hash>/result.json` 
 unfinished one is started again (a stage resumes from its checkpoint; a callable may look at its
 run_dir). `after` names runs that must be finished first; runs are grouped into waves (wave 0 has no
 dependencies, wave k depends only on waves < k), so a scheduler runs wave k's commands after wave k-1's.
+
+Knobs are checked before anything runs (`check_knobs`: each knobs class's `CHECKS` and `validate`), and so
+are the stage configs the runs are built from. Ctrl-C / SIGTERM: the running run checkpoints (or, in-process,
+finishes), no other run starts, the resume command is printed, the exit code is 128 + the signal number;
+a second signal stops at once (`_run_all`).
 """
 from __future__ import annotations
 
