@@ -633,8 +633,8 @@ def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, 
         raise _stopped(stop, current, resume, at_once=True) from None
     finally:
         bar.close()
-    if failed:
-        _log(f"failed runs: {failed}")
+        if failed:  # also when a stop request ends the sweep
+            _log(f"failed runs: {failed}")
     return not failed
 
 
