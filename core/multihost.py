@@ -38,6 +38,16 @@ def agree(value: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
+def agree_max(value: int) -> int:
+    """The largest `value` over all processes, on every process: an OR of per-process flags (a stop signal
+    that reached only some processes), so all of them take the same decision at the same step."""
+    if not is_multiprocess():
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def shared_token() -> str:
     """A random hex token, the same on every process (process 0 draws it): names one save attempt."""
     token = np.frombuffer(np.random.default_rng().bytes(8), np.uint32)

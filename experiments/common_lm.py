@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
@@ -64,6 +64,15 @@ class LMKnobs:
     finetune_lr_decay: str = "none"  # finetuning LR schedule after warm-up: none | cosine (needs a run length)
     extra_evals: bool = True  # also evaluate both datasets at every eval as ntp/<stem> (model_capacity reads them)
     seed: int = 0  # training seed (init, batch order, replay sampling)
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        **{k: (framework.positive,) for k in ("vocab_size", "data_tokens", "support", "n_layers", "head_dim",
+                                             "batch_size", "lr", "valid_tokens", "evals")},
+        "seq_len": (framework.at_least(2),), "share": (framework.fraction,), "dtype": (framework.one_of("auto", "float32", "bfloat16"),),
+        **{k: (framework.nonnegative,) for k in ("warmup_steps", "weight_decay", "pretrain_eval_tokens",
+                                                "finetune_eval_tokens", "seed", "data_seed")},
+        "pretrain_lr_decay": (framework.one_of("none", "cosine"),), "finetune_lr_decay": (framework.one_of("none", "cosine"),),
+    }
 
     @property
     def tokens_per_step(self) -> int:

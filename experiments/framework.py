@@ -52,6 +52,11 @@ runs in-process; its result is stored as `out/<name>-<config hash>/result.json` 
 unfinished one is started again (a stage resumes from its checkpoint; a callable may look at its
 run_dir). `after` names runs that must be finished first; runs are grouped into waves (wave 0 has no
 dependencies, wave k depends only on waves < k), so a scheduler runs wave k's commands after wave k-1's.
+
+Knobs are checked before anything runs (`check_knobs`: each knobs class's `CHECKS` and `validate`), and so
+are the stage configs the runs are built from. Ctrl-C / SIGTERM: the running run checkpoints (or, in-process,
+finishes), no other run starts, the resume command is printed, the exit code is 128 + the signal number;
+a second signal stops at once (`_run_all`).
 """
 from __future__ import annotations
 
@@ -351,6 +356,73 @@ def _default_out(runs_fn: Callable) -> str:
     return str(Path("out") / stem)
 
 
+# --------------------------------------------------------------------------------------------- knob checks
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check of one knob's value (each element of a tuple knob): `problem(value)` says what is wrong, or None."""
+
+    text: str  # what the value must be, for the message ("> 0")
+    ok: Callable[[Any], bool]
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, (tuple, list)):
+            bad = [v for v in value if not self.ok(v)]
+            return f"every value must be {self.text}, got {bad[0]!r} in {tuple(value)!r}" if bad else None
+        return None if self.ok(value) else f"must be {self.text}, got {value!r}"
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is not a value
+
+
+positive = Rule("> 0", lambda v: _number(v) and v > 0)
+nonnegative = Rule(">= 0", lambda v: _number(v) and v >= 0)
+fraction = Rule("in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
+
+
+def at_least(low: float) -> Rule:
+    return Rule(f">= {low}", lambda v: _number(v) and v >= low)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+nonempty = Rule("non-empty", lambda v: True)  # checked on the whole tuple in `check_knobs`
+
+
+def check_knobs(knobs: Any, prefix: str = "") -> None:
+    """Refuses bad knob values before anything runs, naming the knob's flag (`--lowered_lrs: ...`).
+
+    A knobs class declares `CHECKS: ClassVar[dict[str, tuple[Rule, ...]]]` ({knob: rules}); the checks of its
+    base classes apply too (the subclass's entry wins), nested knob dataclasses are checked with their own,
+    and `validate()` (if any) checks what spans several knobs afterwards. Raises ValueError."""
+    checks: dict[str, tuple[Rule, ...]] = {}
+    for cls in reversed(type(knobs).__mro__):
+        checks.update(vars(cls).get("CHECKS", {}))
+    names = {f.name for f in dataclasses.fields(knobs)}
+    unknown = sorted(set(checks) - names)
+    if unknown:  # a typo in CHECKS would silently check nothing
+        raise TypeError(f"{type(knobs).__name__}.CHECKS names unknown knobs {unknown}")
+    for f in dataclasses.fields(knobs):
+        value = getattr(knobs, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_knobs(value, f"{prefix}{f.name}.")
+            continue
+        for rule in checks.get(f.name, ()):
+            if rule is nonempty:
+                problem = "must not be empty" if not value else None
+            else:
+                problem = rule.problem(value)
+            if problem:
+                raise ValueError(f"--{prefix}{f.name}: {problem}")
+    validate = getattr(knobs, "validate", None)
+    if callable(validate):
+        validate()
+
+
 def parse_args(knobs_cls: type, presets: Mapping[str, Any], argv: Sequence[str] | None = None, *,
                doc: str | None = None, default_out: str = "out/experiment") -> tuple[argparse.Namespace, Any]:
     """(framework flags, knobs): the preset named by --scale, then every knob flag given on top of it."""
@@ -364,12 +436,10 @@ def parse_args(knobs_cls: type, presets: Mapping[str, Any], argv: Sequence[str] 
     parser.add_arguments(knobs_cls, dest="knobs", default=preset)
     args = parser.parse_args(argv)
     knobs = args.knobs
-    validate = getattr(knobs, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as e:
-            parser.error(str(e))
+    try:
+        check_knobs(knobs)
+    except ValueError as e:
+        parser.error(str(e))
     args.preset = preset
     return args, knobs
 
@@ -397,7 +467,7 @@ def main(
     out = Path(args.out)
     if args.slurm is not None:  # tasks may start in another directory: every path in their commands is absolute
         out = out.resolve()
-    specs = list(runs(knobs, out))
+    specs = _checked_runs(runs, knobs, out)
     wave_list = waves(specs)
 
     selected = wave_list
@@ -433,7 +503,8 @@ def main(
         return None
 
     if not args.plot_only:
-        ok = _run_all(selected, specs, out, progress=progress)
+        resume = _resume_command(runs, sys.argv[1:] if argv is None else argv)
+        ok = _run_all(selected, specs, out, progress=progress, resume=resume)
         if not ok:
             raise SystemExit(1)
         partial = args.shard is not None or args.wave is not None or args.only
@@ -479,33 +550,110 @@ def _write_slurm(args: argparse.Namespace, knobs: Any, runs: Callable, selected:
     print(submit)
 
 
-def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, progress: bool) -> bool:
+def _checked_runs(runs: Callable[[Any, Path], list[RunSpec]], knobs: Any, out: Path) -> list[RunSpec]:
+    """The figure's runs, each stage config checked before anything runs: knobs the figure's own checks let
+    through but that make an invalid run are refused now, naming the run (not an hour in, with a traceback)."""
+    try:
+        specs = list(runs(knobs, out))
+    except ValueError as e:
+        _log(f"error: {e}")
+        raise SystemExit(2) from None
+    for spec in specs:
+        validate = getattr(spec.config, "validate", None) if spec.module is not None else None
+        if callable(validate):
+            try:
+                validate()
+            except ValueError as e:
+                _log(f"error: the knobs make run {spec.name!r} invalid: {e} (that stage flag is set from the "
+                     "knobs; change the knob behind it)")
+                raise SystemExit(2) from None
+    return specs
+
+
+def _resume_command(runs_fn: Callable, argv: Sequence[str]) -> str:
+    """The command that reruns this figure as it was started (from this directory): it resumes a stopped one."""
+    command = " ".join(map(shlex.quote, _script_command(runs_fn) + list(argv)))
+    return f"cd {shlex.quote(str(Path.cwd()))} && {command}"
+
+
+def _stopped(stop: Any, name: str | None, resume: str, at_once: bool = False) -> SystemExit:
+    """Says what a stop request left behind and how to resume; the exit to raise (128 + the signal)."""
+    import signal
+
+    sig = signal.Signals(stop.signum).name
+    if at_once:
+        what = f"stopped at once by a second {sig} during run {name!r} (it resumes from its last checkpoint)"
+    elif name is None:
+        what = f"stopped by {sig} between runs"
+    else:
+        what = f"stopped by {sig}: run {name!r} saved a checkpoint"
+    _log(f"{what}; finished runs are kept. Resume with:\n{resume}")
+    return SystemExit(stop.exit_code)
+
+
+def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, progress: bool,
+             resume: str = "") -> bool:
     """Runs the selected runs wave by wave; True if none failed. Runs whose dependencies are unfinished
-    are skipped with a message (another shard may still be working on them)."""
+    are skipped with a message (another shard may still be working on them).
+
+    The first Ctrl-C / SIGTERM stops the figure once the running run has checkpointed (a train run stops at
+    its next step; an in-process run finishes), prints `resume` and exits 128 + the signal number; that run
+    is not marked failed. A second signal stops at once."""
     from tqdm.auto import tqdm
+
+    from forgetting.stages import runs as stage_runs, stopping
 
     by_name = {s.name: s for s in specs}
     todo = [s for w in selected for s in w]
     failed: list[str] = []
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress, file=sys.stderr)
+    current: str | None = None
+    stop = stopping.StopRequests("stopping the figure once the running run has saved a checkpoint")
     try:
-        for k, w in enumerate(selected):
-            for s in w:
-                bar.set_postfix_str(f"wave {k}: {s.name}")
-                blocked = [d for d in s.after if not is_done(run_dir(by_name[d], out))]
-                if blocked:
-                    _log(f"skipping run {s.name!r} (wave {k}): dependencies not finished: {blocked}")
-                elif is_done(run_dir(s, out)):
-                    pass  # reused
-                else:
-                    try:
-                        execute(s, out)
-                    except Exception:  # noqa: BLE001 - one failed run is reported; the sweep goes on
+        with stop:
+            for k, w in enumerate(selected):
+                for s in w:
+                    if stop.signum is not None:
+                        raise _stopped(stop, None, resume)
+                    current = s.name
+                    ok = _run_one(s, k, by_name, out, bar)
+                    if not ok:
                         failed.append(s.name)
-                        _log(f"run {s.name!r} failed:\n{traceback.format_exc()}")
-                bar.update(1)
+                    if stop.signum is not None:  # the run finished before it saw the request
+                        raise _stopped(stop, None, resume)
+    except stage_runs.Interrupted as e:
+        bar.close()
+        if stop.signum is None:  # the run saw the signal first (its handlers were installed outside ours)
+            stop.request(e.exit_code - 128)
+        raise _stopped(stop, current, resume) from None
+    except KeyboardInterrupt:
+        bar.close()
+        if stop.signum is None:  # the default SIGINT behaviour outside the handlers (other thread)
+            raise
+        raise _stopped(stop, current, resume, at_once=True) from None
     finally:
         bar.close()
-    if failed:
-        _log(f"failed runs: {failed}")
+        if failed:  # also when a stop request ends the sweep
+            _log(f"failed runs: {failed}")
     return not failed
+
+
+def _run_one(s: RunSpec, k: int, by_name: dict[str, RunSpec], out: Path, bar: Any) -> bool:
+    """One run of `_run_all` (reused if finished, skipped if blocked); False if it failed."""
+    from forgetting.stages import runs as stage_runs
+
+    bar.set_postfix_str(f"wave {k}: {s.name}")
+    blocked = [d for d in s.after if not is_done(run_dir(by_name[d], out))]
+    if blocked:
+        _log(f"skipping run {s.name!r} (wave {k}): dependencies not finished: {blocked}")
+    elif not is_done(run_dir(s, out)):
+        try:
+            execute(s, out)
+        except stage_runs.Interrupted:
+            raise  # a stop request, not a failure
+        except Exception:  # noqa: BLE001 - one failed run is reported; the sweep goes on
+            _log(f"run {s.name!r} failed:\n{traceback.format_exc()}")
+            bar.update(1)
+            return False
+    bar.update(1)
+    return True

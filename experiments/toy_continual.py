@@ -27,6 +27,7 @@ scratch, the slowest) and 800 on each later task instead of 2000, 30-step warm-u
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,15 @@ class Knobs:
     eval_every: int = 50  # steps between accuracy evaluations
     seed: int = 0  # seed of training (init, batch order, replay sampling)
     data_seed: int = 0  # seed of the generated task examples
+
+    CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
+        "d_model": (framework.positive,), "n_layers": (framework.positive,), "head_dim": (framework.positive,),
+        "first_lr": (framework.positive,), "lr": (framework.positive,), "replay_buffer": (framework.positive,),
+        "num_examples": (framework.positive,), "weight_decay": (framework.nonnegative,),
+        "warmup_steps": (framework.nonnegative,), "replay_coeff": (framework.nonnegative,),
+        "seed": (framework.nonnegative,), "data_seed": (framework.nonnegative,),
+        "b2": (framework.Rule("in [0, 1)", lambda v: 0 <= v < 1),), "dtype": (framework.one_of("float32", "bfloat16"),),
+    }
 
     def validate(self) -> None:
         if self.steps < 1 or self.first_steps < 1 or self.batch_size < 1 or self.eval_every < 1:

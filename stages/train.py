@@ -35,7 +35,6 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ import optax
 import numpy as np
 
 from forgetting.core import lora, multihost, sharded_checkpoint, step as step_lib
-from forgetting.stages import cli, runs
+from forgetting.stages import cli, runs, stopping
 from forgetting.stages.train_config import TrainConfig, replace  # noqa: F401  (re-exported for experiments)
 from forgetting.stages.train_setup import Setup, build_setup
 
@@ -244,12 +243,13 @@ class _Trainer:
             if s.total_steps is not None and step >= s.total_steps:
                 stop_reason = s.length_criterion
                 break
-            if stop_requests.signum is not None:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
+            signum = _agreed_stop(stop_requests, step)
+            if signum:  # Ctrl-C / SIGTERM: checkpoint between steps, then exit
                 self.save_state(state, step, between_evals())
                 raise runs.Interrupted(
-                    f"stopped by {signal.Signals(stop_requests.signum).name} after step {step}; the checkpoint "
+                    f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint "
                     f"is saved in {self.out}. Rerun the same command to resume (it ends with the numbers an "
-                    "uninterrupted run gives)", 128 + stop_requests.signum)
+                    "uninterrupted run gives)", 128 + signum)
             t0 = time.perf_counter()
             batch = self.batch(step)
             state, metrics = train_step(state, batch, s.frozen)
@@ -357,30 +357,24 @@ def _pending(losses: list, terms: list, eval_every: int) -> dict:
     return {"pending_losses": pending, "pending_terms": pending_terms, "n_pending": np.int32(len(losses))}
 
 
-class _StopRequests:
-    """Ctrl-C (SIGINT) and SIGTERM set a flag the loop checks between steps (so the step in flight finishes
-    and a checkpoint is written); a second signal stops at once. Only the main thread can own handlers."""
+# Kept under its old name: tests and callers enter it around `_Trainer.train`.
+_StopRequests = stopping.StopRequests
+STOP_POLL_STEPS = 10  # multi-process: how often (in steps) the processes agree on a pending stop request
 
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
 
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr)
+def _agreed_stop(stop_requests: stopping.StopRequests, step: int) -> int:
+    """The signal to stop on before `step` (0: go on), one decision for all processes.
 
-    def __enter__(self) -> "_StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    Each process of a multi-process run gets its own signal (or only one of them does): a process that
+    stopped alone would leave the others waiting in a collective. So every STOP_POLL_STEPS steps the
+    processes take the largest signal number any of them saw (an OR of the flags) and all stop at that
+    step; in between the request waits. One process polls every step (no collective to wait on)."""
+    local = stop_requests.signum or 0
+    if not multihost.is_multiprocess():
+        return local
+    if step % STOP_POLL_STEPS:
+        return 0
+    return multihost.agree_max(local)
 
 
 def _progress(cfg: TrainConfig, total: int | None, initial: int):

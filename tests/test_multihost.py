@@ -166,3 +166,48 @@ def test_kill9_then_rerun_resumes_exactly_and_restores_on_other_process_counts(c
     on4 = run_multi(4, corpus, tmp_path / "on4", "fsdp", **kw)
     for other in (on1, on4):
         _assert_same(other, reference, rel=1e-5)
+
+
+# ------------------------------------------------------------------ one stop decision (SIGTERM to one process)
+
+
+def _checkpoint_past(procs: list[subprocess.Popen], state: Path, step: int, log_dir: Path) -> None:
+    deadline = time.time() + 300
+    while not (sharded_checkpoint.manifest_path(state).exists() and sharded_checkpoint.read_metadata(state)["step"] >= step):
+        for i, p in enumerate(procs):
+            assert p.poll() is None, f"process {i} ended early:\n{(log_dir / f'err{i}').read_text()[-3000:]}"
+        assert time.time() < deadline, f"no checkpoint past step {step} within 300 s"
+        time.sleep(0.02)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(corpus, tmp_path):
+    """Only process 1 gets the SIGTERM (as when a scheduler signals one host): both processes stop after
+    the same step with one checkpoint (the request is OR-reduced across processes every STOP_POLL_STEPS
+    steps), exit 143, and a rerun of both ends bitwise equal to the uninterrupted run."""
+    import re
+
+    from forgetting.stages import train
+
+    kw = dict(mesh_model=1, steps=40, every=4)
+    reference = run_multi(2, corpus, tmp_path / "reference", "fsdp", **kw)
+
+    root = tmp_path / "stopped"
+    args = _args(corpus, root / "runs", "fsdp", **kw)
+    run = Path(reference["run_dir"].replace(str(tmp_path / "reference"), str(root)))
+    procs = _launch(2, args, root / "logs0")
+    _checkpoint_past(procs, run / runs.STATE_FILE, 8, root / "logs0")
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    errs = [(root / "logs0" / f"err{i}").read_text() for i in range(2)]
+    assert codes == [128 + signal.SIGTERM] * 2, errs
+    stops = [re.findall(r"stopped by SIGTERM after step (\d+)", e) for e in errs]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], stops  # process 0 never saw the signal itself
+    step = int(stops[0][0])
+    assert step % train.STOP_POLL_STEPS == 0 and 8 <= step < 40
+    assert sharded_checkpoint.read_metadata(run / runs.STATE_FILE)["step"] == step and not runs.is_done(run)
+
+    resumed = _final(_launch(2, args, root / "logs1"), root / "logs1")
+    assert f"resuming {run} at step {step}" in (root / "logs1" / "err0").read_text()
+    for key in KEYS:
+        assert resumed[key] == reference[key], key
+    assert [r["step"] for r in runs.read_metrics(run)] == list(range(0, 41, 4))
