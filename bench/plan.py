@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--train", default="", help="a train stage's flags, quoted as one argument: plan that config")
     p.add_argument("--impl", default="reference", help="model implementation to compile: reference (the GPU path, "
                    "default) or xla_cpu (the CPU kernels)")
-    p.add_argument("--strategies", default="single,dp,fsdp,tp", help="single, dp, fsdp, tp, fsdp_tp")
+    p.add_argument("--strategies", default="", help="single, dp, fsdp, tp, fsdp_tp (default: single,dp,fsdp,tp, "
+                   "or a --train config's own --run.mesh)")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices standing in for accelerators")
     p.add_argument("--tp", type=int, default=2, help="model-axis size for fsdp_tp")
     p.add_argument("--remat", choices=("off", "on", "both"), default="both")
@@ -383,7 +384,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cases.append(train_case(shlex.split(args.train)))
         except (ValueError, FileNotFoundError) as e:
             p.error(f"--train: {e}")
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        run = cases[-1].train.run
+        if run.mesh and not args.strategies:  # the config's own placement, unless --strategies asks for others
+            args.strategies = run.mesh
+            args.tp = run.mesh_model if run.mesh == "fsdp_tp" else args.tp
+    strategies = [s.strip() for s in (args.strategies or "single,dp,fsdp,tp").split(",") if s.strip()]
     bad = [s for s in strategies if s not in ("single", "dp", "fsdp", "tp", "fsdp_tp")]
     if bad:
         p.error(f"unknown strategies {bad}; choose from single, dp, fsdp, tp, fsdp_tp")

@@ -2,6 +2,7 @@
 option, and the GPU-hours estimate of the paper sweeps."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -114,3 +115,15 @@ def test_presets_include_the_instruct_figure_and_bad_flags_name_the_flag(tiny_ru
     impl = subprocess.run([sys.executable, "-m", "forgetting.bench.plan", "--impl", "gpu"], capture_output=True,
                           text=True, timeout=120)
     assert impl.returncode == 2 and "--impl must be one of reference, xla_cpu" in impl.stderr
+
+
+def test_train_config_cli_plans_its_own_mesh_and_prints_the_assumption(tiny_run):
+    proc = subprocess.run([sys.executable, "-m", "forgetting.bench.plan", "--devices", "2", "--remat", "off", "--train",
+                           f"--data.path new.bin --model.load_path {tiny_run} --model.lora_rank 2 --run.mesh fsdp "
+                           "--opt.batch_size 8 --stop.num_tokens_train 1000000", "--markdown"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["case"], r["strategy"], r["devices"], r["lora_rank"]) for r in rows] == [("train", "fsdp", 2, 2)]
+    assert "GPU time assuming MFU 0.3 of 989 TFLOP/s peak" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"| {rows[0]['gpu_hours']:,.3g} GPU-h (MFU 0.3 of 989 TFLOP/s) |")
