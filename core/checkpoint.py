@@ -26,8 +26,10 @@ JAX would truncate (without `jax_enable_x64`), come back as numpy.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -319,6 +321,109 @@ def read_header(path: str | Path) -> dict:
     with f:
         header, _ = _read_header(path, f)
     return header
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLocation:
+    """Where one leaf's bytes lie in a checkpoint file: `chunks` are (file offset, byte count) in order."""
+
+    path: str
+    kind: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[int, int], ...]
+
+
+def leaf_locations(path: str | Path) -> dict[str, LeafLocation]:
+    """Every leaf's location, by key path string, from the records alone: the leaves' data is skipped, not
+    read. Checks the framing (magic bytes, end marker, header, every record's byte count against its shape)
+    but not the payload's sha256, which needs every byte: the price of `read_region`'s partial reads."""
+    path, f = _open(path)
+    out = {}
+    with f:
+        header, payload_end = _read_header(path, f)
+        pos = len(MAGIC)
+        try:
+            for _ in range(header["n_leaves"]):
+                record, pos = _record_at(f, pos, payload_end)
+                chunks = []
+                for _ in range(record["chunks"]):
+                    start, n = _bin_at(f, pos)
+                    chunks.append((start, n))
+                    pos = start + n
+                if pos > payload_end:
+                    raise ValueError("a leaf runs past the payload")
+                if record["kind"] != "none":
+                    dtype, shape = _dtype(record["dtype"]), tuple(record["shape"])
+                    if sum(n for _, n in chunks) != record["nbytes"] or record["nbytes"] != dtype.itemsize * math.prod(shape):
+                        raise ValueError(f"leaf {record['path']}: byte count does not match its shape")
+                    out[record["path"]] = LeafLocation(record["path"], record["kind"], dtype, shape, tuple(chunks))
+        except Exception as e:  # noqa: BLE001 - a damaged stream fails in many ways
+            raise _corrupt(path, f"undecodable payload: {type(e).__name__}: {e}") from None
+        if pos != payload_end:
+            raise _corrupt(path, "unexpected trailing data in payload")
+    return out
+
+
+def _record_at(f, pos: int, payload_end: int) -> tuple[dict, int]:
+    """The msgpack record starting at `pos` and the offset just past it."""
+    size = 1 << 12  # records are small (path, keys, dtype, shape); read more only if one is not
+    while True:
+        f.seek(pos)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(f.read(min(size, payload_end - pos)))
+        try:
+            record = unpacker.unpack()
+        except msgpack.OutOfData:
+            if size >= payload_end - pos:
+                raise
+            size *= 4
+            continue
+        if not isinstance(record, dict):
+            raise ValueError(f"expected a leaf record at offset {pos}")
+        return record, pos + unpacker.tell()
+
+
+def _bin_at(f, pos: int) -> tuple[int, int]:
+    """(data offset, length) of the msgpack bin object at `pos`."""
+    f.seek(pos)
+    head = f.read(5)
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(head[0]) if head else None
+    if width is None:
+        raise ValueError(f"expected a msgpack bin object at offset {pos}")
+    return pos + 1 + width, int.from_bytes(head[1:1 + width], "big")
+
+
+def read_region(path: str | Path, location: LeafLocation, region: tuple[slice, ...]) -> np.ndarray:
+    """The values of one leaf (`leaf_locations`) inside `region` (slices of its shape), read through a memory
+    map: only the pages holding the region are read. A leaf split over several chunks (over `CHUNK_BYTES`)
+    is read by whole rows of its leading axis."""
+    shape, dtype = location.shape, location.dtype
+    if len(location.chunks) == 1 and shape:
+        offset, nbytes = location.chunks[0]
+        if nbytes:
+            raw = np.memmap(path, np.uint8, mode="r", offset=offset, shape=(nbytes,))
+            return np.array(raw.view(dtype).reshape(shape)[region])
+    if not shape or len(location.chunks) <= 1:  # a scalar or an empty leaf
+        return np.frombuffer(_read_bytes(path, location.chunks, 0, dtype.itemsize * math.prod(shape)),
+                             dtype).reshape(shape)[region].copy()
+    lo, hi, _ = region[0].indices(shape[0]) if region else (0, shape[0], 1)
+    row = dtype.itemsize * math.prod(shape[1:])
+    rows = np.frombuffer(_read_bytes(path, location.chunks, lo * row, max(hi, lo) * row), dtype)
+    return rows.reshape((max(hi - lo, 0), *shape[1:]))[(slice(None), *region[1:])].copy()
+
+
+def _read_bytes(path: str | Path, chunks: tuple[tuple[int, int], ...], start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a leaf's data, which lies in `chunks` one after the other."""
+    out, base = [], 0
+    with open(path, "rb") as f:
+        for offset, n in chunks:
+            a, b = max(start, base), min(stop, base + n)
+            if a < b:
+                f.seek(offset + a - base)
+                out.append(f.read(b - a))
+            base += n
+    return b"".join(out)
 
 
 def _record_value(record: dict) -> Any:

@@ -19,6 +19,8 @@ Restores work on any number of processes M, whatever N wrote the checkpoint (N =
 array is rebuilt with `jax.make_array_from_callback` on the template leaf's sharding, so a process reads
 only the files holding shards that overlap its own devices' slices (all of them when M = 1). Values
 are copied bit for bit; a manifest whose files are missing, damaged or from another attempt is refused.
+`restore(..., sliced=True)` goes further, for loading weights onto many hosts: each process reads only
+the byte ranges of its own slices, from either layout (checksums unchecked; see `restore`).
 
 Why not orbax-checkpoint: `pip download orbax-checkpoint` (0.12.8) brings ~29 MB of wheels this project
 does not otherwise install (tensorstore 21 MB, protobuf, etils, uvloop, aiofiles, simplejson, humanize,
@@ -189,7 +191,9 @@ def read_metadata(path: str | Path) -> dict:
 class _ShardIndex:
     """Where each leaf's stored pieces are; reads (and checksums) a process file only when first needed."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, sliced: bool = False):
+        self.sliced = sliced
+        self._locations: dict[str, dict] = {}
         self.folder = shards_dir(path) / manifest["tag"]
         self.files = manifest["files"]
         self.pieces: dict[str, list[tuple[str, int, list]]] = {}
@@ -204,6 +208,14 @@ class _ShardIndex:
             for i, (leaf, region) in enumerate(header["metadata"]["shards"]):
                 self.pieces.setdefault(leaf, []).append((name, i, region))
         self._loaded: dict[str, list[np.ndarray]] = {}
+
+    def _piece(self, file: str, i: int, src: tuple[slice, ...]) -> np.ndarray:
+        """`src` of piece `i` of `file`: read whole files (checksummed), or only `src` when sliced."""
+        if not self.sliced:
+            return self._data(file, i)[src]
+        if file not in self._locations:
+            self._locations[file] = checkpoint.leaf_locations(self.folder / file)
+        return checkpoint.read_region(self.folder / file, self._locations[file][f"['shards'][{i}]"], src)
 
     def _data(self, file: str, i: int) -> np.ndarray:
         if file not in self._loaded:
@@ -220,10 +232,9 @@ class _ShardIndex:
             hi = [min(b, s1) for (_, b), (_, s1) in zip(bounds, stored)]
             if any(end <= start for start, end in zip(lo, hi)) and out.size:
                 continue
-            data = self._data(file, i)
             src = tuple(slice(start - s0, end - s0) for start, end, (s0, _) in zip(lo, hi, stored))
             dst = tuple(slice(start - a, end - a) for start, end, (a, _) in zip(lo, hi, bounds))
-            out[dst] = data[src]
+            out[dst] = self._piece(file, i, src)
             filled += int(np.prod([end - start for start, end in zip(lo, hi)]))
         if filled != out.size:
             raise ValueError(f"sharded checkpoint: the stored pieces of {leaf} cover {filled} of the {out.size} "
@@ -231,16 +242,21 @@ class _ShardIndex:
         return out
 
 
-def restore(path: str | Path, template: Any) -> Any:
+def restore(path: str | Path, template: Any, *, sliced: bool = False) -> Any:
     """Loads the checkpoint at `path` (either layout) into the structure of `template`: leaves with a
     sharding (arrays, or ShapeDtypeStructs with `.sharding`) come back placed on it, each process reading
-    only what its devices hold; other leaves come back whole (numpy templates as numpy)."""
+    only the files that hold what its devices hold; other leaves come back whole (numpy templates as numpy).
+
+    `sliced`: each process reads only the byte ranges of its devices' slices, from either layout (a
+    one-file checkpoint too), through memory maps. The framing and every leaf's shape and byte count are
+    checked, but not the files' sha256 checksums, which need every byte: for loading weights onto many
+    hosts (a finetune's `--model.load_path`), not for resuming a training state."""
     path = Path(path)
     if not _use_sharded(path):
-        return checkpoint.restore(path, template)
+        return _restore_sliced(path, template) if sliced else checkpoint.restore(path, template)
     manifest = _read_manifest(path)
     specs = {s["path"]: s for s in manifest["leaves"]}
-    index = _ShardIndex(path, manifest)
+    index = _ShardIndex(path, manifest, sliced)
     leaves, treedef = checkpoint._flatten(template)
     problems, out = [], []
     for entries, leaf in leaves:
@@ -287,4 +303,30 @@ def restore(path: str | Path, template: Any) -> Any:
         problems.append(f"checkpoint has {len(extra)} leaf/leaves the template lacks: {', '.join(extra[:8])}")
     if problems:
         raise ValueError(f"checkpoint {manifest_path(path)} does not match the template:\n  " + "\n  ".join(problems))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _restore_sliced(path: Path, template: Any) -> Any:
+    """`restore(sliced=True)` of a one-file checkpoint: each sharded array leaf from its devices' regions."""
+    locations = checkpoint.leaf_locations(path)
+    leaves, treedef = checkpoint._flatten(template)
+    problems, out = [], []
+    for entries, leaf in leaves:
+        name = checkpoint._path_str(entries)
+        where = locations.get(name)
+        shape, dtype, is_key, sharding = checkpoint._template_info(leaf) if leaf is not None else ((), None, False, None)
+        if where is None or where.kind != "array" or is_key or sharding is None or isinstance(leaf, np.ndarray):
+            problems.append(f"{name}: a sliced restore takes plain array leaves with a sharding, found "
+                            f"{'nothing' if where is None else where.kind} for template {type(leaf).__name__}")
+            continue
+        if where.shape != shape or where.dtype != dtype:
+            problems.append(f"{name}: expected {dtype.name}{list(shape)}, found {where.dtype.name}{list(where.shape)}")
+            continue
+        out.append(jax.make_array_from_callback(
+            shape, sharding, lambda region, where=where: checkpoint.read_region(path, where, region)))
+    extra = [p for p in locations if p not in {checkpoint._path_str(e) for e, _ in leaves}]
+    if extra:
+        problems.append(f"checkpoint has {len(extra)} leaf/leaves the template lacks: {', '.join(extra[:8])}")
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match the template:\n  " + "\n  ".join(problems))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -20,8 +20,9 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from forgetting.core import families, files, multihost, sharded_checkpoint
@@ -265,10 +266,14 @@ class LoadedRun:
     tokenizer_sha256: str | None
 
 
-def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None = None) -> LoadedRun:
+def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None = None,
+             shardings: Callable[[Any], dict] | None = None) -> LoadedRun:
     """Loads a finished run directory of this project, an authors' `weights.npz` directory, a Hugging
     Face Llama/Qwen2/Qwen3 checkpoint directory or a llama.cpp `.gguf` file (`seq_len`: its sequence length here; ignored for run directories,
-    which keep their own)."""
+    which keep their own).
+
+    `shardings(model_cfg)` (a multi-process run): the parameters' shardings; a run directory's params then
+    come back placed on them, each process reading only its own slices of params.msgpack."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--model.load_path {path} does not exist; pass a finished run directory")
@@ -295,7 +300,13 @@ def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None 
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file}: field 'resolved.model' is not a valid model config ({e})") from None
     try:
-        params = sharded_checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))  # either layout
+        if shardings is None:
+            params = sharded_checkpoint.restore(path / PARAMS_FILE, abstract_params(model_cfg))  # either layout
+        else:
+            where = shardings(model_cfg)
+            template = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where[k])
+                        for k, s in abstract_params(model_cfg).items()}
+            params = sharded_checkpoint.restore(path / PARAMS_FILE, template, sliced=True)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{e}. To recover the run's final weights: delete {path / PARAMS_FILE} and "
                          f"{path / DONE_FILE}, then rerun the run's training command (its flags are in {file}): it "

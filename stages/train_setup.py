@@ -96,7 +96,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
     load_path = cfg.model.load_path
     if cfg.model.load_dir:
         load_path = str(runs.run_in_dir(cfg.model.load_dir, cfg.model.load_idx))
-    loaded = runs.load_run(load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len) if load_path else None
+    loaded = runs.load_run(load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len,
+                           shardings=_load_shardings(cfg)) if load_path else None
     data_id = cfg.data.dataset_id if cfg.data.dataset_id >= 0 else None
     probe = data_lib.TokenFile(cfg.data.path, dataset_id=data_id)
     if loaded is not None and loaded.tokenizer_sha256 and probe.meta.get("tokenizer_sha256") not in (
@@ -200,6 +201,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
         loaded_config = _json(loaded.path / runs.CONFIG_FILE).get("config", {})
         if loaded_config.get("model", {}).get("load_path") == "":  # trained from scratch here
             init_params = families.init(model_cfg, jax.random.key(int(loaded_config["run"]["seed"])))
+            if put_batch is not _identity:  # beside the placed (in a multi-process run: global) loaded params
+                init_params = put_state.params_like(init_params)
             ref_init_distance = float(optax.tree.norm(jax.tree.map(jnp.subtract, loaded.params, init_params)))
 
     lineage = tuple(dict.fromkeys((*(loaded.lineage_ids if loaded else ()), dataset.token_file.dataset_id)))
@@ -250,15 +253,27 @@ class _Placer:
         return sharding.shard(tree, self.param_sharding)
 
 
+def _mesh(cfg: TrainConfig) -> Any:
+    n = jax.device_count()
+    if n % cfg.run.mesh_model:
+        raise ValueError(f"--run.mesh_model {cfg.run.mesh_model} does not divide the {n} devices")
+    return sharding.make_mesh(n // cfg.run.mesh_model, cfg.run.mesh_model)
+
+
+def _load_shardings(cfg: TrainConfig) -> Callable[[Any], dict] | None:
+    """In a multi-process run, where the loaded parameters go, so that each host reads only its slices of the
+    params file (`runs.load_run(shardings=...)`); the placement below then finds them already in place."""
+    if not cfg.run.mesh or jax.process_count() == 1:
+        return None
+    return lambda model_cfg: sharding.param_shardings(model_cfg, _mesh(cfg), cfg.run.mesh)
+
+
 def _placement(cfg: TrainConfig, model_cfg, trainable, opt, use_lora: bool, masked: bool = False):
     """(put_batch, put_state, state_sharding, batch_sharding) for `--run.mesh`; identity on one device."""
     if not cfg.run.mesh:
         return _identity, _identity, None, None
-    n = jax.device_count()
-    if n % cfg.run.mesh_model:
-        raise ValueError(f"--run.mesh_model {cfg.run.mesh_model} does not divide the {n} devices")
-    mesh = sharding.make_mesh(n // cfg.run.mesh_model, cfg.run.mesh_model)
-    data_size = n // cfg.run.mesh_model
+    mesh = _mesh(cfg)
+    data_size = mesh.shape[sharding.DATA]
     if cfg.opt.batch_size % data_size or (cfg.reg.method in ("ntp_pre", "kl_pre") and cfg.reg.batch_size % data_size):
         raise ValueError(f"--opt.batch_size and --reg.batch_size must be multiples of the data axis ({data_size} "
                          "devices) with --run.mesh")

@@ -93,3 +93,58 @@ def test_one_process_saves_the_single_file_and_supersedes_a_sharded_one(two_proc
     assert checkpoint.read_metadata(path) == {"step": 9} == sharded_checkpoint.read_metadata(path)
     out = sharded_checkpoint.restore(path, {"w": jax.ShapeDtypeStruct((4, 6), jnp.float32)})
     np.testing.assert_array_equal(np.asarray(out["w"]), np.ones((4, 6), np.float32))
+
+
+# ---- sliced restores (a multi-process finetune's --model.load_path): only the byte ranges of one's slices ----
+
+
+def _recording(monkeypatch) -> list:
+    """Patches the readers to record the regions read (and any file read whole)."""
+    log = []
+    region, records = checkpoint.read_region, checkpoint._read_records
+    monkeypatch.setattr(checkpoint, "read_region", lambda path, where, reg: (
+        log.append((where.path, [list(s.indices(d)[:2]) for s, d in zip(reg, where.shape)])), region(path, where, reg))[1])
+    monkeypatch.setattr(checkpoint, "_read_records", lambda path: (log.append(("whole", str(path))), records(path))[1])
+    return log
+
+
+@pytest.mark.parametrize("chunk_bytes", [checkpoint.CHUNK_BYTES, 40])  # 40: every leaf in several msgpack chunks
+def test_region_reads_of_one_file_are_bitwise_and_read_only_the_region(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", chunk_bytes)
+    tree = {"w": (np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5) / 7),
+            "b": np.linspace(-1, 1, 6).astype(jnp.bfloat16), "s": np.float32(2.5)}
+    checkpoint.save(tmp_path / "p.msgpack", tree)
+    where = checkpoint.leaf_locations(tmp_path / "p.msgpack")
+    assert {k: (w.shape, w.dtype.name) for k, w in where.items()} == {
+        "['w']": ((4, 6, 5), "float32"), "['b']": ((6,), "bfloat16"), "['s']": ((), "float32")}
+    for region in [(slice(1, 3), slice(None), slice(2, 5)), (slice(None), slice(4, 6), slice(0, 1)),
+                   (slice(3, 4), slice(0, 0), slice(None))]:
+        got = checkpoint.read_region(tmp_path / "p.msgpack", where["['w']"], region)
+        assert got.tobytes() == tree["w"][region].tobytes()
+    assert checkpoint.read_region(tmp_path / "p.msgpack", where["['b']"], (slice(2, 5),)).tobytes() == \
+        tree["b"][2:5].tobytes()
+    assert checkpoint.read_region(tmp_path / "p.msgpack", where["['s']"], ()) == np.float32(2.5)
+
+
+def test_sliced_restore_reads_each_devices_slices_of_either_layout(tmp_path, monkeypatch, two_process_checkpoint):
+    path, w, b = two_process_checkpoint
+    one_file = tmp_path / "one.msgpack"
+    checkpoint.save(one_file, {"w": w, "b": b})
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    template = {"w": jax.ShapeDtypeStruct((4, 6), jnp.float32, sharding=rows),
+                "b": jax.ShapeDtypeStruct((6,), jnp.bfloat16, sharding=rows)}
+    for file in (one_file, path):
+        log = _recording(monkeypatch)
+        if file == path:
+            scalar = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            template = dict(template, step=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar))
+        out = sharded_checkpoint.restore(file, template, sliced=True)
+        assert np.asarray(out["w"]).tobytes() == w.tobytes() and np.asarray(out["b"]).tobytes() == b.tobytes()
+        assert not [e for e in log if e[0] == "whole"], "nothing is read whole"
+        if file == one_file:  # one device holds all: its one region of each leaf
+            assert sorted(log) == [("['b']", [[0, 6]]), ("['w']", [[0, 4], [0, 6]])]
+        else:  # the sharded layout: each stored piece overlapping the device's region, cut to the overlap
+            assert log.count(("['shards'][0]", [[0, 2], [0, 6]])) == 2  # w's rows 0..2 and 2..4, one per file
+    with pytest.raises(ValueError, match=r"expected float32\[4, 6\], found bfloat16\[6\]"):
+        sharded_checkpoint.restore(one_file, {"w": template["b"], "b": template["w"]}, sliced=True)
