@@ -121,9 +121,8 @@ def test_gguf_checkpoint_is_fingerprinted_and_binds_the_tokenizer(tiny_gguf, tmp
     cfg = replace(tiny(str(data), tmp_path / "runs"), **{
         "model.load_path": str(path), "model.d_model": 256, "model.n_layers": 6, "model.head_dim": 64,
         "data.num_tokens_valid": 4 * T, "opt.batch_size": 2, "stop.num_tokens_train": 2 * T})
-    s = train_setup.build_setup(cfg)
-    assert s.input_files[f"--model.load_path ({path.name})"] == str(path)
-    assert train._input_fingerprints(cfg, s)[f"--model.load_path ({path.name})"]["size"] == path.stat().st_size
+    recorded = train._input_fingerprints(cfg, train_setup.build_setup(cfg))
+    assert recorded[f"--model.load_path ({path.name})"]["size"] == path.stat().st_size
     data_lib.sidecar_path(data).write_text(json.dumps({**meta, "tokenizer_sha256": B}))
     with pytest.raises(ValueError, match=r"--data.path \S+text.bin was tokenized with tokenizer bbbbbbbbbbbb…, but the "
                                          r"checkpoint \S+tiny.gguf was trained with"):
