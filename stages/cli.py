@@ -210,9 +210,9 @@ def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,
 
 @contextlib.contextmanager
 def exit_on_error(prefix: str = "error", errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Turns bad input (ValueError, FileNotFoundError, `errors`) into `<prefix>: <message>` and exit status 2,
-    an OSError (a full disk, a permission) into a message and status 1, and Ctrl-C into status 130, all
-    without a traceback."""
+    """Turns bad input (ValueError, FileNotFoundError, `errors`, a directory given as a file or a file in the
+    middle of a path) into `<prefix>: <message>` and exit status 2, another OSError (a full disk, a
+    permission) into a message and status 1, and Ctrl-C into status 130, all without a traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError, *errors) as e:
@@ -220,7 +220,8 @@ def exit_on_error(prefix: str = "error", errors: tuple[type[BaseException], ...]
         raise SystemExit(2) from None
     except OSError as e:
         print(f"{prefix}: {os_error_message(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        # a path of the wrong kind is bad input (2), like a ValueError; a failed write is 1
+        raise SystemExit(2 if isinstance(e, (IsADirectoryError, NotADirectoryError)) else 1) from None
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

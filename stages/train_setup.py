@@ -231,6 +231,9 @@ def build_setup(cfg: TrainConfig) -> Setup:
                 # The loaded run's data, however spelled: its own training split, so that replay never draws
                 # the validation rows prev_ntp / prev_kl measure forgetting on.
                 old = _open_dataset(r.path, V, T, *_loaded_split(cfg, loaded), "--reg.path")
+                print(f"note: --reg.path {r.path} holds the data {loaded.path} was trained on: replay draws from that "
+                      f"run's training split (split_seed {loaded.split_seed}), never from the validation rows "
+                      "prev_* are measured on", file=sys.stderr)
             elif r.path:
                 old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
             elif prev_dataset is not None:

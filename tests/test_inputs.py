@@ -137,7 +137,8 @@ def _rows(rows: np.ndarray) -> set[bytes]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["same", "relative", "copy"])
-def test_replay_from_the_loaded_runs_data_never_draws_its_validation_rows(base, tmp_path, monkeypatch, spelling):
+def test_replay_from_the_loaded_runs_data_never_draws_its_validation_rows(base, tmp_path, monkeypatch, capsys,
+                                                                          spelling):
     """Real replay of the base run's data given as --reg.path (spelled as recorded, relative, or a copy
     elsewhere) with --data.split_seed 1 on the finetune: row by row, no replay row is one of the base run's
     validation rows (the rows prev_ntp / prev_kl are computed on). Before: the finetune's split was used and
@@ -153,6 +154,7 @@ def test_replay_from_the_loaded_runs_data_never_draws_its_validation_rows(base, 
     cfg = _finetune(base, tmp_path, **{"reg.method": "kl_pre", "reg.batch_size": 8, "reg.path": reg_path,
                                        "data.split_seed": 1})
     s = train_setup.build_setup(cfg)
+    assert "replay draws from that run's training split (split_seed 0)" in capsys.readouterr().err
     base_valid = _rows(np.concatenate(list(s.prev_dataset.valid_batches(64))))
     assert len(base_valid) == s.prev_dataset.num_valid == 64  # rows are distinct: the comparison is exact
     epoch = s.replay.dataset.num_train // 8 + 1
@@ -282,7 +284,8 @@ def test_directory_as_input_and_output_under_a_file_get_their_own_messages(corpo
     with pytest.raises(SystemExit) as e:
         train.main(tiny_argv(corpora[0], blocker / "runs"))
     err = capsys.readouterr().err
-    assert "part of this path is a regular file, not a directory" in err and "disk space" not in err
+    assert e.value.code == 2 and "part of this path is a regular file, not a directory" in err
+    assert "disk space" not in err
     from forgetting.stages import tokenize
 
     with pytest.raises(SystemExit) as e:
