@@ -129,6 +129,37 @@ def test_gguf_checkpoint_is_fingerprinted_and_binds_the_tokenizer(tiny_gguf, tmp
         train_setup.build_setup(cfg)
 
 
+@pytest.mark.slow
+def test_hf_directory_binds_its_tokenizer_and_fingerprints_config_and_tokenizer(tmp_path):
+    """Data tokenized with the directory (or one of its tokenizer files alone) is accepted; another tokenizer's is
+    refused (before: a HF checkpoint had no tokenizer identity); its config.json and tokenizer files are
+    recorded beside the weights."""
+    pytest.importorskip("tokenizers")
+    import jax
+
+    from forgetting.experiments import standin_checkpoint
+    from forgetting.stages import tokenize_hf
+
+    hf = tmp_path / "tiny-llama"
+    standin_checkpoint.write_tiny_hf_checkpoint(hf, standin_checkpoint.tiny_config(seq_len=T), jax.random.key(0))
+    src = tmp_path / "text.jsonl"
+    src.write_text("".join(json.dumps({"text": f"the fox {i} jumps over the dog {i * 7}"}) + "\n" for i in range(80)))
+    data = tmp_path / "text.bin"
+    meta = tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(hf), out=str(data)))
+    cfg = replace(tiny(str(data), tmp_path / "runs"), **{
+        "model.load_path": str(hf), "model.d_model": 256, "model.n_layers": 6, "model.head_dim": 64,
+        "data.num_tokens_valid": 4 * T, "opt.batch_size": 2, "stop.num_tokens_train": 2 * T})
+    recorded = train._input_fingerprints(cfg, train_setup.build_setup(cfg))
+    assert {"--model.load_path (config.json)", "--model.load_path (tokenizer.model)"} <= set(recorded)
+    loaded = runs.load_run(hf)  # data tokenized with one of its tokenizer files alone names the same tokenizer
+    assert loaded.tokenizer_matches(tokenize_hf.tokenizer_sha256(hf / "tokenizer.model"))
+    assert not loaded.tokenizer_matches(B) and loaded.tokenizer_matches(None)
+    data_lib.sidecar_path(data).write_text(json.dumps({**meta, "tokenizer_sha256": B}))
+    with pytest.raises(ValueError, match=r"--data.path \S+ was tokenized with tokenizer bbbbbbbbbbbb…, but the "
+                                         r"checkpoint \S+tiny-llama was trained with"):
+        train_setup.build_setup(cfg)
+
+
 # ------------------------------------------------------------------------------ replay never sees the measured rows
 
 def _rows(rows: np.ndarray) -> set[bytes]:
