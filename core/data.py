@@ -126,6 +126,8 @@ class TokenFile:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"token file not found: {self.path}")
+        if self.path.is_dir():
+            raise ValueError(f"token file {self.path} is a directory; pass the .bin file (e.g. {self.path / 'data.bin'})")
         meta_path = sidecar_path(self.path)
         if meta_path.exists():
             try:
@@ -150,6 +152,7 @@ class TokenFile:
         if dtype_name not in DTYPES:
             raise ValueError(f"{meta_path}: dtype {dtype_name!r} is not supported ({' or '.join(DTYPES)})")
         self.dtype = DTYPES[dtype_name]
+        _check_dtype(self.path, meta_path, self.meta, size)
         if size % self.dtype.itemsize:
             raise ValueError(f"token file {self.path} has {size} bytes, not a multiple of {self.dtype.itemsize}: "
                              f"not a {dtype_name} token file (truncated?)")
@@ -182,6 +185,19 @@ class TokenFile:
                 f"{self.path} holds token id {top} but the model's vocab has {vocab_size} ids; "
                 "use a model vocab_size at least the tokenizer's"
             )
+
+
+def _check_dtype(path: Path, meta_path: Path, meta: dict, size: int) -> None:
+    """A sidecar whose token count fits the file's size only at another dtype names the wrong dtype: say so,
+    rather than report a token count mismatch."""
+    named, count = meta.get("dtype", "uint16"), meta.get("num_tokens")
+    if not isinstance(count, int) or count <= 0 or size == count * DTYPES[named].itemsize:
+        return
+    for other, dtype in DTYPES.items():
+        if other != named and size == count * dtype.itemsize:
+            raise ValueError(f"{meta_path} names dtype {named}, but {path} holds {count} tokens of {other} "
+                             f"({size} bytes = {count} x {dtype.itemsize}): the sidecar's dtype is wrong; make the "
+                             f"file again (or set \"dtype\": \"{other}\" if the file is right)")
 
 
 class SequenceDataset:

@@ -57,3 +57,24 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def loads_json(text: str, source: str | os.PathLike) -> Any:
+    """`json.loads` whose error names the file, the line and the column of the fault."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+
+
+def loads_json_lines(text: str, source: str | os.PathLike) -> list:
+    """The JSON values of a `.jsonl` text (blank lines skipped); an error names the file and the line."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}, line {number} column {e.colno}: not valid JSON ({e.msg})") from None
+    return rows

@@ -12,10 +12,12 @@ Reads every layout a current checkpoint carries:
 - Families: "llama" (Llama 2/3.x, SmolLM/SmolLM2), "mistral" without a sliding window, "qwen2" (Qwen2/2.5:
   bias on q, k, v), "qwen3" (RMSNorm with gain on q and k per head, before RoPE).
 
-A field that would change the numbers and is not implemented (a sliding window in use, logit soft-capping,
-partial rotary, mixture of experts, NoPE layers, Granite multipliers, an unknown rope type or activation) is
-refused with a ValueError naming it. Fields that do not change the numbers (dropout, use_cache, dtype
-names, ...) are ignored.
+Every key of config.json is accounted for (an allowlist): read here (`_UNDERSTOOD`), known not to change
+the numbers (`_NEUTRAL`: names, dtype labels, generation defaults, token ids used elsewhere, dropout, ...),
+or allowed only at a value that changes nothing (`_MUST_BE_NEUTRAL`). A field that would change the numbers
+and is not implemented (a sliding window in use, logit soft-capping, partial rotary, mixture of experts, NoPE
+layers, Granite multipliers, an unknown rope type or activation) is refused with a ValueError naming it, and
+so is any key not on these lists: a field never heard of might change the numbers.
 """
 from __future__ import annotations
 
@@ -44,7 +46,44 @@ _MUST_BE_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "use_qk_norm": (None, False),
     "attn_temperature_tuning": (None, False, 0),
     "interleave_moe_layer_step": (None, 0),
+    "rope_interleaved": (None, False),  # SmolLM2's nanotron field: False is HF's rotate-half RoPE, implemented here
 }
+
+
+# Keys `parse_hf_config` reads (or checks, as the sliding-window fields).
+_UNDERSTOOD = frozenset({
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "bos_token_id", "eos_token_id",
+    "initializer_range", "hidden_act", "hidden_activation", "no_rope_layers", "layer_types", "sliding_window",
+    "use_sliding_window", "max_window_layers"})
+# Keys that do not change the numbers of a forward pass or a training step here: names and versions, the
+# storage dtype label, caching and output switches, dropout (not used here, as in HF eval), token ids and
+# generation defaults (sampling has its own flags), nanotron/transformers.js leftovers, and `pretraining_tp`
+# (HF's split matmuls: the same product).
+_NEUTRAL = frozenset({
+    "architectures", "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop", "pad_token_id", "unk_token_id",
+    "sep_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "is_llama_config",
+    "transformers.js_config", "auto_map", "_attn_implementation", "_attn_implementation_autoset",
+    "attn_implementation", "pretraining_tp", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_encoder_decoder", "is_decoder", "is_encoder_decoder",
+    "cross_attention_hidden_size", "add_cross_attention", "chunk_size_feed_forward", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix",
+    "task_specific_params", "problem_type"})
+
+
+def _refuse_unknown_keys(hf: Mapping[str, Any]) -> None:
+    unknown = sorted(k for k in hf if k not in _UNDERSTOOD and k not in _NEUTRAL and k not in _MUST_BE_NEUTRAL)
+    if unknown:
+        shown = ", ".join(f"{k}={hf[k]!r}" for k in unknown)
+        raise ValueError(f"config.json: unknown field{'s' if len(unknown) > 1 else ''} {shown}: this reader does not "
+                         "know whether it changes the model's numbers, so it refuses it; remove the field if it is "
+                         "only informational, or load a supported checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +182,7 @@ def parse_hf_config(hf: Mapping[str, Any]) -> HFModelSpec:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"config.json: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    _refuse_unknown_keys(hf)
     for key, neutral in _MUST_BE_NEUTRAL.items():
         if key in hf and hf[key] not in neutral:
             raise ValueError(f"config.json: {key}={hf[key]!r} is not implemented (it would change the numbers)")

@@ -45,6 +45,14 @@ def resolve_impl(impl: str) -> str:
     return auto_impl() if impl == "auto" else impl
 
 
+def check_rope_and_norm(base: float, base_name: str, eps: float, eps_name: str) -> None:
+    """A RoPE base <= 0 or a negative RMSNorm epsilon makes every loss NaN: refused by name up front."""
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"{base_name} must be a positive number (the RoPE base, e.g. 10000), got {base}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{eps_name} must be a number >= 0 (the RMSNorm epsilon, e.g. 1e-6), got {eps}")
+
+
 def check_numerics_fields(cfg: Any) -> None:
     """The checks of the numerics fields every family config carries (impl, remat, kv_cache_dtype,
     unroll, loss_chunk, streams); one message each, naming the fix."""

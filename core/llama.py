@@ -132,6 +132,7 @@ class LlamaConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        layers.check_rope_and_norm(self.rope_theta, "rope_theta", self.norm_eps, "norm_eps")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("bfloat16", "float32"):
                 raise ValueError(f"{name} must be 'bfloat16' or 'float32', got {getattr(self, name)!r}")

@@ -62,6 +62,7 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        layers.check_rope_and_norm(self.rope_base, "rope_base", self.norm_eps, "norm_eps")
         layers.check_numerics_fields(self)
 
     @property

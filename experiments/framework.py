@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from forgetting.core import files as files_lib
 from forgetting.stages import cli
 
 DONE = "done.json"
@@ -129,20 +130,20 @@ def is_done(path: str | Path) -> bool:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The evaluations logged in a run directory's `metrics.jsonl` (a torn last line is skipped)."""
+    """The evaluations logged in a run directory's `metrics.jsonl` (a torn last line is skipped; a bad line
+    before it is an error naming the file and the line)."""
     f = Path(path) / METRICS
     if not f.is_file():
         return []
-    rows = []
-    for line in f.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    lines = f.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if lines:
         try:
-            rows.append(json.loads(line))
+            json.loads(lines[-1])
         except json.JSONDecodeError:  # a writer killed mid-line; everything before it is good
-            continue
-    return rows
+            lines.pop()
+    return files_lib.loads_json_lines("\n".join(lines), f)
 
 
 def read_done(path: str | Path) -> dict:

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from forgetting.core import files as files_lib
 from forgetting.core import losses, model
 
 Question = dict[str, Any]
@@ -317,8 +318,8 @@ def _rows_of_file(path: Path) -> list[dict]:
         return _read_parquet(path)
     text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        return files_lib.loads_json_lines(text, path)
+    data = files_lib.loads_json(text, path)
     if isinstance(data, dict):  # {"rows": [...]} / {"data": [...]} / datasets-server {"rows": [{"row": ...}]}
         for key in ("rows", "data", "examples", "questions"):
             if key in data:

@@ -103,6 +103,12 @@ def check_output_file(flag: str, path: str | Path) -> None:
     """An output file path must not name an existing directory (the rename into place would fail late)."""
     if Path(path).is_dir():
         raise ValueError(f"{flag} {path} is an existing directory; give a file path such as {Path(path) / 'data.bin'}")
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path} lies under {parent}, which is a regular file, not a directory; "
+                                 "give a path in a directory")
+            break
 
 
 def to_dict(cfg: Any) -> Any:
@@ -204,22 +210,36 @@ def run_or_exit(config_cls: type[C], fn, argv: Sequence[str] | None = None, *,
 
 @contextlib.contextmanager
 def exit_on_error(prefix: str = "error", errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Turns bad input (ValueError, FileNotFoundError, `errors`) into `<prefix>: <message>` and exit status 2,
-    an OSError (a full disk, a permission) into a message and status 1, and Ctrl-C into status 130, all
-    without a traceback."""
+    """Turns bad input (ValueError, FileNotFoundError, `errors`, a directory given as a file or a file in the
+    middle of a path) into `<prefix>: <message>` and exit status 2, another OSError (a full disk, a
+    permission) into a message and status 1, and Ctrl-C into status 130, all without a traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError, *errors) as e:
         print(f"{prefix}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:
-        print(f"{prefix}: {e.strerror or e} ({e.filename or 'while writing'}); fix that (free disk space, "
-              "permissions) and rerun: files are written atomically, so nothing already written was damaged",
-              file=sys.stderr)
-        raise SystemExit(1) from None
+        print(f"{prefix}: {os_error_message(e)}", file=sys.stderr)
+        # a path of the wrong kind is bad input (2), like a ValueError; a failed write is 1
+        raise SystemExit(2 if isinstance(e, (IsADirectoryError, NotADirectoryError)) else 1) from None
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def os_error_message(e: OSError) -> str:
+    """What an OSError means for the user: a path of the wrong kind (a directory given as a file, a file in
+    the middle of a path) is not a failed write; only a write that failed gets the disk/permissions advice."""
+    name = e.filename or "a path"
+    if isinstance(e, IsADirectoryError):
+        return f"{name} is a directory, but a file was expected there: pass a file path"
+    if isinstance(e, NotADirectoryError):
+        return (f"{name}: part of this path is a regular file, not a directory (a path under a file); pass a path "
+                "whose parents are directories")
+    if isinstance(e, PermissionError):
+        return f"permission denied on {name}: fix its permissions (or choose another path) and rerun"
+    return (f"{e.strerror or e} ({e.filename or 'while writing'}); fix that (free disk space, permissions) and "
+            "rerun: files are written atomically, so nothing already written was damaged")
 
 
 def run_and_print(config_cls: type[C], fn, argv: Sequence[str] | None = None) -> Any:

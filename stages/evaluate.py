@@ -68,7 +68,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         data_tokenizer = data_lib.TokenFile(path).meta.get("tokenizer_sha256")  # checked before any other complaint
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--data.path: {e}") from None
-    if loaded.tokenizer_sha256 and data_tokenizer and data_tokenizer != loaded.tokenizer_sha256:
+    if not loaded.tokenizer_matches(data_tokenizer):
         raise ValueError(f"{path} was tokenized with tokenizer {data_tokenizer[:12]}…, but {loaded.path} was trained "
                          f"with {loaded.tokenizer_sha256[:12]}…; its loss on this file means nothing: re-tokenize "
                          "the text with the run's tokenizer")

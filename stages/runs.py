@@ -41,8 +41,27 @@ _UNHASHED = {("run", "dir"), ("run", "mesh"), ("run", "mesh_model"), ("log", "wa
              ("log", "checkpoint_minutes")}
 
 
-def hashed_config(cfg: Any) -> dict:
+# Input paths: named by the file they point at, so `x.bin`, `$PWD/x.bin` and `dir/` vs `dir` are one run.
+_PATH_FIELDS = (("data", "path"), ("mix", "path"), ("reg", "path"), ("model", "load_path"), ("model", "load_dir"),
+                ("eval", "extra_paths"))
+
+
+def normalize_path(path: str) -> str:
+    """An input path as a run's identity records it: absolute, `~` and symlinks resolved, no trailing slash
+    ("" stays "": no file)."""
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def hashed_config(cfg: Any, *, normalize: bool = True) -> dict:
+    """The config a run is named by (`normalize=False`: input paths as spelled, the naming before paths
+    were normalized)."""
     d = cli.to_dict(cfg)
+    for section, key in _PATH_FIELDS if normalize else ():
+        value = d.get(section, {}).get(key)
+        if isinstance(value, str):
+            d[section][key] = normalize_path(value)
+        elif isinstance(value, (list, tuple)):
+            d[section][key] = [normalize_path(v) for v in value]
     model = d.get("model")
     if isinstance(model, dict) and model.get("dtype") == "auto":  # the run is named by the dtype it computes in
         from forgetting.stages import auto_dtype
@@ -55,7 +74,16 @@ def hashed_config(cfg: Any) -> dict:
 
 def run_dir(cfg: Any) -> Path:
     """The run directory of a training config: `<run.dir>/<run.name->hash`, known before running."""
-    digest = cli.config_hash(hashed_config(cfg))
+    path = _named(cfg, hashed_config(cfg))
+    if not path.exists():  # a run started before input paths were normalized keeps its directory
+        legacy = _named(cfg, hashed_config(cfg, normalize=False))
+        if legacy != path and legacy.exists():
+            return legacy
+    return path
+
+
+def _named(cfg: Any, hashed: dict) -> Path:
+    digest = cli.config_hash(hashed)
     name = f"{cfg.run.name}-{digest}" if cfg.run.name else digest
     return Path(cfg.run.dir) / name
 
@@ -67,10 +95,19 @@ def is_done(path: str | Path) -> bool:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a bad line is an error naming the file and the line, except a torn
+    last line (no newline: its writer was killed mid-write), which is dropped."""
     file = Path(path) / METRICS_FILE
     if not file.exists():
         return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    text = file.read_text()
+    if text and not text.endswith("\n"):
+        head, _, last = text.rpartition("\n")
+        try:
+            json.loads(last)
+        except json.JSONDecodeError:
+            text = head
+    return files.loads_json_lines(text, file)
 
 
 # ---- every write into a run directory goes through the functions below (one place for a process-0 guard) ----
@@ -208,23 +245,42 @@ def fingerprint(path: str | Path) -> dict:
     return out
 
 
+_CONTENT_KEYS = ("size", "head_tail_sha256", "sidecar_sha256")
+# config.json's "inputs_version": 2 since GGUF/HF/load_dir checkpoints and mask files are fingerprinted too
+INPUTS_VERSION = 2
+
+
+def _content(record: dict) -> tuple:
+    return tuple(record.get(k) for k in _CONTENT_KEYS)
+
+
+def same_content(a: dict, b: dict) -> bool:
+    """Whether two `fingerprint`s are of the same content (their paths may differ)."""
+    return _content(a) == _content(b)
+
+
 def check_inputs(run_path: Path, current: dict[str, dict], resume_step: int) -> None:
     """Refuses to resume a run whose recorded input files changed since it started (the message names the
     file); a run recorded before fingerprints existed is resumed with a warning."""
-    saved = read_run_config(run_path).get("inputs")
+    config = read_run_config(run_path)
+    saved = config.get("inputs")
     if saved is None:
         print(f"warning: {run_path / CONFIG_FILE} records no input fingerprints (an older run); resuming without "
               "checking that its data is unchanged", file=sys.stderr)
         return
     for role in sorted(set(saved) | set(current)):
         before, now = saved.get(role), current.get(role)
-        if before == now:
+        if before is not None and now is not None and same_content(before, now):
+            continue  # the same file, however its path is spelled now
+        if before is None and config.get("inputs_version", 1) < INPUTS_VERSION:
+            print(f"warning: {run_path} started before {role} was fingerprinted; resuming without checking it",
+                  file=sys.stderr)
             continue
         if before is None or now is None:
             raise ValueError(f"the inputs of run {run_path} changed: {role} was "
                              f"{'not used' if before is None else before['path']} when it started and is "
                              f"{'not used' if now is None else now['path']} now; resume with the original inputs")
-        what = [k for k in ("size", "head_tail_sha256", "sidecar_sha256") if before.get(k) != now.get(k)]
+        what = [k for k in _CONTENT_KEYS if before.get(k) != now.get(k)]
         raise ValueError(f"{role} {now['path']} changed since run {run_path} started ({', '.join(what)} differ); its "
                          f"checkpoint at step {resume_step} was trained on the old file. Put the original file back to "
                          "resume, or train on the new file as a separate run (e.g. add --run.name NEW)")
@@ -264,6 +320,13 @@ class LoadedRun:
     split_seed: int
     lineage_ids: tuple[int, ...]  # dataset ids of every dataset in its training history
     tokenizer_sha256: str | None
+    # other sidecar `tokenizer_sha256`s that name the same tokenizer (a HF directory's tokenizer.json on its own)
+    tokenizer_aliases: tuple[str, ...] = ()
+
+    def tokenizer_matches(self, sha256: str | None) -> bool:
+        """Whether data whose sidecar records `sha256` was tokenized with this model's tokenizer (unknown on
+        either side: not refused)."""
+        return not (sha256 and self.tokenizer_sha256) or sha256 in (self.tokenizer_sha256, *self.tokenizer_aliases)
 
 
 def load_run(path: str | Path, *, dtype: str | None = None, seq_len: int | None = None,
@@ -381,7 +444,26 @@ def _load_hf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> L
 
     model_cfg, params, _ = hf_checkpoint.load_hf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                  seq_len=seq_len or None)
-    return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), None)
+    return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), *_checkpoint_tokenizer(path))
+
+
+def checkpoint_tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer files a HF checkpoint directory holds (what `tokenize_hf --hf_tokenizer DIR` hashes)."""
+    from forgetting.stages import tokenize_hf
+
+    return [path / name for name in tokenize_hf.TOKENIZER_FILES if (path / name).exists()]
+
+
+def _checkpoint_tokenizer(path: Path) -> tuple[str | None, tuple[str, ...]]:
+    """(tokenizer sha256, aliases) of a HF directory or GGUF file, as `tokenize_hf` records them in a sidecar
+    when tokenizing with `--hf_tokenizer` the directory (or one of its tokenizer files) or the GGUF file;
+    (None, ()) for a directory without tokenizer files."""
+    from forgetting.stages import tokenize_hf
+
+    if path.is_dir() and not checkpoint_tokenizer_files(path):
+        return None, ()
+    aliases = tuple(tokenize_hf.tokenizer_sha256(f) for f in checkpoint_tokenizer_files(path)) if path.is_dir() else ()
+    return tokenize_hf.tokenizer_sha256(path), aliases
 
 
 def _load_gguf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
@@ -390,7 +472,7 @@ def _load_gguf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) ->
 
     model_cfg, params, _ = gguf_checkpoint.load_gguf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                      seq_len=seq_len or None)
-    return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), None)
+    return LoadedRun(path, model_cfg, params, "", 0, 0, (model_cfg.bos_id,), *_checkpoint_tokenizer(path))
 
 
 def parse_simple_yaml(text: str) -> dict:

@@ -87,6 +87,9 @@ class Config:
             raise ValueError("--chat true reads .jsonl files of conversations only")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "tokenizer_config.json")
+
+
 def tokenizer_sha256(directory: str | Path) -> str:
     """sha256 over the tokenizer files of a HF checkpoint directory (whichever are present)."""
     directory = Path(directory)
@@ -96,7 +99,7 @@ def tokenizer_sha256(directory: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
-    for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "tokenizer_config.json"):
+    for name in TOKENIZER_FILES:
         f = directory / name
         if f.exists():
             h.update(name.encode() + b"\0" + f.read_bytes())

@@ -63,6 +63,13 @@ def _same_tree(a: Any, b: Any) -> bool:
     return all(bool(v) for v in jax.device_get([jnp.array_equal(x, y) for x, y in pairs]))
 
 
+def _non_finite_leaves(tree: Any) -> list[str]:
+    """The paths of the leaves of `tree` holding a NaN or an infinity."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    finite = jax.device_get([jnp.isfinite(leaf).all() for _, leaf in flat])
+    return [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok]
+
+
 def _norm(tree: Any) -> float:
     return float(optax.tree.norm(tree))
 
@@ -282,13 +289,7 @@ class _Trainer:
             jax.block_until_ready(state.params)
             mean_loss = float(np.mean(jax.device_get(losses)))
             if not math.isfinite(mean_loss):
-                good = step - len(losses)
-                raise FloatingPointError(
-                    f"training loss became {mean_loss} between steps {good} and {step}. Training is "
-                    f"deterministic, so rerunning this command diverges again. Start a new run with a lower "
-                    "--opt.peak_lr, a longer --opt.warmup_tokens or --model.dtype float32 (changed flags "
-                    f"make a new run directory, trained from step 0); {self.out} (last good checkpoint: step "
-                    f"{good}) can then be deleted")
+                raise FloatingPointError(self._divergence_message(mean_loss, step - len(losses), step))
             row = self.evaluate(state, step, losses, train_seconds + timed_seconds,
                                 time.perf_counter() - wall_start, terms)
             losses, terms = [], []
@@ -326,6 +327,29 @@ class _Trainer:
         if logger is not None:
             logger.finish()
         return final
+
+    def _divergence_message(self, mean_loss: float, good: int, step: int) -> str:
+        """Why the training loss is not finite: a model that computes no finite loss before any update (its
+        weights, or a model field) is not the learning rate's fault; only a loss that was finite at step 0
+        and diverged since is blamed on the optimization settings."""
+        start = self.s.frozen.get("ref") if self.s.frozen.get("ref") is not None else self.s.init_params
+        bad = _non_finite_leaves(start) if start is not None else []
+        rows = runs.read_metrics(self.out) if (self.out / runs.METRICS_FILE).exists() else []
+        first = rows[0].get("valid_ntp") if rows and rows[0].get("step") == 0 else None
+        where = f"the loaded checkpoint {self.s.resolved.get('loaded_from')}" if self.cfg.model.loads else "the initialization"
+        if bad:
+            return (f"training loss became {mean_loss} between steps {good} and {step}: {where} already holds "
+                    f"non-finite weights ({', '.join(bad[:5])}), so the learning rate is not the cause; use a checkpoint "
+                    "with finite weights")
+        if first is not None and not math.isfinite(first):
+            return (f"training loss became {mean_loss} between steps {good} and {step}, and the validation loss "
+                    f"was already {first} at step 0, before any update: the learning rate is not the cause. Check "
+                    f"the model's fields ({'the checkpoint config of ' + where if self.cfg.model.loads else '--model.* flags'}"
+                    ", e.g. rope_base/rope_theta, norm_eps, dtype) and the data")
+        return (f"training loss became {mean_loss} between steps {good} and {step} (it was finite at step 0). "
+                "Training is deterministic, so rerunning this command diverges again. Start a new run with a lower "
+                "--opt.peak_lr, a longer --opt.warmup_tokens or --model.dtype float32 (changed flags make a new run "
+                f"directory, trained from step 0); {self.out} (last good checkpoint: step {good}) can then be deleted")
 
     def _log(self, row: dict, logger) -> dict:
         runs.append_metrics(self.out, row)  # process 0 writes; every process computes the row
@@ -449,7 +473,8 @@ def train(cfg: TrainConfig) -> dict:
             runs.check_inputs(out, inputs, _checkpoint_step(state_file))
         elif writer:
             runs.write_json(out / runs.CONFIG_FILE, {"config": cli.to_dict(cfg), "resolved": trainer.s.resolved,
-                                                     "inputs": inputs, "dtype_choice": dtype_choice})
+                                                     "inputs": inputs, "inputs_version": runs.INPUTS_VERSION,
+                                                     "dtype_choice": dtype_choice})
         try:
             final = trainer.train(stop_requests)
         finally:
@@ -460,16 +485,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _input_fingerprints(cfg: TrainConfig, s: Setup) -> dict[str, dict]:
-    """Fingerprints of every file the run reads, by the flag (or role) that names it."""
-    files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
-    files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
-    if s.prev_dataset is not None:
-        files["the loaded run's data"] = str(s.prev_dataset.token_file.path)
-    if cfg.model.load_path:
-        load = Path(cfg.model.load_path)
-        weights = [load / runs.PARAMS_FILE, load / "weights.npz", *sorted(load.glob("*.safetensors"))]
-        files.update({f"--model.load_path ({w.name})": str(w) for w in weights if w.exists()})
-    return {role: runs.fingerprint(path) for role, path in files.items() if path}
+    """Fingerprints of every file the run reads (`Setup.input_files`), by the flag (or role) that names it."""
+    return {role: runs.fingerprint(path) for role, path in s.input_files.items()}
 
 
 run = train  # the name experiments' framework calls

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from forgetting.core import data as data_lib
-from forgetting.core import families, lora, optim, sharding
+from forgetting.core import families, lora, optim, sharded_checkpoint, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
 from forgetting.stages import prompts, replay, runs
@@ -47,6 +47,7 @@ class Setup:
     throughput_seconds: float = 0.0
     data_lib: Any = data_lib
     init_params: Any = None  # pretraining: the initialization, the reference of `valid_kl` (as the authors')
+    input_files: dict = dataclasses.field(default_factory=dict)  # role (the flag) -> every file the run reads
 
     def initial_state(self) -> step_lib.TrainState:
         return self.put_state(step_lib.init_state(self.trainable, self.optimizer))
@@ -67,6 +68,7 @@ def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: i
             raise ValueError(f"the checkpoint {loaded.path} has a vocab of {loaded.model_cfg.vocab_size} but "
                              f"{cfg.data.path} was made with a vocab of {data_vocab}; tokenize the new data with "
                              "the checkpoint's tokenizer")
+        _refuse_contradicting_shape(cfg, loaded)
         # The checkpoint fixes the shape; how it is computed (impl, remat, ...) comes from the flags.
         return dataclasses.replace(loaded.model_cfg, **cfg.model.numerics())
     vocab = cfg.model.vocab_size or data_vocab
@@ -76,6 +78,66 @@ def _model_config(cfg: TrainConfig, loaded: runs.LoadedRun | None, data_vocab: i
     if data_vocab and vocab < data_vocab:
         raise ValueError(f"--model.vocab_size {vocab} is smaller than the data's vocab {data_vocab}")
     return cfg.model.model_config(vocab)
+
+
+# Shape flags a loaded checkpoint fixes (seq_len too, except for HF/GGUF checkpoints, which are loaded at it).
+_SHAPE_FLAGS = ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio", "rope_base", "norm_eps")
+
+
+def _refuse_contradicting_shape(cfg: TrainConfig, loaded: runs.LoadedRun) -> None:
+    """A shape flag given (not left at its default) with a value other than the checkpoint's is refused:
+    the checkpoint's shape is the one trained, and a config.json holding both would misstate the run."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(cfg.model))}
+    sized_by_flag = loaded.path.suffix == ".gguf" or runs.is_hf_checkpoint(loaded.path)
+    wrong = {}
+    for name in _SHAPE_FLAGS:
+        given = getattr(cfg.model, name)
+        if given == defaults[name] or (name == "seq_len" and sized_by_flag):
+            continue
+        if given != getattr(loaded.model_cfg, name, None):
+            wrong[name] = given
+    if wrong:
+        flags = ", ".join(f"--model.{k} {v}" for k, v in wrong.items())
+        has = ", ".join(f"{k}={getattr(loaded.model_cfg, k, 'not a field of its family')}" for k in wrong)
+        raise ValueError(f"{flags} contradict{'s' if len(wrong) == 1 else ''} the loaded checkpoint "
+                         f"{loaded.path}, which has {has}; a finetune keeps the checkpoint's shape: drop the "
+                         "flag(s) or pass the checkpoint's values")
+
+
+def _check_tokenizer(token_file: data_lib.TokenFile, flag: str, loaded: runs.LoadedRun | None,
+                     run_tokenizer: tuple[str, str | None]) -> None:
+    """Every token file a run reads was made with the run's tokenizer: the loaded checkpoint's, else the
+    tokenizer of --data.path (`run_tokenizer`: (what it is, its sha256)). Unknown on either side: allowed."""
+    sha = token_file.meta.get("tokenizer_sha256")
+    if loaded is not None:
+        if loaded.tokenizer_matches(sha):
+            return
+        theirs = f"the checkpoint {loaded.path} was trained with {loaded.tokenizer_sha256[:12]}…"
+    elif not (sha and run_tokenizer[1]) or sha == run_tokenizer[1]:
+        return
+    else:
+        theirs = f"{run_tokenizer[0]} was tokenized with {run_tokenizer[1][:12]}…"
+    raise ValueError(f"{flag} {token_file.path} was tokenized with tokenizer {sha[:12]}…, but {theirs}; "
+                     "re-tokenize it with the run's tokenizer")
+
+
+def _loaded_split(cfg: TrainConfig, loaded: runs.LoadedRun) -> tuple[int, int]:
+    """(num_tokens_valid, split_seed) of the loaded run's own validation split (the rows prev_* measure)."""
+    return loaded.num_tokens_valid or cfg.data.num_tokens_valid, loaded.split_seed
+
+
+def _is_loaded_runs_data(path: str, loaded: runs.LoadedRun | None) -> bool:
+    """Whether `path` holds the loaded run's training data, by content (however either path is spelled, or
+    where the data was moved to): its fingerprint equals the one the loaded run recorded, or the file there."""
+    if loaded is None or not Path(path).is_file():
+        return False  # (a missing file is reported by the dataset's own opening, naming the flag)
+    mine = runs.fingerprint(path)
+    recorded = None
+    if (loaded.path / runs.CONFIG_FILE).is_file() and not runs.is_hf_checkpoint(loaded.path):
+        recorded = (runs.read_run_config(loaded.path).get("inputs") or {}).get("--data.path")
+    if recorded is None and loaded.data_path and Path(loaded.data_path).is_file():
+        recorded = runs.fingerprint(loaded.data_path)
+    return recorded is not None and runs.same_content(mine, recorded)
 
 
 def _steps(cfg: TrainConfig, model_cfg: Any, dataset: data_lib.SequenceDataset,
@@ -100,11 +162,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
                            shardings=_load_shardings(cfg)) if load_path else None
     data_id = cfg.data.dataset_id if cfg.data.dataset_id >= 0 else None
     probe = data_lib.TokenFile(cfg.data.path, dataset_id=data_id)
-    if loaded is not None and loaded.tokenizer_sha256 and probe.meta.get("tokenizer_sha256") not in (
-            None, loaded.tokenizer_sha256):
-        raise ValueError(f"{cfg.data.path} was tokenized with tokenizer {probe.meta['tokenizer_sha256'][:12]}…, but "
-                         f"the checkpoint {loaded.path} was trained with {loaded.tokenizer_sha256[:12]}…; "
-                         "re-tokenize the new data with the checkpoint's tokenizer")
+    run_tokenizer = (f"--data.path {cfg.data.path}", probe.meta.get("tokenizer_sha256"))
+    _check_tokenizer(probe, "--data.path", loaded, run_tokenizer)
     model_cfg = _model_config(cfg, loaded, int(probe.meta.get("vocab_size") or 0))
     T, V = model_cfg.seq_len, model_cfg.vocab_size
     dataset = _open_dataset(cfg.data.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--data.path",
@@ -114,16 +173,23 @@ def build_setup(cfg: TrainConfig) -> Setup:
     prev_dataset = None
     if loaded is not None and loaded.data_path:
         if Path(loaded.data_path).exists():
-            prev_dataset = _open_dataset(loaded.data_path, V, T, loaded.num_tokens_valid or cfg.data.num_tokens_valid,
-                                         loaded.split_seed, "the loaded run's data")
+            prev_dataset = _open_dataset(loaded.data_path, V, T, *_loaded_split(cfg, loaded), "the loaded run's data")
+            _check_tokenizer(prev_dataset.token_file, "the loaded run's data", loaded, run_tokenizer)
         else:
             print(f"warning: {loaded.path} was trained on {loaded.data_path}, which is not here; prev_* metrics "
                   "are skipped", file=sys.stderr)
     mix_dataset = None
     if cfg.mix.path:
         mix_dataset = _open_dataset(cfg.mix.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--mix.path")
+        _check_tokenizer(mix_dataset.token_file, "--mix.path", loaded, run_tokenizer)
     extra = {Path(p).stem: _open_dataset(p, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed,
                                          "--eval.extra_paths") for p in cfg.eval.extra_paths}
+    if len(extra) < len(cfg.eval.extra_paths):  # metrics are named by file stem: two would share one column
+        stems = [Path(p).stem for p in cfg.eval.extra_paths]
+        raise ValueError(f"--eval.extra_paths names two files with the same stem ({sorted({x for x in stems if stems.count(x) > 1})}); "
+                         "their metrics ntp/<stem> would collide: rename or link one of them")
+    for extra_dataset in extra.values():
+        _check_tokenizer(extra_dataset.token_file, "--eval.extra_paths", loaded, run_tokenizer)
 
     key = jax.random.key(cfg.run.seed)
     params = loaded.params if loaded is not None else families.init(model_cfg, key)
@@ -165,13 +231,21 @@ def build_setup(cfg: TrainConfig) -> Setup:
             replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
                                                        cfg.run.seed, prefetch=one_device, keep_hidden=keep_hidden)
         else:
-            if r.path:
+            if r.path and _is_loaded_runs_data(r.path, loaded):
+                # The loaded run's data, however spelled: its own training split, so that replay never draws
+                # the validation rows prev_ntp / prev_kl measure forgetting on.
+                old = _open_dataset(r.path, V, T, *_loaded_split(cfg, loaded), "--reg.path")
+                print(f"note: --reg.path {r.path} holds the data {loaded.path} was trained on: replay draws from that "
+                      f"run's training split (split_seed {loaded.split_seed}), never from the validation rows "
+                      "prev_* are measured on", file=sys.stderr)
+            elif r.path:
                 old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
             elif prev_dataset is not None:
                 old = prev_dataset  # its training split only: the validation split stays unseen
             else:
                 raise ValueError("real replay needs old data: the loaded run's data is not available; pass "
                                  "--reg.path OLD.bin or use --reg.synth true")
+            _check_tokenizer(old.token_file, "--reg.path" if r.path else "the loaded run's data", loaded, run_tokenizer)
             replay_source = replay.RealReplay(old, rows, cfg.run.seed)
 
     tokens_per_step = cfg.opt.batch_size * T
@@ -219,7 +293,43 @@ def build_setup(cfg: TrainConfig) -> Setup:
     return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
                  opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
                  cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state,
-                 init_params=init_params)
+                 init_params=init_params, input_files=_input_files(cfg, loaded, dataset, prev_dataset, mix_dataset,
+                                                                   extra, replay_source))
+
+
+def _input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, dataset, prev_dataset, mix_dataset, extra: dict,
+                 replay_source) -> dict[str, str]:
+    """Every file the run reads, by the flag (or role) that names it: token files and their assistant-mask
+    files, and the loaded checkpoint's files (a run's weights, a GGUF file, a HF directory's weights,
+    config and tokenizer; a --model.load_dir run is named by that flag)."""
+    files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
+    files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
+    if prev_dataset is not None:
+        files["the loaded run's data"] = str(prev_dataset.token_file.path)
+    old = getattr(replay_source, "dataset", None)
+    named = [("--data.path", dataset), ("the loaded run's data", prev_dataset), ("--mix.path", mix_dataset),
+             ("--reg.path", old if cfg.reg.path else None),
+             *((f"--eval.extra_paths[{i}]", extra[Path(p).stem]) for i, p in enumerate(cfg.eval.extra_paths))]
+    for role, d in named:
+        mask = d.token_file.meta.get("loss_mask") if d is not None else None
+        if mask:
+            files[f"{role} (loss mask)"] = str(d.token_file.path.parent / mask)
+    if loaded is not None:
+        flag = "--model.load_dir" if cfg.model.load_dir else "--model.load_path"
+        for f in _checkpoint_files(loaded.path):
+            files[f"{flag} ({f.name})"] = str(f)
+    return {role: path for role, path in files.items() if path}
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    """The files of a loaded checkpoint that its numbers come from."""
+    if path.is_file():  # a GGUF file: weights, config and tokenizer in one
+        return [path]
+    weights = [path / runs.PARAMS_FILE, sharded_checkpoint.manifest_path(path / runs.PARAMS_FILE), path / "weights.npz",
+               path / "config.yaml", *sorted(path.glob("*.safetensors"))]
+    if runs.is_hf_checkpoint(path):
+        weights += [path / runs.CONFIG_FILE, *runs.checkpoint_tokenizer_files(path)]
+    return [w for w in weights if w.is_file()]
 
 
 def optimizer_for(opt_cfg: Any, schedule: Callable) -> Any:
