@@ -178,7 +178,7 @@ class HarnessModel(TemplateLM):
 
     def __init__(self, text_model: TextModel | None = None, *, load_path: str = "", tokenizer: str = "",
                  dtype: str = "float32", seq_len: int = 0, batch_size: int | str = 8, max_length: int = 0,
-                 max_gen_toks: int = 256, add_bos: str | bool = "auto", seed: int = 0, chat_template: str = "",
+                 max_gen_toks: int = 0, add_bos: str | bool = "auto", seed: int = 0, chat_template: str = "",
                  device: str | None = None, max_batch_size: int | None = None):
         super().__init__()
         del device, max_batch_size  # the harness passes them to every model; JAX places arrays itself
@@ -194,7 +194,7 @@ class HarnessModel(TemplateLM):
         self.batch_size = int(batch_size)
         seq = int(text_model.cfg.seq_len)
         self.max_length = int(max_length) or seq
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = int(max_gen_toks) or min(256, self.max_length // 2)  # the default leaves room for a prompt
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 2 <= self.max_length <= seq:

@@ -139,3 +139,41 @@ def format_comparison(rows: Sequence[dict]) -> str:
         lines.append(f"| {r['task']} | {r['metric']} | {r['before']:.4f} ± {r['before_stderr']:.4f} | "
                      f"{r['after']:.4f} ± {r['after_stderr']:.4f} | {r['diff']:+.4f} ± {r['diff_stderr']:.4f} |")
     return "\n".join(lines)
+
+
+class TrainingScorer:
+    """The train stage's `--eval.lm_eval_tasks`: the tasks scored on the current parameters at an eval.
+
+    Built before training starts, so a missing tokenizer or an unknown task fails before any step."""
+
+    def __init__(self, eval_cfg: Any, model_cfg: Any, *, load_path: str, data_path: str):
+        from forgetting.evals import harness_model
+
+        source = self._tokenizer_source(eval_cfg.lm_eval_tokenizer, load_path, data_path)
+        self.tokenizer = harness_model.load_tokenizer(source)
+        self.chat_source = "" if harness_model._is_tiktoken(source) else str(source)
+        self.model_cfg, self.eval_cfg = model_cfg, eval_cfg
+        self.manager = task_manager(eval_cfg.lm_eval_tasks)
+
+    @staticmethod
+    def _tokenizer_source(explicit: str, load_path: str, data_path: str) -> Path:
+        from forgetting.evals import harness_model
+
+        if explicit or load_path:
+            return harness_model.tokenizer_source(load_path, explicit)
+        found = harness_model.data_tokenizer(data_path)
+        if found is None:
+            raise ValueError(f"--eval.lm_eval_tasks: no tokenizer known for {data_path} (its sidecar names no .tiktoken "
+                             "file that exists); pass --eval.lm_eval_tokenizer")
+        return found
+
+    def scores(self, params: Any, step: int) -> dict[str, float]:
+        """`lm_eval/<task>/<metric>` (and `_stderr`) of the model with `params`."""
+        from forgetting.evals import harness_model
+
+        e = self.eval_cfg
+        text_model = harness_model.TextModel(self.model_cfg, params, self.tokenizer, f"train-step-{step}",
+                                             self.chat_source)
+        lm = harness_model.HarnessModel(text_model, batch_size=e.lm_eval_batch_size)
+        results = run_tasks(lm, e.lm_eval_tasks, limit=e.lm_eval_limit, manager=self.manager)
+        return flat_metrics(results)

@@ -42,7 +42,7 @@ class LmEvalConfig:
     dtype: str = "float32"  # matmul input dtype: float32 or bfloat16
     seq_len: int = 0  # HF/GGUF models: positions to size for (0 = min(max_position_embeddings, 2048))
     max_length: int = 0  # longest scored window (0 = the model's seq_len)
-    max_gen_toks: int = 256  # generation tasks: default cap on new tokens (a task's own max_gen_toks wins)
+    max_gen_toks: int = 0  # generation tasks: default cap on new tokens, 0 = min(256, max_length / 2) (a task's own wins)
     add_bos: str = "auto"  # auto (Llama-style families: yes; the paper model: no) | true | false
     seed: int = 0  # harness seeds (few-shot sampling) and the sampler's key
     bootstrap_iters: int = 1000  # bootstrap resamples for the stderrs of non-mean metrics (perplexities)
@@ -63,8 +63,8 @@ class LmEvalConfig:
             raise ValueError(f"--add_bos must be auto, true or false, got {self.add_bos!r}")
         if self.chat_template and not self.apply_chat_template:
             raise ValueError("--chat_template is used with --apply_chat_template true only")
-        if self.seq_len < 0 or self.max_length < 0 or self.max_gen_toks < 1 or self.bootstrap_iters < 0:
-            raise ValueError("--seq_len and --max_length must be >= 0, --max_gen_toks >= 1, --bootstrap_iters >= 0")
+        if self.seq_len < 0 or self.max_length < 0 or self.max_gen_toks < 0 or self.bootstrap_iters < 0:
+            raise ValueError("--seq_len, --max_length, --max_gen_toks and --bootstrap_iters must be >= 0")
         require_lm_eval("the lm_eval stage")
 
 
