@@ -226,7 +226,7 @@ def test_stage_refuses_bad_input(tmp_path, capsys):
 
 # --- during training, and the forgetting report -------------------------------------------------------------
 def _tiny_text_runs(tmp_path: Path):
-    """A BPE of 320 ids, two tokenized corpora (old: animals, new: numbers) and local tasks on the old one."""
+    """A BPE of 300 ids, two tokenized corpora (old: animals, new: numbers) and local tasks on the old one."""
     from forgetting.stages import tokenize, tokenizer
 
     rng = np.random.default_rng(0)
@@ -238,7 +238,7 @@ def _tiny_text_runs(tmp_path: Path):
     (tmp_path / "new.txt").write_text("\n\n".join(new) + "\n")
     tok = tmp_path / "t.tiktoken"
     tokenizer.train_tokenizer(tokenizer.Config(sources=(str(tmp_path / "old.txt"), str(tmp_path / "new.txt")),
-                                               vocab_size=320, n_reserved=2, out=str(tok), workers=1, progress=False))
+                                               vocab_size=300, n_reserved=2, out=str(tok), workers=1, progress=False))
     for name, dataset_id in (("old", 0), ("new", 1)):
         tokenize.tokenize(tokenize.Config(sources=(str(tmp_path / f"{name}.txt"),), tokenizer=str(tok),
                                           dataset_id=dataset_id, out=str(tmp_path / f"{name}.bin"), progress=False,
