@@ -132,12 +132,17 @@ def comparison(before: dict, after: dict) -> list[dict]:
     return rows
 
 
+def _with_stderr(value: float, stderr: float, sign: str = "") -> str:
+    # The harness reports no stderr for some metrics (bits_per_byte): say so instead of printing nan.
+    return f"{value:{sign}.4f} ± " + ("n/a" if math.isnan(stderr) else f"{stderr:.4f}")
+
+
 def format_comparison(rows: Sequence[dict]) -> str:
     """A Markdown table of `comparison` rows."""
     lines = ["| task | metric | before | after | after - before |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['before']:.4f} ± {r['before_stderr']:.4f} | "
-                     f"{r['after']:.4f} ± {r['after_stderr']:.4f} | {r['diff']:+.4f} ± {r['diff_stderr']:.4f} |")
+        lines.append(f"| {r['task']} | {r['metric']} | {_with_stderr(r['before'], r['before_stderr'])} | "
+                     f"{_with_stderr(r['after'], r['after_stderr'])} | {_with_stderr(r['diff'], r['diff_stderr'], '+')} |")
     return "\n".join(lines)
 
 
