@@ -113,7 +113,8 @@ def write_local_tasks(d: Path) -> dict[str, str]:
     (d / "ppl.yaml").write_text("task: local_ppl\n" + head.format(d / "ppl.jsonl") + (
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: bits_per_byte\n  - metric: word_perplexity\n"))
-    return {"mc": str(d / "mc.yaml"), "gen": str(d / "gen.yaml"), "ppl": str(d / "ppl.yaml"), **docs}
+    return {"mc": str(d / "mc.yaml"), "gen": str(d / "gen.yaml"), "ppl": str(d / "ppl.yaml"),
+            **{f"{name}_docs": rows for name, rows in docs.items()}}
 
 
 # --- the adapter's requests -------------------------------------------------------------------------------
@@ -172,15 +173,15 @@ def test_generate_until_stops_at_stop_strings_and_max_tokens(smol):
 def expected_task_scores(tm, tasks: dict) -> dict[str, float]:
     """The three local tasks' scores from the hand computation."""
     mc_hits = [int(np.argmax([reference_pair(tm, d["question"], c)[0] for c in d["choices"]])) == d["answer"]
-               for d in tasks["mc"]]
+               for d in tasks["mc_docs"]]
     gen_hits = []
-    for d in tasks["gen"]:
+    for d in tasks["gen_docs"]:
         ids = reference_greedy(tm, [tm.tokenizer.bos_id] + tm.tokenizer.encode(f"Question: {d['q']}\nAnswer:"), 8)
         ids = [i for i in ids if i not in tm.tokenizer.eos_ids]
         gen_hits.append(harness_model.cut_at_stops(tm.tokenizer.decode(ids), ["\n", "."]) == d["a"])
     logp = sum(float(reference_logprobs(tm, [tm.tokenizer.bos_id] + tm.tokenizer.encode(d["text"]))[0].sum())
-               for d in tasks["ppl"])
-    n_bytes = sum(len(d["text"].encode()) for d in tasks["ppl"])
+               for d in tasks["ppl_docs"])
+    n_bytes = sum(len(d["text"].encode()) for d in tasks["ppl_docs"])
     return {"mc_acc": float(np.mean(mc_hits)), "mc_n": len(mc_hits), "gen_em": float(np.mean(gen_hits)),
             "bits_per_byte": -logp / n_bytes / math.log(2)}
 
