@@ -92,6 +92,7 @@ class _Trainer:
         self.hidden_fn = step_lib.make_hidden_fn(self.s.model_cfg)
         self._splits: dict[str, Any] = {}  # eval sets kept across evals (evaluation.EvalSplit)
         self._last_checkpoint = time.perf_counter()
+        self._harness = _lm_eval_scorer(cfg, self.s)
 
     # ----- batches -------------------------------------------------------------------------------
     def batch(self, step: int) -> dict:
@@ -155,6 +156,7 @@ class _Trainer:
             if span:
                 row[f"acc/{name}"] = evaluation.exact_match(s.model_cfg, params, dataset, s.eval_batch_size, span,
                                                             cfg.eval.max_tokens)
+        row.update(self._lm_eval_scores(params, step))
         row["weight_norm"] = _norm(params)
         if ref is not None:
             moved = _diff_norm(params, ref)
@@ -167,6 +169,12 @@ class _Trainer:
         # second of training, replay sampling included, evaluation excluded.
         row["tokens_per_s"] = (step - s.first_step_timed) * s.tokens_per_step / max(s.throughput_seconds, 1e-9)
         return row
+
+    def _lm_eval_scores(self, params, step: int) -> dict:
+        """--eval.lm_eval_tasks at every --eval.lm_eval_every-th eval: `lm_eval/<task>/<metric>` keys."""
+        if self._harness is None or (step // self.s.eval_every) % self.cfg.eval.lm_eval_every:
+            return {}
+        return self._harness.scores(params, step)
 
     def _split(self, key: str, dataset) -> Any:
         from forgetting.stages import evaluation
@@ -360,6 +368,16 @@ class _Trainer:
 
 # Saved as an index into this tuple (0: not stopped). Length criteria are named after their flag.
 STOP_REASONS = (None, "target_loss", "early_stop", "train_time", "num_tokens_train", "tokens_per_param", "num_epochs")
+
+
+def _lm_eval_scorer(cfg: TrainConfig, s: Setup) -> Any:
+    """The harness tasks of --eval.lm_eval_tasks, ready before the first step (None without the flag)."""
+    if not cfg.eval.lm_eval_tasks:
+        return None
+    from forgetting.evals import harness_report
+
+    return harness_report.TrainingScorer(cfg.eval, s.model_cfg, load_path=s.resolved.get("loaded_from") or "",
+                                         data_path=cfg.data.path)
 
 
 def _extras_template(eval_every: int) -> dict:

@@ -143,6 +143,11 @@ class EvalConfig:
     batch_size: int = 0  # eval batch size; 0 = the training batch size
     max_tokens: int = 0  # cap on tokens evaluated per set (0 = the whole validation split)
     reference_cache_mb: int = 1024  # keep the frozen reference's hidden states of the eval sets up to this size (0 = recompute every eval)
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or YAML files scored at evals (the lmeval extra)
+    lm_eval_every: int = 1  # score them at every this-many-th eval (eval index = step // eval cadence; step 0 included)
+    lm_eval_limit: float = 0.0  # at most this many documents per task (< 1: that fraction); 0 = all
+    lm_eval_batch_size: int = 8  # rows per forward while scoring them
+    lm_eval_tokenizer: str = ""  # their tokenizer ("" = the loaded model's, or the training data's .tiktoken)
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,7 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     _non_negative("--eval.reference_cache_mb", cfg.eval.reference_cache_mb, " (0 = recompute at every eval)")
     _non_negative("--eval.batch_size", cfg.eval.batch_size, " (0 = the training batch size)")
     _non_negative("--eval.max_tokens", cfg.eval.max_tokens, " (0 = the whole split)")
+    _check_lm_eval(cfg.eval)
 
     m = cfg.model
     if (m.load_dir != "") != (m.load_idx >= 0):
@@ -382,3 +388,19 @@ def with_resolved_dtype(cfg: "TrainConfig") -> "TrainConfig":
 
     bf16 = multihost.agree(auto_dtype.resolve("auto") == "bfloat16")
     return replace(cfg, **{"model.dtype": "bfloat16" if bf16 else "float32"})
+
+
+def _check_lm_eval(e: EvalConfig) -> None:
+    """--eval.lm_eval_*: ranges, and the optional harness installed when tasks are asked for."""
+    if e.lm_eval_every < 1 or e.lm_eval_batch_size < 1 or e.lm_eval_limit < 0:
+        raise ValueError(f"--eval.lm_eval_every and --eval.lm_eval_batch_size must be >= 1 and --eval.lm_eval_limit >= 0, "
+                         f"got {e.lm_eval_every}, {e.lm_eval_batch_size}, {e.lm_eval_limit}")
+    if not e.lm_eval_tasks:
+        if e.lm_eval_tokenizer:
+            raise ValueError("--eval.lm_eval_tokenizer is used with --eval.lm_eval_tasks only")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'forgetting[lmeval]' "
+                         "(or lm-eval>=0.4.9), or drop the flag")

@@ -1,0 +1,1 @@
+"""forgetting.evals: scoring models with external evaluation suites (lm-evaluation-harness)."""
