@@ -22,6 +22,11 @@ Batching: requests are sorted longest first (the harness's convention, so a too-
 right-padded to a power-of-two width (at least 16, at most `max_length`) and a fixed batch size, so each
 width compiles once; results come back in the requests' order.
 
+Devices: rows are split over the data axis of the mesh the parameters already live on (the train stage's,
+during training), or, for parameters on one device while several are visible, over all devices with the
+parameters replicated; the batch size is rounded up to a multiple of the data-parallel size. Scoring runs
+in one process (a multi-process run is refused with a message).
+
 BOS: `add_bos` "auto" prepends the tokenizer's BOS for the Llama-style families (whose configs carry a
 `bos_id`, as `stages.benchmarks` scores them) and not for the paper model (trained without one). Text
 rendered by a chat template (`apply_chat_template`) never gets one: templates that want it write it.
@@ -52,7 +57,7 @@ except ImportError as err:  # the optional extra
     raise ImportError("scoring with lm-evaluation-harness needs it installed: pip install 'forgetting[lmeval]'") from err
 
 from forgetting.core import model as model_lib
-from forgetting.core import sampling
+from forgetting.core import sampling, sharding
 
 GEN_KWARGS = ("until", "max_gen_toks", "temperature", "do_sample")  # what generate_until honours
 MIN_WIDTH = 16
@@ -202,11 +207,20 @@ class HarnessModel(TemplateLM):
                              "for a HF/GGUF model)")
         if not 1 <= self.max_gen_toks < self.max_length:
             raise ValueError(f"max_gen_toks must lie in [1, max_length={self.max_length}), got {max_gen_toks}")
+        self.model, self._rows = _placed(text_model)
+        self.batch_size = -(-self.batch_size // self._rows.num_devices) * self._rows.num_devices \
+            if self._rows is not None else self.batch_size
         self.add_bos = _resolve_add_bos(add_bos, text_model.cfg)
         self.seed = int(seed)
         self._chat_rendered = False  # set once the harness renders prompts through the chat template
         self._calls = 0  # generate_until batches so far: folded into the sampling key
         self._template: tuple[str, dict[str, str]] | None = None
+
+    def _put(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        """A batch's arrays on the devices: rows split over the data axis where there are several."""
+        if self._rows is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(jax.device_put(a, self._rows.sharding) for a in arrays)
 
     @classmethod
     def load(cls, load_path: str | Path, **kwargs: Any) -> "HarnessModel":
@@ -257,8 +271,7 @@ class HarnessModel(TemplateLM):
                 length = len(tokens) - 1  # the last token is only a target: it is never fed
                 inputs[r, :length], targets[r, :length] = tokens[:-1], tokens[1:]
                 mask[r, length - n:length] = True
-            logp, greedy = _target_logprobs(self.model.cfg, self.model.params, jnp.asarray(inputs),
-                                            jnp.asarray(targets), jnp.asarray(mask))
+            logp, greedy = _target_logprobs(self.model.cfg, self.model.params, *self._put(inputs, targets, mask))
             logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
             for r, i in enumerate(idx):
                 out[i] = (float(logp[r]), bool(greedy[r]))
@@ -328,6 +341,7 @@ class HarnessModel(TemplateLM):
                 tokens[r, :len(prompts[i])], lengths[r] = prompts[i], len(prompts[i])
             key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self._calls)
             self._calls += 1
+            tokens, lengths = self._put(tokens, lengths)
             sampled = np.asarray(sampling.sample(self.model.cfg, self.model.params, tokens, key, temperature,
                                                  eos_id=eos, pad_id=eos[0], length=width + max_gen,
                                                  prompt_lengths=lengths))
@@ -372,6 +386,31 @@ class HarnessModel(TemplateLM):
         template, special = self._template
         self._chat_rendered = True
         return ct.render(template, chat_history, add_generation_prompt=add_generation_prompt, special_tokens=special)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowPlacement:
+    sharding: jax.sharding.NamedSharding  # rows over the mesh's data axis
+    num_devices: int  # the data-parallel size: batch sizes are rounded up to a multiple of it
+
+
+def _placed(text_model: TextModel) -> tuple[TextModel, _RowPlacement | None]:
+    """The model with its parameters where they will be read, and where a batch's rows go (None: one
+    device, arrays placed by JAX)."""
+    if jax.process_count() > 1:
+        raise ValueError("lm-evaluation-harness scoring runs in one process; this is one of "
+                         f"{jax.process_count()} (score the run's checkpoint afterwards with forgetting.stages.lm_eval)")
+    leaf_sharding = getattr(jax.tree.leaves(text_model.params)[0], "sharding", None)
+    if isinstance(leaf_sharding, jax.sharding.NamedSharding):  # already on a mesh (the train stage's)
+        mesh = leaf_sharding.mesh
+    elif jax.device_count() > 1:
+        mesh = sharding.make_mesh(jax.device_count())
+        text_model = dataclasses.replace(text_model, params=sharding.shard(text_model.params, sharding.replicated(mesh)))
+    else:
+        return text_model, None
+    if sharding.data_parallel_size(mesh) == 1:
+        return text_model, None
+    return text_model, _RowPlacement(sharding.batch_sharding(mesh), sharding.data_parallel_size(mesh))
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:

@@ -374,6 +374,9 @@ def _lm_eval_scorer(cfg: TrainConfig, s: Setup) -> Any:
     """The harness tasks of --eval.lm_eval_tasks, ready before the first step (None without the flag)."""
     if not cfg.eval.lm_eval_tasks:
         return None
+    if jax.process_count() > 1:
+        raise ValueError(f"--eval.lm_eval_tasks scores in one process; this run has {jax.process_count()}: score its "
+                         "checkpoints afterwards with python -m forgetting.stages.lm_eval")
     from forgetting.evals import harness_report
 
     return harness_report.TrainingScorer(cfg.eval, s.model_cfg, load_path=s.resolved.get("loaded_from") or "",

@@ -350,3 +350,45 @@ def test_local_mmlu_task_agrees_with_the_projects_own_scorings(smol, smol_path, 
     own_chat = benchmarks.score_chat_loglik(wide.cfg, wide.params, scoring.chat_encode, wide.tokenizer.encode, questions)
     assert own_chat["skipped"] == 0
     assert harness_report.scores(chat)["mmlu_local_chat"]["acc"][0] == pytest.approx(own_chat["acc"])
+
+
+# --- several devices --------------------------------------------------------------------------------------
+_TWO_DEVICES = """
+import json, sys
+import jax, numpy as np
+from forgetting.core import model
+from forgetting.evals import harness_model
+class Tok:  # ids as text: all that generation needs of a tokenizer
+    eos_id, eos_ids, bos_id = 0, (0,), 1
+    def decode(self, ids): return " ".join(map(str, ids))
+cfg = model.ModelConfig(vocab_size=37, d_model=16, n_layers=1, head_dim=8, seq_len=32, dtype="float32")
+tm = harness_model.TextModel(cfg, model.init(cfg, jax.random.key(3)), tokenizer=Tok(), name="tiny")
+lm = harness_model.HarnessModel(tm, batch_size=3)
+rows = [(list(np.random.default_rng(i).integers(0, 37, 5 + 3 * i)), 1 + i % 3) for i in range(7)]
+out = lm.score_tokens(rows)
+print(json.dumps({"devices": jax.device_count(), "batch_size": lm.batch_size, "rows_over": lm._rows and lm._rows.num_devices,
+                  "param_devices": len(jax.tree.leaves(lm.model.params)[0].sharding.device_set),
+                  "scores": [[float(a), bool(b)] for a, b in out],
+                  "greedy": lm.complete([[5, 6, 7], [8, 9], [3]], until=[], max_gen=6, temperature=0.0)}))
+"""
+
+
+def test_scoring_splits_rows_over_devices_and_equals_one_device(tmp_path):
+    """With two (fake CPU) devices the adapter replicates the parameters, splits each batch's rows over
+    both and rounds the batch size up to a multiple of two; scores and greedy completions equal one device's."""
+    import os
+    import subprocess
+    import sys
+
+    def run(devices: int) -> dict:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    one, two = run(1), run(2)
+    assert (one["devices"], one["batch_size"], one["rows_over"]) == (1, 3, None)
+    assert (two["devices"], two["batch_size"], two["rows_over"], two["param_devices"]) == (2, 4, 2, 2)
+    assert [g for _, g in two["scores"]] == [g for _, g in one["scores"]]
+    assert two["greedy"] == one["greedy"] and all(len(text.split()) for text in one["greedy"])
+    np.testing.assert_allclose([s for s, _ in two["scores"]], [s for s, _ in one["scores"]], rtol=1e-5, atol=1e-5)
