@@ -294,14 +294,15 @@ def build_setup(cfg: TrainConfig) -> Setup:
                  opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
                  cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state,
                  init_params=init_params, input_files=_input_files(cfg, loaded, dataset, prev_dataset, mix_dataset,
-                                                                   extra, replay_source))
+                                                                   extra, replay_source, resolved))
 
 
 def _input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, dataset, prev_dataset, mix_dataset, extra: dict,
-                 replay_source) -> dict[str, str]:
+                 replay_source, resolved: dict) -> dict[str, str]:
     """Every file the run reads, by the flag (or role) that names it: token files and their assistant-mask
-    files, and the loaded checkpoint's files (a run's weights, a GGUF file, a HF directory's weights,
-    config and tokenizer; a --model.load_dir run is named by that flag)."""
+    files, the loaded checkpoint's files (a run's weights, a GGUF file, a HF directory's weights,
+    config and tokenizer; a --model.load_dir run is named by that flag), and the tokenizer that turned
+    --reg.prompt_text into ids (a resumed run tokenizes the text again)."""
     files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
     files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
     if prev_dataset is not None:
@@ -318,6 +319,11 @@ def _input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, dataset, prev_
         flag = "--model.load_dir" if cfg.model.load_dir else "--model.load_path"
         for f in _checkpoint_files(loaded.path):
             files[f"{flag} ({f.name})"] = str(f)
+    prompt_tokenizer = Path(resolved.get("replay_prompt_tokenizer") or "")
+    if prompt_tokenizer.is_dir():
+        files.update({f"--reg.prompt_text (tokenizer {f.name})": str(f) for f in runs.checkpoint_tokenizer_files(prompt_tokenizer)})
+    elif prompt_tokenizer.is_file():
+        files["--reg.prompt_text (tokenizer)"] = str(prompt_tokenizer)
     return {role: path for role, path in files.items() if path}
 
 

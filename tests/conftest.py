@@ -87,12 +87,17 @@ def tiny_ref_params(tiny_cfg):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`cluster` tests (several jax.distributed processes over loopback; a private one-node Slurm) take
-    minutes each, so the default suite skips them; `-m cluster` runs them (.ci/run does, after the suite)."""
-    if "cluster" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="cluster test: run with `python -m pytest -q -m cluster tests/test_multihost.py "
-                                   "tests/test_slurm.py`")
-    for item in items:
-        if "cluster" in item.keywords:
-            item.add_marker(skip)
+    """`cluster` tests (several jax.distributed processes over loopback; a private one-node Slurm) and
+    `heavy` tests (a minute or more each on 2 cores: the real SmolLM2 through the harness and the train
+    command line, a whole figure killed and resumed) are skipped by the default suite, so that it stays
+    near 10 minutes; `-m cluster` / `-m heavy` runs them (.ci/run does, after the suite)."""
+    markexpr = config.getoption("markexpr") or ""
+    how = {"cluster": "`python -m pytest -q -m cluster tests/test_multihost.py tests/test_slurm.py`",
+           "heavy": "`python -m pytest -q -n 2 -m heavy`"}
+    for marker, command in how.items():
+        if marker in markexpr:
+            continue
+        skip = pytest.mark.skip(reason=f"{marker} test: run with {command}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

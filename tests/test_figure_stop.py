@@ -172,7 +172,7 @@ def _toy(out: Path, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_sigterm_to_toy_figure_resumes_to_the_uninterrupted_summary(tmp_path):
     from forgetting.experiments import toy_continual as tc
     from forgetting.stages import train

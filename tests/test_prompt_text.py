@@ -195,6 +195,9 @@ def test_finetune_records_the_prompt_ids_and_the_text_names_the_run(text_data, p
     saved = json.loads((out / runs.CONFIG_FILE).read_text())
     assert saved["resolved"]["replay_prompt_ids"] == _expected_ids(text_data)
     assert saved["config"]["reg"]["prompt_text"] == list(TEXTS)
+    # the tokenizer that made the ids is an input: a resumed run tokenizes the text again
+    prompt_tok = saved["inputs"]["--reg.prompt_text (tokenizer)"]
+    assert Path(prompt_tok["path"]) == Path(saved["resolved"]["replay_prompt_tokenizer"]) and prompt_tok["size"] > 0
     assert runs.read_metrics(out)[-1]["train_loss_reg"] > 0
     other = replace(cfg, **{"reg.prompt_text": ("the dog",)})
     assert train.run_dir(other) != out and train.run_dir(replace(other, **{"reg.prompt_text": TEXTS})) == out
@@ -217,7 +220,7 @@ def test_sample_stage_prompt_text(text_data, pretrained):
 
 
 # ------------------------------------------------------------------------------- real SmolLM2 GGUF
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_smollm2_self_generated_kl_with_a_chat_prompt_from_the_command_line(tmp_path):
     """The command of README: a self-generated KL finetune of SmolLM2-135M-Instruct whose replay is prompted
     by a chat opening; config.json records the prompt's ids (the hand-written chat turn's)."""
