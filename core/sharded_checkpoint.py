@@ -298,12 +298,7 @@ def restore(path: str | Path, template: Any, *, sliced: bool = False) -> Any:
             out.append(value)
         else:
             out.append(jnp.asarray(value))
-    extra = [p for p in specs if p not in {checkpoint._path_str(e) for e, _ in leaves}]
-    if extra:
-        problems.append(f"checkpoint has {len(extra)} leaf/leaves the template lacks: {', '.join(extra[:8])}")
-    if problems:
-        raise ValueError(f"checkpoint {manifest_path(path)} does not match the template:\n  " + "\n  ".join(problems))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return _unflatten_checked(manifest_path(path), specs, leaves, treedef, out, problems)
 
 
 def _restore_sliced(path: Path, template: Any) -> Any:
@@ -324,7 +319,12 @@ def _restore_sliced(path: Path, template: Any) -> Any:
             continue
         out.append(jax.make_array_from_callback(
             shape, sharding, lambda region, where=where: checkpoint.read_region(path, where, region)))
-    extra = [p for p in locations if p not in {checkpoint._path_str(e) for e, _ in leaves}]
+    return _unflatten_checked(path, locations, leaves, treedef, out, problems)
+
+
+def _unflatten_checked(path: Path, names_in_file: Any, leaves: list, treedef: Any, out: list, problems: list[str]) -> Any:
+    """The restored tree, or one error listing every mismatch (and the file's leaves the template lacks)."""
+    extra = [p for p in names_in_file if p not in {checkpoint._path_str(e) for e, _ in leaves}]
     if extra:
         problems.append(f"checkpoint has {len(extra)} leaf/leaves the template lacks: {', '.join(extra[:8])}")
     if problems:
