@@ -74,7 +74,7 @@ class TextModel:
     chat_source: str = ""  # where the chat template lives (.jinja, HF directory, .gguf); "" = none known
 
 
-def _sidecar_tokenizer(data_path: str) -> Path | None:
+def data_tokenizer(data_path: str) -> Path | None:
     """The .tiktoken file a token file was made with (its sidecar's `tokenizer`, absolute or relative to
     the working directory or to the sidecar), or None."""
     sidecar = Path(data_path + ".json")
@@ -106,7 +106,7 @@ def tokenizer_source(path: str | Path, explicit: str = "") -> Path:
     while (current / runs.CONFIG_FILE).exists() and current not in seen:
         seen.add(current)
         saved = json.loads((current / runs.CONFIG_FILE).read_text())
-        found = _sidecar_tokenizer(str(saved.get("config", {}).get("data", {}).get("path", "")))
+        found = data_tokenizer(str(saved.get("config", {}).get("data", {}).get("path", "")))
         if found is not None:
             return found
         parent = (saved.get("resolved") or {}).get("loaded_from")
@@ -128,11 +128,6 @@ def load_tokenizer(source: str | Path) -> Any:
         eos = tokenizer_stage.eos_id(enc)
         return hf_tokenizer.TiktokenTokenizer(enc, bos_id=eos, eos_id=eos, eos_ids=(eos,))
     return evaluate_benchmarks.find_tokenizer(source, str(source))
-
-
-def data_tokenizer(data_path: str) -> Path | None:
-    """The .tiktoken file named by a token file's sidecar (for the train stage), or None."""
-    return _sidecar_tokenizer(data_path)
 
 
 def load_text_model(load_path: str | Path, *, tokenizer: str = "", dtype: str = "float32", seq_len: int = 0,
