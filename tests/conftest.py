@@ -89,8 +89,8 @@ def tiny_ref_params(tiny_cfg):
 def pytest_collection_modifyitems(config, items):
     """`cluster` tests (several jax.distributed processes over loopback; a private one-node Slurm) and
     `heavy` tests (a minute or more each on 2 cores: the real SmolLM2 through the harness and the train
-    command line, a whole figure killed and resumed) are skipped by the default suite, so that it stays
-    near 10 minutes; `-m cluster` / `-m heavy` runs them (.ci/run does, after the suite)."""
+    command line, a whole figure killed and resumed) are skipped by the default suite, to keep it short;
+    `-m cluster` / `-m heavy` runs them (.ci/run does, after the suite)."""
     markexpr = config.getoption("markexpr") or ""
     how = {"cluster": "`python -m pytest -q -m cluster tests/test_multihost.py tests/test_slurm.py`",
            "heavy": "`python -m pytest -q -n 2 -m heavy`"}
