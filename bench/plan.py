@@ -109,8 +109,8 @@ IMPLS = ("reference", "xla_cpu")
 def train_case(flags: list[str]) -> Case:
     """The Case of a train stage's flags (`python -m forgetting.stages.train FLAGS`): its model (from the flags,
     or the shape of `--model.load_path`), batch, replay and LoRA. Raises ValueError naming the flag to fix."""
-    from forgetting.stages import cli
-    from forgetting.stages.train_config import TrainConfig
+    from forgetting.training import cli
+    from forgetting.training.train_config import TrainConfig
 
     import contextlib
     import io
@@ -131,7 +131,7 @@ def _train_model(cfg: Any) -> Any:
     import json
     from pathlib import Path
 
-    from forgetting.stages import runs
+    from forgetting.training import runs
 
     load = cfg.model.load_path
     if not load:
@@ -143,7 +143,7 @@ def _train_model(cfg: Any) -> Any:
         if "resolved" in conf:  # a run directory of this project
             model = runs.model_config_from_dict(runs.read_run_config(path)["resolved"]["model"])
         elif "model_type" in conf:  # a Hugging Face checkpoint: the shape from its config.json alone
-            from forgetting.stages import hf_checkpoint
+            from forgetting.formats import hf_checkpoint
 
             model = hf_checkpoint.family_module(conf["model_type"]).from_hf_config(conf, seq_len=cfg.model.seq_len)
         else:
@@ -202,7 +202,7 @@ def _sizes(cfg: Any) -> dict[str, float]:
 
 
 def param_count(cfg: Any) -> int:
-    from forgetting.stages import runs
+    from forgetting.training import runs
 
     return sum(math.prod(s.shape) for s in runs.abstract_params(cfg).values())
 
@@ -233,7 +233,7 @@ def measure(case: Case, strategy: str, devices: int, remat: bool, tp: int = 2, i
 
     from forgetting.core import optim, sharding
     from forgetting.core import step as step_lib
-    from forgetting.stages import runs
+    from forgetting.training import runs
 
     cfg = dataclasses.replace(case.config(), impl=impl)
     train = case.train
@@ -241,7 +241,7 @@ def measure(case: Case, strategy: str, devices: int, remat: bool, tp: int = 2, i
     if train is None:
         opt = optim.optimizer("adamw", 1e-3, weight_decay=0.02)
     else:
-        from forgetting.stages.train_setup import optimizer_for
+        from forgetting.training.train_setup import optimizer_for
 
         opt = optimizer_for(train.opt, 1e-3)
         reg_method = train.reg.method if train.reg.method != "replace" else "none"

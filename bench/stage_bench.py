@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from forgetting.stages import cli, generate, train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training import cli
+
+from forgetting.stages import generate, train
+from forgetting.training.train_config import TrainConfig, replace
 
 
 @dataclass(frozen=True)

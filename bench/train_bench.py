@@ -224,7 +224,7 @@ def _time_kl_self(cfg: model.ModelConfig, bc: BenchConfig, params: Any) -> dict[
     """Self-generated kl_pre as the train stage runs it on one device: the step fed the sampler's hidden
     states (no reference forward), one sampler refill of rows × replay_buffer rows, and the two together
     through `SelfGeneratedReplay` with its prefetch thread (whole refills per timed run)."""
-    from forgetting.stages import replay
+    from forgetting.training import replay
 
     rows, buffer = bc.replay_rows, bc.replay_buffer
     refill = _time_sampler(cfg, bc, params, rows * buffer, return_hidden=True)
@@ -355,7 +355,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from forgetting.stages import cli
+    from forgetting.training import cli
 
     bc = cli.parse(BenchConfig, argv)
     results = run(bc)

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from forgetting.stages import cli
+from forgetting.training import cli
 
 MODES = ("pretrain", "finetune", "kl_real", "kl_self", "lora")
 UNTIMED_STEPS = 5  # the authors' measure_time leaves out the first 5 steps
@@ -305,7 +305,7 @@ def table(summary: dict) -> str:
 def machine() -> dict:
     import jax
 
-    from forgetting.stages.auto_dtype import processor
+    from forgetting.training.auto_dtype import processor
 
     return {"processor": processor(), "cpus": os.cpu_count(), "jax": jax.__version__,
             "python": platform.python_version()}

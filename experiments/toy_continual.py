@@ -34,7 +34,7 @@ from pathlib import Path
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
 from forgetting.stages import train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training.train_config import TrainConfig, replace
 
 TASKS = ("add", "reversal", "sort", "modadd")
 SETTINGS = ("without_replay", "with_replay")

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
 from forgetting.core import step as step_lib
-from forgetting.stages import cli, evaluation, runs
-from forgetting.stages.train_setup import _open_dataset
+from forgetting.training import cli, runs
+from forgetting.evals import evaluation
+from forgetting.training.train_setup import _open_dataset
 
 
 @dataclass(frozen=True)

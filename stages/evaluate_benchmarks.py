@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from forgetting.core import model as model_lib
-from forgetting.stages import benchmarks, cli, runs
+from forgetting.evals import benchmarks
+from forgetting.training import cli, runs
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def find_tokenizer_source(path: str | Path, explicit: str = "") -> Path:
 
 def find_tokenizer(path: str | Path, explicit: str = ""):
     """The HF tokenizer of a checkpoint (found as `find_tokenizer_source` says)."""
-    from forgetting.stages import hf_checkpoint
+    from forgetting.formats import hf_checkpoint
 
     source = find_tokenizer_source(path, explicit)
     if source.is_dir() and (source / "config.json").exists():
@@ -135,7 +136,7 @@ def chat_scoring(tok: Any, source: str | Path, max_new_tokens: int = 32) -> benc
     .jinja file, a checkpoint directory / tokenizer_config.json or a .gguf). The prompt is the rendering of
     one user turn with the generation prompt, special-token text read as special ids (no BOS is added:
     templates that want one write it)."""
-    from forgetting.stages import chat_template as ct
+    from forgetting.formats import chat_template as ct
 
     source = Path(source)
     template = source.read_text(encoding="utf-8") if source.suffix == ".jinja" else ct.load_chat_template(source)
@@ -185,7 +186,7 @@ def domain_token_accuracy(cfg: Any, params: Any, dataset, *, batch_size: int = 8
 
 
 def evaluate(cfg: BenchConfig) -> dict:
-    from forgetting.stages.train_setup import _open_dataset
+    from forgetting.training.train_setup import _open_dataset
 
     cfg.validate()
     loaded = runs.load_run(cfg.model.load_path, dtype=cfg.model.dtype)

@@ -34,7 +34,7 @@ import numpy as np
 
 from forgetting.core import files
 from forgetting.core import model as model_lib
-from forgetting.stages import cli, runs
+from forgetting.training import cli, runs
 
 FORMATS = ("authors", "hf")
 # Tokenizer files copied from a HF source directory when present (tokenizer_config.json is rewritten).
@@ -126,11 +126,11 @@ def source_checkpoint(path: str | Path) -> Path:
 
 def _hf_tokenizer_files(source: Path, out: Path, seq_len: int) -> list[str]:
     """Writes the tokenizer files of `source` (HF dir or GGUF) into `out`; returns their names."""
-    from forgetting.stages import chat_template
+    from forgetting.formats import chat_template
 
     written = []
     if source.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint
+        from forgetting.formats import gguf_checkpoint
 
         g = gguf_checkpoint.open_gguf(source)
         tokenizer_json = gguf_checkpoint.tokenizer_json_from_gguf(g)
@@ -171,7 +171,7 @@ def export_hf(src: Path, out: Path, dtype: str = "float32") -> dict:
     import ml_dtypes
 
     from forgetting.core import safetensors_io as st
-    from forgetting.stages import hf_checkpoint
+    from forgetting.formats import hf_checkpoint
 
     loaded = runs.load_run(src, dtype=None)
     module = hf_checkpoint.module_of_config(loaded.model_cfg)  # refuses families without a HF layout
@@ -185,7 +185,7 @@ def export_hf(src: Path, out: Path, dtype: str = "float32") -> dict:
     tensors = hf_checkpoint.params_to_hf_tensors(cfg, loaded.params, np_dtype)
     hf = module.to_hf_config(cfg, torch_dtype=dtype)
     if source.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint
+        from forgetting.formats import gguf_checkpoint
 
         src_hf = gguf_checkpoint.hf_config_from_gguf(gguf_checkpoint.open_gguf(source))
     else:

@@ -15,8 +15,8 @@ import dataclasses
 import time
 
 from forgetting.core import data
-from forgetting.stages import cli
-from forgetting.stages.corpora import synthetic, toy_tasks
+from forgetting.training import cli
+from forgetting.corpora import synthetic, toy_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _generate_toy(cfg: Config) -> dict:
     rows = toy_tasks.make_examples(cfg.task, cfg.num_examples, cfg.seed, cfg.n_digits, cfg.modulus)
     dataset_id = toy_tasks.task_bos_id(cfg.task) if cfg.dataset_id < 0 else cfg.dataset_id
     meta = {
-        "kind": "toy", "generator": "forgetting.stages.corpora.toy_tasks", "task": cfg.task,
+        "kind": "toy", "generator": "forgetting.corpora.toy_tasks", "task": cfg.task,
         "dataset_id": dataset_id, "vocab_size": len(toy_tasks.TOY_VOCAB), "eos_id": toy_tasks.EOS,
         "tokenizer_sha256": None, "seq_len": toy_tasks.seq_len(cfg.n_digits),
         "prompt_len": toy_tasks.prompt_len(cfg.n_digits), "n_digits": cfg.n_digits, "modulus": cfg.modulus,
@@ -87,7 +87,7 @@ def _generate_synthetic(cfg: Config) -> dict:
     lang = synthetic.MarkovLanguage(cfg.language, cfg.language_spec())
     segment = cfg.segment_len or cfg.seq_len * max(1, 4096 // cfg.seq_len)
     meta = {
-        "kind": "synthetic", "generator": "forgetting.stages.corpora.synthetic.MarkovLanguage",
+        "kind": "synthetic", "generator": "forgetting.corpora.synthetic.MarkovLanguage",
         "dataset_id": cfg.language if cfg.dataset_id < 0 else cfg.dataset_id, "vocab_size": cfg.vocab_size,
         "eos_id": cfg.vocab_size - 1, "tokenizer_sha256": None, "language": cfg.language, "seed": cfg.seed,
         "sample_seed": cfg.sample_seed, "spec": dataclasses.asdict(cfg.language_spec()), "seq_len": cfg.seq_len,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgetting.stages import cli, runs
+from forgetting.training import cli, runs
 
 
 @dataclass(frozen=True)

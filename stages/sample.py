@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from forgetting.core import sampling
-from forgetting.stages import cli, runs
+from forgetting.training import cli, runs
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class SampleConfig:
     num_samples: int = 4  # sequences to sample
     prompt_id: int = -1  # first token of every sample; -1 = the run's dataset id
     # Prompts as text instead (one or more; sample i gets prompt i % n), tokenized as --reg.prompt_text is in
-    # the train stage (stages/prompts.py): with --tokenizer, else the checkpoint's own (GGUF / HF), which then
+    # the train stage (training/prompts.py): with --tokenizer, else the checkpoint's own (GGUF / HF), which then
     # also decodes. The printed text is what follows the prompt; --json adds the prompt.
     prompt_text: tuple[str, ...] = ()
     prompt_chat: bool = False  # render each --prompt_text as a user turn of the checkpoint's chat template, assistant header after it
@@ -106,7 +106,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
 def _sample_text_prompts(cfg: SampleConfig, loaded: runs.LoadedRun) -> list[dict]:
     """`--prompt_text`: samples prompted by the texts' token ids (`stages.prompts`), the continuation
     decoded with the tokenizer that encoded the prompts."""
-    from forgetting.stages import prompts
+    from forgetting.training import prompts
 
     mc = loaded.model_cfg
     length = cfg.length or mc.seq_len

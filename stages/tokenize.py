@@ -22,7 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from forgetting.core import data
-from forgetting.stages import cli, sources as sources_lib, tokenizer as tokenizer_lib
+from forgetting.training import cli
+from forgetting.corpora import sources as sources_lib
+from forgetting.stages import tokenizer as tokenizer_lib
 
 _BATCH_CHARS = 1 << 20
 

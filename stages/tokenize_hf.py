@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from forgetting.core import data
-from forgetting.stages import cli, sources as sources_lib
+from forgetting.training import cli
+from forgetting.corpora import sources as sources_lib
 
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 
@@ -129,7 +130,7 @@ def _iter_conversations(sources: list[str], field: str):
 
 
 def _chat_template_text(cfg: Config) -> str:
-    from forgetting.stages import chat_template
+    from forgetting.formats import chat_template
 
     source = Path(cfg.chat_template or cfg.hf_tokenizer)
     if source.suffix == ".jinja":
@@ -148,7 +149,7 @@ def _pad_id(cfg: Config, tok) -> int:
 
 def tokenize(cfg: Config) -> dict:
     """Tokenizes `cfg.sources` into `cfg.out`; returns the sidecar dict."""
-    from forgetting.stages import chat_template, hf_checkpoint
+    from forgetting.formats import chat_template, hf_checkpoint
 
     cfg.validate()
     directory = Path(cfg.hf_tokenizer)

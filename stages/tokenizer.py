@@ -30,7 +30,9 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from forgetting.stages import cli, sources as sources_lib
+from forgetting.training import cli
+
+from forgetting.corpora import sources as sources_lib
 
 EOS_TOKEN = "<|endoftext|>"
 PATTERNS = {

@@ -45,9 +45,9 @@ import optax
 import numpy as np
 
 from forgetting.core import lora, multihost, sharded_checkpoint, step as step_lib
-from forgetting.stages import cli, runs, stopping
-from forgetting.stages.train_config import TrainConfig, replace  # noqa: F401  (re-exported for experiments)
-from forgetting.stages.train_setup import Setup, build_setup
+from forgetting.training import cli, runs, stopping
+from forgetting.training.train_config import TrainConfig, replace  # noqa: F401  (re-exported for experiments)
+from forgetting.training.train_setup import Setup, build_setup
 
 run_dir = runs.run_dir
 Config = TrainConfig
@@ -124,7 +124,7 @@ class _Trainer:
 
     def evaluate(self, state, step: int, train_losses: list, train_seconds: float, wall: float,
                  train_terms: list | None = None) -> dict:
-        from forgetting.stages import evaluation
+        from forgetting.evals import evaluation
 
         s, cfg = self.s, self.cfg
         params = self.params_now(state)
@@ -177,7 +177,7 @@ class _Trainer:
         return self._harness.scores(params, step)
 
     def _split(self, key: str, dataset) -> Any:
-        from forgetting.stages import evaluation
+        from forgetting.evals import evaluation
 
         if key not in self._splits:
             cfg = self.cfg
@@ -466,8 +466,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     dtype_choice = {"dtype": cfg.model.dtype, "why": "--model.dtype given"}
     if cfg.model.dtype == "auto":
-        from forgetting.stages import auto_dtype
-        from forgetting.stages.train_config import with_resolved_dtype
+        from forgetting.training import auto_dtype
+        from forgetting.training.train_config import with_resolved_dtype
 
         cfg = with_resolved_dtype(cfg)
         dtype_choice = {**auto_dtype.auto_dtype(), "dtype": cfg.model.dtype}

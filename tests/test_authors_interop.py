@@ -12,8 +12,9 @@ import pytest
 
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
-from forgetting.stages import export, runs, train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.stages import export, train
+from forgetting.training import runs
+from forgetting.training.train_config import TrainConfig, replace
 
 T, V, D, L, H = 32, 64, 32, 1, 16
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as hst
 
 from forgetting.core import families, llama, losses
-from forgetting.stages import benchmarks as bm
+from forgetting.evals import benchmarks as bm
 
 import hf_fixtures  # tests/: the tiny HF-layout checkpoint
 

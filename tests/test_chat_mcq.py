@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from forgetting.core import families
-from forgetting.stages import benchmarks as bm
+from forgetting.evals import benchmarks as bm
 
 EOS = 3  # the test vocabulary's end-of-turn byte
 

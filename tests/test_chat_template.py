@@ -11,7 +11,9 @@ tokenizers = pytest.importorskip("tokenizers", reason="needs the hf extra (token
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
 
-from forgetting.stages import chat_template, hf_tokenizer, tokenize_hf  # noqa: E402
+from forgetting.formats import chat_template, hf_tokenizer  # noqa: E402
+
+from forgetting.stages import tokenize_hf  # noqa: E402
 
 # SmolLM2-Instruct's template (as in its tokenizer_config.json / GGUF).
 SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from forgetting.experiments import common_lm as C
-from forgetting.stages import cli
-from forgetting.stages.train_config import TrainConfig
+from forgetting.training import cli
+from forgetting.training.train_config import TrainConfig
 
 FILES = ("model_size", "pretrain_length", "grid_2d", "learning_rate", "high_lr", "model_capacity")
 KNOBS = {"model_size": ("--widths", "--pretrain_target", "--kl_coeffs"),

@@ -9,8 +9,8 @@ import pytest
 from forgetting.experiments import framework
 from forgetting.experiments import method_comparison as mc
 from forgetting.experiments import toy_continual as tc
-from forgetting.stages import cli
-from forgetting.stages.train_config import TrainConfig
+from forgetting.training import cli
+from forgetting.training.train_config import TrainConfig
 
 TRAIN = "forgetting.stages.train"
 

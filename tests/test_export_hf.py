@@ -15,7 +15,9 @@ tokenizers = pytest.importorskip("tokenizers", reason="needs the hf extra")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the hf extra")
 
 from forgetting.core import families, llama  # noqa: E402
-from forgetting.stages import export, hf_checkpoint, runs  # noqa: E402
+from forgetting.stages import export  # noqa: E402
+from forgetting.formats import hf_checkpoint  # noqa: E402
+from forgetting.training import runs  # noqa: E402
 from qwen_fixtures import CHAT_TEMPLATE, write_qwen_checkpoint  # noqa: E402 (tests/)
 
 TEXT = "The quick brown fox <|im_start|> jumps over 123 lazy dogs; def add(a, b): return a + b"
@@ -28,7 +30,8 @@ def _logits(cfg, params, tokens=TOKENS) -> np.ndarray:
 
 
 def _finetune(tmp_path, source, lora_rank: int) -> str:
-    from forgetting.stages import tokenize_hf, train, train_config as tc
+    from forgetting.stages import tokenize_hf, train
+    from forgetting.training import train_config as tc
 
     seq = 16
     src = tmp_path / "text.jsonl"

@@ -13,7 +13,8 @@ import pytest
 
 from forgetting.core import families, layers, llama, lora, sharding, step
 from forgetting.core import model as model_lib
-from forgetting.stages import hf_checkpoint, runs
+from forgetting.formats import hf_checkpoint
+from forgetting.training import runs
 
 
 def test_lookup_by_config_type_and_name():

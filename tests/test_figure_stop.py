@@ -19,7 +19,7 @@ import pytest
 
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
-from forgetting.stages import runs as stage_runs, stopping
+from forgetting.training import runs as stage_runs, stopping
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
-from forgetting.stages import cli
+from forgetting.training import cli
 
 # --------------------------------------------------------------------------- a fake stage module
 

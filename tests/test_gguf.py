@@ -22,7 +22,8 @@ import hf_fixtures  # noqa: E402 (tests/)
 import numpy_reference  # noqa: E402 (tests/)
 
 from forgetting.core import families, sampling  # noqa: E402
-from forgetting.stages import chat_template, gguf_checkpoint, hf_tokenizer, packaged_models, runs  # noqa: E402
+from forgetting.formats import chat_template, gguf_checkpoint, hf_tokenizer, packaged_models  # noqa: E402
+from forgetting.training import runs  # noqa: E402
 from forgetting.stages import tokenize_hf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -290,7 +291,9 @@ def test_gguf_finetunes_on_chat_data_with_assistant_only_loss(tiny_gguf, tmp_pat
     """`--model.load_path model.gguf` in the train stage, on `tokenize_hf --chat` data from the GGUF's own
     tokenizer and template; the validation NTP counts exactly the assistant targets."""
     from forgetting.core import data as data_lib
-    from forgetting.stages import evaluation, train, train_config as tc
+    from forgetting.evals import evaluation
+    from forgetting.stages import train
+    from forgetting.training import train_config as tc
 
     path, _ = tiny_gguf
     seq = 32
@@ -339,7 +342,9 @@ def test_gguf_exports_to_the_hf_layout(tiny_gguf, tmp_path):
     metadata, encodes as the GGUF's tokenizer with the `tokenizers` library; specials and template kept."""
     import tokenizers
 
-    from forgetting.stages import export, hf_checkpoint
+    from forgetting.stages import export
+
+    from forgetting.formats import hf_checkpoint
 
     path, _ = tiny_gguf
     out = tmp_path / "hf"

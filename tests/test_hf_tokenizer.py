@@ -10,7 +10,9 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers", reason="needs the hf extra (Hugging Face tokenizers)")
 
-from forgetting.stages import hf_tokenizer, packaged_models, tokenize_hf  # noqa: E402
+from forgetting.formats import hf_tokenizer, packaged_models  # noqa: E402
+
+from forgetting.stages import tokenize_hf  # noqa: E402
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. Forgetting happens when a model is finetuned.",

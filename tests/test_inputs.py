@@ -12,8 +12,10 @@ import pytest
 
 from forgetting.core import data as data_lib
 from forgetting.core import hf_config
-from forgetting.stages import benchmarks, runs, train, train_setup
-from forgetting.stages.train_config import replace
+from forgetting.evals import benchmarks
+from forgetting.training import runs, train_setup
+from forgetting.stages import train
+from forgetting.training.train_config import replace
 from forgetting.experiments import framework
 from test_authors_interop import finetune_cfg, raw_bin, write_authors_checkpoint
 from test_integrity import T, interrupt_once, tiny, tiny_argv

@@ -14,7 +14,9 @@ import pytest
 
 from forgetting.core import data as data_lib
 from forgetting.core import llama, losses
-from forgetting.stages import hf_checkpoint, runs, tokenize_hf
+from forgetting.formats import hf_checkpoint
+from forgetting.training import runs
+from forgetting.stages import tokenize_hf
 
 import hf_fixtures  # tests/: the tiny HF-layout checkpoint
 
@@ -105,8 +107,9 @@ def test_packing_and_loss_mask(tmp_path, hf_dir):
 @pytest.mark.slow
 def test_hf_checkpoint_finetunes_with_bos_prompted_kl_replay(tmp_path, hf_dir):
     from forgetting.stages import evaluate_benchmarks as eb
-    from forgetting.stages import train, train_config as tc
-    from forgetting.stages.train_setup import build_setup
+    from forgetting.stages import train
+    from forgetting.training import train_config as tc
+    from forgetting.training.train_setup import build_setup
 
     verilog = [f"module m{i}(input clk, output reg [{i % 8}:0] q); always @(posedge clk) q <= q + {i}; endmodule"
                for i in range(40)]
@@ -140,7 +143,7 @@ def test_hf_checkpoint_finetunes_with_bos_prompted_kl_replay(tmp_path, hf_dir):
                 for k in again.params)
     assert moved > 0
     # the benchmark stage evaluates it, finding the tokenizer through `loaded_from`
-    from forgetting.stages import benchmarks
+    from forgetting.evals import benchmarks
     paths = benchmarks.write_tiny_benchmarks(tmp_path / "bench")
     out = eb.evaluate(eb.BenchConfig(
         model=eb.BenchModelArgs(load_path=result["run_dir"], dtype="float32", seq_len=64),
@@ -173,7 +176,8 @@ def test_tensor_parallel_llama_step_matches_single_device(tmp_path, hf_dir):
     script = textwrap.dedent(f"""
         import json, numpy as np, jax
         assert jax.device_count() == 4, jax.devices()
-        from forgetting.stages import tokenize_hf, train, train_config as tc, runs
+        from forgetting.stages import tokenize_hf, train
+        from forgetting.training import train_config as tc, runs
         src = {str(tmp_path / 'd.jsonl')!r}
         open(src, 'w').write(''.join(json.dumps({{"text": f"module m{{i}}; assign y = a + {{i}}; endmodule"}}) + "\\n"
                                      for i in range(40)))
@@ -190,7 +194,7 @@ def test_tensor_parallel_llama_step_matches_single_device(tmp_path, hf_dir):
                 opt=tc.OptConfig(batch_size=4, peak_lr=1e-3, warmup_tokens={SEQ}),
                 stop=tc.StopConfig(num_tokens_train=2 * 4 * {SEQ}), log=tc.LogConfig(every_steps=2, progress=False))
             if mesh:  # the weights really are split over the 4-device "model" axis
-                from forgetting.stages.train_setup import build_setup
+                from forgetting.training.train_setup import build_setup
                 spec = build_setup(cfg).frozen["ref"]["wq"].sharding.spec
                 assert "model" in tuple(spec), spec
             r = train.train(cfg)

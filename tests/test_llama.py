@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as hst
 from forgetting.core import llama, lora, sampling, step
 from forgetting.core import model as model_lib
 from forgetting.core import safetensors_io as st
-from forgetting.stages import hf_checkpoint as hc
+from forgetting.formats import hf_checkpoint as hc
 
 import hf_fixtures  # tests/: the tiny HF-layout checkpoint
 

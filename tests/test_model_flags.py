@@ -9,8 +9,8 @@ import pytest
 
 from forgetting.core import llama
 from forgetting.core import model as model_lib
-from forgetting.stages import cli, runs, train_setup
-from forgetting.stages import train_config as tc
+from forgetting.training import cli, runs, train_setup
+from forgetting.training import train_config as tc
 
 REQUIRED = ["--data.path", "x.bin", "--stop.num_tokens_train", "100"]
 

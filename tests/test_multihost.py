@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from forgetting.core import sharded_checkpoint
-from forgetting.stages import generate, runs
+from forgetting.stages import generate
+from forgetting.training import runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

@@ -11,8 +11,8 @@ import shlex
 import pytest
 
 from forgetting.experiments import framework
-from forgetting.stages import cli
-from forgetting.stages.train_config import TrainConfig
+from forgetting.training import cli
+from forgetting.training.train_config import TrainConfig
 
 OLD, NEW = "/data/c4_en.bin", "/data/c4_es.bin"
 WARMUP_TOKENS = 153 * 256 * 256  # their 10M warm-up tokens, rounded up to whole steps of 256 x 256

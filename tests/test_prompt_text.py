@@ -16,8 +16,10 @@ import pytest
 
 from forgetting.core import families
 from forgetting.core import step as step_lib
-from forgetting.stages import packaged_models, prompts, runs, sample, tokenize, tokenizer, train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.formats import packaged_models
+from forgetting.training import prompts, runs
+from forgetting.stages import sample, tokenize, tokenizer, train
+from forgetting.training.train_config import TrainConfig, replace
 
 T = 32
 TEXTS = ("the cat", "<|endoftext|>a dog sat on the mat")  # different lengths; the second holds a special token
@@ -148,7 +150,7 @@ def test_replay_rows_start_with_the_prompts_and_sampler_kl_equals_forward(text_d
     """Multi-token prompts of unequal length: the rows hold each prompt (row i: prompt i % 2) and then
     samples; the sampler's hidden states of the reference on those rows (prompt positions included) are the
     reference forward's, so the KL from them equals the in-step forward's."""
-    from forgetting.stages.train_setup import build_setup
+    from forgetting.training.train_setup import build_setup
 
     cfg = _tiny(text_data["new"], text_data["dir"] / "ft", **{
         "model.load_path": pretrained, "reg.method": "kl_pre", "reg.synth": True, "reg.batch_size": 4,

@@ -15,7 +15,8 @@ pytest.importorskip("tokenizers", reason="needs the hf extra")
 pytest.importorskip("safetensors", reason="needs the hf extra")
 
 from forgetting.core import families, llama
-from forgetting.stages import hf_checkpoint, runs
+from forgetting.formats import hf_checkpoint
+from forgetting.training import runs
 import numpy_reference  # (tests/)
 from qwen_fixtures import write_qwen_checkpoint  # (tests/)
 
@@ -108,8 +109,9 @@ def test_instruct_paper_scale_takes_a_qwen3_directory(tmp_path, capsys):
     import shlex
 
     from forgetting.experiments import framework
-    from forgetting.stages import cli, tokenize_hf, train
-    from forgetting.stages.train_config import TrainConfig
+    from forgetting.training import cli
+    from forgetting.stages import tokenize_hf, train
+    from forgetting.training.train_config import TrainConfig
 
     ckpt = tmp_path / "qwen3"
     hf, _ = write_qwen_checkpoint(ckpt, "qwen3", tie=True)

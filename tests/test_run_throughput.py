@@ -11,7 +11,9 @@ import pytest
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
-from forgetting.stages import auto_dtype, evaluation, replay, runs, train
+from forgetting.training import auto_dtype, replay, runs
+from forgetting.evals import evaluation
+from forgetting.stages import train
 
 from test_train import T, tiny  # tests/: the train-stage tests' tiny run
 

@@ -203,7 +203,8 @@ def _pretrain_dir(out: Path, knobs_flags: list[str]) -> Path:
 
 
 def _checkpoint_step(run: Path) -> int:
-    from forgetting.stages import runs, train
+    from forgetting.training import runs
+    from forgetting.stages import train
 
     state = run / runs.STATE_FILE
     return train._checkpoint_step(state) if state.exists() else -1
@@ -225,7 +226,7 @@ def test_real_slurm_preempted_task_checkpoints_requeues_and_matches_local_run(sl
     of an uninterrupted local run."""
     import signal as sig
 
-    from forgetting.stages import runs
+    from forgetting.training import runs
 
     knobs = [*SMALL[:-4], "--pretrain_tpp", "300", "--finetune_max_tokens", "40000"]
     out = tmp_path / "slurm_out"

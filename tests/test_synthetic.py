@@ -8,7 +8,7 @@ import pytest
 
 from forgetting.core import data
 from forgetting.stages import generate
-from forgetting.stages.corpora.synthetic import N_ID_TOKENS, LanguageSpec, MarkovLanguage
+from forgetting.corpora.synthetic import N_ID_TOKENS, LanguageSpec, MarkovLanguage
 
 SMALL2 = LanguageSpec(seed=3, vocab_size=25, order=2, support=4, alpha=0.5)
 

@@ -7,7 +7,9 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from forgetting.stages import sources, tokenizer
+from forgetting.corpora import sources
+
+from forgetting.stages import tokenizer
 
 VOCAB, N_RESERVED = 400, 3
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ün", "é", "日本", "ß", "th", "er", "in"]

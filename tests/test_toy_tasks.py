@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from forgetting.core import data
 from forgetting.stages import generate
-from forgetting.stages.corpora import toy_tasks as toy
+from forgetting.corpora import toy_tasks as toy
 
 NAMES = ["<pad>", "<bos_add>", "<bos_reversal>", "<bos_sort>", "<bos_modadd>", "<sep>", "<eq>", "<null>", "<eos>"]
 

@@ -13,8 +13,9 @@ import pytest
 
 from forgetting.core import checkpoint
 from forgetting.core import model as model_lib
-from forgetting.stages import cli, evaluate, generate, runs, sample, train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training import cli, runs
+from forgetting.stages import evaluate, generate, sample, train
+from forgetting.training.train_config import TrainConfig, replace
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +216,7 @@ def test_evaluate_and_sample_stages(pretrained, corpora, capsys):
 SHARDED_SCRIPT = """
 import json, sys
 from forgetting.stages import train
-from forgetting.stages.train_config import TrainConfig, replace
+from forgetting.training.train_config import TrainConfig, replace
 import jax
 out = {"n": jax.device_count()}
 for mesh, changes in json.loads(sys.argv[1]).items():

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting.stages import runs, train
-from forgetting.stages.train_config import OptConfig, TrainConfig, replace
-from forgetting.stages.train_setup import optimizer_for
+from forgetting.training import runs
+
+from forgetting.stages import train
+from forgetting.training.train_config import OptConfig, TrainConfig, replace
+from forgetting.training.train_setup import optimizer_for
 
 from conftest import CORPUS_TOKENS  # tests/: the shared synthetic corpora
 

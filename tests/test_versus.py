@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from forgetting.bench import versus
-from forgetting.stages import cli
-from forgetting.stages.train_config import TrainConfig
+from forgetting.training import cli
+from forgetting.training.train_config import TrainConfig
 
 DATA = {"c4_en.bin": Path("/d/c4_en.bin"), "c4_es.bin": Path("/d/c4_es.bin")}
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
-from forgetting.stages import auto_dtype
+from forgetting.training import auto_dtype
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 REFERENCE_HIDDEN = ("auto", "sampler", "forward")

@@ -50,7 +50,7 @@ def _tiktoken(path: Path) -> PromptTokenizer:
 
 
 def _hf(path: Path) -> PromptTokenizer:
-    from forgetting.stages import hf_tokenizer
+    from forgetting.formats import hf_tokenizer
 
     config = path / "config.json"
     tok = hf_tokenizer.load_tokenizer(path, json.loads(config.read_text()) if config.exists() else None)
@@ -123,7 +123,7 @@ def find_tokenizer(load_path: str | Path, *, explicit: str = "", data_paths: Seq
 
 def chat_renderer(source: Path) -> Callable[[str], str]:
     """text -> the checkpoint's chat template rendered for one user turn with the generation prompt."""
-    from forgetting.stages import chat_template as ct
+    from forgetting.formats import chat_template as ct
 
     template, special = ct.load_chat_template(source), ct.special_tokens_of(source)
     return lambda text: ct.render(template, [{"role": "user", "content": text}], add_generation_prompt=True,

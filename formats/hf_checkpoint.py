@@ -44,8 +44,8 @@ import numpy as np
 from forgetting.core import families, llama
 from forgetting.core import safetensors_io as st
 
-# The tokenizer code lives in stages/hf_tokenizer.py; these names stay importable from here.
-from forgetting.stages.hf_tokenizer import (  # noqa: F401
+# The tokenizer code lives in formats/hf_tokenizer.py; these names stay importable from here.
+from forgetting.formats.hf_tokenizer import (  # noqa: F401
     _read_json,
     BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, LLAMA3_PATTERN, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer,
     llama3_special_tokens, read_tiktoken_ranks, write_tiktoken_ranks)

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from forgetting.core import llama
-from forgetting.stages import hf_tokenizer
+from forgetting.formats import hf_tokenizer
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 
@@ -206,7 +206,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "bfloat16", param_dtype: 
               seq_len: int | None = None, max_seq_len: int = 2048,
               ) -> tuple[llama.LlamaConfig, llama.Params, hf_tokenizer.HFTokenizer]:
     """(config, parameters, tokenizer) of a Llama GGUF file; arguments as `hf_checkpoint.load_hf`."""
-    from forgetting.stages import hf_checkpoint
+    from forgetting.formats import hf_checkpoint
 
     g = open_gguf(path)
     cfg = llama.from_hf_config(hf_config_from_gguf(g), seq_len=seq_len, dtype=dtype, param_dtype=param_dtype,

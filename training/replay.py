@@ -17,7 +17,7 @@ import numpy as np
 
 from forgetting.core import data as data_lib
 from forgetting.core import sampling
-from forgetting.stages import prompts as prompts_lib
+from forgetting.training import prompts as prompts_lib
 
 # Offsets keep the replay streams independent of the training-batch stream of the same seed.
 _REAL_REPLAY_SEED_OFFSET = 1_000_003

@@ -16,8 +16,8 @@ from forgetting.core import data as data_lib
 from forgetting.core import families, lora, optim, sharded_checkpoint, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
-from forgetting.stages import prompts, replay, runs
-from forgetting.stages.train_config import TrainConfig, with_resolved_dtype
+from forgetting.training import prompts, replay, runs
+from forgetting.training.train_config import TrainConfig, with_resolved_dtype
 
 
 @dataclasses.dataclass

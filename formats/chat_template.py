@@ -92,7 +92,7 @@ def load_chat_template(path: str | Path, name: str = "default") -> str:
     """The chat template of a checkpoint directory, tokenizer_config.json or .gguf file (module doc)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint
+        from forgetting.formats import gguf_checkpoint
 
         template = gguf_checkpoint.gguf_chat_template(path)
         if not template:
@@ -119,7 +119,7 @@ def special_tokens_of(path: str | Path) -> dict[str, str]:
     """bos_token, eos_token, ... names as the template sees them (tokenizer_config.json, else GGUF ids)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint
+        from forgetting.formats import gguf_checkpoint
 
         g = gguf_checkpoint.open_gguf(path)
         tokens = g.require("tokenizer.ggml.tokens")

@@ -28,7 +28,7 @@ import numpy as np
 from forgetting.core import families, files, multihost, sharded_checkpoint
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
-from forgetting.stages import cli
+from forgetting.training import cli
 
 CONFIG_FILE, METRICS_FILE, STATE_FILE, PARAMS_FILE, DONE_FILE = (
     "config.json", "metrics.jsonl", "state.msgpack", "params.msgpack", "done.json")
@@ -64,7 +64,7 @@ def hashed_config(cfg: Any, *, normalize: bool = True) -> dict:
             d[section][key] = [normalize_path(v) for v in value]
     model = d.get("model")
     if isinstance(model, dict) and model.get("dtype") == "auto":  # the run is named by the dtype it computes in
-        from forgetting.stages import auto_dtype
+        from forgetting.training import auto_dtype
 
         model["dtype"] = auto_dtype.resolve("auto")
     for section, key in _UNHASHED:
@@ -440,7 +440,7 @@ def is_hf_checkpoint(path: str | Path) -> bool:
 def _load_hf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
     """A HF Llama checkpoint as a LoadedRun: no training data is known (real replay needs --reg.path), and
     self-generated replay is prompted by BOS (the lineage is just the BOS id)."""
-    from forgetting.stages import hf_checkpoint
+    from forgetting.formats import hf_checkpoint
 
     model_cfg, params, _ = hf_checkpoint.load_hf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                  seq_len=seq_len or None)
@@ -468,7 +468,7 @@ def _checkpoint_tokenizer(path: Path) -> tuple[str | None, tuple[str, ...]]:
 
 def _load_gguf_checkpoint(path: Path, dtype: str | None, seq_len: int | None) -> LoadedRun:
     """A llama.cpp GGUF file (Llama architecture) as a LoadedRun, like a HF checkpoint directory."""
-    from forgetting.stages import gguf_checkpoint
+    from forgetting.formats import gguf_checkpoint
 
     model_cfg, params, _ = gguf_checkpoint.load_gguf(path, dtype=dtype or "bfloat16", param_dtype="float32",
                                                      seq_len=seq_len or None)

@@ -217,7 +217,7 @@ def load_tokenizer(path: str | Path, hf_config: dict | None = None) -> Tokenizer
     `tokenizer.model` or `original/tokenizer.model`), a tokenizer.json file, or a `.gguf` file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.stages import gguf_checkpoint
+        from forgetting.formats import gguf_checkpoint
 
         return gguf_checkpoint.load_gguf_tokenizer(path)
     if path.is_file() and path.suffix == ".json":
