@@ -285,7 +285,7 @@ def write_summary(summary: dict, out: str | Path) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-_FRAMEWORK_FLAGS = ("scale", "out", "list", "shard", "wave", "only", "plot_only", "help", "slurm")
+_FRAMEWORK_FLAGS = ("scale", "out", "list", "shard", "wave", "only", "plot_only", "help", "slurm", "jobs", "no_summary")
 
 
 def _framework_parser(add_help: bool, scales: Sequence[str], default_out: str) -> argparse.ArgumentParser:
@@ -311,6 +311,7 @@ def _framework_parser(add_help: bool, scales: Sequence[str], default_out: str) -
     g.add_argument("--only", default=None, metavar="NAME[,NAME...]", help="only the named runs")
     g.add_argument("--plot_only", action="store_true",
                    help="run nothing: summarize and plot from the run directories under --out")
+    _add_jobs_flags(g)
     from forgetting.experiments import slurm
 
     slurm.add_flags(p)
@@ -488,6 +489,7 @@ def main(
         selected = shard(selected, *args.shard)
 
     if args.slurm is not None:
+        _refuse_jobs_with_slurm(args)
         return _write_slurm(args, knobs, runs, selected, out)
 
     if args.list:
@@ -505,9 +507,11 @@ def main(
 
     if not args.plot_only:
         resume = _resume_command(runs, sys.argv[1:] if argv is None else argv)
-        ok = _run_all(selected, specs, out, progress=progress, resume=resume)
+        ok = _run_selected(args, knobs, runs, selected, specs, out, progress=progress, resume=resume)
         if not ok:
             raise SystemExit(1)
+        if args.no_summary:
+            return None
         partial = args.shard is not None or args.wave is not None or args.only
         if partial and not all(is_done(run_dir(s, out)) for s in specs):
             _log("this slice is finished; once every run is, plot with --plot_only (same --scale/--out/knobs)")
@@ -526,6 +530,42 @@ def main(
     for figure in sorted(out.glob("*.png")):
         print(f"figure: {figure} (and {figure.with_suffix('.pdf').name})")
     return summary
+
+
+def _add_jobs_flags(g: argparse._ArgumentGroup) -> None:
+    from forgetting.experiments import jobs
+
+    g.add_argument("--jobs", type=jobs.parse_jobs, default=1, metavar="N|auto",
+                   help="run up to N independent runs at once, each in its own process on its own share of the "
+                        "cores, output in OUT/logs/<run>.log; auto: one per core for small models (see "
+                        "experiments/jobs.py) (default: %(default)s)")
+    g.add_argument("--no_summary", action="store_true",
+                   help="run the selected runs, then exit without summarizing or plotting")
+
+
+def _refuse_jobs_with_slurm(args: argparse.Namespace) -> None:
+    if args.jobs != 1:
+        _log(f"error: --jobs {args.jobs} with --slurm: every run is its own Slurm task already; "
+             "limit how many run at once with --slurm_parallel")
+        raise SystemExit(2)
+
+
+def _run_selected(args: argparse.Namespace, knobs: Any, runs: Callable, selected: list[list[RunSpec]],
+                  specs: list[RunSpec], out: Path, *, progress: bool, resume: str) -> bool:
+    """Runs the selected runs one by one in this process (`--jobs 1`), or side by side in child processes
+    (`--jobs N`, experiments/jobs.py); turns the compilation cache on first (training/compile_cache.py)."""
+    from forgetting.experiments import jobs
+    from forgetting.training import compile_cache
+
+    compile_cache.enable()
+    n = args.jobs
+    if n == "auto":
+        n, why = jobs.auto_jobs(len(jobs.available_cores()), [jobs.model_width(s.config) for w in selected for s in w])
+        _log(f"--jobs {why}")
+    if n == 1:
+        return _run_all(selected, specs, out, progress=progress, resume=resume)
+    figure = _script_command(runs) + ["--scale", args.scale, "--out", str(out)] + knob_flags(knobs, args.preset)
+    return jobs.run_parallel(selected, specs, out, n, figure=figure, progress=progress, resume=resume)
 
 
 def _write_slurm(args: argparse.Namespace, knobs: Any, runs: Callable, selected: list[list[RunSpec]],

@@ -1,0 +1,345 @@
+"""`--jobs N`: a figure's independent runs side by side, each in its own process on its own share of the cores.
+
+A run starts as soon as the runs it depends on (`after`) are finished, in wave order, at most N at once.
+Each run is a child process: a stage run is `python -m <module> <flags>` (the command `--list` prints), an
+in-process (`fn`) run is the figure itself with `--only NAME --no_summary`. A child sees only its share of
+the cores (`os.sched_setaffinity` before it starts, so XLA sizes its thread pools to the share; the shares
+are rebalanced whenever a run starts or ends, so a run that is alone gets every core): N tiny runs then do
+not fight over the same cores. The runs compute what they compute one by one (same program, same seed), so
+their metrics are identical to `--jobs 1`; only wall-clock fields differ (tests/test_framework_jobs.py).
+
+Output: one progress bar; each run's own output goes to `<out>/logs/<run name>.log` (appended, so a
+resumed run keeps its history); a failed run is reported with the tail of its log.
+
+Ctrl-C / SIGTERM: forwarded once to every running child (they are in their own sessions, so a terminal's
+Ctrl-C reaches them only through the figure): each checkpoints and exits, no run starts, the resume
+command is printed, the exit code is 128 + the signal. A second signal is forwarded too (the children stop
+at once, keeping their last checkpoint).
+
+`--jobs auto` (`auto_jobs`): one run per core when every model of the selected runs is at most
+`AUTO_MAX_WIDTH` wide, else one run at a time. Measured on a 2-core AMD EPYC (issue 26): two tiny training
+loops at once run at 1.96x the throughput of one at d_model 8, 1.30x at 16 and 1.27x at 32, because one
+such run keeps only 1.4-1.7 cores busy; wider models were not measured, and a run that fills the cores by
+itself gains nothing from a neighbour.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+AUTO_MAX_WIDTH = 32  # widest d_model measured to gain from a neighbour run (1.27x at 32 on 2 cores)
+LOG_DIR = "logs"
+TAIL_LINES = 30
+POLL_SECS = 0.2
+PIN_ENV = "FORGETTING_JOBS_PIN"  # "0": do not give children their own cores (to measure the difference)
+
+
+def parse_jobs(text: str) -> int | str:
+    """`--jobs` value: a positive integer or 'auto'."""
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--jobs wants a number of runs at once or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--jobs must be >= 1 (or auto), got {n}")
+    return n
+
+
+def model_width(config: Any) -> int | None:
+    """The d_model of a stage config (`config.model.d_model`), or None for configs without a model."""
+    width = getattr(getattr(config, "model", None), "d_model", None)
+    return width if isinstance(width, int) else None
+
+
+def auto_jobs(cores: int, widths: Sequence[int | None]) -> tuple[int, str]:
+    """(runs at once, why) for `--jobs auto` from the number of cores and the runs' model widths (see the
+    module docstring for the measurement behind it). Runs without a model (data generation) do not count."""
+    known = [w for w in widths if w is not None]
+    if cores < 2:
+        return 1, f"auto: 1 run at a time ({cores} core)"
+    if not known:
+        return 1, "auto: 1 run at a time (no model width known for the selected runs)"
+    if max(known) > AUTO_MAX_WIDTH:
+        return 1, (f"auto: 1 run at a time (d_model {max(known)} > {AUTO_MAX_WIDTH}: one run keeps the cores "
+                   "busy; wider models were not measured to gain from running side by side)")
+    return cores, f"auto: {cores} runs at once, one core each (every d_model <= {AUTO_MAX_WIDTH}, {cores} cores)"
+
+
+def core_shares(cores: Sequence[int], n: int) -> list[list[int]]:
+    """`n` disjoint, near-equal slices of `cores` covering them all; with more runs than cores, one core each,
+    round robin."""
+    cores = sorted(cores)
+    if n <= 0:
+        return []
+    if n >= len(cores):
+        return [[cores[i % len(cores)]] for i in range(n)]
+    return [cores[i * len(cores) // n:(i + 1) * len(cores) // n] for i in range(n)]
+
+
+def available_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no pinning, every share is "all cores"
+        return list(range(os.cpu_count() or 1))
+
+
+def child_command(spec: Any, figure: Sequence[str]) -> list[str]:
+    """The command that runs `spec` alone in a child process. `figure`: the figure's own command line
+    (script, --scale, --out, knob flags) for in-process (`fn`) runs."""
+    from forgetting.training import cli
+
+    if spec.module is not None:
+        return [sys.executable, "-m", spec.module, *cli.to_argv(spec.config)]
+    base = list(figure)
+    if base and base[0] == "python":
+        base[0] = sys.executable
+    return [*base, "--only", spec.name, "--jobs", "1", "--no_summary"]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the figure dies (a killed figure leaves no orphan runs)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    cores: list[int] = field(default_factory=list)
+
+
+def _pin(pid: int, cores: Sequence[int]) -> None:
+    """Moves every thread of process `pid` onto `cores` (affinity is per thread; new threads inherit it)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:  # the thread (or the process) just ended
+            pass
+
+
+def _pinning() -> bool:
+    return hasattr(os, "sched_setaffinity") and os.environ.get(PIN_ENV, "1") != "0"
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+class Pool:
+    """The running children, with the cores shared among them."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.children: list[Child] = []
+        self.cores = available_cores()
+
+    def start(self, spec: Any, command: list[str]) -> Child:
+        log = self.out / LOG_DIR / f"{spec.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        share = core_shares(self.cores, len(self.children) + 1)[-1]
+        pin = _pinning()
+
+        def setup() -> None:
+            _die_with_parent()
+            if pin:
+                os.sched_setaffinity(0, share)
+
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(command)}\n")
+            f.flush()
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=setup)
+        child = Child(spec.name, proc, log, share)
+        self.children.append(child)
+        self.rebalance()
+        return child
+
+    def rebalance(self) -> None:
+        if not _pinning() or not self.children:
+            return
+        for child, share in zip(self.children, core_shares(self.cores, len(self.children))):
+            if share != child.cores:
+                child.cores = share
+                _pin(child.proc.pid, share)
+
+    def reap(self) -> list[tuple[Child, int]]:
+        """The children that ended since the last call, with their exit codes."""
+        ended = [(c, c.proc.poll()) for c in self.children]
+        ended = [(c, rc) for c, rc in ended if rc is not None]
+        if ended:
+            self.children = [c for c in self.children if c.proc.returncode is None]
+            self.rebalance()
+        return ended
+
+    def signal_all(self, signum: int) -> None:
+        for c in self.children:
+            try:
+                c.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def wait_all(self, timeout: float | None = None) -> list[tuple[Child, int]]:
+        """Waits for every child (killing those still running after `timeout` seconds)."""
+        deadline = None if timeout is None else time.time() + timeout
+        ended: list[tuple[Child, int]] = []
+        for c in list(self.children):
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            try:
+                rc = c.proc.wait(left)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                rc = c.proc.wait()
+            ended.append((c, rc))
+        self.children = []
+        return ended
+
+
+def _stopped_message(signum: int, stopped: Sequence[str], at_once: bool, resume: str) -> str:
+    sig = signal.Signals(signum).name
+    if at_once:
+        what = f"stopped at once by a second {sig}; runs {list(stopped)} resume from their last checkpoints"
+    elif stopped:
+        what = f"stopped by {sig}: runs {list(stopped)} saved a checkpoint"
+    else:
+        what = f"stopped by {sig} between runs"
+    return f"{what}; finished runs are kept. Resume with:\n{resume}"
+
+
+class Scheduler:
+    """Starts each selected run once its dependencies are finished, at most `n` at once (see `run_parallel`)."""
+
+    def __init__(self, selected: Sequence[Sequence[Any]], specs: Sequence[Any], out: Path, n: int,
+                 figure: Sequence[str], bar: Any):
+        from forgetting.experiments import framework
+
+        self.fw = framework
+        self.by_name = {s.name: s for s in specs}
+        self.pending = [s for w in selected for s in w]
+        self.wave = {s.name: k for k, w in enumerate(selected) for s in w}
+        self.out, self.n, self.figure, self.bar = out, n, figure, bar
+        self.pool = Pool(out)
+        self.failed: list[str] = []
+        self.skipped: list[str] = []
+
+    def done(self, name: str) -> bool:
+        return self.fw.is_done(self.fw.run_dir(self.by_name[name], self.out))
+
+    def _state(self, spec: Any) -> str:
+        """'done', 'ready', 'wait' (a dependency is still to run) or 'blocked' (one failed or is not selected)."""
+        if self.done(spec.name):
+            return "done"
+        waiting = {s.name for s in self.pending} | {c.name for c in self.pool.children}
+        unfinished = [d for d in spec.after if not self.done(d)]
+        if any(d in self.failed or d in self.skipped or d not in waiting for d in unfinished):
+            return "blocked"
+        return "wait" if unfinished else "ready"
+
+    def launch(self) -> None:
+        for spec in list(self.pending):
+            state = self._state(spec)
+            if state == "wait" or (state == "ready" and len(self.pool.children) >= self.n):
+                continue
+            self.pending.remove(spec)
+            if state == "blocked":
+                blocked = [d for d in spec.after if not self.done(d)]
+                _log(f"skipping run {spec.name!r} (wave {self.wave[spec.name]}): dependencies not finished: {blocked}")
+                self.skipped.append(spec.name)
+                self.bar.update(1)
+            elif state == "done":
+                self.bar.update(1)
+            else:
+                self.pool.start(spec, child_command(spec, self.figure))
+        self.bar.set_postfix_str(", ".join(c.name for c in self.pool.children)[:80])
+
+    def finished(self, ended: Sequence[tuple[Child, int]], stopping: bool) -> list[str]:
+        """Books ended children; returns the names of those a stop request ended before they finished."""
+        stopped = []
+        for child, rc in ended:
+            if self.done(child.name):
+                self.bar.update(1)
+            elif stopping:
+                stopped.append(child.name)
+            else:
+                why = f"exit status {rc}" if rc != 0 else "it exited without marking its run finished"
+                _log(f"run {child.name!r} failed ({why}); last lines of {child.log}:\n{log_tail(child.log)}")
+                self.failed.append(child.name)
+                self.bar.update(1)
+        return stopped
+
+    def step(self) -> None:
+        self.finished(self.pool.reap(), stopping=False)
+        self.launch()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.pool.children)
+
+
+def run_parallel(selected: Sequence[Sequence[Any]], specs: Sequence[Any], out: Path, n: int, *,
+                 figure: Sequence[str], progress: bool, resume: str) -> bool:
+    """Runs the selected runs, up to `n` child processes at once; True if none failed. Runs whose
+    dependencies failed or are not selected and unfinished are skipped with a message. A stop request
+    (Ctrl-C / SIGTERM) is forwarded to the children; then SystemExit(128 + signal) after the resume command."""
+    from tqdm.auto import tqdm
+
+    from forgetting.training import stopping
+
+    bar = tqdm(total=sum(len(w) for w in selected), desc="runs", unit="run", disable=not progress, file=sys.stderr)
+    sched = Scheduler(selected, specs, out, n, figure, bar)
+    stop = stopping.StopRequests("every running run saves a checkpoint, then the figure stops")
+    try:
+        with stop:
+            try:
+                while sched.busy and stop.signum is None:
+                    sched.step()
+                    time.sleep(POLL_SECS)
+                if stop.signum is not None:
+                    sched.pool.signal_all(stop.signum)
+                    stopped = sched.finished(sched.pool.wait_all(), stopping=True)
+                    bar.close()
+                    _log(_stopped_message(stop.signum, stopped, False, resume))
+                    raise SystemExit(stop.exit_code)
+            except KeyboardInterrupt:
+                running = [c.name for c in sched.pool.children]
+                signum = stop.signum or signal.SIGINT
+                sched.pool.signal_all(signum)  # the second signal: the children stop at once too
+                sched.pool.wait_all(timeout=60)
+                bar.close()
+                if stop.signum is None:
+                    raise
+                _log(_stopped_message(signum, running, True, resume))
+                raise SystemExit(stop.exit_code) from None
+    finally:
+        if sched.pool.children:  # an unexpected error: leave no run behind
+            sched.pool.signal_all(signal.SIGTERM)
+            sched.pool.wait_all(timeout=60)
+        bar.close()
+        if sched.failed:
+            _log(f"failed runs: {sched.failed}")
+    return not sched.failed
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

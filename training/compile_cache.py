@@ -1,0 +1,69 @@
+"""Compile once per shape: JAX's persistent compilation cache, shared by every run, figure and process.
+
+Every run of a figure compiles the same train and eval steps again (same shapes, same program); with the
+cache on, the first run writes the compiled executables to disk and every later one with the same shapes
+loads them instead of compiling. JAX keys an entry by the whole lowered program, the compile options, the
+XLA flags, the backend and the jax/jaxlib versions, so a cached executable is the one a fresh compile would
+produce, and the numbers cannot change (tests/test_framework_jobs.py checks a run's metrics with and without).
+
+Location: `$FORGETTING_COMPILE_CACHE` if set, else `$FORGETTING_CACHE_DIR/jax`, else `~/.cache/forgetting/jax`.
+`FORGETTING_COMPILE_CACHE=off` (or `0`, `false`, `none`) switches it off. `enable()` turns it on in this
+process (jax.config) and, through the environment (JAX_COMPILATION_CACHE_DIR etc., read when JAX is
+imported), in every process started from it: `--jobs` children and stage subprocesses. An explicit
+JAX_COMPILATION_CACHE_DIR in the environment wins.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV = "FORGETTING_COMPILE_CACHE"
+OFF = ("off", "0", "false", "none", "no")
+# Only programs that take this long to compile are stored: the tiny ops (a broadcast, a convert) compile
+# faster than their file is read, while a tiny model's train step takes a second or more.
+MIN_COMPILE_SECS = 0.2
+MAX_BYTES = 2 * 1024**3  # JAX evicts the least recently used entries above this
+
+
+def location() -> Path | None:
+    """The cache directory, or None when `$FORGETTING_COMPILE_CACHE` switches it off."""
+    value = os.environ.get(ENV, "").strip()
+    if value.lower() in OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    root = os.environ.get("FORGETTING_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "forgetting")
+    return Path(root) / "jax"
+
+
+def settings(path: Path) -> dict[str, str]:
+    """The JAX options (as environment variables) that store compiled programs under `path`."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(path),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(MIN_COMPILE_SECS),
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(MAX_BYTES),
+    }
+
+
+def enable() -> Path | None:
+    """Turns the cache on here and in child processes; returns its directory (None when switched off)."""
+    path = location()
+    if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None if path is None else Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home: runs still work, they compile
+        print(f"warning: compilation cache off ({ENV}={path}: {e})", file=sys.stderr)
+        return None
+    for name, value in settings(path).items():
+        os.environ.setdefault(name, value)
+    if "jax" in sys.modules:  # the environment is read when JAX is imported; later, set it directly
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    return path
