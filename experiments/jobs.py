@@ -246,25 +246,26 @@ class Scheduler:
     def done(self, name: str) -> bool:
         return self.fw.is_done(self.fw.run_dir(self.by_name[name], self.out))
 
-    def _state(self, spec: Any) -> str:
-        """'done', 'ready', 'wait' (a dependency is still to run) or 'blocked' (one failed or is not selected)."""
+    def _state(self, spec: Any) -> tuple[str, list[str]]:
+        """('done' | 'ready' | 'wait' (a dependency is still to run) | 'blocked', the dependencies that block it:
+        failed, skipped, or neither selected nor finished)."""
         if self.done(spec.name):
-            return "done"
+            return "done", []
         waiting = {s.name for s in self.pending} | {c.name for c in self.pool.children}
         unfinished = [d for d in spec.after if not self.done(d)]
-        if any(d in self.failed or d in self.skipped or d not in waiting for d in unfinished):
-            return "blocked"
-        return "wait" if unfinished else "ready"
+        blocking = [d for d in unfinished if d in self.failed or d in self.skipped or d not in waiting]
+        if blocking:
+            return "blocked", blocking
+        return ("wait" if unfinished else "ready"), []
 
     def launch(self) -> None:
         for spec in list(self.pending):
-            state = self._state(spec)
+            state, blocking = self._state(spec)
             if state == "wait" or (state == "ready" and len(self.pool.children) >= self.n):
                 continue
             self.pending.remove(spec)
             if state == "blocked":
-                blocked = [d for d in spec.after if not self.done(d)]
-                _log(f"skipping run {spec.name!r} (wave {self.wave[spec.name]}): dependencies not finished: {blocked}")
+                _log(f"skipping run {spec.name!r} (wave {self.wave[spec.name]}): dependencies not finished: {blocking}")
                 self.skipped.append(spec.name)
                 self.bar.update(1)
             elif state == "done":

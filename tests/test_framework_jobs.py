@@ -1,0 +1,241 @@
+"""`--jobs N`: runs of a figure side by side in child processes on their own cores, with the same results as
+one by one; the rule behind `--jobs auto`; the persistent compilation cache that cannot change numbers."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from forgetting.experiments import framework, jobs
+from forgetting.experiments.framework import RunSpec
+from forgetting.training import cli, compile_cache
+from forgetting.training.train_config import TrainConfig, replace
+
+FIGURE = Path(__file__).with_name("jobs_figure.py")
+WALL_CLOCK = {"train_seconds", "wall_time", "tokens_per_s", "run_dir"}
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+def test_parse_jobs():
+    assert jobs.parse_jobs("3") == 3 and jobs.parse_jobs("auto") == "auto"
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--jobs"):
+            jobs.parse_jobs(bad)
+
+
+def test_auto_jobs_rule():
+    # measured: two runs at once gain at d_model 8..32 on 2 cores (1.96x..1.27x); wider is not measured
+    assert jobs.auto_jobs(2, [8, 8, None])[0] == 2
+    assert jobs.auto_jobs(16, [32])[0] == 16
+    assert jobs.auto_jobs(2, [8, 64])[0] == 1, "one wide model: one run at a time"
+    assert jobs.auto_jobs(1, [8])[0] == 1, "one core"
+    assert jobs.auto_jobs(4, [None, None])[0] == 1, "no model width known"
+    n, why = jobs.auto_jobs(2, [8, 64])
+    assert "64" in why and str(jobs.AUTO_MAX_WIDTH) in why
+
+
+@pytest.mark.parametrize("cores,n", [(2, 1), (2, 2), (2, 3), (16, 3), (16, 16), (5, 2)])
+def test_core_shares_split_the_cores(cores, n):
+    shares = jobs.core_shares(list(range(cores)), n)
+    assert len(shares) == n and all(shares)
+    if n <= cores:
+        flat = [c for s in shares for c in s]
+        assert sorted(flat) == list(range(cores)), "disjoint and covering"
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    else:
+        assert all(len(s) == 1 for s in shares)
+
+
+def test_model_width():
+    assert jobs.model_width(replace(TrainConfig(), **{"model.d_model": 24})) == 24
+    assert jobs.model_width(object()) is None
+
+
+def test_child_command_of_stage_run_parses_back_to_its_config(tmp_path):
+    cfg = replace(TrainConfig(), **{"run.dir": str(tmp_path), "data.path": str(tmp_path / "d.bin"), "model.d_model": 24, "model.head_dim": 8,
+                                    "opt.peak_lr": 3e-3, "stop.num_tokens_train": 1000})
+    cmd = jobs.child_command(RunSpec("x", cfg, module="forgetting.stages.train"), ["python", "fig.py"])
+    assert cmd[:3] == [sys.executable, "-m", "forgetting.stages.train"]
+    assert cli.parse(TrainConfig, cmd[3:]) == cfg
+
+
+def test_child_command_of_fn_run_is_the_figure_with_only(tmp_path):
+    spec = RunSpec("data", {"x": 1}, fn=lambda c, d: {})
+    cmd = jobs.child_command(spec, ["python", "-m", "forgetting.experiments.toy_continual", "--out", "o"])
+    assert cmd == [sys.executable, "-m", "forgetting.experiments.toy_continual", "--out", "o", "--only", "data",
+                   "--jobs", "1", "--no_summary"]
+
+
+# ------------------------------------------------------------------------------------ the fake figure
+
+
+def _figure(out: Path, *flags: str, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FORGETTING_COMPILE_CACHE="off")
+    return subprocess.run([sys.executable, str(FIGURE), "--out", str(out), *flags], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+def _results(out: Path, **knobs) -> dict:
+    return {n: framework.read_result(d) for n, d in framework.locate(_runs(out, **knobs), out).items()}
+
+
+def test_jobs_2_runs_independent_runs_at_once_on_their_own_cores_and_dependents_after(tmp_path):
+    out = tmp_path / "o"
+    proc = _figure(out, "--jobs", "2", "--hold", "1.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = _results(out, hold=1.5)
+    assert r["a"]["start"] < r["b"]["end"] and r["b"]["start"] < r["a"]["end"], "a and b overlapped"
+    assert len({r[n]["pid"] for n in "abcd"}) == 4, "each run in its own process"
+    assert r["c"]["start"] >= max(r["a"]["end"], r["b"]["end"]) and r["d"]["start"] >= r["c"]["end"]
+    cores = jobs.available_cores()
+    if len(cores) >= 2:
+        assert not set(r["a"]["cores"]) & set(r["b"]["cores"]), "runs side by side share no core"
+        assert r["c"]["cores"] == cores, "a run alone gets every core"
+    assert (out / "logs" / "a.log").is_file() and "--only a" in (out / "logs" / "a.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["d"]["name"] == "d", "the parent summarized"
+    assert proc.stderr.count("summary_pid") == 1, "only the parent summarized (children: --no_summary)"
+
+
+def test_failed_run_is_reported_with_its_log_tail_and_its_dependents_skipped(tmp_path):
+    out = tmp_path / "o"
+    proc = _figure(out, "--jobs", "2", "--fail", "a", "--hold", "0.1")
+    assert proc.returncode == 1
+    assert f"run 'a' failed (exit status 1); last lines of {out / 'logs' / 'a.log'}" in proc.stderr
+    assert "RuntimeError: boom in a" in proc.stderr, "the tail of the run's log"
+    assert "skipping run 'c' (wave 1): dependencies not finished: ['a']" in proc.stderr
+    assert "skipping run 'd'" in proc.stderr and "failed runs: ['a']" in proc.stderr
+    r = _results(out, fail="a", hold=0.1)
+    assert r["b"]["name"] == "b" and r["c"] == {} and r["d"] == {}
+
+
+def test_sigterm_with_jobs_2_stops_both_children_with_checkpoints_and_prints_resume(tmp_path):
+    out = tmp_path / "o"
+    env = dict(os.environ, FORGETTING_COMPILE_CACHE="off")
+    proc = subprocess.Popen([sys.executable, str(FIGURE), "--out", str(out), "--jobs", "2", "--wait"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dirs = framework.locate(_runs(out, wait=True), out)
+    deadline = time.time() + 120
+    while not all((dirs[n] / "started").exists() for n in "ab"):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "runs a and b did not both start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert all((dirs[n] / "checkpoint").exists() for n in "ab"), "both children checkpointed"
+    assert not framework.is_done(dirs["a"]) and not dirs["c"].exists(), "nothing else started"
+    assert "stopped by SIGTERM: runs ['a', 'b'] saved a checkpoint" in err or \
+        "stopped by SIGTERM: runs ['b', 'a'] saved a checkpoint" in err
+    assert "failed" not in err
+    resume = err.split("Resume with:\n")[1].splitlines()[0]
+    assert resume.endswith(f"--out {out} --jobs 2 --wait")
+    for n in "ab":  # the children are gone
+        pid = int((dirs[n] / "started").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _runs(out: Path, **knobs) -> list[RunSpec]:
+    sys.path.insert(0, str(FIGURE.parent))
+    try:
+        import jobs_figure
+    finally:
+        sys.path.pop(0)
+    return jobs_figure.runs(jobs_figure.Knobs(**knobs), out)
+
+
+def test_jobs_with_slurm_is_refused(tmp_path, capsys):
+    from test_framework import fmain  # the fake figure of test_framework.py
+
+    with pytest.raises(SystemExit) as e:
+        fmain(["--out", str(tmp_path), "--slurm", str(tmp_path / "s"), "--jobs", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--jobs 2 with --slurm" in err and "--slurm_parallel" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_jobs_value_is_a_one_line_error(tmp_path, capsys):
+    from test_framework import fmain
+
+    with pytest.raises(SystemExit) as e:
+        fmain(["--out", str(tmp_path), "--jobs", "0"])
+    assert e.value.code == 2 and "--jobs must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ compile cache
+
+
+def test_compile_cache_location_and_off(monkeypatch, tmp_path):
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "c"))
+    assert compile_cache.location() == tmp_path / "c"
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.location() is None
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("FORGETTING_CACHE_DIR", str(tmp_path / "root"))
+    assert compile_cache.location() == tmp_path / "root" / "jax"
+
+
+def test_compile_cache_enable_sets_the_environment_children_inherit(monkeypatch, tmp_path):
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "c"))
+    for name in compile_cache.settings(tmp_path):
+        monkeypatch.delenv(name, raising=False)
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert compile_cache.enable() == tmp_path / "c"
+        assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+# ------------------------------------------------------------------------------------ real training
+
+TOY = ["--d_model", "16", "--head_dim", "8", "--n_layers", "1", "--first_steps", "8", "--steps", "4",
+       "--batch_size", "8", "--warmup_steps", "1", "--num_examples", "120", "--valid_examples", "8",
+       "--eval_every", "2", "--replay_buffer", "2"]
+
+
+def _toy(out: Path, cache: str, *flags: str) -> None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", FORGETTING_COMPILE_CACHE=cache)
+    for name in compile_cache.settings(out):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "forgetting.experiments.toy_continual", "--out", str(out), *TOY,
+                           *flags], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _per_run(out: Path) -> dict:
+    """{run name: (metrics lines, done.json)} without the wall-clock fields."""
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in WALL_CLOCK}
+
+    found = {}
+    for d in sorted(glob.glob(str(out / "*-*" / framework.DONE))):
+        run = Path(d).parent
+        found[run.name.rsplit("-", 1)[0]] = ([strip(m) for m in framework.read_metrics(run)], strip(framework.read_done(run)))
+    return found
+
+
+@pytest.mark.heavy
+def test_toy_figure_jobs_2_and_compile_cache_give_the_metrics_of_jobs_1_without_cache(tmp_path):
+    cache = tmp_path / "cache"
+    _toy(tmp_path / "one", "off", "--jobs", "1")
+    _toy(tmp_path / "cold", str(cache), "--jobs", "2")
+    assert list(cache.iterdir()), "the cache was written"
+    _toy(tmp_path / "warm", str(cache), "--jobs", "2")  # every run loads the compiled steps
+    one, cold, warm = (_per_run(tmp_path / n) for n in ("one", "cold", "warm"))
+    assert len(one) == 8 and sum(bool(m) for m, _ in one.values()) == 7, "7 train runs with metrics + data"
+    assert one == cold == warm
