@@ -42,6 +42,8 @@ Command line of every figure file (`--help` lists the knobs with their preset va
     --wave k             only runs of wave k
     --only NAME          only the named run(s) (comma-separated); `--list` uses it for in-process runs
     --plot_only          summarize and plot from existing run directories, run nothing
+    --jobs N|auto        up to N runs at once, each a child process on its own cores (experiments/jobs.py)
+    --no_summary         run the selected runs, then exit without summarizing or plotting
     --slurm DIR          write Slurm job arrays (one task per run, a wave per array, afterok between
                          waves) and DIR/submit.sh; --slurm_cpus/_mem/_gpus/_time/... set resources
 
