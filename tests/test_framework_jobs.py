@@ -177,13 +177,15 @@ def test_bad_jobs_value_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_compile_cache_location_and_off(monkeypatch, tmp_path):
+    key = compile_cache.machine_key()
+    assert len(key) == 12 and key == compile_cache.machine_key()
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "c"))
-    assert compile_cache.location() == tmp_path / "c"
+    assert compile_cache.location() == tmp_path / "c" / key
     monkeypatch.setenv(compile_cache.ENV, "off")
     assert compile_cache.location() is None
     monkeypatch.delenv(compile_cache.ENV)
     monkeypatch.setenv("FORGETTING_CACHE_DIR", str(tmp_path / "root"))
-    assert compile_cache.location() == tmp_path / "root" / "jax"
+    assert compile_cache.location() == tmp_path / "root" / "jax" / key
 
 
 def test_compile_cache_enable_sets_the_environment_children_inherit(monkeypatch, tmp_path):
@@ -194,9 +196,10 @@ def test_compile_cache_enable_sets_the_environment_children_inherit(monkeypatch,
 
     before = jax.config.jax_compilation_cache_dir
     try:
-        assert compile_cache.enable() == tmp_path / "c"
-        assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        where = tmp_path / "c" / compile_cache.machine_key()
+        assert compile_cache.enable() == where
+        assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(where) and where.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(where)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 
@@ -234,8 +237,18 @@ def test_toy_figure_jobs_2_and_compile_cache_give_the_metrics_of_jobs_1_without_
     cache = tmp_path / "cache"
     _toy(tmp_path / "one", "off", "--jobs", "1")
     _toy(tmp_path / "cold", str(cache), "--jobs", "2")
-    assert list(cache.iterdir()), "the cache was written"
+    assert list((cache / compile_cache.machine_key()).iterdir()), "the cache was written"
     _toy(tmp_path / "warm", str(cache), "--jobs", "2")  # every run loads the compiled steps
     one, cold, warm = (_per_run(tmp_path / n) for n in ("one", "cold", "warm"))
     assert len(one) == 8 and sum(bool(m) for m, _ in one.values()) == 7, "7 train runs with metrics + data"
     assert one == cold == warm
+
+
+def test_compile_cache_sets_no_size_limit_without_filelock(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    assert compile_cache.max_bytes() == (compile_cache.MAX_BYTES if real("filelock") else -1)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "filelock" else real(name, *a))
+    assert compile_cache.max_bytes() == -1, "JAX raises at the first compile when a limit is set without filelock"
+    assert compile_cache.settings(Path("/c"))["JAX_COMPILATION_CACHE_MAX_SIZE"] == "-1"

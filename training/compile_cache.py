@@ -6,7 +6,8 @@ loads them instead of compiling. JAX keys an entry by the whole lowered program,
 XLA flags, the backend and the jax/jaxlib versions, so a cached executable is the one a fresh compile would
 produce, and the numbers cannot change (tests/test_framework_jobs.py checks a run's metrics with and without).
 
-Location: `$FORGETTING_COMPILE_CACHE` if set, else `$FORGETTING_CACHE_DIR/jax`, else `~/.cache/forgetting/jax`.
+Location: `$FORGETTING_COMPILE_CACHE` if set, else `$FORGETTING_CACHE_DIR/jax`, else `~/.cache/forgetting/jax`,
+each with one subdirectory per processor (`machine_key`).
 `FORGETTING_COMPILE_CACHE=off` (or `0`, `false`, `none`) switches it off. `enable()` turns it on in this
 process (jax.config) and, through the environment (JAX_COMPILATION_CACHE_DIR etc., read when JAX is
 imported), in every process started from it: `--jobs` children and stage subprocesses. An explicit
@@ -15,6 +16,7 @@ JAX_COMPILATION_CACHE_DIR in the environment wins.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -26,15 +28,40 @@ MIN_COMPILE_SECS = 0.2
 MAX_BYTES = 2 * 1024**3  # JAX evicts the least recently used entries above this
 
 
+def machine_key() -> str:
+    """A short hash of the processor's model and instruction-set flags: XLA:CPU executables are built for the
+    host's features, so machines sharing a home directory keep their entries apart (XLA also refuses to load
+    an executable built for features the host lacks; this keeps them from evicting each other's)."""
+    import hashlib
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    seen = list(dict.fromkeys(wanted)) or [platform.processor(), platform.machine()]
+    return hashlib.sha256("\n".join(seen).encode()).hexdigest()[:12]
+
+
 def location() -> Path | None:
-    """The cache directory, or None when `$FORGETTING_COMPILE_CACHE` switches it off."""
+    """The cache directory (a per-processor subdirectory, see `machine_key`), or None when
+    `$FORGETTING_COMPILE_CACHE` switches it off."""
     value = os.environ.get(ENV, "").strip()
     if value.lower() in OFF:
         return None
     if value:
-        return Path(value).expanduser()
+        return Path(value).expanduser() / machine_key()
     root = os.environ.get("FORGETTING_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "forgetting")
-    return Path(root) / "jax"
+    return Path(root) / "jax" / machine_key()
+
+
+def max_bytes() -> int:
+    """`MAX_BYTES`, or -1 (no limit) without the `filelock` package: JAX needs it to evict (and then locks
+    every read and write; without it a read that meets a half-written entry is an error JAX warns about and
+    compiles instead)."""
+    import importlib.util
+
+    return MAX_BYTES if importlib.util.find_spec("filelock") is not None else -1
 
 
 def settings(path: Path) -> dict[str, str]:
@@ -43,7 +70,7 @@ def settings(path: Path) -> dict[str, str]:
         "JAX_COMPILATION_CACHE_DIR": str(path),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(MIN_COMPILE_SECS),
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "JAX_COMPILATION_CACHE_MAX_SIZE": str(MAX_BYTES),
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(max_bytes()),
     }
 
 
@@ -65,5 +92,5 @@ def enable() -> Path | None:
         jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+        jax.config.update("jax_compilation_cache_max_size", max_bytes())
     return path
