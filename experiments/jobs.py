@@ -242,6 +242,7 @@ class Scheduler:
         self.pool = Pool(out)
         self.failed: list[str] = []
         self.skipped: list[str] = []
+        self._shown = ""
 
     def done(self, name: str) -> bool:
         return self.fw.is_done(self.fw.run_dir(self.by_name[name], self.out))
@@ -272,7 +273,10 @@ class Scheduler:
                 self.bar.update(1)
             else:
                 self.pool.start(spec, child_command(spec, self.figure))
-        self.bar.set_postfix_str(", ".join(c.name for c in self.pool.children)[:80])
+        running = ", ".join(c.name for c in self.pool.children)[:80]
+        if running != self._shown:  # a refresh per change, not per poll (a log file would fill with bars)
+            self._shown = running
+            self.bar.set_postfix_str(running)
 
     def finished(self, ended: Sequence[tuple[Child, int]], stopping: bool) -> list[str]:
         """Books ended children; returns the names of those a stop request ended before they finished."""
