@@ -20,6 +20,7 @@ class Knobs:
     fail: str = ""  # name of a run that raises
     wait: bool = False  # runs a and b wait for a stop request, then save a 'checkpoint' and stop
     hold: float = 1.0  # seconds runs a and b take
+    linger: float = 0.0  # seconds a stopped run takes to save its checkpoint
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def work(cfg: Cfg, run_dir: Path) -> dict:
             while time.time() < deadline and stop.signum is None:
                 time.sleep(0.02)
             if stop.signum is not None:  # as the train stage does: checkpoint, then Interrupted
+                time.sleep(cfg.knobs.linger)  # a second signal here stops at once (KeyboardInterrupt)
                 (run_dir / "checkpoint").write_text("state")
                 raise stage_runs.Interrupted(f"{cfg.name} stopped", stop.exit_code)
     return {"name": cfg.name, "start": start, "end": time.time(), "pid": os.getpid(),

@@ -145,6 +145,39 @@ def test_sigterm_with_jobs_2_stops_both_children_with_checkpoints_and_prints_res
             os.kill(pid, 0)
 
 
+def test_second_sigterm_with_jobs_2_stops_the_children_at_once(tmp_path):
+    out = tmp_path / "o"
+    env = dict(os.environ, FORGETTING_COMPILE_CACHE="off")
+    proc = subprocess.Popen([sys.executable, str(FIGURE), "--out", str(out), "--jobs", "2", "--wait", "--linger", "30"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dirs = framework.locate(_runs(out, wait=True, linger=30.0), out)
+    deadline = time.time() + 120
+    while not all((dirs[n] / "started").exists() for n in "ab"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # the children got the first one and are 'saving' for 30 s
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.time() - t0 < 25, "did not wait for the 30 s checkpoints"
+    assert "stopped at once by a second SIGTERM" in err and "Resume with:" in err
+    assert not any((dirs[n] / "checkpoint").exists() for n in "ab"), "the checkpoints were abandoned"
+    for n in "ab":
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((dirs[n] / "started").read_text()), 0)
+
+
+def test_jobs_skips_a_run_whose_unselected_dependencies_are_unfinished(tmp_path):
+    out = tmp_path / "o"
+    proc = _figure(out, "--jobs", "2", "--only", "c,d")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping run 'c' (wave 1): dependencies not finished: ['a', 'b']" in proc.stderr
+    assert "skipping run 'd' (wave 2): dependencies not finished: ['c']" in proc.stderr
+    assert not (out / "logs").exists(), "nothing started"
+
+
 def _runs(out: Path, **knobs) -> list[RunSpec]:
     sys.path.insert(0, str(FIGURE.parent))
     try:
