@@ -490,8 +490,8 @@ def main(
     if args.shard is not None:
         selected = shard(selected, *args.shard)
 
+    _check_jobs_flags(args)
     if args.slurm is not None:
-        _refuse_jobs_with_slurm(args)
         return _write_slurm(args, knobs, runs, selected, out)
 
     if args.list:
@@ -545,11 +545,18 @@ def _add_jobs_flags(g: argparse._ArgumentGroup) -> None:
                    help="run the selected runs, then exit without summarizing or plotting")
 
 
-def _refuse_jobs_with_slurm(args: argparse.Namespace) -> None:
-    if args.jobs != 1:
+def _check_jobs_flags(args: argparse.Namespace) -> None:
+    """`--jobs` runs runs: refused where nothing runs here (rather than ignored)."""
+    if args.jobs == 1:
+        return
+    if args.slurm is not None:
         _log(f"error: --jobs {args.jobs} with --slurm: every run is its own Slurm task already; "
              "limit how many run at once with --slurm_parallel")
         raise SystemExit(2)
+    for flag in ("list", "plot_only"):
+        if getattr(args, flag):
+            _log(f"error: --jobs {args.jobs} with --{flag}: nothing runs; drop --jobs")
+            raise SystemExit(2)
 
 
 def _run_selected(args: argparse.Namespace, knobs: Any, runs: Callable, selected: list[list[RunSpec]],

@@ -198,6 +198,15 @@ def test_jobs_with_slurm_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("flag", ["--list", "--plot_only"])
+def test_jobs_where_nothing_runs_is_refused(flag, tmp_path, capsys):
+    from test_framework import fmain
+
+    with pytest.raises(SystemExit) as e:
+        fmain(["--out", str(tmp_path), flag, "--jobs", "auto"])
+    assert e.value.code == 2 and f"--jobs auto with {flag}: nothing runs" in capsys.readouterr().err
+
+
 def test_bad_jobs_value_is_a_one_line_error(tmp_path, capsys):
     from test_framework import fmain
 
