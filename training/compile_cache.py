@@ -12,6 +12,11 @@ each with one subdirectory per processor (`machine_key`).
 process (jax.config) and, through the environment (JAX_COMPILATION_CACHE_DIR etc., read when JAX is
 imported), in every process started from it: `--jobs` children and stage subprocesses. An explicit
 JAX_COMPILATION_CACHE_DIR in the environment wins.
+
+Known limit (jax 0.9-0.10, jax-ml/jax#38445, openxla/xla#44565): on some Intel CPUs (Cascade Lake) XLA's loader
+rejects every cached CPU executable (it takes the tuning flags +prefer-no-gather/-scatter for missing ISA
+features) and logs an error line per entry; runs then compile as without the cache, with the same numbers.
+Switch it off there. On the AMD EPYC this was measured on, entries load.
 """
 from __future__ import annotations
 
