@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -167,7 +168,7 @@ class Pool:
                 os.sched_setaffinity(0, share)
 
         with open(log, "a") as f:
-            f.write(f"$ {' '.join(command)}\n")
+            f.write(f"$ {shlex.join(command)}\n")  # the run's command, to rerun it by hand
             f.flush()
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True, preexec_fn=setup)
