@@ -35,13 +35,19 @@ PRESETS = {"mini": Knobs()}
 def work(cfg: Cfg, run_dir: Path) -> dict:
     from forgetting.training import runs as stage_runs, stopping
 
-    start = time.time()
+    start, met = time.time(), None
+    if cfg.name in ("a", "b"):
+        (run_dir / "started").write_text(str(os.getpid()))
     if cfg.knobs.fail == cfg.name:
         print(f"working on {cfg.name}", flush=True)
         raise RuntimeError(f"boom in {cfg.name}")
     if cfg.name in ("a", "b"):
         with stopping.StopRequests() as stop:
-            (run_dir / "started").write_text(str(os.getpid()))
+            other = "b" if cfg.name == "a" else "a"
+            met_by = time.time() + 300  # side by side, the other run starts meanwhile (a slow machine: slowly)
+            while not list(run_dir.parent.glob(f"{other}-*/started")) and time.time() < met_by:
+                time.sleep(0.02)
+            met = bool(list(run_dir.parent.glob(f"{other}-*/started")))
             deadline = time.time() + (600 if cfg.knobs.wait else cfg.knobs.hold)
             while time.time() < deadline and stop.signum is None:
                 time.sleep(0.02)
@@ -49,7 +55,7 @@ def work(cfg: Cfg, run_dir: Path) -> dict:
                 time.sleep(cfg.knobs.linger)  # a second signal here stops at once (KeyboardInterrupt)
                 (run_dir / "checkpoint").write_text("state")
                 raise stage_runs.Interrupted(f"{cfg.name} stopped", stop.exit_code)
-    return {"name": cfg.name, "start": start, "end": time.time(), "pid": os.getpid(),
+    return {"name": cfg.name, "met": met, "start": start, "end": time.time(), "pid": os.getpid(),
             "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []}
 
 
