@@ -149,20 +149,20 @@ def test_sigterm_with_jobs_2_stops_both_children_with_checkpoints_and_prints_res
 def test_second_sigterm_with_jobs_2_stops_the_children_at_once(tmp_path):
     out = tmp_path / "o"
     env = dict(os.environ, FORGETTING_COMPILE_CACHE="off")
-    proc = subprocess.Popen([sys.executable, str(FIGURE), "--out", str(out), "--jobs", "2", "--wait", "--linger", "30"],
+    proc = subprocess.Popen([sys.executable, str(FIGURE), "--out", str(out), "--jobs", "2", "--wait", "--linger", "120"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    dirs = framework.locate(_runs(out, wait=True, linger=30.0), out)
+    dirs = framework.locate(_runs(out, wait=True, linger=120.0), out)
     deadline = time.time() + 300
     while not all((dirs[n] / "started").exists() for n in "ab"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(1.0)  # the children got the first one and are 'saving' for 30 s
+    time.sleep(1.0)  # the children got the first one and are "saving" for 120 s
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-3000:]
-    assert time.time() - t0 < 25, "did not wait for the 30 s checkpoints"
+    assert time.time() - t0 < 90, "did not wait for the 120 s checkpoints"
     assert "stopped at once by a second SIGTERM" in err and "Resume with:" in err
     assert not any((dirs[n] / "checkpoint").exists() for n in "ab"), "the checkpoints were abandoned"
     for n in "ab":
