@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, stats
 from forgetting.experiments import model_size as MS
 from forgetting.experiments import pretrain_length as PL
 from forgetting.experiments.framework import RunSpec
@@ -71,7 +71,8 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
 
 
 def _slim(row: dict, keys: tuple[str, ...]) -> dict:
-    return {key: row.get(key) for key in keys}
+    """The row's `keys`, each with its interval over seeds (`<key>_ci95`) where it has one."""
+    return {k: row.get(k) for key in keys for k in (key, key + stats.CI_SUFFIX) if k == key or k in row}
 
 
 def summarize(k: Knobs, out: Path) -> dict:
@@ -81,7 +82,9 @@ def summarize(k: Knobs, out: Path) -> dict:
     return {"model_size": [_slim(r, ("d_model", "params", *common)) for r in size["rows"]],
             "pretrain_length": [_slim(r, ("tpp", "pretrain_tokens", *common)) for r in length["rows"]],
             "pretrain_target": size["pretrain_target"], "finetune_target_size": size["finetune_target"],
-            "d_model": length["d_model"], "finetune_target_length": length["finetune_target"]}
+            "d_model": length["d_model"], "finetune_target_length": length["finetune_target"],
+            "seeds": {"model_size": size["seeds_summarized"], "pretrain_length": length["seeds_summarized"]},
+            "interval": stats.INTERVAL}
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:

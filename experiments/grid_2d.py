@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 SETTINGS = ("none", "kl")
@@ -67,7 +67,7 @@ PRESETS = {
     # Cosine pretraining (the paper's): every TPP is a finished schedule, not a checkpoint of a longer run.
     "mini": Knobs(pretrain_lr_decay="cosine"),
     # The authors' experiments/2d_grid sweep (FineWeb-Edu -> Nemotron-CC-Math: pass their .bin files).
-    "paper": Knobs(widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
+    "paper": Knobs(seeds=1, widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
                    dtype="bfloat16",
                    extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
                    valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_lr_decay="cosine",
@@ -85,22 +85,27 @@ def fine_name(d: int, t: float, setting: str) -> str:
     return f"ft-d{d}-tpp{C.fmt(t)}-{setting}"
 
 
+def setting_finetunes(k, name, **kw) -> tuple[tuple[str, dict], ...]:
+    """The two finetunes of one checkpoint (2-D grid and learning rate): without regularization and with
+    `kl_pre` at `k.kl_coeff` on real replay; `name(setting)` each, `kw` for both."""
+    return tuple((name(s), {"method": "kl_pre" if s == "kl" else "none", "coeff": k.kl_coeff, "max_tokens": k.finetune_max_tokens,
+                            "target_loss": k.finetune_target, "replay_batch": k.replay_batch, **kw}) for s in SETTINGS)
+
+
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs: every (width, TPP) cell pretrained, then finetuned in both settings."""
+    return C.sweep(k, out, (C.Pretrain(pre_name(d, t), d, {"tokens_per_param": t},
+                                       setting_finetunes(k, lambda s, d=d, t=t: fine_name(d, t, s), lr=k.finetune_lr or None))
+                            for d in k.widths for t in k.tpps))
+
+
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
-    specs, paths, after = C.data_specs(k, out)
-    for d in k.widths:
-        for t in k.tpps:
-            pre = C.pretrain_config(k, out, paths, d, name=pre_name(d, t), tokens_per_param=t)
-            specs.append(RunSpec(pre_name(d, t), pre, module=C.TRAIN, after=after))
-            for s in SETTINGS:
-                fine = C.finetune_config(k, pre, paths, name=fine_name(d, t, s), max_tokens=k.finetune_max_tokens,
-                                         target_loss=k.finetune_target, method="kl_pre" if s == "kl" else "none",
-                                         coeff=k.kl_coeff, replay_batch=k.replay_batch, lr=k.finetune_lr or None)
-                specs.append(RunSpec(fine_name(d, t, s), fine, module=C.TRAIN, after=(pre_name(d, t),)))
-    return specs
+    return repeat.runs(runs_one, k, out)
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     delta = {s: [[None] * len(k.tpps) for _ in k.widths] for s in SETTINGS}
     mult = {s: [[None] * len(k.tpps) for _ in k.widths] for s in SETTINGS}
     rows = []
@@ -120,6 +125,10 @@ def summarize(k: Knobs, out: Path) -> dict:
                              "reached_target": C.reached(done, k.finetune_target)})
     return {"widths": list(k.widths), "tpps": list(k.tpps), "delta": delta, "multiplier": mult, "rows": rows,
             "finetune_target": k.finetune_target, "kl_coeff": k.kl_coeff}
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, k, out)
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 MODELS = ("over", "light")
@@ -87,7 +87,7 @@ class Knobs(C.LMKnobs):
 PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/model_capacity sweeps (pretrain.yaml, finetune.yaml, chinchilla_*).
-    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+    "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
                    batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.DEFAULT_EVAL_TOKENS,
                    pretrain_lr_decay="cosine", finetune_lr_decay="cosine",
@@ -125,7 +125,8 @@ def _fine_run_name(m: str, lr: float | None, c: float, k: Knobs) -> str:
     return fine_name(m, c, lr if (m == "light" and len(k.light_lrs) > 1) else None)
 
 
-def runs(k: Knobs, out: Path) -> list[RunSpec]:
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs (`k.seed`)."""
     specs, paths, after = C.data_specs(k, out)
     mix_cfgs = {}
     for f in k.mix_fracs:
@@ -168,8 +169,9 @@ def _losses(row: dict, k: Knobs) -> tuple[float | None, float | None]:
     return row.get(f"ntp/{old}"), row.get(f"ntp/{new}")
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     mixtures = []
     for f in k.mix_fracs:
         rows = framework.read_metrics(dirs[mix_name(f)])
@@ -198,6 +200,14 @@ def summarize(k: Knobs, out: Path) -> dict:
                                      "behind_frontier": C.behind_frontier(front, pts[-1][1], pts[-1][0])}
     return {"mixtures": mixtures, "frontier": [list(p) for p in front], "trajectories": traj, "endpoints": ends,
             "d_model": k.d_model, "over_tpp": k.over_tpp, "light_tpp": k.light_tpp}
+
+
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, k, out)
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, k, out)
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:

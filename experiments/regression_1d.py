@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 
@@ -33,6 +33,7 @@ class Knobs:
     """Knobs of the 1-D regression illustration."""
 
     seed: int = 0  # seed for the data, the initialization and the sampler noise
+    seeds: int = 3  # independent repetitions (seeds seed, seed+1, ...): mean and 95-percent t interval over them
     n_old: int = 40  # number of old points (x uniform over the old interval)
     n_new: int = 40  # number of new points (x uniform over the new interval)
     old_lo: float = -3.0  # old interval, lower end
@@ -60,7 +61,7 @@ class Knobs:
         "fit_lr": (framework.positive,), "finetune_steps": (framework.positive,),
         "finetune_lr": (framework.positive,), "replay_points": (framework.positive,),
         "sghmc_lr": (framework.positive,), "kl_coeff": (framework.nonnegative,),
-        "sghmc_temperature": (framework.nonnegative,), "seed": (framework.nonnegative,),
+        "sghmc_temperature": (framework.nonnegative,), "seed": (framework.nonnegative,), "seeds": (framework.positive,),
         "sghmc_friction": (framework.fraction,),
     }
 
@@ -73,7 +74,7 @@ class Knobs:
 
 PRESETS = {
     "mini": Knobs(),
-    "paper": Knobs(method="sghmc", samples=32, fit_steps=20000, finetune_steps=10000, kl_coeff=10.0),
+    "paper": Knobs(seeds=1, method="sghmc", samples=32, fit_steps=20000, finetune_steps=10000, kl_coeff=10.0),
 }
 
 
@@ -268,7 +269,8 @@ def run_phase(cfg: PhaseConfig, run_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------- figure
 
 
-def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+def runs_one(knobs: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs (`knobs.seed`)."""
     # Knobs a phase does not use are reset to their defaults, so that changing them (e.g. --kl_coeff)
     # does not change that phase's config hash and its finished run is reused.
     d = Knobs()
@@ -284,13 +286,22 @@ def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
     ]
 
 
-def summarize(knobs: Knobs, out: Path) -> dict:
-    r = {name: framework.read_result(d) for name, d in framework.locate(runs(knobs, out), out).items()}
+def summarize_one(knobs: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    r = {name: framework.read_result(d) for name, d in framework.locate(runs_one(knobs, out), out).items()}
     return {
         "old_rmse": {"before": r["fit_old"]["old_rmse"], "finetuned": r["finetuned"]["old_rmse"],
                      "kl": r["kl"]["old_rmse"]},
         "new_rmse": {"finetuned": r["finetuned"]["new_rmse"], "kl": r["kl"]["new_rmse"]},
     }
+
+
+def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, knobs, out)
+
+
+def summarize(knobs: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, knobs, out)
 
 
 def plot(knobs: Knobs, out: Path, summary: dict) -> None:

@@ -10,9 +10,9 @@ pretraining run too, so every seed is a full repetition) is repeated; a run that
 (the generated data) is shared. Seed 0's runs keep their names (and directories: a one-seed figure is
 exactly what it was); the others get the suffix `-s<seed>`.
 
-The summary is `stats.merge` of the per-seed summaries (mean and `<key>_ci95` = [low, high]), over the
-seeds with at least one finished run of their own, plus "seeds" (asked for), "seeds_summarized" (the seed
-values merged), "interval" ("95% t") and, with several seeds, "per_seed" (each seed's summary).
+The summary is `stats.merge` of the per-seed summaries (mean and `<key>_ci95` = {"low", "high"}), over
+the seeds with at least one finished run of their own, plus "seeds" (asked for), "seeds_summarized" (how
+many were merged), "interval" ("95% t") and, with several, "per_seed" ({seed value: its summary}).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def summarize(runs_one: RunsFn, summarize_one: SummarizeFn, knobs: Any, out: Pat
     finished = finished or [0]  # nothing finished yet: seed 0's (empty) summary
     per = [summarize_one(seed_knobs(knobs, i), out) for i in finished]
     summary = dict(stats.merge(per))
-    summary.update({"seeds": knobs.seeds, "seeds_summarized": [groups[i][0] for i in finished], "interval": stats.INTERVAL})
-    if len(per) > 1:
-        summary["per_seed"] = per
+    summary.update({"seeds": knobs.seeds, "seeds_summarized": len(finished), "interval": stats.INTERVAL})
+    if len(per) > 1:  # keyed by the seed value (dicts keep summary.csv possible)
+        summary["per_seed"] = {str(groups[i][0]): s for i, s in zip(finished, per)}
     return summary

@@ -109,7 +109,7 @@ def merge(summaries: Sequence[Any]) -> Any:
     """One summary from the per-seed summaries of a figure (same structure; seed order).
 
     Dicts merge key by key and lists of equal length element by element. A number becomes the mean over
-    the seeds that have one (None where none has); when they differ, `<key>_ci95` = [low, high] beside it
+    the seeds that have one (None where none has); when they differ, `<key>_ci95` = {"low", "high"} beside it
     (the 95% t interval over those seeds; a number equal in every seed, such as a knob or a fixed run
     length, gets none). A bool is True only if it is in every seed; any other value, or lists of different
     lengths, are kept when all seeds agree and become the list of per-seed values otherwise. One summary
@@ -120,7 +120,7 @@ def merge(summaries: Sequence[Any]) -> Any:
     return merged
 
 
-def _merge(vals: list[Any]) -> tuple[Any, list[float] | None]:
+def _merge(vals: list[Any]) -> tuple[Any, dict | None]:
     """(merged value, its interval or None)."""
     if all(isinstance(v, dict) for v in vals):
         out: dict = {}
@@ -142,12 +142,16 @@ def _merge(vals: list[Any]) -> tuple[Any, list[float] | None]:
             return None, None
         if len(set(xs)) == 1:  # a knob or a length every seed shares: kept exactly (an int stays an int)
             return next(v for v in vals if v is not None), None
-        return mean(xs), (list(t_interval(xs)) if len(xs) >= 2 else None)
+        if len(xs) < 2:
+            return xs[0], None
+        low, high = t_interval(xs)
+        return mean(xs), {"low": low, "high": high}
     return (vals[0] if all(v == vals[0] for v in vals) else list(vals)), None
 
 
-def error(value: float | None, ci: Sequence[float] | None) -> tuple[float, float]:
-    """(below, above) error-bar lengths of `value` from its interval (0, 0 without one) for matplotlib."""
+def error(row: dict, key: str) -> tuple[float, float]:
+    """(below, above) error-bar lengths of `row[key]` from its interval `row[key_ci95]` ((0, 0) without one)."""
+    value, ci = row.get(key), row.get(key + CI_SUFFIX)
     if value is None or not ci:
         return 0.0, 0.0
-    return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+    return max(0.0, value - ci["low"]), max(0.0, ci["high"] - value)
