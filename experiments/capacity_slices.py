@@ -102,8 +102,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         x = [r[x_key] for r in rows]
         pre, best = [r["pretrain_loss"] for r in rows], [r["best_old_loss"] for r in rows]
         ax.fill_between(x, pre, best, color="tab:red", alpha=0.2, lw=0, label="forgetting")
-        ax.plot(x, pre, "s--", color="gray", label="after pretraining")
-        ax.plot(x, best, "o-", color="tab:blue", label="after finetuning (best KL coeff)")
+        plotting.errorbar(ax, x, rows, "pretrain_loss", "s--", color="gray", label="after pretraining")
+        plotting.errorbar(ax, x, rows, "best_old_loss", "o-", color="tab:blue", label="after finetuning (best KL coeff)")
         missed = [(xx, r["best_old_loss"]) for xx, r in zip(x, rows) if not r["reached_target"]]
         if missed:
             ax.plot(*zip(*missed), "kx", ms=8, label="new-data target not reached")

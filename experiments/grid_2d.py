@@ -137,6 +137,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     from forgetting.experiments import plotting
 
     reached = {(r["d_model"], r["tpp"], r["setting"]) for r in summary["rows"] if r["reached_target"]}
+    cells = {(r["d_model"], r["tpp"], r["setting"]): r for r in summary["rows"]}
     fig, axes = plotting.subplots(2, 2, figsize=(10, 7.5))
     titles = {"none": "no regularization", "kl": f"KL (coeff {C.fmt(summary['kl_coeff'])})"}
     for r, (key, label, cmap) in enumerate((("delta", "Δ old-data loss (nats)", "magma_r"),
@@ -152,8 +153,11 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
             for (a, b), v in np.ndenumerate(grid):
                 if np.isfinite(v):
                     red, green, blue, _ = im.cmap(im.norm(v))
-                    star = "" if (summary["widths"][a], summary["tpps"][b], s) in reached else "*"
-                    ax.text(b, a, f"{v:.2f}{star}", ha="center", va="center", fontsize=7,
+                    cell = (summary["widths"][a], summary["tpps"][b], s)
+                    star = "" if cell in reached else "*"
+                    ci = cells.get(cell, {}).get(f"{key}_ci95")  # ± half of the 95% interval over seeds
+                    spread = f"\n±{(ci['high'] - ci['low']) / 2:.2f}" if ci else ""
+                    ax.text(b, a, f"{v:.2f}{star}{spread}", ha="center", va="center", fontsize=7,
                             color="k" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "w")
             ax.set_xticks(range(len(summary["tpps"])), [C.fmt(t) for t in summary["tpps"]], fontsize=8)
             ax.set_yticks(range(len(summary["widths"])), [str(d) for d in summary["widths"]], fontsize=8)
@@ -162,7 +166,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
             ax.set_title(f"{label}: {titles[s]}", fontsize=10)
             ax.grid(False)
             fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"finetuned to new-data loss {summary['finetune_target']} (*: target not reached within the cap)",
+    fig.suptitle(f"finetuned to new-data loss {summary['finetune_target']} (*: target not reached within the cap)"
+                 + plotting.seeds_note(summary).replace("bars", "±"),
                  fontsize=10)
     plotting.save(fig, Path(out) / "grid_2d")
 

@@ -160,7 +160,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     for key, lab, label in (("lowered_lr", "lr", "lowered LR, no replay"),
                             ("replay", "fraction", f"LR {C.fmt(summary['high_lr'])} + replaced fraction")):
         pts = [p for p in summary[key] if p["old_loss"] is not None and p["seconds"] is not None]
-        ax.plot([p["seconds"] for p in pts], [p["old_loss"] for p in pts], "o-", label=label)
+        plotting.errorbar(ax, [p["seconds"] for p in pts], pts, "old_loss", "o-", x_key="seconds", label=label)
         for p in pts:
             if key == "replay" and p["fraction"] == 0:
                 continue  # the same run as the lowered family's first point (plain finetuning at high_lr)

@@ -128,12 +128,12 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     for plr in k.pretrain_lrs:
         for ax, s in zip(axes[:2], SETTINGS):
             rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == s and r["old_loss"] is not None]
-            ax.plot([r["finetune_lr"] for r in rs], [r["old_loss"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
+            plotting.errorbar(ax, [r["finetune_lr"] for r in rs], rs, "old_loss", "o-", label=f"pretrain LR {C.fmt(plr)}")
             hit = [r for r in rs if not r["reached_target"]]
             ax.plot([r["finetune_lr"] for r in hit], [r["old_loss"] for r in hit], "kx", ms=8)
             ax.set_title("no regularization" if s == "none" else "KL", fontsize=10)
         rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == "none" and r["lr_x_steps"] is not None]
-        axes[2].plot([r["finetune_lr"] for r in rs], [r["lr_x_steps"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
+        plotting.errorbar(axes[2], [r["finetune_lr"] for r in rs], rs, "lr_x_steps", "o-", label=f"pretrain LR {C.fmt(plr)}")
     for ax in axes:
         plotting.log_ticks(ax, k.finetune_lrs, C.fmt)
         ax.set_xlabel("finetuning LR")
@@ -141,6 +141,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     axes[2].set_ylabel("LR × steps to target (no reg.)")
     axes[2].set_ylim(bottom=0)  # flat line = steps ∝ 1/LR
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"D={summary['d_model']}, finetuned to {summary['finetune_target']}" + plotting.seeds_note(summary),
+                 fontsize=10)
     plotting.save(fig, Path(out) / "learning_rate")
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework, repeat
+from forgetting.experiments import framework, repeat, stats
 from forgetting.experiments.framework import RunSpec
 from forgetting.stages import train
 from forgetting.training.train_config import TrainConfig, replace
@@ -216,12 +216,19 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
             continue
         color, ls = styles[m]
         ax.plot(x, y, color=color, ls=ls, marker="o", ms=3, lw=1.6, label=LABELS[m])
+        end = summary["methods"].get(m)
+        if end and f"old_after{stats.CI_SUFFIX}" in end:  # the end point's 95% interval over seeds
+            ax.errorbar(-end["new_after"], -end["old_after"], fmt="none", ecolor=color, capsize=3,
+                        xerr=[[e] for e in reversed(stats.error(end, "new_after"))],
+                        yerr=[[e] for e in reversed(stats.error(end, "old_after"))])
         start = start or (x[0], y[0])
     if start:
         ax.plot(*start, marker="*", ms=14, color="gold", mec="k", ls="none", label="pretrained", zorder=5)
     ax.set_xlabel("new-data log-likelihood (−NTP, nats)")
     ax.set_ylabel("old-data log-likelihood (−NTP, nats)")
-    ax.set_title("Finetuning methods: old vs new data")
+    n = summary.get("seeds_summarized", 1)
+    ax.set_title("Finetuning methods: old vs new data" + (f"\n(curves: seed {knobs.seed}; bars: mean end point, 95% t "
+                                                           f"interval over {n} seeds)" if n > 1 else ""), fontsize=10)
     ax.legend(loc="lower left")
     plotting.save(fig, Path(out) / "method_comparison")
 

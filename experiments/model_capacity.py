@@ -207,7 +207,11 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
 
 
 def summarize(k: Knobs, out: Path) -> dict:
-    return repeat.summarize(runs_one, summarize_one, k, out)
+    summary = repeat.summarize(runs_one, summarize_one, k, out)
+    # over seeds the frontier is that of the mean mixtures (each seed's own is in per_seed)
+    summary["frontier"] = [list(p) for p in C.pareto_frontier((m["new_loss"], m["old_loss"]) for m in summary["mixtures"]
+                                                              if m["old_loss"] is not None)]
+    return summary
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:
@@ -218,7 +222,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     fig, axes = plotting.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
     mix = [m for m in summary["mixtures"] if m["old_loss"] is not None]
     for ax, m in zip(axes, MODELS):
-        ax.scatter([p["new_loss"] for p in mix], [p["old_loss"] for p in mix], c="k", s=18, zorder=3, label="mixtures")
+        plotting.errorbar(ax, [p["new_loss"] for p in mix], mix, "old_loss", "o", x_key="new_loss", color="k", ms=4,
+                          zorder=3, label="mixtures")
         if summary["frontier"]:
             xs, ys = zip(*summary["frontier"])
             ax.plot(xs, ys, "k-", lw=1.2, label="Pareto frontier")
@@ -226,10 +231,15 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         coeffs = list(summary["trajectories"][m])
         for i, c in enumerate(coeffs):
             t = summary["trajectories"][m][c]
+            if t["new"] and isinstance(t["new"][0], list):  # seeds of different lengths: seed 0's curve
+                t = {"new": t["new"][0], "old": t["old"][0]}
             if t["new"]:
                 col = cmap(i / max(1, len(coeffs) - 1))
                 ax.plot(t["new"], t["old"], "-", color=col, lw=1, label=f"KL {c}")
                 ax.plot(t["new"][-1], t["old"][-1], "o", color=col, ms=4)
+                end = summary["endpoints"][m].get(c, {})
+                if "old_end_ci95" in end:  # the end point's 95% interval over seeds
+                    plotting.errorbar(ax, [end["new_end"]], [end], "old_end", "none", x_key="new_end", ecolor=col)
         tpp = summary["over_tpp"] if m == "over" else summary["light_tpp"]
         ax.set_title(f"{'overtrained' if m == 'over' else 'lightly trained'} ({C.fmt(tpp)} TPP), finetuned on new data",
                      fontsize=10)

@@ -147,8 +147,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     rows = [r for r in summary["rows"] if r["best_old_loss"] is not None]
     fig, axes = plotting.subplots(1, 2, figsize=(10, 3.8))
     x = [r["params"] for r in rows]
-    axes[0].plot(x, [r["best_old_loss"] for r in rows], "o-", label="best over KL coefficients")
-    axes[0].plot(x, [r["pretrain_loss"] for r in rows], "s--", color="gray", label="before finetuning")
+    plotting.errorbar(axes[0], x, rows, "best_old_loss", "o-", label="best over KL coefficients")
+    plotting.errorbar(axes[0], x, rows, "pretrain_loss", "s--", color="gray", label="before finetuning")
     # plain finetuning forgets by nats: keep the axis on the best runs and name the coefficients above it
     kept = [r["best_old_loss"] for r in rows] + [r["pretrain_loss"] for r in rows if r["pretrain_loss"] is not None]
     lo, hi = min(kept), max(kept)
@@ -161,7 +161,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         for xx, p in pts:
             axes[0].plot(xx, p["old_loss"], "." if p["reached"] else "x", color=line.get_color(), alpha=0.6)
     axes[0].set_ylabel("old-data loss after finetuning (nats)\n(x: new-data target not reached)")
-    axes[1].plot(x, [r["forgetting"] for r in rows], "o-")
+    plotting.errorbar(axes[1], x, rows, "forgetting", "o-")
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set_ylabel("forgetting: Δ old-data loss (nats)")
     labels = {r["params"]: f"D={r['d_model']}\n{r['params'] / 1000:.3g}K" for r in rows}
@@ -169,7 +169,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         plotting.log_ticks(ax, x, lambda v: labels[int(v)])
         ax.set_xlabel("parameters (12·L·D² + D·V)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"pretrained to {summary['pretrain_target']}, finetuned to {summary['finetune_target']} on new data")
+    fig.suptitle(f"pretrained to {summary['pretrain_target']}, finetuned to {summary['finetune_target']} on new data"
+                 + plotting.seeds_note(summary))
     plotting.save(fig, Path(out) / "model_size")
 
 

@@ -109,17 +109,18 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     rows = [r for r in summary["rows"] if r["best_old_loss"] is not None]
     x = [r["tpp"] for r in rows]
     fig, axes = plotting.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(x, [r["pretrain_loss"] for r in rows], "s--", color="gray", label="after pretraining")
-    axes[0].plot(x, [r["best_old_loss"] for r in rows], "o-", label="after finetuning (best KL coeff)")
+    plotting.errorbar(axes[0], x, rows, "pretrain_loss", "s--", color="gray", label="after pretraining")
+    plotting.errorbar(axes[0], x, rows, "best_old_loss", "o-", label="after finetuning (best KL coeff)")
     axes[0].set_ylabel("old-data loss (nats)")
     axes[0].legend(fontsize=8)
-    axes[1].plot(x, [r["forgetting"] for r in rows], "o-")
+    plotting.errorbar(axes[1], x, rows, "forgetting", "o-")
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set_ylabel("forgetting: Δ old-data loss (nats)")
     for ax in axes:
         plotting.log_ticks(ax, x, C.fmt)
         ax.set_xlabel("pretraining tokens per parameter")
-    fig.suptitle(f"D={summary['d_model']} ({summary['params']:,} params), finetuned to {summary['finetune_target']}")
+    fig.suptitle(f"D={summary['d_model']} ({summary['params']:,} params), finetuned to {summary['finetune_target']}"
+                 + plotting.seeds_note(summary))
     plotting.save(fig, Path(out) / "pretrain_length")
 
 

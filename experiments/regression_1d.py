@@ -324,9 +324,9 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
         ax.scatter(x_old, y_old, s=14, color="tab:blue", label="old points", zorder=3)
         if name != "fit_old":
             ax.scatter(x_new, y_new, s=14, color="tab:orange", label="new points", zorder=3)
-        text = f"old RMSE {summary['old_rmse'][key]:.3f}"
+        text = f"old RMSE {plotting.pm(summary['old_rmse'], key)}"  # ± half of the 95% interval over seeds
         if key in summary["new_rmse"]:
-            text += f"\nnew RMSE {summary['new_rmse'][key]:.3f}"
+            text += f"\nnew RMSE {plotting.pm(summary['new_rmse'], key)}"
         ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", fontsize=9)
         ax.set_title(title)
         ax.set_xlabel("x")

@@ -203,6 +203,13 @@ def summarize(knobs: Knobs, out: Path) -> dict:
     return repeat.summarize(runs_one, summarize_one, knobs, out)
 
 
+def _pct(v):
+    """A fraction, or its 95% interval, in percent."""
+    if v is None:
+        return None
+    return {k: 100 * x for k, x in v.items()} if isinstance(v, dict) else 100 * v
+
+
 def plot(knobs: Knobs, out: Path, summary: dict) -> None:
     from forgetting.experiments import plotting
 
@@ -218,7 +225,8 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
         for x, t in zip([0, *c["switches"]], TASKS):  # which task is being trained
             ax.text(x, 1.05, f" {t}", fontsize=8, color=colors[t], va="bottom", ha="left")
         final = summary.get(setting, {})
-        text = "final: " + ", ".join(f"{t} {100 * final[t]:.0f}%" for t in TASKS if final.get(t) is not None)
+        text = "final: " + ", ".join(f"{t} {plotting.pm({k: _pct(v) for k, v in final.items()}, t, '{:.0f}')}%"
+                                     for t in TASKS if final.get(t) is not None)
         ax.set_title(f"{titles[setting]}\n{text}", fontsize=10)
         ax.set_xlabel("step (tasks concatenated)")
         ax.set_ylim(-0.03, 1.12)

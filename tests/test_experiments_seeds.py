@@ -75,6 +75,7 @@ def _main(argv):
     return framework.main(MS.Knobs, MS.PRESETS, MS.runs, MS.summarize, MS.plot, argv=argv, progress=False)
 
 
+@pytest.mark.slow
 def test_two_seeds_summary_is_mean_and_t_interval_of_the_runs(tmp_path):
     out = tmp_path / "ms"
     summary = _main(["--out", str(out), "--seeds", "2", *TINY_SIZE])
@@ -108,3 +109,35 @@ def test_two_seeds_summary_is_mean_and_t_interval_of_the_runs(tmp_path):
     assert one["rows"][0]["best_old_loss"] == old[0] and one["rows"][0]["pretrain_loss"] == pre[0]
     assert "best_old_loss_ci95" not in one["rows"][0] and "per_seed" not in one
     assert math.isfinite(one["rows"][0]["forgetting"])
+
+
+PLOTTED = ("model_size", "pretrain_length", "grid_2d", "learning_rate", "high_lr", "model_capacity", "method_comparison",
+           "toy_continual", "capacity_slices")
+
+
+def _fake_finished(specs, out, rng):
+    """done.json and metrics.jsonl of a finished train run with random losses, for every train run."""
+    keys = ("valid_ntp", "prev_ntp", "ntp/old", "ntp/new", "acc/add", "acc/reversal", "acc/sort", "acc/modadd")
+    for s in specs:
+        if not s.module:
+            continue
+        d = framework.run_dir(s, out)
+        d.mkdir(parents=True, exist_ok=True)
+        rows = [{"step": step, "tokens": 1000 * step, "train_seconds": 1.0 + step, **{k: rng.uniform(0.2, 0.9) for k in keys}}
+                for step in (0, 5, 10)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "done.json").write_text(json.dumps({**rows[-1], "steps": 10, "stop_reason": "target_loss"}))
+
+
+@pytest.mark.parametrize("name", PLOTTED)
+def test_summary_and_plot_over_three_seeds_from_finished_runs(name, tmp_path, capsys):
+    import random
+
+    mod = importlib.import_module(f"forgetting.experiments.{name}")
+    _, k = framework.parse_args(mod.Knobs, mod.PRESETS, [])
+    _fake_finished(mod.runs(k, tmp_path), tmp_path, random.Random(0))
+    summary = framework.main(mod.Knobs, mod.PRESETS, mod.runs, mod.summarize, mod.plot,
+                             argv=["--out", str(tmp_path), "--plot_only"], progress=False)
+    text = json.dumps(summary)
+    assert '_ci95": {"low"' in text  # random per-seed losses: every measured number has an interval
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
