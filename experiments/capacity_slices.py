@@ -17,7 +17,8 @@ runs of those figures, give all three the same `--out`:
 
 Run alone it runs both sweeps. `--scale paper` combines the two paper presets (the authors' sweeps);
 `--old_path/--new_path` set the data of both. Knobs of either sweep: `--model_size.<knob>`,
-`--pretrain_length.<knob>`.
+`--pretrain_length.<knob>` (seeds too: `--model_size.seeds 3`; each sweep's summary is merged over its
+seeds and every number keeps its `<key>_ci95` 95% t interval).
 
 `summary.json`: {"model_size": [{d_model, params, pretrain_loss, best_old_loss, forgetting, reached_target}],
 "pretrain_length": [{tpp, pretrain_loss, best_old_loss, forgetting, reached_target}], ...}.

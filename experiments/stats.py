@@ -102,14 +102,14 @@ def t_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def merge(summaries: Sequence[Any]) -> Any:
     """One summary from the per-seed summaries of a figure (same structure; seed order).
 
     Dicts merge key by key and lists of equal length element by element. A number becomes the mean over
-    the seeds that have one (None where none has); when they differ, `<key>_ci95` = {"low", "high"} beside it
+    the seeds that have a finite one (None where none has); when they differ, `<key>_ci95` = {"low", "high"} beside it
     (the 95% t interval over those seeds; a number equal in every seed, such as a knob or a fixed run
     length, gets none). A bool is True only if it is in every seed; any other value, or lists of different
     lengths, are kept when all seeds agree and become the list of per-seed values otherwise. One summary
@@ -137,11 +137,11 @@ def _merge(vals: list[Any]) -> tuple[Any, dict | None]:
     if all(isinstance(v, bool) for v in vals):
         return all(vals), None
     if all(v is None or _is_number(v) for v in vals):
-        xs = [float(v) for v in vals if v is not None]
+        xs = [float(v) for v in vals if v is not None and math.isfinite(v)]  # NaN / inf: no value, like None
         if not xs:
             return None, None
         if len(set(xs)) == 1:  # a knob or a length every seed shares: kept exactly (an int stays an int)
-            return next(v for v in vals if v is not None), None
+            return next(v for v in vals if v is not None and math.isfinite(v)), None
         if len(xs) < 2:
             return xs[0], None
         low, high = t_interval(xs)

@@ -87,6 +87,7 @@ def test_merge_by_hand():
     assert row["miss"] == 4.0 and "miss_ci95" not in row  # mean over the seeds that have one
     assert m["name"] == "x" and m["curve"] == [[1, 2], [1, 2, 3], [5]]
     assert S.merge([per[0]]) is per[0]  # one seed: exactly its summary
+    assert S.merge([{"x": float("nan")}, {"x": 1.0}, {"x": 3.0}]) == {"x": 2.0, "x_ci95": S.merge([{"x": 1.0}, {"x": 3.0}])["x_ci95"]}
 
 
 def test_error_bars():
