@@ -269,26 +269,28 @@ def run_phase(cfg: PhaseConfig, run_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------- figure
 
 
-def runs_one(knobs: Knobs, out: Path) -> list[RunSpec]:
-    """One seed's runs (`knobs.seed`)."""
+def runs_one(knobs: Knobs, out: Path, name_suffix: str = "") -> list[RunSpec]:
+    """One seed's runs (`knobs.seed`), named with `name_suffix` (the finetunes hold the fit's directory,
+    which an in-process run names after the run: experiments/repeat.py)."""
     # Knobs a phase does not use are reset to their defaults, so that changing them (e.g. --kl_coeff)
     # does not change that phase's config hash and its finished run is reused.
     d = Knobs()
     fit_knobs = dataclasses.replace(knobs, finetune_steps=d.finetune_steps, finetune_lr=d.finetune_lr,
                                     kl_coeff=d.kl_coeff, replay_points=d.replay_points)
     ft_knobs = dataclasses.replace(knobs, kl_coeff=d.kl_coeff)  # the coefficient lives in PhaseConfig
-    fit = RunSpec("fit_old", PhaseConfig(fit_knobs, "fit"), fn=run_phase)
+    fit = RunSpec("fit_old" + name_suffix, PhaseConfig(fit_knobs, "fit"), fn=run_phase)
     load = str(framework.run_dir(fit, out))
     return [
         fit,
-        RunSpec("finetuned", PhaseConfig(ft_knobs, "finetune", 0.0, load), fn=run_phase, after=("fit_old",)),
-        RunSpec("kl", PhaseConfig(ft_knobs, "finetune", knobs.kl_coeff, load), fn=run_phase, after=("fit_old",)),
+        RunSpec("finetuned" + name_suffix, PhaseConfig(ft_knobs, "finetune", 0.0, load), fn=run_phase, after=(fit.name,)),
+        RunSpec("kl" + name_suffix, PhaseConfig(ft_knobs, "finetune", knobs.kl_coeff, load), fn=run_phase, after=(fit.name,)),
     ]
 
 
-def summarize_one(knobs: Knobs, out: Path) -> dict:
+def summarize_one(knobs: Knobs, out: Path, name_suffix: str = "") -> dict:
     """One seed's summary."""
-    r = {name: framework.read_result(d) for name, d in framework.locate(runs_one(knobs, out), out).items()}
+    dirs = framework.locate(runs_one(knobs, out, name_suffix), out)
+    r = {name.removesuffix(name_suffix) if name_suffix else name: framework.read_result(d) for name, d in dirs.items()}
     return {
         "old_rmse": {"before": r["fit_old"]["old_rmse"], "finetuned": r["finetuned"]["old_rmse"],
                      "kl": r["kl"]["old_rmse"]},

@@ -69,6 +69,11 @@ def test_regression_1d_seeds_vary_its_seed_only(tmp_path):
     assert set(specs) == {f"{n}{sfx}" for n in ("fit_old", "finetuned", "kl") for sfx in ("", "-s1", "-s2")}
     diff = _differences(specs["fit_old"].config, specs["fit_old-s2"].config)
     assert diff == {"knobs.seed": (0, 2)}
+    # every seed's finetunes load that seed's own fit (an in-process run's directory follows its name)
+    for sfx in ("", "-s1", "-s2"):
+        for n in ("finetuned", "kl"):
+            assert specs[n + sfx].config.load_path == str(framework.run_dir(specs["fit_old" + sfx], tmp_path))
+            assert specs[n + sfx].after == ("fit_old" + sfx,)
 
 
 def _main(argv):
