@@ -17,7 +17,8 @@ runs of those figures, give all three the same `--out`:
 
 Run alone it runs both sweeps. `--scale paper` combines the two paper presets (the authors' sweeps);
 `--old_path/--new_path` set the data of both. Knobs of either sweep: `--model_size.<knob>`,
-`--pretrain_length.<knob>`.
+`--pretrain_length.<knob>` (seeds too: `--model_size.seeds 3`; each sweep's summary is merged over its
+seeds and every number keeps its `<key>_ci95` 95% t interval).
 
 `summary.json`: {"model_size": [{d_model, params, pretrain_loss, best_old_loss, forgetting, reached_target}],
 "pretrain_length": [{tpp, pretrain_loss, best_old_loss, forgetting, reached_target}], ...}.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, stats
 from forgetting.experiments import model_size as MS
 from forgetting.experiments import pretrain_length as PL
 from forgetting.experiments.framework import RunSpec
@@ -71,7 +72,8 @@ def runs(k: Knobs, out: Path) -> list[RunSpec]:
 
 
 def _slim(row: dict, keys: tuple[str, ...]) -> dict:
-    return {key: row.get(key) for key in keys}
+    """The row's `keys`, each with its interval over seeds (`<key>_ci95`) where it has one."""
+    return {k: row.get(k) for key in keys for k in (key, key + stats.CI_SUFFIX) if k == key or k in row}
 
 
 def summarize(k: Knobs, out: Path) -> dict:
@@ -81,7 +83,9 @@ def summarize(k: Knobs, out: Path) -> dict:
     return {"model_size": [_slim(r, ("d_model", "params", *common)) for r in size["rows"]],
             "pretrain_length": [_slim(r, ("tpp", "pretrain_tokens", *common)) for r in length["rows"]],
             "pretrain_target": size["pretrain_target"], "finetune_target_size": size["finetune_target"],
-            "d_model": length["d_model"], "finetune_target_length": length["finetune_target"]}
+            "d_model": length["d_model"], "finetune_target_length": length["finetune_target"],
+            "seeds": {"model_size": size["seeds_summarized"], "pretrain_length": length["seeds_summarized"]},
+            "interval": stats.INTERVAL}
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:
@@ -99,8 +103,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         x = [r[x_key] for r in rows]
         pre, best = [r["pretrain_loss"] for r in rows], [r["best_old_loss"] for r in rows]
         ax.fill_between(x, pre, best, color="tab:red", alpha=0.2, lw=0, label="forgetting")
-        ax.plot(x, pre, "s--", color="gray", label="after pretraining")
-        ax.plot(x, best, "o-", color="tab:blue", label="after finetuning (best KL coeff)")
+        plotting.errorbar(ax, x, rows, "pretrain_loss", "s--", color="gray", label="after pretraining")
+        plotting.errorbar(ax, x, rows, "best_old_loss", "o-", color="tab:blue", label="after finetuning (best KL coeff)")
         missed = [(xx, r["best_old_loss"]) for xx, r in zip(x, rows) if not r["reached_target"]]
         if missed:
             ax.plot(*zip(*missed), "kx", ms=8, label="new-data target not reached")

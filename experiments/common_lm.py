@@ -63,11 +63,12 @@ class LMKnobs:
     pretrain_lr_decay: str = "none"  # pretraining LR schedule after warm-up: none (constant) | cosine
     finetune_lr_decay: str = "none"  # finetuning LR schedule after warm-up: none | cosine (needs a run length)
     extra_evals: bool = True  # also evaluate both datasets at every eval as ntp/<stem> (model_capacity reads them)
-    seed: int = 0  # training seed (init, batch order, replay sampling)
+    seed: int = 0  # first training seed (init, batch order, replay sampling)
+    seeds: int = 3  # independent repetitions (seeds seed, seed+1, ...; each repeats pretraining too): mean and 95-percent t interval
 
     CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
         **{k: (framework.positive,) for k in ("vocab_size", "data_tokens", "support", "n_layers", "head_dim",
-                                             "batch_size", "lr", "valid_tokens", "evals")},
+                                             "batch_size", "lr", "valid_tokens", "evals", "seeds")},
         "seq_len": (framework.at_least(2),), "share": (framework.fraction,), "dtype": (framework.one_of("auto", "float32", "bfloat16"),),
         **{k: (framework.nonnegative,) for k in ("warmup_steps", "weight_decay", "pretrain_eval_tokens",
                                                 "finetune_eval_tokens", "seed", "data_seed")},
@@ -116,7 +117,8 @@ def make_data(cfg: SyntheticData, run_dir: Path) -> dict:
 
 
 def data_specs(k: LMKnobs, out: Path) -> tuple[list[RunSpec], dict[str, str], tuple[str, ...]]:
-    """(runs to add, {"old": path, "new": path}, `after` for runs that read the data)."""
+    """(runs to add, {"old": path, "new": path}, `after` for runs that read the data). `k`: any knobs with
+    LMKnobs' data fields (old_path, new_path, vocab_size, data_tokens, seq_len, share, support, data_seed)."""
     if k.old_path or k.new_path:
         if not (k.old_path and k.new_path):
             raise ValueError("give both --old_path and --new_path (or neither, for synthetic languages)")
@@ -246,6 +248,36 @@ def finetune_config(k: LMKnobs, pre: TrainConfig, paths: dict[str, str], *, name
     elif method == "replace":
         ch.update({"reg.coeff": float(coeff), "reg.path": paths[OLD]})
     return replace(pre, **ch)
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """One pretraining run of a pretrain→finetune sweep and the finetunes that start from it.
+
+    `length`: `pretrain_config`'s keywords (tokens_per_param, max_tokens, target_loss, lr, ...);
+    `finetunes`: (run name, `finetune_config` keywords) for each finetune of this checkpoint."""
+
+    name: str
+    d_model: int
+    length: dict
+    finetunes: tuple[tuple[str, dict], ...]
+
+
+def sweep(k: LMKnobs, out: Path, pretrains: Iterable[Pretrain]) -> list[RunSpec]:
+    """The runs of a pretrain→finetune sweep (model size, pretraining length, 2-D grid, learning rate): the
+    data run (synthetic data), then every pretraining run and after it its finetunes."""
+    specs, paths, after = data_specs(k, out)
+    for p in pretrains:
+        pre = pretrain_config(k, out, paths, p.d_model, name=p.name, **p.length)
+        specs.append(RunSpec(p.name, pre, module=TRAIN, after=after))
+        for name, kw in p.finetunes:
+            specs.append(RunSpec(name, finetune_config(k, pre, paths, name=name, **kw), module=TRAIN, after=(p.name,)))
+    return specs
+
+
+def kl_or_plain(coeff: float, **kw) -> dict:
+    """`finetune_config` keywords of a finetune with the KL penalty on real replay at `coeff` (0: none)."""
+    return {"method": "kl_pre" if coeff > 0 else "none", "coeff": coeff, **kw}
 
 
 def fmt(x: float) -> str:

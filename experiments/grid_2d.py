@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 SETTINGS = ("none", "kl")
@@ -67,7 +67,7 @@ PRESETS = {
     # Cosine pretraining (the paper's): every TPP is a finished schedule, not a checkpoint of a longer run.
     "mini": Knobs(pretrain_lr_decay="cosine"),
     # The authors' experiments/2d_grid sweep (FineWeb-Edu -> Nemotron-CC-Math: pass their .bin files).
-    "paper": Knobs(widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
+    "paper": Knobs(seeds=1, widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
                    dtype="bfloat16",
                    extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
                    valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_lr_decay="cosine",
@@ -85,22 +85,27 @@ def fine_name(d: int, t: float, setting: str) -> str:
     return f"ft-d{d}-tpp{C.fmt(t)}-{setting}"
 
 
+def setting_finetunes(k, name, **kw) -> tuple[tuple[str, dict], ...]:
+    """The two finetunes of one checkpoint (2-D grid and learning rate): without regularization and with
+    `kl_pre` at `k.kl_coeff` on real replay; `name(setting)` each, `kw` for both."""
+    return tuple((name(s), {"method": "kl_pre" if s == "kl" else "none", "coeff": k.kl_coeff, "max_tokens": k.finetune_max_tokens,
+                            "target_loss": k.finetune_target, "replay_batch": k.replay_batch, **kw}) for s in SETTINGS)
+
+
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs: every (width, TPP) cell pretrained, then finetuned in both settings."""
+    return C.sweep(k, out, (C.Pretrain(pre_name(d, t), d, {"tokens_per_param": t},
+                                       setting_finetunes(k, lambda s, d=d, t=t: fine_name(d, t, s), lr=k.finetune_lr or None))
+                            for d in k.widths for t in k.tpps))
+
+
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
-    specs, paths, after = C.data_specs(k, out)
-    for d in k.widths:
-        for t in k.tpps:
-            pre = C.pretrain_config(k, out, paths, d, name=pre_name(d, t), tokens_per_param=t)
-            specs.append(RunSpec(pre_name(d, t), pre, module=C.TRAIN, after=after))
-            for s in SETTINGS:
-                fine = C.finetune_config(k, pre, paths, name=fine_name(d, t, s), max_tokens=k.finetune_max_tokens,
-                                         target_loss=k.finetune_target, method="kl_pre" if s == "kl" else "none",
-                                         coeff=k.kl_coeff, replay_batch=k.replay_batch, lr=k.finetune_lr or None)
-                specs.append(RunSpec(fine_name(d, t, s), fine, module=C.TRAIN, after=(pre_name(d, t),)))
-    return specs
+    return repeat.runs(runs_one, k, out)
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     delta = {s: [[None] * len(k.tpps) for _ in k.widths] for s in SETTINGS}
     mult = {s: [[None] * len(k.tpps) for _ in k.widths] for s in SETTINGS}
     rows = []
@@ -122,12 +127,17 @@ def summarize(k: Knobs, out: Path) -> dict:
             "finetune_target": k.finetune_target, "kl_coeff": k.kl_coeff}
 
 
+def summarize(k: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, k, out)
+
+
 def plot(k: Knobs, out: Path, summary: dict) -> None:
     import numpy as np
 
     from forgetting.experiments import plotting
 
     reached = {(r["d_model"], r["tpp"], r["setting"]) for r in summary["rows"] if r["reached_target"]}
+    cells = {(r["d_model"], r["tpp"], r["setting"]): r for r in summary["rows"]}
     fig, axes = plotting.subplots(2, 2, figsize=(10, 7.5))
     titles = {"none": "no regularization", "kl": f"KL (coeff {C.fmt(summary['kl_coeff'])})"}
     for r, (key, label, cmap) in enumerate((("delta", "Δ old-data loss (nats)", "magma_r"),
@@ -143,8 +153,11 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
             for (a, b), v in np.ndenumerate(grid):
                 if np.isfinite(v):
                     red, green, blue, _ = im.cmap(im.norm(v))
-                    star = "" if (summary["widths"][a], summary["tpps"][b], s) in reached else "*"
-                    ax.text(b, a, f"{v:.2f}{star}", ha="center", va="center", fontsize=7,
+                    cell = (summary["widths"][a], summary["tpps"][b], s)
+                    star = "" if cell in reached else "*"
+                    ci = cells.get(cell, {}).get(f"{key}_ci95")  # ± half of the 95% interval over seeds
+                    spread = f"\n±{(ci['high'] - ci['low']) / 2:.2f}" if ci else ""
+                    ax.text(b, a, f"{v:.2f}{star}{spread}", ha="center", va="center", fontsize=7,
                             color="k" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "w")
             ax.set_xticks(range(len(summary["tpps"])), [C.fmt(t) for t in summary["tpps"]], fontsize=8)
             ax.set_yticks(range(len(summary["widths"])), [str(d) for d in summary["widths"]], fontsize=8)
@@ -153,7 +166,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
             ax.set_title(f"{label}: {titles[s]}", fontsize=10)
             ax.grid(False)
             fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"finetuned to new-data loss {summary['finetune_target']} (*: target not reached within the cap)",
+    fig.suptitle(f"finetuned to new-data loss {summary['finetune_target']} (*: target not reached within the cap)"
+                 + plotting.seeds_note(summary).replace("bars", "±"),
                  fontsize=10)
     plotting.save(fig, Path(out) / "grid_2d")
 

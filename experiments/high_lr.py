@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 
@@ -67,7 +67,7 @@ _PAPER_LRS = (1e-7, 1.78e-7, 3.16e-7, 5.62e-7, 1e-6, 1.78e-6, 3.16e-6, 5.62e-6, 
 PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/high_lr sweeps (lr.yaml and rep.yaml; 1/256 is run twice, as theirs).
-    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+    "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
                    extra_evals=False,
                    batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
@@ -95,7 +95,8 @@ def frac_names(fracs: tuple[float, ...]) -> list[str]:
     return names
 
 
-def runs(k: Knobs, out: Path) -> list[RunSpec]:
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs (`k.seed`)."""
     specs, paths, after = C.data_specs(k, out)
     pre = C.pretrain_config(k, out, paths, k.d_model, name="pretrain", tokens_per_param=k.pretrain_tpp)
     dep: tuple[str, ...] = ()
@@ -132,8 +133,9 @@ def family_points(rows: list[dict]) -> list[tuple[float, float]]:
     return [(r["seconds"], r["old_loss"]) for r in pool]
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     low = [{"lr": lr, **_point(C.final(dirs[lr_name(lr)]), k.finetune_target)} for lr in k.lowered_lrs]
     rep = [{"fraction": f, **_point(C.final(dirs[name if f > 0 else lr_name(k.high_lr)]), k.finetune_target)}
            for f, name in zip(k.replace_fracs, frac_names(k.replace_fracs))]
@@ -143,6 +145,14 @@ def summarize(k: Knobs, out: Path) -> dict:
             "high_lr": k.high_lr, "finetune_target": k.finetune_target}
 
 
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, k, out)
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, k, out)
+
+
 def plot(k: Knobs, out: Path, summary: dict) -> None:
     from forgetting.experiments import plotting
 
@@ -150,7 +160,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     for key, lab, label in (("lowered_lr", "lr", "lowered LR, no replay"),
                             ("replay", "fraction", f"LR {C.fmt(summary['high_lr'])} + replaced fraction")):
         pts = [p for p in summary[key] if p["old_loss"] is not None and p["seconds"] is not None]
-        ax.plot([p["seconds"] for p in pts], [p["old_loss"] for p in pts], "o-", label=label)
+        plotting.errorbar(ax, [p["seconds"] for p in pts], pts, "old_loss", "o-", x_key="seconds", label=label)
         for p in pts:
             if key == "replay" and p["fraction"] == 0:
                 continue  # the same run as the lowered family's first point (plain finetuning at high_lr)

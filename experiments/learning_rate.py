@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
+from forgetting.experiments import grid_2d as G
 from forgetting.experiments.framework import RunSpec
 
-SETTINGS = ("none", "kl")
+SETTINGS = G.SETTINGS
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Knobs(C.LMKnobs):
 PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/learning_rate sweep: every pretraining LR to their loss 3.2, finetuning to 3.2.
-    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+    "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
                    extra_evals=False,
                    batch_size=256, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_eval_tokens=C.TARGET_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
@@ -83,24 +84,23 @@ def fine_name(plr: float, flr: float, s: str) -> str:
     return f"ft-plr{C.fmt(plr)}-flr{C.fmt(flr)}-{s}"
 
 
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs: a pretraining per LR, each finetuned at every finetuning LR in both settings."""
+    length = ({"max_tokens": k.pretrain_max_tokens, "target_loss": k.pretrain_target} if k.pretrain_target
+              else {"tokens_per_param": k.pretrain_tpp})
+    return C.sweep(k, out, (C.Pretrain(pre_name(plr), k.d_model, {**length, "lr": plr},
+                                       tuple(f for flr in k.finetune_lrs for f in G.setting_finetunes(
+                                           k, lambda s, plr=plr, flr=flr: fine_name(plr, flr, s), lr=flr, evals=2 * k.evals)))
+                            for plr in k.pretrain_lrs))
+
+
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
-    specs, paths, after = C.data_specs(k, out)
-    for plr in k.pretrain_lrs:
-        length = ({"max_tokens": k.pretrain_max_tokens, "target_loss": k.pretrain_target} if k.pretrain_target
-                  else {"tokens_per_param": k.pretrain_tpp})
-        pre = C.pretrain_config(k, out, paths, k.d_model, name=pre_name(plr), lr=plr, **length)
-        specs.append(RunSpec(pre_name(plr), pre, module=C.TRAIN, after=after))
-        for flr in k.finetune_lrs:
-            for s in SETTINGS:
-                fine = C.finetune_config(k, pre, paths, name=fine_name(plr, flr, s), max_tokens=k.finetune_max_tokens,
-                                         target_loss=k.finetune_target, method="kl_pre" if s == "kl" else "none",
-                                         coeff=k.kl_coeff, lr=flr, replay_batch=k.replay_batch, evals=2 * k.evals)
-                specs.append(RunSpec(fine_name(plr, flr, s), fine, module=C.TRAIN, after=(pre_name(plr),)))
-    return specs
+    return repeat.runs(runs_one, k, out)
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     rows = []
     for plr in k.pretrain_lrs:
         pre_loss = C.final(dirs[pre_name(plr)]).get("valid_ntp")
@@ -116,6 +116,10 @@ def summarize(k: Knobs, out: Path) -> dict:
     return {"rows": rows, "d_model": k.d_model, "pretrain_tpp": k.pretrain_tpp, "finetune_target": k.finetune_target}
 
 
+def summarize(k: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, k, out)
+
+
 def plot(k: Knobs, out: Path, summary: dict) -> None:
     from forgetting.experiments import plotting
 
@@ -124,12 +128,12 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     for plr in k.pretrain_lrs:
         for ax, s in zip(axes[:2], SETTINGS):
             rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == s and r["old_loss"] is not None]
-            ax.plot([r["finetune_lr"] for r in rs], [r["old_loss"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
+            plotting.errorbar(ax, [r["finetune_lr"] for r in rs], rs, "old_loss", "o-", label=f"pretrain LR {C.fmt(plr)}")
             hit = [r for r in rs if not r["reached_target"]]
             ax.plot([r["finetune_lr"] for r in hit], [r["old_loss"] for r in hit], "kx", ms=8)
             ax.set_title("no regularization" if s == "none" else "KL", fontsize=10)
         rs = [r for r in rows if r["pretrain_lr"] == plr and r["setting"] == "none" and r["lr_x_steps"] is not None]
-        axes[2].plot([r["finetune_lr"] for r in rs], [r["lr_x_steps"] for r in rs], "o-", label=f"pretrain LR {C.fmt(plr)}")
+        plotting.errorbar(axes[2], [r["finetune_lr"] for r in rs], rs, "lr_x_steps", "o-", label=f"pretrain LR {C.fmt(plr)}")
     for ax in axes:
         plotting.log_ticks(ax, k.finetune_lrs, C.fmt)
         ax.set_xlabel("finetuning LR")
@@ -137,6 +141,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     axes[2].set_ylabel("LR × steps to target (no reg.)")
     axes[2].set_ylim(bottom=0)  # flat line = steps ∝ 1/LR
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"D={summary['d_model']}, finetuned to {summary['finetune_target']}" + plotting.seeds_note(summary),
+                 fontsize=10)
     plotting.save(fig, Path(out) / "learning_rate")
 
 

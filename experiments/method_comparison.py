@@ -9,7 +9,8 @@ method, starting at the pretrained model. Paper (205M model, FineWeb-Edu → Nem
 loses ≈0.11 nats of old log-likelihood, LoRA ≈0.14 (and learns less), all four replay variants ≈0.002–0.005.
 
 Default data (mini): two related offline synthetic Markov languages (language 0 → language 1, sharing a
-fraction `share` of their transition rows), generated in-process. Any two tokenized `.bin` files work
+fraction `share` of their transition rows), generated in-process by the same data run as the other LM
+figures (`common_lm.data_specs`: `data_tokens` per language, `support`, `data_seed`). Any two tokenized `.bin` files work
 instead: `--old_path old.bin --new_path new.bin` (made by `python -m forgetting.stages.tokenize`, same
 tokenizer; the `paper` preset expects C4-en/es or FineWeb-Edu/Nemotron-CC-Math files you provide, e.g.
 `--scale paper --old_path fineweb.bin --new_path math.bin`).
@@ -35,7 +36,8 @@ from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from forgetting.experiments import framework
+from forgetting.experiments import common_lm as C
+from forgetting.experiments import framework, repeat, stats
 from forgetting.experiments.framework import RunSpec
 from forgetting.stages import train
 from forgetting.training.train_config import TrainConfig, replace
@@ -53,8 +55,9 @@ class Knobs:
     new_path: str = ""  # new (finetuning) data .bin; empty = generate synthetic language 1
     vocab_size: int = 256  # synthetic languages: vocabulary
     share: float = 0.5  # synthetic languages: fraction of transition rows language 1 shares with language 0
-    old_tokens: int = 2_000_000  # synthetic: tokens of language 0
-    new_tokens: int = 1_000_000  # synthetic: tokens of language 1
+    data_tokens: int = 2_000_000  # synthetic: tokens generated per language
+    support: int = 8  # synthetic: successors per state
+    data_seed: int = 0  # synthetic: seed of the language family and its samples
     seq_len: int = 128  # sequence length T
     d_model: int = 128  # model width D
     n_layers: int = 2  # transformer blocks L
@@ -80,10 +83,11 @@ class Knobs:
     early_stop_evals: int = 0  # >0: finetunes stop once more than this many evals bring no new best valid loss
     methods: str = ",".join(METHODS)  # comma-separated subset of the methods to run
     seed: int = 0  # training seed
+    seeds: int = 3  # independent repetitions (seeds seed, seed+1, ...): mean and 95-percent t interval over them
 
     CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
-        "vocab_size": (framework.positive,), "old_tokens": (framework.positive,),
-        "new_tokens": (framework.positive,), "d_model": (framework.positive,), "n_layers": (framework.positive,),
+        "vocab_size": (framework.positive,), "data_tokens": (framework.positive,),
+        "support": (framework.positive,), "data_seed": (framework.nonnegative,), "d_model": (framework.positive,), "n_layers": (framework.positive,),
         "head_dim": (framework.positive,), "batch_size": (framework.positive,),
         "pretrain_steps": (framework.nonnegative,), "pretrain_lr": (framework.positive,),
         "finetune_lr": (framework.positive,), "lora_lr": (framework.positive,), "lora_rank": (framework.positive,),
@@ -92,7 +96,7 @@ class Knobs:
         "finetune_steps": (framework.nonnegative,), "warmup_steps": (framework.nonnegative,),
         "kl_coeff": (framework.nonnegative,), "ntp_coeff": (framework.nonnegative,),
         "eval_every_tokens": (framework.nonnegative,), "pretrain_epochs": (framework.nonnegative,),
-        "early_stop_evals": (framework.nonnegative,), "seed": (framework.nonnegative,),
+        "early_stop_evals": (framework.nonnegative,), "seed": (framework.nonnegative,), "seeds": (framework.positive,),
         "share": (framework.fraction,),
         "seq_len": (framework.at_least(2),), "dtype": (framework.one_of("float32", "bfloat16"),),
         "pretrain_lr_decay": (framework.one_of("none", "cosine"),),
@@ -120,7 +124,7 @@ class Knobs:
 PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/method_comp (pretrain.sh, finetune_with_replay.yaml, finetune_wo_replay.yaml).
-    "paper": Knobs(seq_len=256, d_model=1024, n_layers=16, head_dim=64, dtype="bfloat16", batch_size=256,
+    "paper": Knobs(seeds=1, seq_len=256, d_model=1024, n_layers=16, head_dim=64, dtype="bfloat16", batch_size=256,
                    pretrain_steps=0, pretrain_epochs=3.0, pretrain_lr=1e-3, pretrain_lr_decay="cosine",
                    finetune_steps=0, early_stop_evals=10, finetune_lr=1e-5, lora_lr=1e-5, warmup_steps=153,
                    kl_coeff=10.0, ntp_coeff=10.0, replay_batch=64, replay_buffer=16, num_tokens_valid=10_000_000,
@@ -128,40 +132,10 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class LanguagesConfig:
-    """The two synthetic languages (generated in-process into the run directory)."""
-
-    vocab_size: int = 256
-    share: float = 0.5
-    seq_len: int = 128
-    old_tokens: int = 2_000_000
-    new_tokens: int = 1_000_000
-
-
-def make_languages(cfg: LanguagesConfig, run_dir: Path) -> dict:
-    from forgetting.stages import generate
-
-    out = {}
-    for lang, n in ((0, cfg.old_tokens), (1, cfg.new_tokens)):
-        meta = generate.generate(generate.Config(corpus="synthetic", language=lang, num_tokens=n, seq_len=cfg.seq_len,
-                                                 vocab_size=cfg.vocab_size, share=cfg.share,
-                                                 out=str(run_dir / f"lang{lang}.bin")))
-        out[f"lang{lang}"] = {k: meta[k] for k in ("entropy_rate_nats", "best_loss_nats", "num_tokens")}
-    return out
-
-
-def _data(knobs: Knobs, out: Path) -> tuple[list[RunSpec], str, str, tuple[str, ...]]:
-    if knobs.old_path:
-        return [], knobs.old_path, knobs.new_path, ()
-    spec = RunSpec("data", LanguagesConfig(knobs.vocab_size, knobs.share, knobs.seq_len, knobs.old_tokens,
-                                           knobs.new_tokens), fn=make_languages)
-    d = framework.run_dir(spec, out)
-    return [spec], str(d / "lang0.bin"), str(d / "lang1.bin"), ("data",)
-
-
-def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
-    data_specs, old, new, after = _data(knobs, out)
+def runs_one(knobs: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs (`knobs.seed`)."""
+    data_specs, paths, after = C.data_specs(knobs, out)  # the LM figures' synthetic languages (or the given files)
+    old, new = paths[C.OLD], paths[C.NEW]
     tps = knobs.batch_size * knobs.seq_len
     pre = replace(TrainConfig(), **{
         "run.dir": str(out), "run.name": "pretrain", "run.seed": knobs.seed,
@@ -205,8 +179,9 @@ def curve(run: Path) -> tuple[list[float], list[float]]:
     return [-r["valid_ntp"] for r in rows], [-r["prev_ntp"] for r in rows]
 
 
-def summarize(knobs: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(knobs, out), out)
+def summarize_one(knobs: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(knobs, out), out)
     methods, forgetting = {}, {}
     for m in knobs.method_list():
         rows = framework.read_metrics(dirs[m])
@@ -217,6 +192,14 @@ def summarize(knobs: Knobs, out: Path) -> dict:
                       "new_before": first["valid_ntp"], "new_after": last["valid_ntp"]}
         forgetting[m] = last["prev_ntp"] - first["prev_ntp"]
     return {"methods": methods, "forgetting": forgetting}
+
+
+def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, knobs, out)
+
+
+def summarize(knobs: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, knobs, out)
 
 
 def plot(knobs: Knobs, out: Path, summary: dict) -> None:
@@ -233,12 +216,19 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
             continue
         color, ls = styles[m]
         ax.plot(x, y, color=color, ls=ls, marker="o", ms=3, lw=1.6, label=LABELS[m])
+        end = summary["methods"].get(m)
+        if end and f"old_after{stats.CI_SUFFIX}" in end:  # the end point's 95% interval over seeds
+            ax.errorbar(-end["new_after"], -end["old_after"], fmt="none", ecolor=color, capsize=3,
+                        xerr=[[e] for e in reversed(stats.error(end, "new_after"))],
+                        yerr=[[e] for e in reversed(stats.error(end, "old_after"))])
         start = start or (x[0], y[0])
     if start:
         ax.plot(*start, marker="*", ms=14, color="gold", mec="k", ls="none", label="pretrained", zorder=5)
     ax.set_xlabel("new-data log-likelihood (−NTP, nats)")
     ax.set_ylabel("old-data log-likelihood (−NTP, nats)")
-    ax.set_title("Finetuning methods: old vs new data")
+    n = summary.get("seeds_summarized", 1)
+    ax.set_title("Finetuning methods: old vs new data" + (f"\n(curves: seed {knobs.seed}; bars: mean end point, 95% t "
+                                                           f"interval over {n} seeds)" if n > 1 else ""), fontsize=10)
     ax.legend(loc="lower left")
     plotting.save(fig, Path(out) / "method_comparison")
 

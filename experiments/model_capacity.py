@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 MODELS = ("over", "light")
@@ -87,7 +87,7 @@ class Knobs(C.LMKnobs):
 PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/model_capacity sweeps (pretrain.yaml, finetune.yaml, chinchilla_*).
-    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+    "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
                    batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.DEFAULT_EVAL_TOKENS,
                    pretrain_lr_decay="cosine", finetune_lr_decay="cosine",
@@ -125,7 +125,8 @@ def _fine_run_name(m: str, lr: float | None, c: float, k: Knobs) -> str:
     return fine_name(m, c, lr if (m == "light" and len(k.light_lrs) > 1) else None)
 
 
-def runs(k: Knobs, out: Path) -> list[RunSpec]:
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs (`k.seed`)."""
     specs, paths, after = C.data_specs(k, out)
     mix_cfgs = {}
     for f in k.mix_fracs:
@@ -168,8 +169,9 @@ def _losses(row: dict, k: Knobs) -> tuple[float | None, float | None]:
     return row.get(f"ntp/{old}"), row.get(f"ntp/{new}")
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     mixtures = []
     for f in k.mix_fracs:
         rows = framework.read_metrics(dirs[mix_name(f)])
@@ -200,6 +202,18 @@ def summarize(k: Knobs, out: Path) -> dict:
             "d_model": k.d_model, "over_tpp": k.over_tpp, "light_tpp": k.light_tpp}
 
 
+def runs(k: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, k, out)
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    summary = repeat.summarize(runs_one, summarize_one, k, out)
+    # over seeds the frontier is that of the mean mixtures (each seed's own is in per_seed)
+    summary["frontier"] = [list(p) for p in C.pareto_frontier((m["new_loss"], m["old_loss"]) for m in summary["mixtures"]
+                                                              if m["old_loss"] is not None)]
+    return summary
+
+
 def plot(k: Knobs, out: Path, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
@@ -208,7 +222,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     fig, axes = plotting.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
     mix = [m for m in summary["mixtures"] if m["old_loss"] is not None]
     for ax, m in zip(axes, MODELS):
-        ax.scatter([p["new_loss"] for p in mix], [p["old_loss"] for p in mix], c="k", s=18, zorder=3, label="mixtures")
+        plotting.errorbar(ax, [p["new_loss"] for p in mix], mix, "old_loss", "o", x_key="new_loss", color="k", ms=4,
+                          zorder=3, label="mixtures")
         if summary["frontier"]:
             xs, ys = zip(*summary["frontier"])
             ax.plot(xs, ys, "k-", lw=1.2, label="Pareto frontier")
@@ -216,10 +231,15 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         coeffs = list(summary["trajectories"][m])
         for i, c in enumerate(coeffs):
             t = summary["trajectories"][m][c]
+            if t["new"] and isinstance(t["new"][0], list):  # seeds of different lengths: seed 0's curve
+                t = {"new": t["new"][0], "old": t["old"][0]}
             if t["new"]:
                 col = cmap(i / max(1, len(coeffs) - 1))
                 ax.plot(t["new"], t["old"], "-", color=col, lw=1, label=f"KL {c}")
                 ax.plot(t["new"][-1], t["old"][-1], "o", color=col, ms=4)
+                end = summary["endpoints"][m].get(c, {})
+                if "old_end_ci95" in end:  # the end point's 95% interval over seeds
+                    plotting.errorbar(ax, [end["new_end"]], [end], "old_end", "none", x_key="new_end", ecolor=col)
         tpp = summary["over_tpp"] if m == "over" else summary["light_tpp"]
         ax.set_title(f"{'overtrained' if m == 'over' else 'lightly trained'} ({C.fmt(tpp)} TPP), finetuned on new data",
                      fontsize=10)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 
@@ -64,7 +64,7 @@ PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/model_size sweep: pretrain (constant LR 1e-3) to their loss 3.0, finetune with
     # kl_pre on real replay of a full batch (256 rows) at LR 3e-4, cosine over 10 epochs, to their 2.76.
-    "paper": Knobs(widths=(256, 384, 512, 640, 768), n_layers=6, head_dim=64, seq_len=256,
+    "paper": Knobs(seeds=1, widths=(256, 384, 512, 640, 768), n_layers=6, head_dim=64, seq_len=256,
                    vocab_size=4096, dtype="bfloat16",
                    extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
                    valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_eval_tokens=C.TARGET_EVAL_TOKENS,
@@ -84,19 +84,22 @@ def fine_name(d: int, c: float) -> str:
     return f"ft-d{d}-kl{C.fmt(c)}"
 
 
+def finetunes(k: Knobs, coeffs: tuple[float, ...], name) -> tuple[tuple[str, dict], ...]:
+    """The KL-coefficient finetunes of one checkpoint (model size and pretraining length): `name(c)` each."""
+    return tuple((name(c), C.kl_or_plain(c, max_tokens=k.finetune_max_tokens, target_loss=k.finetune_target,
+                                         replay_batch=k.replay_batch, max_epochs=k.finetune_max_epochs,
+                                         lr=k.finetune_lr or None)) for c in coeffs)
+
+
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs: every width pretrained to the target, then finetuned at every KL coefficient."""
+    return C.sweep(k, out, (C.Pretrain(pre_name(d), d, {"max_tokens": k.pretrain_max_tokens, "target_loss": k.pretrain_target},
+                                       finetunes(k, k.kl_coeffs, lambda c, d=d: fine_name(d, c)))
+                            for d in k.widths))
+
+
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
-    specs, paths, after = C.data_specs(k, out)
-    for d in k.widths:
-        pre = C.pretrain_config(k, out, paths, d, name=pre_name(d), max_tokens=k.pretrain_max_tokens,
-                                target_loss=k.pretrain_target)
-        specs.append(RunSpec(pre_name(d), pre, module=C.TRAIN, after=after))
-        for c in k.kl_coeffs:
-            fine = C.finetune_config(k, pre, paths, name=fine_name(d, c), max_tokens=k.finetune_max_tokens,
-                                     target_loss=k.finetune_target, method="kl_pre" if c > 0 else "none",
-                                     coeff=c, replay_batch=k.replay_batch, max_epochs=k.finetune_max_epochs,
-                                     lr=k.finetune_lr or None)
-            specs.append(RunSpec(fine_name(d, c), fine, module=C.TRAIN, after=(pre_name(d),)))
-    return specs
+    return repeat.runs(runs_one, k, out)
 
 
 def best_over(per_coeff: dict, target: float) -> tuple[float | None, str | None, bool]:
@@ -109,23 +112,33 @@ def best_over(per_coeff: dict, target: float) -> tuple[float | None, str | None,
     return pool[c]["prev_ntp"], c, bool(ok)
 
 
-def summarize(k: Knobs, out: Path) -> dict:
-    specs = runs(k, out)
-    dirs = framework.locate(specs, out)
+def coeff_row(k: Knobs, pre: dict, per: dict) -> dict:
+    """The summary row of one checkpoint (`pre`: its final metrics) from its finetunes ({coeff text: final
+    metrics}): the best old loss over coefficients among runs that reached the target (all if none did)."""
+    best, coeff, ok = best_over(per, k.finetune_target)
+    pre_loss = pre.get("valid_ntp")
+    return {"pretrain_loss": pre_loss, "pretrain_tokens": pre.get("tokens"), "best_old_loss": best,
+            "forgetting": None if best is None or pre_loss is None else best - pre_loss,
+            "best_coeff": coeff, "reached_target": ok,
+            "per_coeff": {c: {"old_loss": r.get("prev_ntp"), "new_loss": r.get("valid_ntp"),
+                              "tokens": r.get("tokens"), "reached": C.reached(r, k.finetune_target)}
+                          for c, r in per.items()}}
+
+
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
     rows = []
     for d in k.widths:
         pre = C.final(dirs[pre_name(d)])
-        per = {C.fmt(c): C.final(dirs[fine_name(d, c)]) for c in k.kl_coeffs}
-        best, coeff, ok = best_over(per, k.finetune_target)
-        pre_loss = pre.get("valid_ntp")
-        rows.append({"d_model": d, "params": C.paper_params(k, d), "pretrain_loss": pre_loss,
-                     "pretrain_tokens": pre.get("tokens"), "pretrain_reached": C.reached(pre, k.pretrain_target),
-                     "best_old_loss": best, "forgetting": None if best is None or pre_loss is None else best - pre_loss,
-                     "best_coeff": coeff, "reached_target": ok,
-                     "per_coeff": {c: {"old_loss": r.get("prev_ntp"), "new_loss": r.get("valid_ntp"),
-                                       "tokens": r.get("tokens"), "reached": C.reached(r, k.finetune_target)}
-                                   for c, r in per.items()}})
+        row = coeff_row(k, pre, {C.fmt(c): C.final(dirs[fine_name(d, c)]) for c in k.kl_coeffs})
+        rows.append({"d_model": d, "params": C.paper_params(k, d), **row,
+                     "pretrain_reached": C.reached(pre, k.pretrain_target)})
     return {"rows": rows, "pretrain_target": k.pretrain_target, "finetune_target": k.finetune_target}
+
+
+def summarize(k: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, k, out)
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:
@@ -134,8 +147,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     rows = [r for r in summary["rows"] if r["best_old_loss"] is not None]
     fig, axes = plotting.subplots(1, 2, figsize=(10, 3.8))
     x = [r["params"] for r in rows]
-    axes[0].plot(x, [r["best_old_loss"] for r in rows], "o-", label="best over KL coefficients")
-    axes[0].plot(x, [r["pretrain_loss"] for r in rows], "s--", color="gray", label="before finetuning")
+    plotting.errorbar(axes[0], x, rows, "best_old_loss", "o-", label="best over KL coefficients")
+    plotting.errorbar(axes[0], x, rows, "pretrain_loss", "s--", color="gray", label="before finetuning")
     # plain finetuning forgets by nats: keep the axis on the best runs and name the coefficients above it
     kept = [r["best_old_loss"] for r in rows] + [r["pretrain_loss"] for r in rows if r["pretrain_loss"] is not None]
     lo, hi = min(kept), max(kept)
@@ -148,7 +161,7 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         for xx, p in pts:
             axes[0].plot(xx, p["old_loss"], "." if p["reached"] else "x", color=line.get_color(), alpha=0.6)
     axes[0].set_ylabel("old-data loss after finetuning (nats)\n(x: new-data target not reached)")
-    axes[1].plot(x, [r["forgetting"] for r in rows], "o-")
+    plotting.errorbar(axes[1], x, rows, "forgetting", "o-")
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set_ylabel("forgetting: Δ old-data loss (nats)")
     labels = {r["params"]: f"D={r['d_model']}\n{r['params'] / 1000:.3g}K" for r in rows}
@@ -156,7 +169,8 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
         plotting.log_ticks(ax, x, lambda v: labels[int(v)])
         ax.set_xlabel("parameters (12·L·D² + D·V)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"pretrained to {summary['pretrain_target']}, finetuned to {summary['finetune_target']} on new data")
+    fig.suptitle(f"pretrained to {summary['pretrain_target']}, finetuned to {summary['finetune_target']} on new data"
+                 + plotting.seeds_note(summary))
     plotting.save(fig, Path(out) / "model_size")
 
 

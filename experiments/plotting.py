@@ -57,3 +57,32 @@ def save(fig, stem: str | Path) -> list[Path]:
             fig.savefig(p)
     plt.close(fig)
     return paths
+
+
+def errorbar(ax, xs, rows, key: str, fmt: str = "o-", *, x_key: str | None = None, **kwargs: Any):
+    """`ax.errorbar` of `row[key]` against `xs` with each row's 95% interval over seeds (`<key>_ci95`) as the
+    error bar (x error bars from `<x_key>_ci95` when given); rows without an interval (one seed) get none."""
+    from forgetting.experiments import stats
+
+    def bars(k: str):
+        errs = [stats.error(r, k) for r in rows]
+        return list(zip(*errs)) if any(a or b for a, b in errs) else None
+
+    kwargs.setdefault("capsize", 3)
+    return ax.errorbar(xs, [r[key] for r in rows], yerr=bars(key), xerr=bars(x_key) if x_key else None, fmt=fmt,
+                       **kwargs)
+
+
+def pm(row: dict, key: str, fmt: str = "{:.3f}") -> str:
+    """`row[key]` as text, with ± the half-width of its 95% interval over seeds when it has one."""
+    value, ci = row.get(key), row.get(f"{key}_ci95")
+    if value is None:
+        return "n/a"
+    text = fmt.format(value)
+    return text + (" ± " + fmt.format((ci["high"] - ci["low"]) / 2) if ci else "")
+
+
+def seeds_note(summary: dict) -> str:
+    """' (mean of n seeds, bars: 95% t interval)' for a summary merged over several seeds, else ''."""
+    n = summary.get("seeds_summarized", 1)
+    return f" (mean of {n} seeds, bars: 95% t interval)" if isinstance(n, int) and n > 1 else ""

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetting.experiments import common_lm as C
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
-from forgetting.experiments.model_size import best_over
+from forgetting.experiments import model_size as MS
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ PRESETS = {
     # Cosine pretraining (the paper's): every TPP is a finished schedule, not a checkpoint of a longer run.
     "mini": Knobs(pretrain_lr_decay="cosine"),
     # The authors' experiments/pretrain_length sweep.
-    "paper": Knobs(d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
+    "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
                    extra_evals=False,
                    batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_lr_decay="cosine", finetune_lr_decay="cosine",
@@ -78,36 +78,29 @@ def fine_name(t: float, c: float) -> str:
     return f"ft-tpp{C.fmt(t)}-kl{C.fmt(c)}"
 
 
+def runs_one(k: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs: a cosine pretraining per TPP, each finetuned at every KL coefficient."""
+    return C.sweep(k, out, (C.Pretrain(pre_name(t), k.d_model, {"tokens_per_param": t},
+                                       MS.finetunes(k, k.kl_coeffs, lambda c, t=t: fine_name(t, c)))
+                            for t in k.tpps))
+
+
 def runs(k: Knobs, out: Path) -> list[RunSpec]:
-    specs, paths, after = C.data_specs(k, out)
-    for t in k.tpps:
-        pre = C.pretrain_config(k, out, paths, k.d_model, name=pre_name(t), tokens_per_param=t)
-        specs.append(RunSpec(pre_name(t), pre, module=C.TRAIN, after=after))
-        for c in k.kl_coeffs:
-            fine = C.finetune_config(k, pre, paths, name=fine_name(t, c), max_tokens=k.finetune_max_tokens,
-                                     target_loss=k.finetune_target, method="kl_pre" if c > 0 else "none",
-                                     coeff=c, replay_batch=k.replay_batch, max_epochs=k.finetune_max_epochs,
-                                     lr=k.finetune_lr or None)
-            specs.append(RunSpec(fine_name(t, c), fine, module=C.TRAIN, after=(pre_name(t),)))
-    return specs
+    return repeat.runs(runs_one, k, out)
+
+
+def summarize_one(k: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(k, out), out)
+    rows = [{"tpp": t, **MS.coeff_row(k, C.final(dirs[pre_name(t)]),
+                                     {C.fmt(c): C.final(dirs[fine_name(t, c)]) for c in k.kl_coeffs})}
+            for t in k.tpps]
+    return {"rows": rows, "d_model": k.d_model, "params": C.paper_params(k, k.d_model),
+            "finetune_target": k.finetune_target}
 
 
 def summarize(k: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(k, out), out)
-    rows = []
-    for t in k.tpps:
-        pre = C.final(dirs[pre_name(t)])
-        per = {C.fmt(c): C.final(dirs[fine_name(t, c)]) for c in k.kl_coeffs}
-        best, coeff, ok = best_over(per, k.finetune_target)
-        pre_loss = pre.get("valid_ntp")
-        rows.append({"tpp": t, "pretrain_tokens": pre.get("tokens"), "pretrain_loss": pre_loss, "best_old_loss": best,
-                     "forgetting": None if best is None or pre_loss is None else best - pre_loss,
-                     "best_coeff": coeff, "reached_target": ok,
-                     "per_coeff": {c: {"old_loss": r.get("prev_ntp"), "new_loss": r.get("valid_ntp"),
-                                       "tokens": r.get("tokens"), "reached": C.reached(r, k.finetune_target)}
-                                   for c, r in per.items()}})
-    return {"rows": rows, "d_model": k.d_model, "params": C.paper_params(k, k.d_model),
-            "finetune_target": k.finetune_target}
+    return repeat.summarize(runs_one, summarize_one, k, out)
 
 
 def plot(k: Knobs, out: Path, summary: dict) -> None:
@@ -116,17 +109,18 @@ def plot(k: Knobs, out: Path, summary: dict) -> None:
     rows = [r for r in summary["rows"] if r["best_old_loss"] is not None]
     x = [r["tpp"] for r in rows]
     fig, axes = plotting.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(x, [r["pretrain_loss"] for r in rows], "s--", color="gray", label="after pretraining")
-    axes[0].plot(x, [r["best_old_loss"] for r in rows], "o-", label="after finetuning (best KL coeff)")
+    plotting.errorbar(axes[0], x, rows, "pretrain_loss", "s--", color="gray", label="after pretraining")
+    plotting.errorbar(axes[0], x, rows, "best_old_loss", "o-", label="after finetuning (best KL coeff)")
     axes[0].set_ylabel("old-data loss (nats)")
     axes[0].legend(fontsize=8)
-    axes[1].plot(x, [r["forgetting"] for r in rows], "o-")
+    plotting.errorbar(axes[1], x, rows, "forgetting", "o-")
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set_ylabel("forgetting: Δ old-data loss (nats)")
     for ax in axes:
         plotting.log_ticks(ax, x, C.fmt)
         ax.set_xlabel("pretraining tokens per parameter")
-    fig.suptitle(f"D={summary['d_model']} ({summary['params']:,} params), finetuned to {summary['finetune_target']}")
+    fig.suptitle(f"D={summary['d_model']} ({summary['params']:,} params), finetuned to {summary['finetune_target']}"
+                 + plotting.seeds_note(summary))
     plotting.save(fig, Path(out) / "pretrain_length")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 
 
@@ -33,6 +33,7 @@ class Knobs:
     """Knobs of the 1-D regression illustration."""
 
     seed: int = 0  # seed for the data, the initialization and the sampler noise
+    seeds: int = 3  # independent repetitions (seeds seed, seed+1, ...): mean and 95-percent t interval over them
     n_old: int = 40  # number of old points (x uniform over the old interval)
     n_new: int = 40  # number of new points (x uniform over the new interval)
     old_lo: float = -3.0  # old interval, lower end
@@ -60,7 +61,7 @@ class Knobs:
         "fit_lr": (framework.positive,), "finetune_steps": (framework.positive,),
         "finetune_lr": (framework.positive,), "replay_points": (framework.positive,),
         "sghmc_lr": (framework.positive,), "kl_coeff": (framework.nonnegative,),
-        "sghmc_temperature": (framework.nonnegative,), "seed": (framework.nonnegative,),
+        "sghmc_temperature": (framework.nonnegative,), "seed": (framework.nonnegative,), "seeds": (framework.positive,),
         "sghmc_friction": (framework.fraction,),
     }
 
@@ -73,7 +74,7 @@ class Knobs:
 
 PRESETS = {
     "mini": Knobs(),
-    "paper": Knobs(method="sghmc", samples=32, fit_steps=20000, finetune_steps=10000, kl_coeff=10.0),
+    "paper": Knobs(seeds=1, method="sghmc", samples=32, fit_steps=20000, finetune_steps=10000, kl_coeff=10.0),
 }
 
 
@@ -268,29 +269,41 @@ def run_phase(cfg: PhaseConfig, run_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------- figure
 
 
-def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+def runs_one(knobs: Knobs, out: Path, name_suffix: str = "") -> list[RunSpec]:
+    """One seed's runs (`knobs.seed`), named with `name_suffix` (the finetunes hold the fit's directory,
+    which an in-process run names after the run: experiments/repeat.py)."""
     # Knobs a phase does not use are reset to their defaults, so that changing them (e.g. --kl_coeff)
     # does not change that phase's config hash and its finished run is reused.
     d = Knobs()
     fit_knobs = dataclasses.replace(knobs, finetune_steps=d.finetune_steps, finetune_lr=d.finetune_lr,
                                     kl_coeff=d.kl_coeff, replay_points=d.replay_points)
     ft_knobs = dataclasses.replace(knobs, kl_coeff=d.kl_coeff)  # the coefficient lives in PhaseConfig
-    fit = RunSpec("fit_old", PhaseConfig(fit_knobs, "fit"), fn=run_phase)
+    fit = RunSpec("fit_old" + name_suffix, PhaseConfig(fit_knobs, "fit"), fn=run_phase)
     load = str(framework.run_dir(fit, out))
     return [
         fit,
-        RunSpec("finetuned", PhaseConfig(ft_knobs, "finetune", 0.0, load), fn=run_phase, after=("fit_old",)),
-        RunSpec("kl", PhaseConfig(ft_knobs, "finetune", knobs.kl_coeff, load), fn=run_phase, after=("fit_old",)),
+        RunSpec("finetuned" + name_suffix, PhaseConfig(ft_knobs, "finetune", 0.0, load), fn=run_phase, after=(fit.name,)),
+        RunSpec("kl" + name_suffix, PhaseConfig(ft_knobs, "finetune", knobs.kl_coeff, load), fn=run_phase, after=(fit.name,)),
     ]
 
 
-def summarize(knobs: Knobs, out: Path) -> dict:
-    r = {name: framework.read_result(d) for name, d in framework.locate(runs(knobs, out), out).items()}
+def summarize_one(knobs: Knobs, out: Path, name_suffix: str = "") -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(knobs, out, name_suffix), out)
+    r = {name.removesuffix(name_suffix) if name_suffix else name: framework.read_result(d) for name, d in dirs.items()}
     return {
         "old_rmse": {"before": r["fit_old"]["old_rmse"], "finetuned": r["finetuned"]["old_rmse"],
                      "kl": r["kl"]["old_rmse"]},
         "new_rmse": {"finetuned": r["finetuned"]["new_rmse"], "kl": r["kl"]["new_rmse"]},
     }
+
+
+def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, knobs, out)
+
+
+def summarize(knobs: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, knobs, out)
 
 
 def plot(knobs: Knobs, out: Path, summary: dict) -> None:
@@ -313,9 +326,9 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
         ax.scatter(x_old, y_old, s=14, color="tab:blue", label="old points", zorder=3)
         if name != "fit_old":
             ax.scatter(x_new, y_new, s=14, color="tab:orange", label="new points", zorder=3)
-        text = f"old RMSE {summary['old_rmse'][key]:.3f}"
+        text = f"old RMSE {plotting.pm(summary['old_rmse'], key)}"  # ± half of the 95% interval over seeds
         if key in summary["new_rmse"]:
-            text += f"\nnew RMSE {summary['new_rmse'][key]:.3f}"
+            text += f"\nnew RMSE {plotting.pm(summary['new_rmse'], key)}"
         ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", fontsize=9)
         ax.set_title(title)
         ax.set_xlabel("x")

@@ -31,7 +31,7 @@ from typing import ClassVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from forgetting.experiments import framework
+from forgetting.experiments import framework, repeat
 from forgetting.experiments.framework import RunSpec
 from forgetting.stages import train
 from forgetting.training.train_config import TrainConfig, replace
@@ -65,6 +65,7 @@ class Knobs:
     valid_examples: int = 256  # held-out examples per task (accuracy is measured on them)
     eval_every: int = 50  # steps between accuracy evaluations
     seed: int = 0  # seed of training (init, batch order, replay sampling)
+    seeds: int = 3  # independent repetitions (seeds seed, seed+1, ...): mean and 95-percent t interval over them
     data_seed: int = 0  # seed of the generated task examples
 
     CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
@@ -72,7 +73,7 @@ class Knobs:
         "first_lr": (framework.positive,), "lr": (framework.positive,), "replay_buffer": (framework.positive,),
         "num_examples": (framework.positive,), "weight_decay": (framework.nonnegative,),
         "warmup_steps": (framework.nonnegative,), "replay_coeff": (framework.nonnegative,),
-        "seed": (framework.nonnegative,), "data_seed": (framework.nonnegative,),
+        "seed": (framework.nonnegative,), "seeds": (framework.positive,), "data_seed": (framework.nonnegative,),
         "b2": (framework.Rule("in [0, 1)", lambda v: 0 <= v < 1),), "dtype": (framework.one_of("float32", "bfloat16"),),
     }
 
@@ -89,7 +90,7 @@ class Knobs:
 
 PRESETS = {
     "mini": Knobs(),
-    "paper": Knobs(d_model=256, n_layers=2, head_dim=16, dtype="bfloat16", first_steps=2000, first_lr_decay="none",
+    "paper": Knobs(seeds=1, d_model=256, n_layers=2, head_dim=16, dtype="bfloat16", first_steps=2000, first_lr_decay="none",
                    lr_decay="none", steps=2000, batch_size=2048, first_lr=1e-4, lr=1e-4, warmup_steps=200,
                    replay_buffer=16, num_examples=1_000_000, valid_examples=1000, eval_every=20),
 }
@@ -125,7 +126,8 @@ def run_name(setting: str, task: str) -> str:
     return task if task == TASKS[0] else f"{task}-{'replay' if setting == 'with_replay' else 'plain'}"
 
 
-def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+def runs_one(knobs: Knobs, out: Path) -> list[RunSpec]:
+    """One seed's runs (`knobs.seed`)."""
     data = _data_spec(knobs)
     data_dir = framework.run_dir(data, out)
     paths = {t: str(data_dir / f"{t}.bin") for t in TASKS}
@@ -182,14 +184,30 @@ def curves(knobs: Knobs, out: Path, setting: str) -> dict:
     return {"step": steps, "switches": switches, "acc": acc}
 
 
-def summarize(knobs: Knobs, out: Path) -> dict:
-    dirs = framework.locate(runs(knobs, out), out)
+def summarize_one(knobs: Knobs, out: Path) -> dict:
+    """One seed's summary."""
+    dirs = framework.locate(runs_one(knobs, out), out)
     summary: dict = {}
     for setting in SETTINGS:
         final = framework.read_done(dirs[run_name(setting, TASKS[-1])])
         summary[setting] = {t: final.get(f"acc/{t}") for t in TASKS}
     summary["steps_per_task"] = {"first": knobs.first_steps, "later": knobs.steps}
     return summary
+
+
+def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
+    return repeat.runs(runs_one, knobs, out)
+
+
+def summarize(knobs: Knobs, out: Path) -> dict:
+    return repeat.summarize(runs_one, summarize_one, knobs, out)
+
+
+def _pct(v):
+    """A fraction, or its 95% interval, in percent."""
+    if v is None:
+        return None
+    return {k: 100 * x for k, x in v.items()} if isinstance(v, dict) else 100 * v
 
 
 def plot(knobs: Knobs, out: Path, summary: dict) -> None:
@@ -207,7 +225,8 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
         for x, t in zip([0, *c["switches"]], TASKS):  # which task is being trained
             ax.text(x, 1.05, f" {t}", fontsize=8, color=colors[t], va="bottom", ha="left")
         final = summary.get(setting, {})
-        text = "final: " + ", ".join(f"{t} {100 * final[t]:.0f}%" for t in TASKS if final.get(t) is not None)
+        text = "final: " + ", ".join(f"{t} {plotting.pm({k: _pct(v) for k, v in final.items()}, t, '{:.0f}')}%"
+                                     for t in TASKS if final.get(t) is not None)
         ax.set_title(f"{titles[setting]}\n{text}", fontsize=10)
         ax.set_xlabel("step (tasks concatenated)")
         ax.set_ylim(-0.03, 1.12)

@@ -51,19 +51,19 @@ def _check_list(mod, out, capsys, extra=()):
 
 
 def test_toy_list_round_trips(tmp_path, capsys):
-    specs = _check_list(tc, tmp_path / "toy", capsys)
+    specs = _check_list(tc, tmp_path / "toy", capsys, ["--seeds", "1"])
     assert len(specs) == 1 + 1 + 2 * 3  # data, shared add, 3 tasks x 2 settings
     # knob flags reach the listed commands
-    specs = _check_list(tc, tmp_path / "toy", capsys, ["--steps", "7", "--lr", "0.002"])
+    specs = _check_list(tc, tmp_path / "toy", capsys, ["--seeds", "1", "--steps", "7", "--lr", "0.002"])
     assert all(s.config.opt.peak_lr == 0.002 for s in specs if s.module and s.name != "add")
     assert {s.name: s for s in specs}["add"].config.opt.peak_lr == tc.PRESETS["mini"].first_lr
 
 
 def test_method_comparison_list_round_trips(tmp_path, capsys):
-    specs = _check_list(mc, tmp_path / "mc", capsys)
+    specs = _check_list(mc, tmp_path / "mc", capsys, ["--seeds", "1"])
     assert {s.name for s in specs} == {"data", "pretrain", *mc.METHODS}
     # user-provided files: no data run
-    specs = _check_list(mc, tmp_path / "mc", capsys, ["--old_path", "/x/old.bin", "--new_path", "/x/new.bin"])
+    specs = _check_list(mc, tmp_path / "mc", capsys, ["--seeds", "1", "--old_path", "/x/old.bin", "--new_path", "/x/new.bin"])
     assert "data" not in {s.name for s in specs}
     assert {s.name: s for s in specs}["pretrain"].config.data.path == "/x/old.bin"
 
@@ -119,7 +119,7 @@ def test_method_comparison_methods(tmp_path):
     assert (specs["ntp_self"].reg.method, specs["ntp_self"].reg.synth) == ("ntp_pre", True)
 
 
-TINY_TOY = ["--d_model", "16", "--head_dim", "8", "--n_layers", "1", "--first_steps", "3", "--steps", "2",
+TINY_TOY = ["--seeds", "1", "--d_model", "16", "--head_dim", "8", "--n_layers", "1", "--first_steps", "3", "--steps", "2",
             "--batch_size", "8", "--warmup_steps", "1", "--num_examples", "120", "--valid_examples", "8",
             "--eval_every", "2", "--replay_buffer", "2"]
 

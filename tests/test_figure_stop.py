@@ -161,7 +161,7 @@ def test_nested_requests_share_one_decision():
 
 # ------------------------------------------------------------------------ end to end: toy_continual
 
-TOY = ["--d_model", "16", "--head_dim", "8", "--n_layers", "1", "--first_steps", "400", "--steps", "4",
+TOY = ["--seeds", "1", "--d_model", "16", "--head_dim", "8", "--n_layers", "1", "--first_steps", "400", "--steps", "4",
        "--batch_size", "8", "--warmup_steps", "1", "--num_examples", "120", "--valid_examples", "8",
        "--eval_every", "4", "--replay_buffer", "2"]
 

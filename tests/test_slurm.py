@@ -24,7 +24,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 FIGURE = "forgetting.experiments.high_lr"
 # high_lr's mini, smaller: data, one pretraining run, then two finetunes (one with replay): 3 waves, 4 runs.
-SMALL = ["--lowered_lrs", "3e-3", "--replace_fracs", "0.0", "0.25", "--pretrain_tpp", "100",
+SMALL = ["--seeds", "1", "--lowered_lrs", "3e-3", "--replace_fracs", "0.0", "0.25", "--pretrain_tpp", "100",
          "--finetune_max_tokens", "40000"]
 
 
