@@ -240,18 +240,18 @@ def stage_process(argv: list[str], env: dict | None = None, **kwargs) -> subproc
 
 def interrupt_once(cfg: TrainConfig, monkeypatch, after_saves: int = 2) -> None:
     """Runs `cfg` in-process until its `after_saves`-th state checkpoint, then stops it as a crash would."""
-    original, calls = train._Trainer.save_state, {"n": 0}
+    original, calls = train._Trainer.save, {"n": 0}
 
-    def dying_save(self, state, step, extras):
-        original(self, state, step, extras)
+    def dying_save(self, st, wall_time=None):
+        original(self, st, wall_time)
         calls["n"] += 1
         if calls["n"] == after_saves:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train._Trainer, "save_state", dying_save)
+    monkeypatch.setattr(train._Trainer, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
-    monkeypatch.setattr(train._Trainer, "save_state", original)
+    monkeypatch.setattr(train._Trainer, "save", original)
 
 
 # ------------------------------------------------------------------------------ 2. bound to its inputs

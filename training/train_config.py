@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
-from forgetting.training import auto_dtype
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 REFERENCE_HIDDEN = ("auto", "sampler", "forward")
@@ -45,20 +45,31 @@ class MixConfig:
 
 
 @dataclass(frozen=True)
-class ModelArgs(model_lib.ModelConfig):
-    """The paper model's config itself (every field a flag: --model.d_model, --model.impl, --model.remat, ...)
-    plus where training starts from. When loading, the checkpoint's shape is used and the numerics fields
-    (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
+class ModelArgs:
+    """The `--model.*` flags: every field of the paper model's config (core.model.ModelConfig: same names, same
+    defaults, and its own checks validate them) plus where training starts from. When loading, the
+    checkpoint's shape is used and the numerics fields (impl, remat, kv_cache_dtype, unroll, loss_chunk,
+    streams; dtype via the loader) apply to it."""
 
     vocab_size: int = 0  # 0 = take it from the data sidecar
-    dtype: str = "auto"  # matmul input dtype: bfloat16 (f32 accumulation) | float32 | auto (the faster one here: stages.auto_dtype)
+    d_model: int = 256  # D: residual width
+    n_layers: int = 6  # L: transformer blocks
+    head_dim: int = 64  # per-head width; heads = d_model // head_dim (as the authors': D=288 has 4 heads of 64)
+    seq_len: int = 256  # T: maximum sequence length (RoPE table and KV-cache size)
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    rope_base: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    dtype: str = "auto"  # matmul input dtype: bfloat16 (f32 accumulation) | float32 | auto (the faster one here: training.auto_dtype)
+    impl: str = "auto"  # auto | reference | xla_cpu: kernels for attention, loss head, matmul gradients
+    remat: str = "none"  # activation checkpointing: none | block (recompute each block) | dots
+    kv_cache_dtype: str = "auto"  # auto (f32 on xla_cpu, else dtype) | bfloat16 | float32
+    unroll: int = 0  # layer-loop unroll for lax.scan; 0 = backend default (full on xla_cpu, else 1)
+    loss_chunk: int = 0  # fused loss head: logits elements per chunk; 0 = default (8 MB of f32)
+    streams: int = 0  # independent row groups through the layers; 0 = backend default
     load_path: str = ""  # finetune from this run directory (or an authors' weights.npz / HF / GGUF checkpoint)
     load_dir: str = ""  # with load_idx: finetune from the load_idx-th run in this directory (the authors' load_dir)
     load_idx: int = -1  # index into the sorted finished runs / authors' checkpoints under load_dir
     lora_rank: int = 0  # >0: train only rank-r LoRA adapters on every non-embedding matrix
-
-    def __post_init__(self) -> None:
-        """Checked by `TrainConfig.validate` instead, so a bad flag is a one-line message."""
 
     @property
     def loads(self) -> bool:
@@ -68,7 +79,10 @@ class ModelArgs(model_lib.ModelConfig):
     def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
         """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
-        fields["dtype"] = auto_dtype.resolve(self.dtype)
+        if self.dtype == "auto":  # (a run's plan resolves it before this: `plan.resolve_dtype`, the one place)
+            from forgetting.training.plan import resolve_dtype
+
+            fields["dtype"] = resolve_dtype(self.dtype)["dtype"]
         fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
         return model_lib.ModelConfig(**fields)
 
@@ -212,14 +226,9 @@ class TrainConfig:
                              "data, or samples from it with --reg.synth true) or --reg.path OLD.bin")
         if r.synth and r.method not in ("ntp_pre", "kl_pre", "replace"):
             raise ValueError(f"--reg.synth true only applies to ntp_pre, kl_pre or replace, not {r.method}")
-        if r.method in ("ntp_pre", "kl_pre"):
-            if r.batch_size <= 0:
-                raise ValueError(f"--reg.batch_size must be positive for {r.method}, got {r.batch_size}")
-            if not r.synth and r.batch_size > self.opt.batch_size:
-                raise ValueError(f"real replay batch (--reg.batch_size {r.batch_size}) is larger than the data "
-                                 f"batch (--opt.batch_size {self.opt.batch_size}); lower it or use --reg.synth true")
-        if r.synth and r.buffer <= 0:
-            raise ValueError(f"--reg.buffer must be positive, got {r.buffer}")
+        if r.method in ("ntp_pre", "kl_pre") and not r.synth and r.batch_size > self.opt.batch_size:
+            raise ValueError(f"real replay batch (--reg.batch_size {r.batch_size}) is larger than the data "
+                             f"batch (--opt.batch_size {self.opt.batch_size}); lower it or use --reg.synth true")
         if r.reference_hidden not in REFERENCE_HIDDEN:
             raise ValueError(f"--reg.reference_hidden must be one of {', '.join(REFERENCE_HIDDEN)}, got {r.reference_hidden!r}")
         if r.reference_hidden == "sampler" and not (r.synth and r.method == "kl_pre"):
@@ -255,35 +264,39 @@ def check_run_name(name: str) -> None:
                          "it becomes part of a directory name inside --run.dir")
 
 
-# ---- model-shape checks: one block, so they can move with the model config (see core.model.ModelConfig) ----
+# ---- the model flags: the model config checks its own fields; only what is about training is checked here ----
 def validate_model_args(m: ModelArgs) -> None:
-    """Range checks of the model flags (shape flags are ignored when loading, but must still be sane)."""
-    for name in ("d_model", "n_layers", "head_dim", "seq_len"):
-        if getattr(m, name) <= 0:
-            raise ValueError(f"--model.{name} must be positive, got {getattr(m, name)}")
+    """The `--model.*` flags: ModelConfig's own checks (reported as flags), plus what training adds (a vocab
+    from the data, seq_len >= 2, LoRA, loading). When loading, the checkpoint gives the shape (a shape flag
+    that contradicts it is refused in the plan), so only the numerics fields and seq_len are checked here."""
     if m.vocab_size < 0:
         raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data sidecar), got {m.vocab_size}")
+    given = {f.name: getattr(m, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+    if m.loads:  # the checkpoint gives the shape: only the numerics fields (and seq_len, the HF/GGUF loading length)
+        given = {**m.numerics(), "seq_len": m.seq_len, "dtype": m.dtype}
+    given["vocab_size"] = m.vocab_size or 1  # 0 = from the data: a placeholder to check the rest
+    if m.dtype == "auto":
+        given["dtype"] = "float32"  # a placeholder: checking a flag must not run the auto probe
+    try:
+        model_lib.ModelConfig(**given)
+    except ValueError as e:
+        raise ValueError(_as_model_flags(str(e))) from None
     if m.seq_len < 2:
         raise ValueError(f"--model.seq_len must be >= 2 (a next-token loss needs two positions), got {m.seq_len}")
-    if not m.loads:
-        if m.d_model < m.head_dim:  # heads = d_model // head_dim, as the authors' (D=288 has 4 heads of 64)
-            raise ValueError(f"--model.d_model {m.d_model} must be at least --model.head_dim {m.head_dim} (one head)")
-        if m.head_dim % 2:
-            raise ValueError(f"--model.head_dim {m.head_dim} must be even (RoPE rotates pairs of features)")
     if m.lora_rank < 0:
         raise ValueError(f"--model.lora_rank must be >= 0, got {m.lora_rank}")
     if m.lora_rank and not m.loads:
         raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
     # lora_rank <= min(d_in, d_out) needs the loaded model's shape: checked in train_setup.
-    if m.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--model.dtype must be auto, bfloat16 or float32, got {m.dtype!r}")
-    try:  # the rest of ModelConfig's own checks (numerics fields; shape too unless a checkpoint gives it)
-        if m.loads:
-            model_lib.ModelConfig(**m.numerics())
-        else:
-            dataclasses.replace(m, dtype="float32").model_config()  # checks without running the auto probe
-    except ValueError as e:
-        raise ValueError(f"--model.{e}") from None
+
+
+def _as_model_flags(message: str) -> str:
+    """ModelConfig's message in flag words: `head_dim=7 must be even` -> `--model.head_dim 7 must be even`."""
+    names = "|".join(f.name for f in dataclasses.fields(model_lib.ModelConfig))
+    message = re.sub(rf"(?<![\w.-])({names})(=| )", lambda g: f"--model.{g[1]} ", message)
+    if message.startswith("--model.dtype "):
+        message += " (or auto: the faster one on this machine)"
+    return message
 
 
 def _positive(flag: str, value: float) -> None:
@@ -377,17 +390,6 @@ def replace(cfg, **changes):
     for head, sub in nested.items():
         flat[head] = replace(getattr(cfg, head), **sub)
     return dataclasses.replace(cfg, **flat)
-
-
-def with_resolved_dtype(cfg: "TrainConfig") -> "TrainConfig":
-    """`cfg` with --model.dtype auto replaced by the machine's choice (`stages.auto_dtype`); in a
-    multi-process run every process takes process 0's."""
-    if cfg.model.dtype != "auto":
-        return cfg
-    from forgetting.core import multihost
-
-    bf16 = multihost.agree(auto_dtype.resolve("auto") == "bfloat16")
-    return replace(cfg, **{"model.dtype": "bfloat16" if bf16 else "float32"})
 
 
 def _check_lm_eval(e: EvalConfig) -> None:
