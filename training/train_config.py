@@ -192,69 +192,83 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
-        """Refuses contradictory, out-of-range or missing settings before any compute; each message says the fix."""
+        """Refuses contradictory, out-of-range or missing settings before any compute; each message says the fix.
+        Each check has one owner: the model's fields are the model config's (`validate_model_args`), ranges
+        are `_check_ranges`', and the combinations below."""
         if not self.data.path:
             raise ValueError("no training data: pass --data.path FILE.bin")
         check_run_name(self.run.name)
         validate_model_args(self.model)
         _check_ranges(self)
-        s = self.stop
-        lengths = [n for n, v in (("--stop.num_tokens_train", s.num_tokens_train),
-                                  ("--stop.tokens_per_param", s.tokens_per_param),
-                                  ("--stop.num_epochs", s.num_epochs)) if v]
-        if len(lengths) > 1:
-            raise ValueError(f"two length criteria given ({', '.join(lengths)}); keep one of them")
-        if not lengths and not (s.target_loss or s.train_time or s.early_stop_evals):
-            raise ValueError("no stop criterion: give one of --stop.num_tokens_train, --stop.tokens_per_param, "
-                             "--stop.num_epochs, --stop.target_loss, --stop.train_time, --stop.early_stop_evals")
-        if self.opt.lr_decay not in ("none", "cosine"):
-            raise ValueError(f"--opt.lr_decay must be none or cosine, got {self.opt.lr_decay!r}")
-        if self.opt.lr_decay == "cosine" and not lengths:
-            raise ValueError("--opt.lr_decay cosine needs a fixed run length: add --stop.num_tokens_train, "
-                             "--stop.tokens_per_param or --stop.num_epochs")
-        if self.opt.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"--opt.optimizer must be adamw or sgd, got {self.opt.optimizer!r}")
-        if self.opt.batch_size <= 0:
-            raise ValueError(f"--opt.batch_size must be positive, got {self.opt.batch_size}")
-        r = self.reg
-        if r.method not in REG_METHODS:
-            raise ValueError(f"--reg.method must be one of {', '.join(REG_METHODS)}, got {r.method!r}")
-        if r.method in ("kl_pre", "kl_dwn") and not self.model.loads:
-            raise ValueError(f"--reg.method {r.method} needs a frozen reference model: pass --model.load_path RUN_DIR")
-        if r.method in ("ntp_pre", "replace") and not (self.model.loads or (r.path and not r.synth)):
-            raise ValueError(f"--reg.method {r.method} needs old data: pass --model.load_path RUN_DIR (replays its "
-                             "data, or samples from it with --reg.synth true) or --reg.path OLD.bin")
-        if r.synth and r.method not in ("ntp_pre", "kl_pre", "replace"):
-            raise ValueError(f"--reg.synth true only applies to ntp_pre, kl_pre or replace, not {r.method}")
-        if r.method in ("ntp_pre", "kl_pre") and not r.synth and r.batch_size > self.opt.batch_size:
-            raise ValueError(f"real replay batch (--reg.batch_size {r.batch_size}) is larger than the data "
-                             f"batch (--opt.batch_size {self.opt.batch_size}); lower it or use --reg.synth true")
-        if r.reference_hidden not in REFERENCE_HIDDEN:
-            raise ValueError(f"--reg.reference_hidden must be one of {', '.join(REFERENCE_HIDDEN)}, got {r.reference_hidden!r}")
-        if r.reference_hidden == "sampler" and not (r.synth and r.method == "kl_pre"):
-            raise ValueError("--reg.reference_hidden sampler applies to self-generated KL replay only "
-                             "(--reg.method kl_pre --reg.synth true); drop it or use auto")
-        if r.synth and r.temperature < 0:
-            raise ValueError(f"--reg.temperature must be >= 0, got {r.temperature}")
-        if r.method == "replace" and not 0 < r.coeff < 1:
-            raise ValueError(f"--reg.method replace takes --reg.coeff as the replaced fraction in (0, 1), got {r.coeff}")
-        if r.coeff < 0:
-            raise ValueError(f"--reg.coeff must be >= 0, got {r.coeff}")
-        if self.mix.path and not 0 < self.mix.coeff < 1:
-            raise ValueError(f"--mix.coeff must be in (0, 1) when --mix.path is given, got {self.mix.coeff}")
-        for flag, frac, on in (("--mix.coeff", self.mix.coeff, bool(self.mix.path)),
-                               ("--reg.coeff", r.coeff, r.method == "replace")):
-            if not on:  # (when on, frac is already checked to lie in (0, 1) above)
-                continue
-            rows = data_lib.num_rows(frac, self.opt.batch_size)
-            if not 1 <= rows < self.opt.batch_size:
-                raise ValueError(f"{flag} {frac} takes floor({frac} * {self.opt.batch_size}) = {rows} rows of each "
-                                 f"batch of --opt.batch_size {self.opt.batch_size}; it must give 1 to "
-                                 f"{self.opt.batch_size - 1} rows: raise the fraction or the batch size")
-        if self.mix.coeff and not self.mix.path:
-            raise ValueError("--mix.coeff given without --mix.path")
+        _check_stop_and_opt(self)
+        _check_reg(self)
+        _check_fractions(self)
         if self.run.mesh not in MESH_STRATEGIES:
             raise ValueError(f"--run.mesh must be one of dp, fsdp, tp (or empty), got {self.run.mesh!r}")
+
+
+def _check_stop_and_opt(cfg: TrainConfig) -> None:
+    """At most one length criterion and at least one stop criterion; the optimizer and its schedule."""
+    s, o = cfg.stop, cfg.opt
+    lengths = [n for n, v in (("--stop.num_tokens_train", s.num_tokens_train),
+                              ("--stop.tokens_per_param", s.tokens_per_param),
+                              ("--stop.num_epochs", s.num_epochs)) if v]
+    if len(lengths) > 1:
+        raise ValueError(f"two length criteria given ({', '.join(lengths)}); keep one of them")
+    if not lengths and not (s.target_loss or s.train_time or s.early_stop_evals):
+        raise ValueError("no stop criterion: give one of --stop.num_tokens_train, --stop.tokens_per_param, "
+                         "--stop.num_epochs, --stop.target_loss, --stop.train_time, --stop.early_stop_evals")
+    if o.lr_decay not in ("none", "cosine"):
+        raise ValueError(f"--opt.lr_decay must be none or cosine, got {o.lr_decay!r}")
+    if o.lr_decay == "cosine" and not lengths:
+        raise ValueError("--opt.lr_decay cosine needs a fixed run length: add --stop.num_tokens_train, "
+                         "--stop.tokens_per_param or --stop.num_epochs")
+    if o.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"--opt.optimizer must be adamw or sgd, got {o.optimizer!r}")
+    if o.batch_size <= 0:
+        raise ValueError(f"--opt.batch_size must be positive, got {o.batch_size}")
+
+
+def _check_reg(cfg: TrainConfig) -> None:
+    """The regularizer's method and what it needs (a reference, old data); its ranges are `_check_ranges`'."""
+    r = cfg.reg
+    if r.method not in REG_METHODS:
+        raise ValueError(f"--reg.method must be one of {', '.join(REG_METHODS)}, got {r.method!r}")
+    if r.method in ("kl_pre", "kl_dwn") and not cfg.model.loads:
+        raise ValueError(f"--reg.method {r.method} needs a frozen reference model: pass --model.load_path RUN_DIR")
+    if r.method in ("ntp_pre", "replace") and not (cfg.model.loads or (r.path and not r.synth)):
+        raise ValueError(f"--reg.method {r.method} needs old data: pass --model.load_path RUN_DIR (replays its "
+                         "data, or samples from it with --reg.synth true) or --reg.path OLD.bin")
+    if r.synth and r.method not in ("ntp_pre", "kl_pre", "replace"):
+        raise ValueError(f"--reg.synth true only applies to ntp_pre, kl_pre or replace, not {r.method}")
+    if r.method in ("ntp_pre", "kl_pre") and not r.synth and r.batch_size > cfg.opt.batch_size:
+        raise ValueError(f"real replay batch (--reg.batch_size {r.batch_size}) is larger than the data "
+                         f"batch (--opt.batch_size {cfg.opt.batch_size}); lower it or use --reg.synth true")
+    if r.reference_hidden not in REFERENCE_HIDDEN:
+        raise ValueError(f"--reg.reference_hidden must be one of {', '.join(REFERENCE_HIDDEN)}, got {r.reference_hidden!r}")
+    if r.reference_hidden == "sampler" and not (r.synth and r.method == "kl_pre"):
+        raise ValueError("--reg.reference_hidden sampler applies to self-generated KL replay only "
+                         "(--reg.method kl_pre --reg.synth true); drop it or use auto")
+    if r.method == "replace" and not 0 < r.coeff < 1:
+        raise ValueError(f"--reg.method replace takes --reg.coeff as the replaced fraction in (0, 1), got {r.coeff}")
+
+
+def _check_fractions(cfg: TrainConfig) -> None:
+    """--mix.coeff and the replaced fraction of --reg.method replace each take 1 to B-1 rows of a batch."""
+    if cfg.mix.path and not 0 < cfg.mix.coeff < 1:
+        raise ValueError(f"--mix.coeff must be in (0, 1) when --mix.path is given, got {cfg.mix.coeff}")
+    B = cfg.opt.batch_size
+    for flag, frac, on in (("--mix.coeff", cfg.mix.coeff, bool(cfg.mix.path)),
+                           ("--reg.coeff", cfg.reg.coeff, cfg.reg.method == "replace")):
+        if not on:  # (when on, frac is already checked to lie in (0, 1) above)
+            continue
+        rows = data_lib.num_rows(frac, B)
+        if not 1 <= rows < B:
+            raise ValueError(f"{flag} {frac} takes floor({frac} * {B}) = {rows} rows of each batch of "
+                             f"--opt.batch_size {B}; it must give 1 to {B - 1} rows: raise the fraction or the "
+                             "batch size")
+    if cfg.mix.coeff and not cfg.mix.path:
+        raise ValueError("--mix.coeff given without --mix.path")
 
 
 def check_run_name(name: str) -> None:
