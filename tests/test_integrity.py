@@ -346,6 +346,30 @@ def test_kill_at_every_phase_boundary_ends_like_the_uninterrupted_run(corpora, t
 
 
 @pytest.mark.slow
+def test_kill_at_every_phase_boundary_of_a_self_generated_kl_finetune(corpora, tmp_path, capfd):
+    """The same for a finetune with self-generated KL replay (the paper's method): the replay sampler's
+    buffers and the pending losses resume to the uninterrupted run's numbers, byte for byte."""
+    base = train.train(tiny(corpora[0], tmp_path / "base"))["run_dir"]
+    extra = ["--model.load_path", base, "--reg.method", "kl_pre", "--reg.synth", "true", "--reg.batch_size", "4",
+             "--reg.buffer", "3", "--stop.num_tokens_train", str(8 * T * 8)]
+    cfg = replace(tiny(corpora[1], tmp_path / "reference"), **{
+        "model.load_path": base, "reg.method": "kl_pre", "reg.synth": True, "reg.batch_size": 4, "reg.buffer": 3,
+        "stop.num_tokens_train": 8 * T * 8})
+    reference = train.train(cfg)
+    expected = run_record(Path(reference["run_dir"]))
+    points = [f"state_saved:{r['step']}" for r in runs.read_metrics(reference["run_dir"])] + ["params_write", "before_done"]
+    assert points[:3] == ["state_saved:0", "state_saved:4", "state_saved:8"]
+    for point in points:
+        run_dir = tmp_path / point.replace(":", "_")
+        proc = stage_process(tiny_argv(corpora[1], run_dir, *extra), env={runs.FAULT_ENV: point})
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (point, err[-2000:])
+        resumed = train.train(replace(cfg, **{"run.dir": str(run_dir)}))
+        assert resumed["status"] == "finished", point
+        assert run_record(Path(resumed["run_dir"])) == expected, point
+
+
+@pytest.mark.slow
 def test_resume_at_step_0_and_at_the_final_step_adds_no_rows(corpora, tmp_path, monkeypatch):
     reference = train.train(tiny(corpora[0], tmp_path / "reference"))
     expected = run_record(Path(reference["run_dir"]))
