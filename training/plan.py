@@ -97,7 +97,7 @@ class Plan:
     placement: Placement
     train_step: Callable
     eval_batch_size: int
-    record: dict  # config.json's "resolved"
+    resolved: dict  # what config.json records under "resolved"
     input_files: dict  # role (the flag) -> every file the run reads
 
     # shortcuts for the names callers use most
@@ -112,6 +112,10 @@ class Plan:
     @property
     def dataset(self) -> data_lib.SequenceDataset:
         return self.data.train
+
+    @property
+    def ref_init_distance(self) -> float | None:
+        return self.reference.init_distance
 
     def initial_state(self) -> step_lib.TrainState:
         return self.placement.put_state(step_lib.init_state(self.model.trainable, self.schedule.optimizer))
@@ -144,7 +148,7 @@ def build(cfg: TrainConfig, dtype_choice: dict) -> Plan:
     record = _record(model_cfg, loaded, data, schedule) | replay_record
     return Plan(cfg=cfg, dtype_choice=dtype_choice, data=data, model=model, reference=reference, replay=replay_source,
                 schedule=schedule, placement=placement, train_step=train_step,
-                eval_batch_size=cfg.eval.batch_size or cfg.opt.batch_size, record=record,
+                eval_batch_size=cfg.eval.batch_size or cfg.opt.batch_size, resolved=record,
                 input_files=train_setup.input_files(cfg, loaded, data, replay_source, record))
 
 

@@ -64,7 +64,7 @@ def run(cfg: TrainConfig) -> RunResult:
             if rd.is_done():  # another process finished it while this one was setting up
                 return RunResult(str(rd.path), rd.result(), "reused")
             rd.remove_temp_files()  # left by a killed writer; safe: we hold the lock
-            rd.bind(plan.cfg, plan.record, inputs, plan.dtype_choice)
+            rd.bind(plan.cfg, plan.resolved, inputs, plan.dtype_choice)
             final = trainer.train(stop_requests)
     finally:
         if plan.replay is not None:

@@ -285,14 +285,13 @@ def validate_model_args(m: ModelArgs) -> None:
     that contradicts it is refused in the plan), so only the numerics fields and seq_len are checked here."""
     if m.vocab_size < 0:
         raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data sidecar), got {m.vocab_size}")
-    given = {f.name: getattr(m, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+    checked = m
     if m.loads:  # the checkpoint gives the shape: only the numerics fields (and seq_len, the HF/GGUF loading length)
-        given = {**m.numerics(), "seq_len": m.seq_len, "dtype": m.dtype}
-    given["vocab_size"] = m.vocab_size or 1  # 0 = from the data: a placeholder to check the rest
-    if m.dtype == "auto":
-        given["dtype"] = "float32"  # a placeholder: checking a flag must not run the auto probe
+        checked = ModelArgs(**m.numerics(), seq_len=m.seq_len, dtype=m.dtype)
+    if m.dtype == "auto":  # a placeholder: checking a flag must not run the auto probe
+        checked = dataclasses.replace(checked, dtype="float32")
     try:
-        model_lib.ModelConfig(**given)
+        checked.model_config()  # (vocab_size 0 = from the data: model_config puts a placeholder)
     except ValueError as e:
         raise ValueError(_as_model_flags(str(e))) from None
     if m.seq_len < 2:
