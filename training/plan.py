@@ -10,6 +10,7 @@ The plan holds no clocks and no counters: what changes while a run trains is the
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from typing import Any, Callable
 
@@ -114,6 +115,10 @@ class Plan:
         return self.data.train
 
     @property
+    def prev_dataset(self) -> data_lib.SequenceDataset | None:
+        return self.data.prev
+
+    @property
     def ref_init_distance(self) -> float | None:
         return self.reference.init_distance
 
@@ -134,8 +139,7 @@ def build(cfg: TrainConfig, dtype_choice: dict) -> Plan:
     model, base = _model(cfg, model_cfg, loaded)
     s = train_setup.schedule_and_length(cfg, model_cfg, data.train)
     opt = train_setup.optimizer_for(cfg.opt, s["schedule"])
-    schedule = SchedulePlan(opt, s["schedule"], s["total_steps"], s["length_criterion"], s["warmup_steps"],
-                            s["eval_every"], s["tokens_per_step"])
+    schedule = SchedulePlan(optimizer=opt, **s)
     placement = Placement(*train_setup._placement(cfg, model_cfg, model.trainable, opt, model.use_lora,
                                                   masked=data.train.pad_id is not None))
     model, reference = _placed_reference(cfg, model, base, placement, loaded)
@@ -180,7 +184,7 @@ def _placed_reference(cfg: TrainConfig, model: ModelPlan, params: Any, placement
     init_distance = None
     if (loaded is not None and not (loaded.path / "weights.npz").exists()
             and (loaded.path / runs.CONFIG_FILE).exists()):  # a run of this project: its init is known
-        loaded_config = runs.read_run_config(loaded.path).get("config", {})
+        loaded_config = json.loads((loaded.path / runs.CONFIG_FILE).read_text()).get("config", {})  # (a HF one has none)
         if loaded_config.get("model", {}).get("load_path") == "":  # trained from scratch here
             init_params = families.init(model.config, jax.random.key(int(loaded_config["run"]["seed"])))
             if placed:  # beside the placed (in a multi-process run: global) loaded params
