@@ -218,6 +218,12 @@ def execute(spec: RunSpec, out: str | Path) -> dict:
     if spec.module is not None:
         if is_done(path):
             return read_done(path)
+        from forgetting.training.train_config import TrainConfig
+
+        if isinstance(spec.config, TrainConfig):  # the train stage in-process, as its command line runs it
+            from forgetting import training
+
+            return training.run(spec.config).as_dict()
         return importlib.import_module(spec.module).run(spec.config)
     if is_done(path):
         return read_result(path)

@@ -36,6 +36,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -149,10 +150,44 @@ def _pad_id(cfg: Config, tok) -> int:
 
 def tokenize(cfg: Config) -> dict:
     """Tokenizes `cfg.sources` into `cfg.out`; returns the sidecar dict."""
-    from forgetting.formats import chat_template, hf_checkpoint
-
     cfg.validate()
     directory = Path(cfg.hf_tokenizer)
+    tok, vocab, dataset_id = _tokenizer(cfg, directory)
+    start = time.perf_counter()
+    docs = _Documents(cfg, tok, directory)
+    meta: dict = {"dataset_id": dataset_id, "vocab_size": vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+                  "tokenizer": str(directory), "tokenizer_sha256": tokenizer_sha256(directory), "kind": "text",
+                  "sources": list(cfg.sources), "config": cli.to_dict(cfg)}
+    writer = data.TokenWriter(cfg.out, data.dtype_for_vocab(vocab))
+    mask_tmp = Path(str(mask_path(cfg.out)) + ".tmp")
+    mask_file = open(mask_tmp, "wb") if cfg.chat else None
+    try:
+        if cfg.one_per_row:
+            n_pad, n_assistant, n_dropped = _write_one_per_row(cfg, tok, docs, writer, mask_file, meta)
+        elif cfg.pack:  # streamed: one row at a time
+            pad = _pad_id(cfg, tok)
+            n_pad, n_assistant, n_dropped = 0, 0, 0
+            for row in data.iter_packed_rows(iter(docs), cfg.seq_len, pad):
+                writer.write(row)
+                n_pad += int(np.sum(row == pad))
+            meta.update(pad_id=pad, packed_seq_len=cfg.seq_len)
+        else:
+            n_pad, n_dropped = 0, 0
+            n_assistant = _write_documents(cfg, docs, writer, mask_file)
+    except BaseException:
+        _discard(writer, mask_file, mask_tmp)
+        raise
+    _check_written(cfg, writer, mask_file, mask_tmp, meta, n_assistant, n_dropped)
+    if cfg.pack or cfg.one_per_row:
+        meta["pad_fraction"] = round(n_pad / writer.num_tokens, 4)
+    meta.update(num_documents=docs.counts["docs"] - n_dropped, seconds=round(time.perf_counter() - start, 3))
+    return writer.close(meta)
+
+
+def _tokenizer(cfg: Config, directory: Path) -> tuple[Any, int, int]:
+    """(the tokenizer, its vocab size, the dataset id of the rows)."""
+    from forgetting.formats import hf_checkpoint
+
     hf_config = {}
     if directory.is_dir() and (directory / "config.json").exists():
         hf_config = json.loads((directory / "config.json").read_text())
@@ -161,20 +196,48 @@ def tokenize(cfg: Config) -> dict:
     dataset_id = tok.bos_id if cfg.dataset_id < 0 else cfg.dataset_id
     if dataset_id >= vocab:
         raise ValueError(f"dataset_id {dataset_id} is not an id of the tokenizer ({vocab} ids)")
-    start = time.perf_counter()
-    srcs = sources_lib.expand_sources(cfg.sources)
-    counts = {"docs": 0, "tokens": 0}
+    return tok, vocab, dataset_id
 
-    masks: list[list[int]] = []  # --chat: the mask of the document just yielded
 
-    def conversations():
+class _Documents:
+    """The token ids of each document (BOS first; EOS last for text), up to --max_documents / --max_tokens.
+    With --chat each document is a conversation, and `masks` gets its assistant mask as it is yielded."""
+
+    def __init__(self, cfg: Config, tok: Any, directory: Path):
+        self.cfg, self.tok, self.directory = cfg, tok, directory
+        self.srcs = sources_lib.expand_sources(cfg.sources)
+        self.counts = {"docs": 0, "tokens": 0}
+        self.masks: list[list[int]] = []  # --chat: the mask of the document just yielded
+
+    def _full(self) -> bool:
+        cfg, counts = self.cfg, self.counts
+        return bool(cfg.max_documents and counts["docs"] >= cfg.max_documents
+                    or cfg.max_tokens and counts["tokens"] >= cfg.max_tokens)
+
+    def _count(self, ids: list[int]) -> list[int]:
+        self.counts["docs"] += 1
+        self.counts["tokens"] += len(ids)
+        return ids
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.cfg.chat:
+            yield from self._conversations()
+            return
+        tok = self.tok
+        for text in sources_lib.iter_documents(self.srcs, self.cfg.text_field):
+            if self._full():
+                return
+            yield self._count([tok.bos_id, *tok.encode(text), tok.eos_id])
+
+    def _conversations(self) -> Iterator[list[int]]:
+        from forgetting.formats import chat_template
+
+        cfg, tok = self.cfg, self.tok
         template = _chat_template_text(cfg)
         special = chat_template.special_tokens_of(Path(cfg.chat_template) if cfg.chat_template and not
-                                                  cfg.chat_template.endswith(".jinja") else directory)
-        for src, line_no, messages in _iter_conversations(srcs, cfg.messages_field):
-            if cfg.max_documents and counts["docs"] >= cfg.max_documents:
-                return
-            if cfg.max_tokens and counts["tokens"] >= cfg.max_tokens:
+                                                  cfg.chat_template.endswith(".jinja") else self.directory)
+        for src, line_no, messages in _iter_conversations(self.srcs, cfg.messages_field):
+            if self._full():
                 return
             try:
                 ids, mask = chat_template.tokenize_conversation(tok, template, messages, special)
@@ -182,78 +245,62 @@ def tokenize(cfg: Config) -> dict:
                 raise ValueError(f"{src}: line {line_no}: {err}") from None
             if not ids or ids[0] != tok.bos_id:
                 ids, mask = [tok.bos_id, *ids], [0, *mask]
-            counts["docs"] += 1
-            counts["tokens"] += len(ids)
-            masks.append(mask)
-            yield ids
+            self.masks.append(mask)
+            yield self._count(ids)
 
-    def documents():
-        if cfg.chat:
-            yield from conversations()
-            return
-        for text in sources_lib.iter_documents(srcs, cfg.text_field):
-            if cfg.max_documents and counts["docs"] >= cfg.max_documents:
-                return
-            if cfg.max_tokens and counts["tokens"] >= cfg.max_tokens:
-                return
-            ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
-            counts["docs"] += 1
-            counts["tokens"] += len(ids)
-            yield ids
 
-    meta: dict = {"dataset_id": dataset_id, "vocab_size": vocab, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
-                  "tokenizer": str(directory), "tokenizer_sha256": tokenizer_sha256(directory), "kind": "text",
-                  "sources": list(cfg.sources), "config": cli.to_dict(cfg)}
-    writer = data.TokenWriter(cfg.out, data.dtype_for_vocab(vocab))
-    mask_tmp = Path(str(mask_path(cfg.out)) + ".tmp")
-    mask_file = open(mask_tmp, "wb") if cfg.chat else None
+def _write_one_per_row(cfg: Config, tok: Any, docs: _Documents, writer: Any, mask_file: Any,
+                       meta: dict) -> tuple[int, int, int]:
+    """--one_per_row: each document padded to one row (a longer one is skipped, as the authors');
+    returns (padding tokens, assistant tokens, documents dropped)."""
+    pad = _pad_id(cfg, tok)
     n_pad = n_assistant = n_dropped = 0
-    try:
-        if cfg.one_per_row:
-            pad = _pad_id(cfg, tok)
-            for ids in documents():
-                mask_of_doc = masks.pop() if mask_file is not None else None
-                if len(ids) > cfg.seq_len:  # the authors skip what does not fit one row
-                    n_dropped += 1
-                    continue
-                if pad in ids:
-                    raise ValueError(f"a document contains the padding id {pad}; choose a --pad_id the text cannot "
-                                     "produce")
-                row = np.full(cfg.seq_len, pad, np.int64)
-                row[:len(ids)] = ids
-                writer.write(row)
-                n_pad += cfg.seq_len - len(ids)
-                if mask_file is not None:
-                    mask = np.zeros(cfg.seq_len, np.uint8)
-                    mask[:len(ids)] = mask_of_doc
-                    mask_file.write(mask.tobytes())
-                    n_assistant += int(mask.sum())
-            meta.update(pad_id=pad, packed_seq_len=cfg.seq_len, dropped_documents=n_dropped)
-        elif cfg.pack:  # streamed: one row at a time
-            pad = _pad_id(cfg, tok)
-            for row in data.iter_packed_rows(documents(), cfg.seq_len, pad):
-                writer.write(row)
-                n_pad += int(np.sum(row == pad))
-            meta.update(pad_id=pad, packed_seq_len=cfg.seq_len)
-        else:
-            for ids in documents():
-                room = cfg.max_tokens - writer.num_tokens if cfg.max_tokens else len(ids)
-                writer.write(np.asarray(ids[:room], np.int64))
-                if mask_file is not None:
-                    mask = np.asarray(masks.pop()[:room], np.uint8)
-                    mask_file.write(mask.tobytes())
-                    n_assistant += int(mask.sum())
-    except BaseException:
-        writer.abort()
+    for ids in docs:
+        mask_of_doc = docs.masks.pop() if mask_file is not None else None
+        if len(ids) > cfg.seq_len:  # the authors skip what does not fit one row
+            n_dropped += 1
+            continue
+        if pad in ids:
+            raise ValueError(f"a document contains the padding id {pad}; choose a --pad_id the text cannot "
+                             "produce")
+        row = np.full(cfg.seq_len, pad, np.int64)
+        row[:len(ids)] = ids
+        writer.write(row)
+        n_pad += cfg.seq_len - len(ids)
         if mask_file is not None:
-            mask_file.close()
-            mask_tmp.unlink(missing_ok=True)
-        raise
+            mask = np.zeros(cfg.seq_len, np.uint8)
+            mask[:len(ids)] = mask_of_doc
+            mask_file.write(mask.tobytes())
+            n_assistant += int(mask.sum())
+    meta.update(pad_id=pad, packed_seq_len=cfg.seq_len, dropped_documents=n_dropped)
+    return n_pad, n_assistant, n_dropped
+
+
+def _write_documents(cfg: Config, docs: _Documents, writer: Any, mask_file: Any) -> int:
+    """Documents back to back (cut at --max_tokens); returns the assistant tokens (--chat)."""
+    n_assistant = 0
+    for ids in docs:
+        room = cfg.max_tokens - writer.num_tokens if cfg.max_tokens else len(ids)
+        writer.write(np.asarray(ids[:room], np.int64))
+        if mask_file is not None:
+            mask = np.asarray(docs.masks.pop()[:room], np.uint8)
+            mask_file.write(mask.tobytes())
+            n_assistant += int(mask.sum())
+    return n_assistant
+
+
+def _discard(writer: Any, mask_file: Any, mask_tmp: Path) -> None:
+    writer.abort()
+    if mask_file is not None:
+        mask_file.close()
+        mask_tmp.unlink(missing_ok=True)
+
+
+def _check_written(cfg: Config, writer: Any, mask_file: Any, mask_tmp: Path, meta: dict, n_assistant: int,
+                   n_dropped: int) -> None:
+    """Refuses an empty output (nothing fit, no assistant turn, no text); moves the mask file into place."""
     if cfg.one_per_row and writer.num_tokens == 0 and n_dropped:
-        if mask_file is not None:
-            mask_file.close()
-            mask_tmp.unlink(missing_ok=True)
-        writer.abort()
+        _discard(writer, mask_file, mask_tmp)
         raise ValueError(f"all {n_dropped} documents are longer than --seq_len {cfg.seq_len}: nothing to write")
     if mask_file is not None:
         mask_file.close()
@@ -266,10 +313,7 @@ def tokenize(cfg: Config) -> dict:
     if writer.num_tokens == 0:
         writer.abort()
         raise ValueError(f"the corpus is empty: no text in {', '.join(cfg.sources)}")
-    if cfg.pack or cfg.one_per_row:
-        meta["pad_fraction"] = round(n_pad / writer.num_tokens, 4)
-    meta.update(num_documents=counts["docs"] - n_dropped, seconds=round(time.perf_counter() - start, 3))
-    return writer.close(meta)
+
 
 run = tokenize
 

@@ -143,6 +143,36 @@ def count_words(cfg: Config) -> tuple[Counter, dict]:
     return counts, {"chars": seen["chars"], "pieces": seen["pieces"], "unique_pretokens": len(counts), "pretokens": sum(counts.values())}
 
 
+def _apply_merge(words: list[list[int]], freqs: list[int], where: dict, pair_count: dict, pair: tuple[int, int],
+                 new_id: int) -> set[tuple[int, int]]:
+    """Rewrites the words holding `pair` with `new_id` in its place, updating the pair counts and the inverted
+    index; returns the pairs whose counts grew (to re-queue)."""
+    a, b = pair
+    touched: set[tuple[int, int]] = set()
+    for wi in where.pop(pair):
+        w = words[wi]
+        f = freqs[wi]
+        out: list[int] = []
+        i, n = 0, len(w)
+        while i < n:
+            if i + 1 < n and w[i] == a and w[i + 1] == b:
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(w[i])
+                i += 1
+        if len(out) == n:  # stale index entry: this word no longer holds the pair
+            continue
+        for p in zip(w, w[1:]):
+            pair_count[p] -= f
+        for p in zip(out, out[1:]):
+            pair_count[p] += f
+            where[p].add(wi)
+            touched.add(p)
+        words[wi] = out
+    return touched
+
+
 def learn_merges(word_counts: dict[bytes, int], n_merges: int, progress: bool = False) -> list[bytes]:
     """Byte-pair merges, most frequent first; returns the new tokens' bytes in rank order.
 
@@ -185,28 +215,7 @@ def learn_merges(word_counts: dict[bytes, int], n_merges: int, progress: bool = 
             id_of[merged] = new_id
             new_tokens.append(merged)
             bar.update(1)
-        touched: set[tuple[int, int]] = set()
-        for wi in where.pop((a, b)):
-            w = words[wi]
-            f = freqs[wi]
-            out: list[int] = []
-            i, n = 0, len(w)
-            while i < n:
-                if i + 1 < n and w[i] == a and w[i + 1] == b:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            if len(out) == n:  # stale index entry: this word no longer holds the pair
-                continue
-            for pair in zip(w, w[1:]):
-                pair_count[pair] -= f
-            for pair in zip(out, out[1:]):
-                pair_count[pair] += f
-                where[pair].add(wi)
-                touched.add(pair)
-            words[wi] = out
+        touched = _apply_merge(words, freqs, where, pair_count, (a, b), new_id)
         pair_count.pop((a, b), None)
         for pair in touched:
             c = pair_count[pair]

@@ -13,7 +13,7 @@ import pytest
 from forgetting.core import data as data_lib
 from forgetting.core import hf_config
 from forgetting.evals import benchmarks
-from forgetting.training import runs, train_setup
+from forgetting.training import run_dir, runs, train_setup
 from forgetting.stages import train
 from forgetting.training.train_config import replace
 from forgetting.experiments import framework
@@ -123,7 +123,7 @@ def test_gguf_checkpoint_is_fingerprinted_and_binds_the_tokenizer(tiny_gguf, tmp
     cfg = replace(tiny(str(data), tmp_path / "runs"), **{
         "model.load_path": str(path), "model.d_model": 256, "model.n_layers": 6, "model.head_dim": 64,
         "data.num_tokens_valid": 4 * T, "opt.batch_size": 2, "stop.num_tokens_train": 2 * T})
-    recorded = train._input_fingerprints(cfg, train_setup.build_setup(cfg))
+    recorded = run_dir.fingerprints(train_setup.build_setup(cfg).input_files)
     assert recorded[f"--model.load_path ({path.name})"]["size"] == path.stat().st_size
     data_lib.sidecar_path(data).write_text(json.dumps({**meta, "tokenizer_sha256": B}))
     with pytest.raises(ValueError, match=r"--data.path \S+text.bin was tokenized with tokenizer bbbbbbbbbbbb…, but the "
@@ -151,7 +151,7 @@ def test_hf_directory_binds_its_tokenizer_and_fingerprints_config_and_tokenizer(
     cfg = replace(tiny(str(data), tmp_path / "runs"), **{
         "model.load_path": str(hf), "model.d_model": 256, "model.n_layers": 6, "model.head_dim": 64,
         "data.num_tokens_valid": 4 * T, "opt.batch_size": 2, "stop.num_tokens_train": 2 * T})
-    recorded = train._input_fingerprints(cfg, train_setup.build_setup(cfg))
+    recorded = run_dir.fingerprints(train_setup.build_setup(cfg).input_files)
     assert {"--model.load_path (config.json)", "--model.load_path (tokenizer.model)"} <= set(recorded)
     loaded = runs.load_run(hf)  # data tokenized with one of its tokenizer files alone names the same tokenizer
     assert loaded.tokenizer_matches(tokenize_hf.tokenizer_sha256(hf / "tokenizer.model"))
@@ -221,7 +221,7 @@ def test_path_spelling_does_not_change_the_run_and_a_killed_run_resumes(base, tm
 def test_a_run_named_before_normalization_keeps_its_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny("x.bin", tmp_path / "runs")
-    legacy = runs._named(cfg, runs.hashed_config(cfg, normalize=False))
+    legacy = runs._named(cfg, runs.hashed_config(cfg, normalize=False, scheme=1))
     assert runs.run_dir(cfg) != legacy  # a relative path is now named by its absolute form
     legacy.mkdir(parents=True)
     assert runs.run_dir(cfg) == legacy  # ... but an existing run of the old name is still found and resumed

@@ -240,18 +240,18 @@ def stage_process(argv: list[str], env: dict | None = None, **kwargs) -> subproc
 
 def interrupt_once(cfg: TrainConfig, monkeypatch, after_saves: int = 2) -> None:
     """Runs `cfg` in-process until its `after_saves`-th state checkpoint, then stops it as a crash would."""
-    original, calls = train._Trainer.save_state, {"n": 0}
+    original, calls = train._Trainer.save, {"n": 0}
 
-    def dying_save(self, state, step, extras):
-        original(self, state, step, extras)
+    def dying_save(self, st, wall_time=None):
+        original(self, st, wall_time)
         calls["n"] += 1
         if calls["n"] == after_saves:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train._Trainer, "save_state", dying_save)
+    monkeypatch.setattr(train._Trainer, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
-    monkeypatch.setattr(train._Trainer, "save_state", original)
+    monkeypatch.setattr(train._Trainer, "save", original)
 
 
 # ------------------------------------------------------------------------------ 2. bound to its inputs
@@ -343,6 +343,30 @@ def test_kill_at_every_phase_boundary_ends_like_the_uninterrupted_run(corpora, t
         assert "took over the stale lock of pid" in capfd.readouterr().err, point
         assert run_record(out) == expected, point
         assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp")), point
+
+
+@pytest.mark.slow
+def test_kill_at_every_phase_boundary_of_a_self_generated_kl_finetune(corpora, tmp_path, capfd):
+    """The same for a finetune with self-generated KL replay (the paper's method): the replay sampler's
+    buffers and the pending losses resume to the uninterrupted run's numbers, byte for byte."""
+    base = train.train(tiny(corpora[0], tmp_path / "base"))["run_dir"]
+    extra = ["--model.load_path", base, "--reg.method", "kl_pre", "--reg.synth", "true", "--reg.batch_size", "4",
+             "--reg.buffer", "3", "--stop.num_tokens_train", str(8 * T * 8)]
+    cfg = replace(tiny(corpora[1], tmp_path / "reference"), **{
+        "model.load_path": base, "reg.method": "kl_pre", "reg.synth": True, "reg.batch_size": 4, "reg.buffer": 3,
+        "stop.num_tokens_train": 8 * T * 8})
+    reference = train.train(cfg)
+    expected = run_record(Path(reference["run_dir"]))
+    points = [f"state_saved:{r['step']}" for r in runs.read_metrics(reference["run_dir"])] + ["params_write", "before_done"]
+    assert points[:3] == ["state_saved:0", "state_saved:4", "state_saved:8"]
+    for point in points:
+        run_dir = tmp_path / point.replace(":", "_")
+        proc = stage_process(tiny_argv(corpora[1], run_dir, *extra), env={runs.FAULT_ENV: point})
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (point, err[-2000:])
+        resumed = train.train(replace(cfg, **{"run.dir": str(run_dir)}))
+        assert resumed["status"] == "finished", point
+        assert run_record(Path(resumed["run_dir"])) == expected, point
 
 
 @pytest.mark.slow

@@ -54,8 +54,8 @@ def test_kept_split_evals_match_the_plain_eval(model_and_data, batch_size, kept_
 def test_replay_prefetch_hands_out_the_same_rows(model_and_data):
     cfg, _, ref, _ = model_and_data
     plain = replay.SelfGeneratedReplay(cfg, ref, [0, 1], rows=4, buffer=2, temperature=1.0, seed=3, prefetch=False)
-    ahead = replay.SelfGeneratedReplay(cfg, ref, [0, 1], rows=4, buffer=2, temperature=1.0, seed=3, prefetch=True)
-    ahead.last_index = 2
+    ahead = replay.SelfGeneratedReplay(cfg, ref, [0, 1], rows=4, buffer=2, temperature=1.0, seed=3, prefetch=True,
+                                       last_index=2)
     try:
         for step in (0, 1, 2, 3, 4, 5, 0, 5):  # forward, then a jump back (a resume) and ahead again
             np.testing.assert_array_equal(plain.rows(step), ahead.rows(step))
@@ -68,15 +68,16 @@ def test_replay_prefetch_hands_out_the_same_rows(model_and_data):
 def test_checkpoints_on_their_own_cadence_resume_to_the_same_run(corpora, tmp_path, monkeypatch):
     reference = train.train(tiny(corpora, tmp_path / "reference"))
     saved_steps: list[int] = []
-    original = train._Trainer.save_state
+    original = train._Trainer.save
 
-    def recording_save(self, state, step, extras):
+    def recording_save(self, st, wall_time=None):
+        step = st.step
         saved_steps.append(step)
-        original(self, state, step, extras)
+        original(self, st, wall_time)
         if step == 6 and len(saved_steps) == 3:
             raise KeyboardInterrupt("simulated kill between evals")
 
-    monkeypatch.setattr(train._Trainer, "save_state", recording_save)
+    monkeypatch.setattr(train._Trainer, "save", recording_save)
     cfg = tiny(corpora, tmp_path / "cadence", **{"log.checkpoint_every_steps": 3})
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)

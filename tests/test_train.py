@@ -90,18 +90,18 @@ def test_killed_run_resumes_to_identical_numbers(corpora, tmp_path, monkeypatch)
     reference = train.train(replace(cfg, **{"run.dir": str(tmp_path / "uninterrupted")}))["metrics"]
 
     calls = {"n": 0}
-    original = train._Trainer.save_state
+    original = train._Trainer.save
 
-    def dying_save(self, state, step, extras):
-        original(self, state, step, extras)
+    def dying_save(self, st, wall_time=None):
+        original(self, st, wall_time)
         calls["n"] += 1
         if calls["n"] == 2:  # after the checkpoint at step 4
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train._Trainer, "save_state", dying_save)
+    monkeypatch.setattr(train._Trainer, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
-    monkeypatch.setattr(train._Trainer, "save_state", original)
+    monkeypatch.setattr(train._Trainer, "save", original)
     out = train.run_dir(cfg)
     assert not runs.is_done(out) and checkpoint.read_metadata(out / runs.STATE_FILE)["step"] == 4
     resumed = train.train(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +24,20 @@ _REAL_REPLAY_SEED_OFFSET = 1_000_003
 _SYNTH_REPLAY_KEY_SALT = 0x5E1F
 
 
+class ReplaySource(Protocol):
+    """What the train loop asks of a replay source, built complete (nothing is set on it afterwards)."""
+
+    def rows(self, step: int) -> Any:
+        """The replay rows of `step` (int32 [rows, T])."""
+
+    def ref_hidden(self, step: int) -> jax.Array | None:
+        """The reference's final hidden states on `rows(step)` when the source has them (else None: the train
+        step runs the reference itself)."""
+
+    def close(self) -> None:
+        """Releases what the source holds (a prefetch thread)."""
+
+
 class RealReplay:
     """Old-data rows from a dataset's training split."""
 
@@ -33,6 +47,12 @@ class RealReplay:
 
     def rows(self, step: int) -> np.ndarray:
         return self.dataset.train_batch(step, self.rows_per_step, self.seed)
+
+    def ref_hidden(self, step: int) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 class SelfGeneratedReplay:
@@ -47,7 +67,7 @@ class SelfGeneratedReplay:
 
     def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
                  rows: int, buffer: int, temperature: float, seed: int, prefetch: bool = True,
-                 keep_hidden: bool = False):
+                 keep_hidden: bool = False, last_index: int | None = None):
         if not prompt_ids:
             raise ValueError("self-generated replay needs at least one prompt id (--reg.prompt_ids)")
         self.model_cfg, self.ref_params = model_cfg, ref_params
@@ -63,7 +83,7 @@ class SelfGeneratedReplay:
         self._buffer_index, self._buffer = -1, None
         self._pending: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="replay") if prefetch else None
-        self.last_index: int | None = None  # buffers past the run's last step are not prefetched
+        self.last_index = last_index  # buffers past the run's last step are not prefetched (None: no last step)
         self.sampling_seconds = 0.0
         self.keep_hidden = keep_hidden
         self._hidden: jax.Array | None = None

@@ -52,32 +52,57 @@ def normalize_path(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else path
 
 
-def hashed_config(cfg: Any, *, normalize: bool = True) -> dict:
+# How a run directory's hash is computed. 1: every field of the config (so any new field renamed every run);
+# 2: only the fields that differ from their defaults, plus the dtype the run computes in, plus this number.
+HASH_SCHEME = 2
+
+
+def hashed_config(cfg: Any, *, normalize: bool = True, scheme: int = HASH_SCHEME) -> dict:
     """The config a run is named by (`normalize=False`: input paths as spelled, the naming before paths
-    were normalized)."""
-    d = cli.to_dict(cfg)
+    were normalized; `scheme=1`: the naming before only non-default fields were hashed)."""
+    d = cli.to_dict(cfg) if scheme == 1 else _changed_fields(cfg)
     for section, key in _PATH_FIELDS if normalize else ():
         value = d.get(section, {}).get(key)
         if isinstance(value, str):
             d[section][key] = normalize_path(value)
         elif isinstance(value, (list, tuple)):
             d[section][key] = [normalize_path(v) for v in value]
-    model = d.get("model")
-    if isinstance(model, dict) and model.get("dtype") == "auto":  # the run is named by the dtype it computes in
-        from forgetting.training import auto_dtype
+    model = getattr(cfg, "model", None)
+    if model is not None and hasattr(model, "dtype"):  # the run is named by the dtype it computes in
+        from forgetting.training.plan import resolve_dtype
 
-        model["dtype"] = auto_dtype.resolve("auto")
+        d.setdefault("model", {})["dtype"] = resolve_dtype(model.dtype)["dtype"]
     for section, key in _UNHASHED:
         d.get(section, {}).pop(key, None)
-    return d
+    if scheme == 1:
+        return d
+    return {"hash_scheme": scheme, **{k: v for k, v in d.items() if v != {}}}
+
+
+def _changed_fields(cfg: Any) -> dict:
+    """`cli.to_dict(cfg)` without the fields at their defaults (each section against its own class's
+    defaults), so a new field left at its default names no run differently."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out[f.name] = _changed_fields(value)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING or cli.to_dict(value) != cli.to_dict(default):
+            out[f.name] = cli.to_dict(value)
+    return out
 
 
 def run_dir(cfg: Any) -> Path:
-    """The run directory of a training config: `<run.dir>/<run.name->hash`, known before running."""
+    """The run directory of a training config: `<run.dir>/<run.name->hash`, known before running. A run
+    started under an older naming (hash scheme 1; input paths not yet normalized) keeps its directory."""
     path = _named(cfg, hashed_config(cfg))
-    if not path.exists():  # a run started before input paths were normalized keeps its directory
-        legacy = _named(cfg, hashed_config(cfg, normalize=False))
-        if legacy != path and legacy.exists():
+    if path.exists():
+        return path
+    for legacy in (_named(cfg, hashed_config(cfg, scheme=1)), _named(cfg, hashed_config(cfg, normalize=False, scheme=1))):
+        if legacy.exists():
             return legacy
     return path
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
-from forgetting.training import auto_dtype
 
 REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace")
 REFERENCE_HIDDEN = ("auto", "sampler", "forward")
@@ -45,20 +45,31 @@ class MixConfig:
 
 
 @dataclass(frozen=True)
-class ModelArgs(model_lib.ModelConfig):
-    """The paper model's config itself (every field a flag: --model.d_model, --model.impl, --model.remat, ...)
-    plus where training starts from. When loading, the checkpoint's shape is used and the numerics fields
-    (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
+class ModelArgs:
+    """The `--model.*` flags: every field of the paper model's config (core.model.ModelConfig: same names, same
+    defaults, and its own checks validate them) plus where training starts from. When loading, the
+    checkpoint's shape is used and the numerics fields (impl, remat, kv_cache_dtype, unroll, loss_chunk,
+    streams; dtype via the loader) apply to it."""
 
     vocab_size: int = 0  # 0 = take it from the data sidecar
-    dtype: str = "auto"  # matmul input dtype: bfloat16 (f32 accumulation) | float32 | auto (the faster one here: stages.auto_dtype)
+    d_model: int = 256  # D: residual width
+    n_layers: int = 6  # L: transformer blocks
+    head_dim: int = 64  # per-head width; heads = d_model // head_dim (as the authors': D=288 has 4 heads of 64)
+    seq_len: int = 256  # T: maximum sequence length (RoPE table and KV-cache size)
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    rope_base: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    dtype: str = "auto"  # matmul input dtype: bfloat16 (f32 accumulation) | float32 | auto (the faster one here: training.auto_dtype)
+    impl: str = "auto"  # auto | reference | xla_cpu: kernels for attention, loss head, matmul gradients
+    remat: str = "none"  # activation checkpointing: none | block (recompute each block) | dots
+    kv_cache_dtype: str = "auto"  # auto (f32 on xla_cpu, else dtype) | bfloat16 | float32
+    unroll: int = 0  # layer-loop unroll for lax.scan; 0 = backend default (full on xla_cpu, else 1)
+    loss_chunk: int = 0  # fused loss head: logits elements per chunk; 0 = default (8 MB of f32)
+    streams: int = 0  # independent row groups through the layers; 0 = backend default
     load_path: str = ""  # finetune from this run directory (or an authors' weights.npz / HF / GGUF checkpoint)
     load_dir: str = ""  # with load_idx: finetune from the load_idx-th run in this directory (the authors' load_dir)
     load_idx: int = -1  # index into the sorted finished runs / authors' checkpoints under load_dir
     lora_rank: int = 0  # >0: train only rank-r LoRA adapters on every non-embedding matrix
-
-    def __post_init__(self) -> None:
-        """Checked by `TrainConfig.validate` instead, so a bad flag is a one-line message."""
 
     @property
     def loads(self) -> bool:
@@ -68,7 +79,10 @@ class ModelArgs(model_lib.ModelConfig):
     def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
         """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
-        fields["dtype"] = auto_dtype.resolve(self.dtype)
+        if self.dtype == "auto":  # (a run's plan resolves it before this: `plan.resolve_dtype`, the one place)
+            from forgetting.training.plan import resolve_dtype
+
+            fields["dtype"] = resolve_dtype(self.dtype)["dtype"]
         fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
         return model_lib.ModelConfig(**fields)
 
@@ -178,74 +192,83 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
-        """Refuses contradictory, out-of-range or missing settings before any compute; each message says the fix."""
+        """Refuses contradictory, out-of-range or missing settings before any compute; each message says the fix.
+        Each check has one owner: the model's fields are the model config's (`validate_model_args`), ranges
+        are `_check_ranges`', and the combinations below."""
         if not self.data.path:
             raise ValueError("no training data: pass --data.path FILE.bin")
         check_run_name(self.run.name)
         validate_model_args(self.model)
         _check_ranges(self)
-        s = self.stop
-        lengths = [n for n, v in (("--stop.num_tokens_train", s.num_tokens_train),
-                                  ("--stop.tokens_per_param", s.tokens_per_param),
-                                  ("--stop.num_epochs", s.num_epochs)) if v]
-        if len(lengths) > 1:
-            raise ValueError(f"two length criteria given ({', '.join(lengths)}); keep one of them")
-        if not lengths and not (s.target_loss or s.train_time or s.early_stop_evals):
-            raise ValueError("no stop criterion: give one of --stop.num_tokens_train, --stop.tokens_per_param, "
-                             "--stop.num_epochs, --stop.target_loss, --stop.train_time, --stop.early_stop_evals")
-        if self.opt.lr_decay not in ("none", "cosine"):
-            raise ValueError(f"--opt.lr_decay must be none or cosine, got {self.opt.lr_decay!r}")
-        if self.opt.lr_decay == "cosine" and not lengths:
-            raise ValueError("--opt.lr_decay cosine needs a fixed run length: add --stop.num_tokens_train, "
-                             "--stop.tokens_per_param or --stop.num_epochs")
-        if self.opt.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"--opt.optimizer must be adamw or sgd, got {self.opt.optimizer!r}")
-        if self.opt.batch_size <= 0:
-            raise ValueError(f"--opt.batch_size must be positive, got {self.opt.batch_size}")
-        r = self.reg
-        if r.method not in REG_METHODS:
-            raise ValueError(f"--reg.method must be one of {', '.join(REG_METHODS)}, got {r.method!r}")
-        if r.method in ("kl_pre", "kl_dwn") and not self.model.loads:
-            raise ValueError(f"--reg.method {r.method} needs a frozen reference model: pass --model.load_path RUN_DIR")
-        if r.method in ("ntp_pre", "replace") and not (self.model.loads or (r.path and not r.synth)):
-            raise ValueError(f"--reg.method {r.method} needs old data: pass --model.load_path RUN_DIR (replays its "
-                             "data, or samples from it with --reg.synth true) or --reg.path OLD.bin")
-        if r.synth and r.method not in ("ntp_pre", "kl_pre", "replace"):
-            raise ValueError(f"--reg.synth true only applies to ntp_pre, kl_pre or replace, not {r.method}")
-        if r.method in ("ntp_pre", "kl_pre"):
-            if r.batch_size <= 0:
-                raise ValueError(f"--reg.batch_size must be positive for {r.method}, got {r.batch_size}")
-            if not r.synth and r.batch_size > self.opt.batch_size:
-                raise ValueError(f"real replay batch (--reg.batch_size {r.batch_size}) is larger than the data "
-                                 f"batch (--opt.batch_size {self.opt.batch_size}); lower it or use --reg.synth true")
-        if r.synth and r.buffer <= 0:
-            raise ValueError(f"--reg.buffer must be positive, got {r.buffer}")
-        if r.reference_hidden not in REFERENCE_HIDDEN:
-            raise ValueError(f"--reg.reference_hidden must be one of {', '.join(REFERENCE_HIDDEN)}, got {r.reference_hidden!r}")
-        if r.reference_hidden == "sampler" and not (r.synth and r.method == "kl_pre"):
-            raise ValueError("--reg.reference_hidden sampler applies to self-generated KL replay only "
-                             "(--reg.method kl_pre --reg.synth true); drop it or use auto")
-        if r.synth and r.temperature < 0:
-            raise ValueError(f"--reg.temperature must be >= 0, got {r.temperature}")
-        if r.method == "replace" and not 0 < r.coeff < 1:
-            raise ValueError(f"--reg.method replace takes --reg.coeff as the replaced fraction in (0, 1), got {r.coeff}")
-        if r.coeff < 0:
-            raise ValueError(f"--reg.coeff must be >= 0, got {r.coeff}")
-        if self.mix.path and not 0 < self.mix.coeff < 1:
-            raise ValueError(f"--mix.coeff must be in (0, 1) when --mix.path is given, got {self.mix.coeff}")
-        for flag, frac, on in (("--mix.coeff", self.mix.coeff, bool(self.mix.path)),
-                               ("--reg.coeff", r.coeff, r.method == "replace")):
-            if not on:  # (when on, frac is already checked to lie in (0, 1) above)
-                continue
-            rows = data_lib.num_rows(frac, self.opt.batch_size)
-            if not 1 <= rows < self.opt.batch_size:
-                raise ValueError(f"{flag} {frac} takes floor({frac} * {self.opt.batch_size}) = {rows} rows of each "
-                                 f"batch of --opt.batch_size {self.opt.batch_size}; it must give 1 to "
-                                 f"{self.opt.batch_size - 1} rows: raise the fraction or the batch size")
-        if self.mix.coeff and not self.mix.path:
-            raise ValueError("--mix.coeff given without --mix.path")
+        _check_stop_and_opt(self)
+        _check_reg(self)
+        _check_fractions(self)
         if self.run.mesh not in MESH_STRATEGIES:
             raise ValueError(f"--run.mesh must be one of dp, fsdp, tp (or empty), got {self.run.mesh!r}")
+
+
+def _check_stop_and_opt(cfg: TrainConfig) -> None:
+    """At most one length criterion and at least one stop criterion; the optimizer and its schedule."""
+    s, o = cfg.stop, cfg.opt
+    lengths = [n for n, v in (("--stop.num_tokens_train", s.num_tokens_train),
+                              ("--stop.tokens_per_param", s.tokens_per_param),
+                              ("--stop.num_epochs", s.num_epochs)) if v]
+    if len(lengths) > 1:
+        raise ValueError(f"two length criteria given ({', '.join(lengths)}); keep one of them")
+    if not lengths and not (s.target_loss or s.train_time or s.early_stop_evals):
+        raise ValueError("no stop criterion: give one of --stop.num_tokens_train, --stop.tokens_per_param, "
+                         "--stop.num_epochs, --stop.target_loss, --stop.train_time, --stop.early_stop_evals")
+    if o.lr_decay not in ("none", "cosine"):
+        raise ValueError(f"--opt.lr_decay must be none or cosine, got {o.lr_decay!r}")
+    if o.lr_decay == "cosine" and not lengths:
+        raise ValueError("--opt.lr_decay cosine needs a fixed run length: add --stop.num_tokens_train, "
+                         "--stop.tokens_per_param or --stop.num_epochs")
+    if o.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"--opt.optimizer must be adamw or sgd, got {o.optimizer!r}")
+    if o.batch_size <= 0:
+        raise ValueError(f"--opt.batch_size must be positive, got {o.batch_size}")
+
+
+def _check_reg(cfg: TrainConfig) -> None:
+    """The regularizer's method and what it needs (a reference, old data); its ranges are `_check_ranges`'."""
+    r = cfg.reg
+    if r.method not in REG_METHODS:
+        raise ValueError(f"--reg.method must be one of {', '.join(REG_METHODS)}, got {r.method!r}")
+    if r.method in ("kl_pre", "kl_dwn") and not cfg.model.loads:
+        raise ValueError(f"--reg.method {r.method} needs a frozen reference model: pass --model.load_path RUN_DIR")
+    if r.method in ("ntp_pre", "replace") and not (cfg.model.loads or (r.path and not r.synth)):
+        raise ValueError(f"--reg.method {r.method} needs old data: pass --model.load_path RUN_DIR (replays its "
+                         "data, or samples from it with --reg.synth true) or --reg.path OLD.bin")
+    if r.synth and r.method not in ("ntp_pre", "kl_pre", "replace"):
+        raise ValueError(f"--reg.synth true only applies to ntp_pre, kl_pre or replace, not {r.method}")
+    if r.method in ("ntp_pre", "kl_pre") and not r.synth and r.batch_size > cfg.opt.batch_size:
+        raise ValueError(f"real replay batch (--reg.batch_size {r.batch_size}) is larger than the data "
+                         f"batch (--opt.batch_size {cfg.opt.batch_size}); lower it or use --reg.synth true")
+    if r.reference_hidden not in REFERENCE_HIDDEN:
+        raise ValueError(f"--reg.reference_hidden must be one of {', '.join(REFERENCE_HIDDEN)}, got {r.reference_hidden!r}")
+    if r.reference_hidden == "sampler" and not (r.synth and r.method == "kl_pre"):
+        raise ValueError("--reg.reference_hidden sampler applies to self-generated KL replay only "
+                         "(--reg.method kl_pre --reg.synth true); drop it or use auto")
+    if r.method == "replace" and not 0 < r.coeff < 1:
+        raise ValueError(f"--reg.method replace takes --reg.coeff as the replaced fraction in (0, 1), got {r.coeff}")
+
+
+def _check_fractions(cfg: TrainConfig) -> None:
+    """--mix.coeff and the replaced fraction of --reg.method replace each take 1 to B-1 rows of a batch."""
+    if cfg.mix.path and not 0 < cfg.mix.coeff < 1:
+        raise ValueError(f"--mix.coeff must be in (0, 1) when --mix.path is given, got {cfg.mix.coeff}")
+    B = cfg.opt.batch_size
+    for flag, frac, on in (("--mix.coeff", cfg.mix.coeff, bool(cfg.mix.path)),
+                           ("--reg.coeff", cfg.reg.coeff, cfg.reg.method == "replace")):
+        if not on:  # (when on, frac is already checked to lie in (0, 1) above)
+            continue
+        rows = data_lib.num_rows(frac, B)
+        if not 1 <= rows < B:
+            raise ValueError(f"{flag} {frac} takes floor({frac} * {B}) = {rows} rows of each batch of "
+                             f"--opt.batch_size {B}; it must give 1 to {B - 1} rows: raise the fraction or the "
+                             "batch size")
+    if cfg.mix.coeff and not cfg.mix.path:
+        raise ValueError("--mix.coeff given without --mix.path")
 
 
 def check_run_name(name: str) -> None:
@@ -255,35 +278,38 @@ def check_run_name(name: str) -> None:
                          "it becomes part of a directory name inside --run.dir")
 
 
-# ---- model-shape checks: one block, so they can move with the model config (see core.model.ModelConfig) ----
+# ---- the model flags: the model config checks its own fields; only what is about training is checked here ----
 def validate_model_args(m: ModelArgs) -> None:
-    """Range checks of the model flags (shape flags are ignored when loading, but must still be sane)."""
-    for name in ("d_model", "n_layers", "head_dim", "seq_len"):
-        if getattr(m, name) <= 0:
-            raise ValueError(f"--model.{name} must be positive, got {getattr(m, name)}")
+    """The `--model.*` flags: ModelConfig's own checks (reported as flags), plus what training adds (a vocab
+    from the data, seq_len >= 2, LoRA, loading). When loading, the checkpoint gives the shape (a shape flag
+    that contradicts it is refused in the plan), so only the numerics fields and seq_len are checked here."""
     if m.vocab_size < 0:
         raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data sidecar), got {m.vocab_size}")
+    checked = m
+    if m.loads:  # the checkpoint gives the shape: only the numerics fields (and seq_len, the HF/GGUF loading length)
+        checked = ModelArgs(**m.numerics(), seq_len=m.seq_len, dtype=m.dtype)
+    if m.dtype == "auto":  # a placeholder: checking a flag must not run the auto probe
+        checked = dataclasses.replace(checked, dtype="float32")
+    try:
+        checked.model_config()  # (vocab_size 0 = from the data: model_config puts a placeholder)
+    except ValueError as e:
+        raise ValueError(_as_model_flags(str(e))) from None
     if m.seq_len < 2:
         raise ValueError(f"--model.seq_len must be >= 2 (a next-token loss needs two positions), got {m.seq_len}")
-    if not m.loads:
-        if m.d_model < m.head_dim:  # heads = d_model // head_dim, as the authors' (D=288 has 4 heads of 64)
-            raise ValueError(f"--model.d_model {m.d_model} must be at least --model.head_dim {m.head_dim} (one head)")
-        if m.head_dim % 2:
-            raise ValueError(f"--model.head_dim {m.head_dim} must be even (RoPE rotates pairs of features)")
     if m.lora_rank < 0:
         raise ValueError(f"--model.lora_rank must be >= 0, got {m.lora_rank}")
     if m.lora_rank and not m.loads:
         raise ValueError("--model.lora_rank needs --model.load_path (LoRA adapts a loaded model)")
     # lora_rank <= min(d_in, d_out) needs the loaded model's shape: checked in train_setup.
-    if m.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--model.dtype must be auto, bfloat16 or float32, got {m.dtype!r}")
-    try:  # the rest of ModelConfig's own checks (numerics fields; shape too unless a checkpoint gives it)
-        if m.loads:
-            model_lib.ModelConfig(**m.numerics())
-        else:
-            dataclasses.replace(m, dtype="float32").model_config()  # checks without running the auto probe
-    except ValueError as e:
-        raise ValueError(f"--model.{e}") from None
+
+
+def _as_model_flags(message: str) -> str:
+    """ModelConfig's message in flag words: `head_dim=7 must be even` -> `--model.head_dim 7 must be even`."""
+    names = "|".join(f.name for f in dataclasses.fields(model_lib.ModelConfig))
+    message = re.sub(rf"(?<![\w.-])({names})(=| )", lambda g: f"--model.{g[1]} ", message)
+    if message.startswith("--model.dtype "):
+        message += " (or auto: the faster one on this machine)"
+    return message
 
 
 def _positive(flag: str, value: float) -> None:
@@ -377,17 +403,6 @@ def replace(cfg, **changes):
     for head, sub in nested.items():
         flat[head] = replace(getattr(cfg, head), **sub)
     return dataclasses.replace(cfg, **flat)
-
-
-def with_resolved_dtype(cfg: "TrainConfig") -> "TrainConfig":
-    """`cfg` with --model.dtype auto replaced by the machine's choice (`stages.auto_dtype`); in a
-    multi-process run every process takes process 0's."""
-    if cfg.model.dtype != "auto":
-        return cfg
-    from forgetting.core import multihost
-
-    bf16 = multihost.agree(auto_dtype.resolve("auto") == "bfloat16")
-    return replace(cfg, **{"model.dtype": "bfloat16" if bf16 else "float32"})
 
 
 def _check_lm_eval(e: EvalConfig) -> None:

@@ -1,5 +1,6 @@
-"""Resolves a TrainConfig into everything the loop needs: data, model, reference, replay, schedule,
-placement. All validation that needs files happens here, before any training compute."""
+"""The building blocks of a run's plan (`training.plan.resolve` calls them in order): opening and checking
+the datasets, the model config of the flags or the checkpoint, the replay source, the optimizer and the
+placement on devices. All validation that needs files happens here, before any training compute."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,48 +10,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from forgetting.core import data as data_lib
-from forgetting.core import families, lora, optim, sharded_checkpoint, sharding
+from forgetting.core import families, optim, sharding
 from forgetting.core import model as model_lib
+from forgetting.core import sharded_checkpoint
 from forgetting.core import step as step_lib
 from forgetting.training import prompts, replay, runs
-from forgetting.training.train_config import TrainConfig, with_resolved_dtype
+from forgetting.training.train_config import TrainConfig
 
 
-@dataclasses.dataclass
-class Setup:
-    model_cfg: Any  # a config of any registered family
-    dataset: data_lib.SequenceDataset
-    prev_dataset: data_lib.SequenceDataset | None
-    mix_dataset: data_lib.SequenceDataset | None
-    extra_datasets: dict[str, data_lib.SequenceDataset]
-    replay: Any
-    frozen: dict
-    use_lora: bool
-    trainable: Any
-    optimizer: Any
-    schedule: Callable
-    train_step: Callable
-    total_steps: int | None
-    length_criterion: str | None
-    eval_every: int
-    tokens_per_step: int
-    eval_batch_size: int
-    ref_init_distance: float | None
-    resolved: dict
-    put_batch: Callable
-    put_state: Callable
-    first_step_timed: int = 0
-    throughput_seconds: float = 0.0
-    data_lib: Any = data_lib
-    init_params: Any = None  # pretraining: the initialization, the reference of `valid_kl` (as the authors')
-    input_files: dict = dataclasses.field(default_factory=dict)  # role (the flag) -> every file the run reads
+def build_setup(cfg: TrainConfig) -> Any:
+    """The run's plan (`training.plan.Plan`) of `cfg`: kept under its old name for callers and tests."""
+    from forgetting.training import plan
 
-    def initial_state(self) -> step_lib.TrainState:
-        return self.put_state(step_lib.init_state(self.trainable, self.optimizer))
+    return plan.resolve(cfg)
 
 
 def _open_dataset(path: str, vocab_size: int, seq_len: int, num_tokens_valid: int, split_seed: int,
@@ -153,13 +127,29 @@ def _steps(cfg: TrainConfig, model_cfg: Any, dataset: data_lib.SequenceDataset,
     return None, None
 
 
-def build_setup(cfg: TrainConfig) -> Setup:
-    cfg = with_resolved_dtype(cfg)
+def load_checkpoint(cfg: TrainConfig) -> runs.LoadedRun | None:
+    """The model a finetune starts from (--model.load_path, or the --model.load_idx-th run of --model.load_dir)."""
     load_path = cfg.model.load_path
     if cfg.model.load_dir:
         load_path = str(runs.run_in_dir(cfg.model.load_dir, cfg.model.load_idx))
-    loaded = runs.load_run(load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len,
-                           shardings=_load_shardings(cfg)) if load_path else None
+    if not load_path:
+        return None
+    return runs.load_run(load_path, dtype=cfg.model.dtype, seq_len=cfg.model.seq_len, shardings=_load_shardings(cfg))
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """The token files a run reads, opened and checked against the run's tokenizer and model."""
+
+    train: data_lib.SequenceDataset
+    prev: data_lib.SequenceDataset | None  # the loaded run's data (its validation split: the prev_* metrics)
+    mix: data_lib.SequenceDataset | None
+    extra: dict[str, data_lib.SequenceDataset]
+    run_tokenizer: tuple[str, str | None]  # (what it is, its sha256): every token file must match it
+
+
+def open_datasets(cfg: TrainConfig, loaded: runs.LoadedRun | None) -> tuple[Any, Datasets]:
+    """(model config, datasets): the training data first (its sidecar gives the vocab), then the others."""
     data_id = cfg.data.dataset_id if cfg.data.dataset_id >= 0 else None
     probe = data_lib.TokenFile(cfg.data.path, dataset_id=data_id)
     run_tokenizer = (f"--data.path {cfg.data.path}", probe.meta.get("tokenizer_sha256"))
@@ -169,7 +159,6 @@ def build_setup(cfg: TrainConfig) -> Setup:
     dataset = _open_dataset(cfg.data.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--data.path",
                             data_id)
     dataset.check_batch_size(cfg.opt.batch_size)
-
     prev_dataset = None
     if loaded is not None and loaded.data_path:
         if Path(loaded.data_path).exists():
@@ -182,6 +171,15 @@ def build_setup(cfg: TrainConfig) -> Setup:
     if cfg.mix.path:
         mix_dataset = _open_dataset(cfg.mix.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--mix.path")
         _check_tokenizer(mix_dataset.token_file, "--mix.path", loaded, run_tokenizer)
+    extra = _extra_datasets(cfg, loaded, run_tokenizer, V, T)
+    if dataset.has_assistant_mask and (mix_dataset is not None or cfg.reg.method == "replace"):
+        raise ValueError(f"{cfg.data.path} has an assistant-only loss mask, which --mix and --reg.method replace "
+                         "would misalign (they swap rows); use kl/ntp replay or tokenize without --chat")
+    return model_cfg, Datasets(dataset, prev_dataset, mix_dataset, extra, run_tokenizer)
+
+
+def _extra_datasets(cfg: TrainConfig, loaded: runs.LoadedRun | None, run_tokenizer: tuple[str, str | None],
+                    V: int, T: int) -> dict[str, data_lib.SequenceDataset]:
     extra = {Path(p).stem: _open_dataset(p, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed,
                                          "--eval.extra_paths") for p in cfg.eval.extra_paths}
     if len(extra) < len(cfg.eval.extra_paths):  # metrics are named by file stem: two would share one column
@@ -190,127 +188,93 @@ def build_setup(cfg: TrainConfig) -> Setup:
                          "their metrics ntp/<stem> would collide: rename or link one of them")
     for extra_dataset in extra.values():
         _check_tokenizer(extra_dataset.token_file, "--eval.extra_paths", loaded, run_tokenizer)
+    return extra
 
-    key = jax.random.key(cfg.run.seed)
-    params = loaded.params if loaded is not None else families.init(model_cfg, key)
-    params = jax.tree.map(jnp.asarray, params)
-    use_lora = cfg.model.lora_rank > 0
-    if use_lora and cfg.model.lora_rank > lora.max_rank(model_cfg, params):
-        raise ValueError(f"--model.lora_rank {cfg.model.lora_rank} exceeds min(d_in, d_out) = "
-                         f"{lora.max_rank(model_cfg, params)} of the loaded model's matrices; a larger rank adds "
-                         "cost, not capacity: lower it")
-    ref = params if loaded is not None else None  # the frozen reference p_ref: the loaded model
-    trainable = lora.init(model_cfg, params, cfg.model.lora_rank, jax.random.fold_in(key, 1)) if use_lora else params
-    frozen = {"ref": ref, "base": params if use_lora else None}
 
-    # Replay source.
+def build_replay(cfg: TrainConfig, loaded: runs.LoadedRun | None, data: Datasets, model_cfg: Any, ref_params: Any,
+                 total_steps: int | None) -> tuple[replay.ReplaySource | None, dict]:
+    """The replay source of --reg.* built complete (on the placed reference), and what it records in
+    config.json (the prompts' ids, what --reg.reference_hidden came to)."""
     r = cfg.reg
-    replay_source, reference_hidden, prompt_record = None, None, {}
-    if r.method in ("ntp_pre", "kl_pre", "replace"):
-        rows = r.batch_size if r.method != "replace" else data_lib.num_rows(r.coeff, cfg.opt.batch_size)
-        if r.synth:
-            if r.prompt_text:  # token-id prompts of the texts, recorded in config.json (`stages.prompts`)
-                prompt_ids, prompt_record = prompts.replay_prompts(r, loaded, cfg.data.path, T, V)
-            else:
-                prompt_ids, prompt_record = r.prompt_ids or loaded.lineage_ids, {}
-                outside = [i for i in prompt_ids if not 0 <= i < V]
-                if outside:
-                    raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
-            # Prefetching on a second thread only on one device in one process: a sharded sampler's
-            # collectives must not interleave with the train step's. The sampler's hidden states are handed
-            # to the step only there too (a batch of one device's arrays).
-            one_device = not cfg.run.mesh and jax.process_count() == 1
-            keep_hidden = r.method == "kl_pre" and r.reference_hidden != "forward"
-            if keep_hidden and not (one_device and families.has_decode_hidden(model_cfg)):
-                if r.reference_hidden == "sampler":
-                    raise ValueError("--reg.reference_hidden sampler needs one device in one process (no --run.mesh) "
-                                     f"and a model family with decode_hidden ({families.of(model_cfg).name!r}); "
-                                     "use auto or forward")
-                keep_hidden = False
-            reference_hidden = "sampler" if keep_hidden else "forward" if r.method == "kl_pre" else None
-            replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
-                                                       cfg.run.seed, prefetch=one_device, keep_hidden=keep_hidden)
-        else:
-            if r.path and _is_loaded_runs_data(r.path, loaded):
-                # The loaded run's data, however spelled: its own training split, so that replay never draws
-                # the validation rows prev_ntp / prev_kl measure forgetting on.
-                old = _open_dataset(r.path, V, T, *_loaded_split(cfg, loaded), "--reg.path")
-                print(f"note: --reg.path {r.path} holds the data {loaded.path} was trained on: replay draws from that "
-                      f"run's training split (split_seed {loaded.split_seed}), never from the validation rows "
-                      "prev_* are measured on", file=sys.stderr)
-            elif r.path:
-                old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
-            elif prev_dataset is not None:
-                old = prev_dataset  # its training split only: the validation split stays unseen
-            else:
-                raise ValueError("real replay needs old data: the loaded run's data is not available; pass "
-                                 "--reg.path OLD.bin or use --reg.synth true")
-            _check_tokenizer(old.token_file, "--reg.path" if r.path else "the loaded run's data", loaded, run_tokenizer)
-            replay_source = replay.RealReplay(old, rows, cfg.run.seed)
+    if r.method not in ("ntp_pre", "kl_pre", "replace"):
+        return None, {}
+    T, V = model_cfg.seq_len, model_cfg.vocab_size
+    rows = r.batch_size if r.method != "replace" else data_lib.num_rows(r.coeff, cfg.opt.batch_size)
+    if not r.synth:
+        return replay.RealReplay(_replay_dataset(cfg, loaded, data, T, V), rows, cfg.run.seed), {}
+    if r.prompt_text:  # token-id prompts of the texts, recorded in config.json (`stages.prompts`)
+        prompt_ids, record = prompts.replay_prompts(r, loaded, cfg.data.path, T, V)
+    else:
+        prompt_ids, record = r.prompt_ids or loaded.lineage_ids, {}
+        outside = [i for i in prompt_ids if not 0 <= i < V]
+        if outside:
+            raise ValueError(f"--reg.prompt_ids {outside} are outside the model's vocab [0, {V})")
+    # Prefetching on a second thread only on one device in one process: a sharded sampler's
+    # collectives must not interleave with the train step's. The sampler's hidden states are handed
+    # to the step only there too (a batch of one device's arrays).
+    one_device = not cfg.run.mesh and jax.process_count() == 1
+    keep_hidden = r.method == "kl_pre" and r.reference_hidden != "forward"
+    if keep_hidden and not (one_device and families.has_decode_hidden(model_cfg)):
+        if r.reference_hidden == "sampler":
+            raise ValueError("--reg.reference_hidden sampler needs one device in one process (no --run.mesh) "
+                             f"and a model family with decode_hidden ({families.of(model_cfg).name!r}); "
+                             "use auto or forward")
+        keep_hidden = False
+    if r.method == "kl_pre":  # what --reg.reference_hidden came to (self-generated kl_pre)
+        record = {"reference_hidden": "sampler" if keep_hidden else "forward", **record}
+    last_index = None if total_steps is None else (total_steps - 1) // r.buffer  # no buffer past the last step
+    source = replay.SelfGeneratedReplay(model_cfg, ref_params, prompt_ids, rows, r.buffer, r.temperature,
+                                        cfg.run.seed, prefetch=one_device, keep_hidden=keep_hidden,
+                                        last_index=last_index)
+    return source, record
 
-    tokens_per_step = cfg.opt.batch_size * T
+
+def _replay_dataset(cfg: TrainConfig, loaded: runs.LoadedRun | None, data: Datasets, T: int,
+                    V: int) -> data_lib.SequenceDataset:
+    """The old data real replay draws from (its training split only: the validation split stays unseen)."""
+    r = cfg.reg
+    if r.path and _is_loaded_runs_data(r.path, loaded):
+        # The loaded run's data, however spelled: its own training split, so that replay never draws
+        # the validation rows prev_ntp / prev_kl measure forgetting on.
+        old = _open_dataset(r.path, V, T, *_loaded_split(cfg, loaded), "--reg.path")
+        print(f"note: --reg.path {r.path} holds the data {loaded.path} was trained on: replay draws from that "
+              f"run's training split (split_seed {loaded.split_seed}), never from the validation rows "
+              "prev_* are measured on", file=sys.stderr)
+    elif r.path:
+        old = _open_dataset(r.path, V, T, cfg.data.num_tokens_valid, cfg.data.split_seed, "--reg.path")
+    elif data.prev is not None:
+        old = data.prev
+    else:
+        raise ValueError("real replay needs old data: the loaded run's data is not available; pass "
+                         "--reg.path OLD.bin or use --reg.synth true")
+    _check_tokenizer(old.token_file, "--reg.path" if r.path else "the loaded run's data", loaded, data.run_tokenizer)
+    return old
+
+
+def schedule_and_length(cfg: TrainConfig, model_cfg: Any, dataset: data_lib.SequenceDataset) -> dict:
+    """Run length (steps and the criterion that sets it), warm-up, learning-rate schedule and eval cadence."""
+    tokens_per_step = cfg.opt.batch_size * model_cfg.seq_len
     total_steps, length_criterion = _steps(cfg, model_cfg, dataset, tokens_per_step)
     warmup_steps = round(cfg.opt.warmup_tokens / tokens_per_step)
-    schedule = optim.schedule(cfg.opt.peak_lr, warmup_steps, total_steps, cfg.opt.lr_decay)
-    opt = optimizer_for(cfg.opt, schedule)
-    eval_every = cfg.log.every_steps or max(1, round(cfg.log.every_tokens / tokens_per_step))
-    if total_steps is not None and isinstance(replay_source, replay.SelfGeneratedReplay):
-        replay_source.last_index = (total_steps - 1) // r.buffer
-
-    put_batch, put_state, state_sharding, batch_sharding = _placement(cfg, model_cfg, trainable, opt, use_lora,
-                                                                      masked=dataset.pad_id is not None)
-    init_params = params if loaded is None else None
-    if put_batch is not _identity:
-        frozen = {k: (None if v is None else put_state.params_like(v)) for k, v in frozen.items()}
-        init_params = None if init_params is None else put_state.params_like(init_params)
-        if replay_source is not None and hasattr(replay_source, "ref_params"):
-            replay_source.ref_params = frozen["ref"]
-    train_step = step_lib.make_train_step(
-        model_cfg, opt, reg_method=r.method if r.method != "replace" else "none", reg_coeff=r.coeff,
-        use_lora=use_lora, state_sharding=state_sharding, batch_sharding=batch_sharding)
-
-    ref_init_distance = None
-    if (loaded is not None and not (loaded.path / "weights.npz").exists()
-            and (loaded.path / runs.CONFIG_FILE).exists()):  # a run of this project: its init is known
-        loaded_config = _json(loaded.path / runs.CONFIG_FILE).get("config", {})
-        if loaded_config.get("model", {}).get("load_path") == "":  # trained from scratch here
-            init_params = families.init(model_cfg, jax.random.key(int(loaded_config["run"]["seed"])))
-            if put_batch is not _identity:  # beside the placed (in a multi-process run: global) loaded params
-                init_params = put_state.params_like(init_params)
-            ref_init_distance = float(optax.tree.norm(jax.tree.map(jnp.subtract, loaded.params, init_params)))
-
-    lineage = tuple(dict.fromkeys((*(loaded.lineage_ids if loaded else ()), dataset.token_file.dataset_id)))
-    resolved = {"model": runs.model_to_dict(model_cfg), "lineage_ids": list(lineage),
-                "dataset_id": dataset.token_file.dataset_id,
-                "tokenizer_sha256": dataset.token_file.meta.get("tokenizer_sha256"),
-                "total_steps": total_steps, "warmup_steps": warmup_steps, "eval_every": eval_every,
-                "param_count": families.param_count(model_cfg),
-                "paper_param_count": model_lib.paper_param_count(model_cfg),
-                "loaded_from": str(loaded.path) if loaded else None}
-    if reference_hidden is not None:  # what --reg.reference_hidden came to (self-generated kl_pre)
-        resolved["reference_hidden"] = reference_hidden
-    resolved.update(prompt_record)  # --reg.prompt_text: the prompts' token ids
-    return Setup(model_cfg, dataset, prev_dataset, mix_dataset, extra, replay_source, frozen, use_lora, trainable,
-                 opt, schedule, train_step, total_steps, length_criterion, eval_every, tokens_per_step,
-                 cfg.eval.batch_size or cfg.opt.batch_size, ref_init_distance, resolved, put_batch, put_state,
-                 init_params=init_params, input_files=_input_files(cfg, loaded, dataset, prev_dataset, mix_dataset,
-                                                                   extra, replay_source, resolved))
+    return {"tokens_per_step": tokens_per_step, "total_steps": total_steps, "length_criterion": length_criterion,
+            "warmup_steps": warmup_steps, "eval_every": cfg.log.every_steps or max(1, round(cfg.log.every_tokens / tokens_per_step)),
+            "schedule": optim.schedule(cfg.opt.peak_lr, warmup_steps, total_steps, cfg.opt.lr_decay)}
 
 
-def _input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, dataset, prev_dataset, mix_dataset, extra: dict,
-                 replay_source, resolved: dict) -> dict[str, str]:
+def input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, data: Datasets,
+                replay_source: replay.ReplaySource | None, resolved: dict) -> dict[str, str]:
     """Every file the run reads, by the flag (or role) that names it: token files and their assistant-mask
     files, the loaded checkpoint's files (a run's weights, a GGUF file, a HF directory's weights,
     config and tokenizer; a --model.load_dir run is named by that flag), and the tokenizer that turned
     --reg.prompt_text into ids (a resumed run tokenizes the text again)."""
     files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
     files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
-    if prev_dataset is not None:
-        files["the loaded run's data"] = str(prev_dataset.token_file.path)
-    old = getattr(replay_source, "dataset", None)
-    named = [("--data.path", dataset), ("the loaded run's data", prev_dataset), ("--mix.path", mix_dataset),
+    if data.prev is not None:
+        files["the loaded run's data"] = str(data.prev.token_file.path)
+    old = replay_source.dataset if isinstance(replay_source, replay.RealReplay) else None
+    named = [("--data.path", data.train), ("the loaded run's data", data.prev), ("--mix.path", data.mix),
              ("--reg.path", old if cfg.reg.path else None),
-             *((f"--eval.extra_paths[{i}]", extra[Path(p).stem]) for i, p in enumerate(cfg.eval.extra_paths))]
+             *((f"--eval.extra_paths[{i}]", data.extra[Path(p).stem]) for i, p in enumerate(cfg.eval.extra_paths))]
     for role, d in named:
         mask = d.token_file.meta.get("loss_mask") if d is not None else None
         if mask:
@@ -344,12 +308,6 @@ def optimizer_for(opt_cfg: Any, schedule: Callable) -> Any:
     if opt_cfg.optimizer == "sgd":
         return optim.optimizer("sgd", schedule, weight_decay=0.0, momentum=0.0)
     return optim.optimizer(opt_cfg.optimizer, schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay)
-
-
-def _json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def _identity(x):
