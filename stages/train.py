@@ -57,6 +57,9 @@ run = train  # the name experiments' framework calls
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli.parse(TrainConfig, argv)
+    from forgetting.training import compile_cache
+
+    compile_cache.enable()  # same-shape runs (here, in a figure, in other processes) reuse compiled steps
     if cfg.run.mesh:
         from forgetting.core import sharding
 
