@@ -208,7 +208,9 @@ def with_remat(cfg: Any, on: bool) -> Any:
     """The config to trace: with `on`, every transformer block is recomputed in the backward pass
     (`remat="block"`) inside a rolled layer loop (`unroll=1`), as remat is used on accelerators. Unrolled,
     XLA:CPU's scheduler runs all recomputations early and nothing is saved."""
-    return dataclasses.replace(cfg, remat="block", unroll=1) if on else cfg
+    from forgetting.core import backend
+
+    return backend.with_numerics(cfg, remat="block", unroll=1) if on else cfg
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -228,11 +230,11 @@ def measure(case: Case, strategy: str, devices: int, remat: bool, tp: int = 2, i
     import jax
     import jax.numpy as jnp
 
-    from forgetting.core import optim, sharding
+    from forgetting.core import backend, optim, sharding
     from forgetting.core import step as step_lib
     from forgetting.training import runs
 
-    cfg = dataclasses.replace(case.config(), impl=impl)
+    cfg = backend.with_numerics(case.config(), impl=impl)
     train = case.train
     reg_method, replay_rows, lora_rank = "none", 0, 0
     if train is None:

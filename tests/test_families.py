@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting.core import families, layers, llama, lora, sharding, step
+from forgetting.core import backend, families, layers, llama, lora, sharding, step
 from forgetting.core import model as model_lib
 from forgetting.formats import hf_checkpoint
 from forgetting.training import runs
@@ -30,15 +30,17 @@ def test_lookup_by_config_type_and_name():
 
 
 @pytest.mark.parametrize("cfg", [
-    model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16, remat="block"),
-    llama.LlamaConfig(rope_scaling=llama.RopeScaling(), impl="reference", tie_embeddings=False),
+    model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16,
+                          numerics=backend.Numerics(remat="block")),
+    llama.LlamaConfig(rope_scaling=llama.RopeScaling(), numerics=backend.Numerics(impl="reference"),
+                      tie_embeddings=False),
 ])
 def test_run_record_round_trip(cfg):
     record = runs.model_to_dict(cfg)
     assert ("family" in record) == (not isinstance(cfg, model_lib.ModelConfig))  # paper records keep their form
     assert runs.model_config_from_dict(record) == cfg
     old_paper_record = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "head_dim": 16, "seq_len": 16}
-    assert runs.model_config_from_dict(old_paper_record).impl == "auto"  # records before the switch still load
+    assert runs.model_config_from_dict(old_paper_record).numerics.impl == "auto"  # records before the switch still load
 
 
 def test_every_leaf_has_logical_axes_and_lora_targets_are_leaves():
@@ -76,12 +78,12 @@ def test_shared_blocks():
     kv = jax.random.normal(jax.random.key(2), (2, 1, 5, 2, 8))
     pos = jnp.arange(5)
     for impl in ("reference", "xla_cpu"):
-        grouped = layers.attention(q, kv[0], kv[1], pos, pos, jnp.float32, impl)
-        full = layers.attention(q, jnp.repeat(kv[0], 2, axis=2), jnp.repeat(kv[1], 2, axis=2), pos, pos,
-                                jnp.float32, impl)
+        attention = backend.kernels(backend.Numerics(impl=impl), "float32").attention
+        grouped = attention(q, kv[0], kv[1], pos, pos, jnp.float32)
+        full = attention(q, jnp.repeat(kv[0], 2, axis=2), jnp.repeat(kv[1], 2, axis=2), pos, pos, jnp.float32)
         np.testing.assert_allclose(grouped, full, rtol=1e-6, atol=1e-6)
         # No key positions = causal over the queries' own positions (is_causal on the reference path).
-        np.testing.assert_allclose(layers.attention(q, kv[0], kv[1], pos, None, jnp.float32, impl), grouped,
+        np.testing.assert_allclose(attention(q, kv[0], kv[1], pos, None, jnp.float32), grouped,
                                    rtol=1e-6, atol=1e-6)
 
 

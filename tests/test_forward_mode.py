@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting.core import lora, losses, model, step
+from forgetting.core import backend, lora, losses, model, step
 
-CFG = model.ModelConfig(vocab_size=11, d_model=16, n_layers=1, head_dim=8, seq_len=6, dtype="float32", impl="reference")
+CFG = model.ModelConfig(vocab_size=11, d_model=16, n_layers=1, head_dim=8, seq_len=6, dtype="float32",
+                         numerics=backend.Numerics(impl="reference"))
 
 
 def _setup(use_lora: bool):

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from forgetting.core import backend
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 from forgetting.training import auto_dtype
@@ -45,10 +46,10 @@ class MixConfig:
 
 
 @dataclass(frozen=True)
-class ModelArgs(model_lib.ModelConfig):
-    """The paper model's config itself (every field a flag: --model.d_model, --model.impl, --model.remat, ...)
-    plus where training starts from. When loading, the checkpoint's shape is used and the numerics fields
-    (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
+class ModelArgs(backend.Numerics, model_lib.Architecture):
+    """The paper model's architecture and numerics fields as flat flags (--model.d_model, --model.impl,
+    --model.remat, ...) plus where training starts from. When loading, the checkpoint's shape is used and the
+    numerics fields (impl, remat, kv_cache_dtype, unroll, loss_chunk, streams; dtype via the loader) apply to it."""
 
     vocab_size: int = 0  # 0 = take it from the data sidecar
     dtype: str = "auto"  # matmul input dtype: bfloat16 (f32 accumulation) | float32 | auto (the faster one here: stages.auto_dtype)
@@ -67,17 +68,18 @@ class ModelArgs(model_lib.ModelConfig):
 
     def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
         """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.Architecture)}
         fields["dtype"] = auto_dtype.resolve(self.dtype)
         fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
-        return model_lib.ModelConfig(**fields)
+        return model_lib.ModelConfig(**fields, **self.numerics())
 
     def numerics(self) -> dict:
-        """The fields that apply to any family's loaded config (not its shape)."""
-        return {name: getattr(self, name) for name in NUMERICS_FIELDS}
+        """{"numerics": these flags' `backend.Numerics`}: the keyword that applies them to any family's
+        config, whose shape stays its own (`dataclasses.replace(loaded_cfg, **args.numerics())`). Checks them."""
+        return {"numerics": backend.Numerics(**{name: getattr(self, name) for name in NUMERICS_FIELDS})}
 
 
-NUMERICS_FIELDS = ("impl", "remat", "kv_cache_dtype", "unroll", "loss_chunk", "streams")
+NUMERICS_FIELDS = tuple(f.name for f in dataclasses.fields(backend.Numerics))
 
 
 @dataclass(frozen=True)
