@@ -77,3 +77,16 @@ def test_every_module_imports(package):
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_only_the_backend_reads_the_implementation_switch():
+    """The implementation is chosen in one place (`core.backend`): no other core module reads `.impl` or
+    resolves it; the model code asks the kernels record instead."""
+    readers = []
+    for name, path in _modules().items():
+        if not name.startswith("forgetting.core.") or name == "forgetting.core.backend":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("impl", "resolve_impl", "auto_impl"):
+                readers.append(f"{name}:{node.lineno}")
+    assert readers == []
