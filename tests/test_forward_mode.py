@@ -124,7 +124,7 @@ def test_reference_loss_heads_equal_the_fused_ones_and_differentiate_forward():
     h, ref_h = (jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32) for _ in range(2))
     w, ref_w = (jnp.asarray(rng.standard_normal((V, D)), jnp.float32) for _ in range(2))
     tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    mask = jnp.asarray(rng.integers(0, 2, (B, T)).at[:, 1].set(1), jnp.float32)
+    mask = jnp.asarray(rng.integers(0, 2, (B, T)), jnp.float32).at[:, 1].set(1.0)  # at least one target counts
     args = {  # head function -> its arguments after (hidden, w), before (dtype, chunk)
         "next_token_loss": (tokens, mask), "kl_to_reference": (ref_h, ref_w, mask), "nll_per_position": (tokens,),
         "kl_per_position": (ref_h, ref_w), "nll_and_kl_per_position": (tokens, ref_h, ref_w)}
