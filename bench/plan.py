@@ -58,7 +58,7 @@ class Case:
     """One model shape and global batch, or (`train`) a whole train config with its resolved model."""
 
     name: str
-    family: str  # "paper" (core.model) or "llama"
+    family: str  # a registered family name (`core.families`): "paper", "llama", ...
     shape: dict  # config fields
     batch: int  # sequences per step (global)
     train: Any = None  # a TrainConfig: replay rows and term, LoRA, run length
@@ -67,13 +67,9 @@ class Case:
     def config(self) -> Any:
         if self.model is not None:
             return self.model
-        if self.family == "paper":
-            from forgetting.core import model
+        from forgetting.core import families
 
-            return model.ModelConfig(**self.shape)
-        from forgetting.core import llama
-
-        return llama.LlamaConfig(**self.shape)
+        return families.by_name(self.family).from_dict(self.shape)
 
 
 def _paper(name: str, d: int, layers: int, batch: int = 256, seq: int = 256) -> Case:
@@ -123,8 +119,9 @@ def train_case(flags: list[str]) -> Case:
         why = [line.split("error: ", 1)[1] for line in err.getvalue().splitlines() if "error: " in line]
         raise ValueError(why[-1] if why else f"the train stage does not accept {' '.join(flags)!r}") from None
     mc = _train_model(cfg)
-    family = "paper" if type(mc).__name__ == "ModelConfig" else "llama"
-    return Case("train", family, {}, cfg.opt.batch_size, train=cfg, model=mc)
+    from forgetting.core import families
+
+    return Case("train", families.of(mc).name, {}, cfg.opt.batch_size, train=cfg, model=mc)
 
 
 def _train_model(cfg: Any) -> Any:
@@ -211,7 +208,9 @@ def with_remat(cfg: Any, on: bool) -> Any:
     """The config to trace: with `on`, every transformer block is recomputed in the backward pass
     (`remat="block"`) inside a rolled layer loop (`unroll=1`), as remat is used on accelerators. Unrolled,
     XLA:CPU's scheduler runs all recomputations early and nothing is saved."""
-    return dataclasses.replace(cfg, remat="block", unroll=1) if on else cfg
+    from forgetting.core import backend
+
+    return backend.with_numerics(cfg, remat="block", unroll=1) if on else cfg
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -231,11 +230,11 @@ def measure(case: Case, strategy: str, devices: int, remat: bool, tp: int = 2, i
     import jax
     import jax.numpy as jnp
 
-    from forgetting.core import optim, sharding
+    from forgetting.core import backend, optim, sharding
     from forgetting.core import step as step_lib
     from forgetting.training import runs
 
-    cfg = dataclasses.replace(case.config(), impl=impl)
+    cfg = backend.with_numerics(case.config(), impl=impl)
     train = case.train
     reg_method, replay_rows, lora_rank = "none", 0, 0
     if train is None:

@@ -1,5 +1,5 @@
 """Throughput benchmark: matmul peak, then train/eval step and sampler throughput and MFU for each
-implementation (`impl`: reference and xla_cpu, see `core.layers`) and dtype, side by side, same shape.
+implementation (`impl`: reference and xla_cpu, see `core.backend`) and dtype, side by side, same shape.
 
 Everything is measured in one process so the MFU is relative to the matmul peak of the same machine in
 the same state: MFU = model FLOP/s (from `model.flops_per_token`) / best measured matmul FLOP/s with
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import layers, model, optim, sampling, step
+from forgetting.core import backend, model, optim, sampling, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,8 @@ class BenchConfig:
 
     def model_config(self, impl: str = "auto", dtype: str | None = None) -> model.ModelConfig:
         return model.ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
-                                 head_dim=self.head_dim, seq_len=self.seq_len, dtype=dtype or self.dtype, impl=impl)
+                                 head_dim=self.head_dim, seq_len=self.seq_len, dtype=dtype or self.dtype,
+                                 numerics=backend.Numerics(impl=impl))
 
     @property
     def replay_rows(self) -> int:
@@ -265,7 +266,7 @@ def run(bc: BenchConfig) -> dict[str, Any]:
         "config": dataclasses.asdict(bc),
         "env": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                 "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(),
-                "processor": platform.processor(), "auto_impl": layers.auto_impl()},
+                "processor": platform.processor(), "auto_impl": backend.auto_impl()},
         "model": {"param_count": model.param_count(cfg), "paper_param_count": model.paper_param_count(cfg),
                   "flops_per_token": model.flops_per_token(cfg)},
     }

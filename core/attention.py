@@ -1,5 +1,5 @@
 """The paper model's causal self-attention with QK-norm and RoPE, as tuned for XLA-CPU (`impl="xla_cpu"`,
-see `core.xla_cpu`; the reference path is `core.layers.attention`).
+see `core.xla_cpu`; the reference path is `core.layers.reference_attention`).
 
 Two entry points:
 - `causal_self_attention(h, w_qkv, sin, cos, eps, positions, dtype)`: from the normed input [B, t, D]

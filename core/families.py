@@ -54,7 +54,8 @@ class Family:
     # `output_embedding` multiplies into the logits (the fused loss heads start from it).
     final_hidden: Callable[[Any, Params, jax.Array], jax.Array]
     output_embedding: Callable[[Any, Params], jax.Array]  # [V, D]
-    # (cfg, batch_size, length=None) -> an empty cache of `length` positions (None: cfg.seq_len)
+    # (cfg, batch_size, length=None) -> an empty cache of `length` positions (None: cfg.seq_len): {"k", "v"}
+    # buffers in the layout of the config's kernels (`layers.CacheLayout`, the one protocol of every family)
     init_cache: Callable[..., Cache]
     lora_targets: LoraViews  # the leaves LoRA adapts and how each is a per-layer matrix
     # hf_names(cfg) -> {HF tensor name: (leaf, layer index or None)}; None when the family has no HF form.

@@ -1,48 +1,24 @@
-"""Building blocks shared by every model family, and the implementation switch.
+"""Building blocks shared by every model family.
 
 One RMSNorm (optional gain), one RoPE (rotate-half; frequencies from the family), one grouped-query
-causal attention (multi-head attention is the case kv_heads == heads), and one matmul helper. Each takes
-an `impl`, resolved from a config's `impl` field by `resolve_impl`:
-
-- "reference": plain JAX autodiff of the textbook formulas; attention is `jax.nn.dot_product_attention`
-  (XLA's own kernel on CPU, cuDNN's where it applies on GPU). Forward-mode AD (`jax.jvp`, `jax.jacfwd`)
-  works through it.
-- "xla_cpu": the path tuned for XLA's CPU backend (`core.xla_cpu` and the kernels it uses): custom VJPs
-  that keep bf16 cotangents, the feature-major attention, the chunked fused loss head, f32 KV cache,
-  unrolled layer loops and two-stream batches. Reverse mode only.
-- "auto": "xla_cpu" on the CPU backend, "reference" elsewhere (`auto_impl`). The CPU rule is a rule,
-  not a measurement of one processor: the tuned path's layout choices (no transposed dot operands, no
-  [B, T, V] logits, bf16 backward) are what XLA-CPU needs on any x86 machine; whether bf16 or f32 is
-  the faster dtype is the `dtype` field's question, and `python -m forgetting.bench` measures both
-  implementations in both dtypes side by side.
+causal attention (multi-head attention is the case kv_heads == heads) in two forms, the matmul recipe,
+and the KV-cache protocol (`CacheLayout`). Which attention and matmul a model uses, and its cache layout,
+come from its config's kernels record (`core.backend.kernels_for`); nothing here tests an implementation.
 
 Matmuls take `dtype` inputs and accumulate in f32; norms, RoPE and softmax are f32.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "reference", "xla_cpu")
-REMATS = ("none", "block", "dots")
 NEG_INF = -1e30  # masked scores: finite, so a fully masked row cannot produce NaN
 f32 = jnp.float32
-
-
-def auto_impl(backend: str | None = None) -> str:
-    """The implementation `impl="auto"` resolves to on `backend` (default: JAX's default backend)."""
-    return "xla_cpu" if (backend or jax.default_backend()) == "cpu" else "reference"
-
-
-def resolve_impl(impl: str) -> str:
-    """"reference" or "xla_cpu" for a config's `impl` field."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    return auto_impl() if impl == "auto" else impl
 
 
 def check_rope_and_norm(base: float, base_name: str, eps: float, eps_name: str) -> None:
@@ -51,47 +27,6 @@ def check_rope_and_norm(base: float, base_name: str, eps: float, eps_name: str) 
         raise ValueError(f"{base_name} must be a positive number (the RoPE base, e.g. 10000), got {base}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{eps_name} must be a number >= 0 (the RMSNorm epsilon, e.g. 1e-6), got {eps}")
-
-
-def check_numerics_fields(cfg: Any) -> None:
-    """The checks of the numerics fields every family config carries (impl, remat, kv_cache_dtype,
-    unroll, loss_chunk, streams); one message each, naming the fix."""
-    if cfg.impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {cfg.impl!r}")
-    if cfg.remat not in REMATS:
-        raise ValueError(f"remat must be one of {', '.join(REMATS)}, got {cfg.remat!r}")
-    if cfg.kv_cache_dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"kv_cache_dtype must be auto, bfloat16 or float32, got {cfg.kv_cache_dtype!r}")
-    for name in ("unroll", "loss_chunk", "streams"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = the backend default), got {getattr(cfg, name)}")
-
-
-def kv_cache_dtype(cfg: Any) -> jnp.dtype:
-    """The KV cache's storage dtype: the config's, or for "auto" f32 on xla_cpu (XLA-CPU rewrites a bf16
-    cache update as a convert of the whole cache, two passes per layer and step) and the compute dtype
-    elsewhere."""
-    if cfg.kv_cache_dtype != "auto":
-        return jnp.dtype(cfg.kv_cache_dtype)
-    return jnp.dtype(f32) if resolve_impl(cfg.impl) == "xla_cpu" else jnp.dtype(cfg.dtype)
-
-
-def scan_unroll(cfg: Any) -> int | bool:
-    """`lax.scan`'s unroll for the layer loop: the config's, or for 0 fully unrolled on xla_cpu (its
-    backward of a rolled loop ran 1.3-1.6x slower on the benchmark shapes) and rolled elsewhere."""
-    if cfg.unroll:
-        return cfg.unroll
-    return True if resolve_impl(cfg.impl) == "xla_cpu" else 1
-
-
-def remat_block(cfg: Any, body):
-    """The scan body under the config's activation checkpointing: "none" keeps every activation for the
-    backward pass, "block" keeps only each block's input (recomputing the block), "dots" also keeps
-    the matmul outputs without batch dimensions."""
-    if cfg.remat == "none":
-        return body
-    policy = None if cfg.remat == "block" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return jax.checkpoint(body, prevent_cse=False, policy=policy)
 
 
 # --- norm and RoPE ----------------------------------------------------------------------------------------
@@ -147,52 +82,47 @@ def einsum_f32_acc(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Arr
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=f32)
 
 
-def dense(spec: str, a: jax.Array, b: jax.Array, dtype: Any, impl: str) -> jax.Array:
-    """einsum with `dtype` inputs and f32 accumulation. On xla_cpu with bf16 the gradient keeps the
-    recipe (`core.matmul.mm`); on reference it is autodiff's."""
-    if impl == "xla_cpu":
-        from forgetting.core import matmul  # the tuned kernels stay out of the reference import path
+def reference_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
+                        k_positions_s: jax.Array | None, dtype: Any) -> jax.Array:
+    """Causal grouped-query attention, f32 [B, t, H, e], by `jax.nn.dot_product_attention` (plain autodiff,
+    forward mode included): q [B, t, H, e], k/v [B, s, K, e] with H a multiple of K; query head h reads kv
+    head h // (H // K) (Hugging Face's `repeat_kv`). Key j is visible to query i iff k_positions[j] <=
+    q_positions[i]; `k_positions_s` None means the keys are the queries' own positions (a plain causal
+    forward: on GPU this can then use cuDNN's causal flash attention, which takes no explicit mask)."""
+    dt = jnp.dtype(dtype)
+    q, k, v = q_bthe.astype(dt), k_bske.astype(dt), v_bske.astype(dt)
+    if k_positions_s is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(f32)
+    visible_ts = jnp.asarray(k_positions_s)[None, :] <= jnp.asarray(q_positions_t)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=visible_ts[None, None]).astype(f32)
 
-        return matmul.mm(spec, a, b, dtype)
-    return einsum_f32_acc(spec, a, b, dtype)
 
-
-def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
-              k_positions_s: jax.Array | None, dtype: Any, impl: str) -> jax.Array:
-    """Causal grouped-query attention, f32 [B, t, H, e]: q [B, t, H, e], k/v [B, s, K, e] with H a
-    multiple of K; query head h reads kv head h // (H // K) (Hugging Face's `repeat_kv`). Key j is
-    visible to query i iff k_positions[j] <= q_positions[i]; `k_positions_s` None means the keys are the
-    queries' own positions (a plain causal forward: on GPU the reference path can then use cuDNN's
-    causal flash attention, which takes no explicit mask)."""
-    if impl == "reference":
-        dt = jnp.dtype(dtype)
-        q, k, v = q_bthe.astype(dt), k_bske.astype(dt), v_bske.astype(dt)
-        if k_positions_s is None:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(f32)
-        visible_ts = jnp.asarray(k_positions_s)[None, :] <= jnp.asarray(q_positions_t)[:, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=visible_ts[None, None]).astype(f32)
+def softmax_attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
+                      k_positions_s: jax.Array | None, dtype: Any, *, dense: Callable = einsum_f32_acc) -> jax.Array:
+    """`reference_attention` written out (scores, mask, softmax, values), its two matmuls by `dense`
+    (spec, a, b, dtype) -> f32: the form whose matmuls a backend can swap (`core.matmul.mm` on xla_cpu)."""
     k_positions_s = q_positions_t if k_positions_s is None else k_positions_s
     visible_ts = jnp.asarray(k_positions_s)[None, :] <= jnp.asarray(q_positions_t)[:, None]
     B, t, H, e = q_bthe.shape
     K = k_bske.shape[2]
     q = q_bthe.reshape(B, t, K, H // K, e)
-    scores = dense("btkge,bske->bkgts", q, k_bske, dtype, impl) / math.sqrt(e)
+    scores = dense("btkge,bske->bkgts", q, k_bske, dtype) / math.sqrt(e)
     scores = jnp.where(visible_ts[None, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    return dense("bkgts,bske->btkge", probs, v_bske, dtype, impl).reshape(B, t, H, e)
+    return dense("bkgts,bske->btkge", probs, v_bske, dtype).reshape(B, t, H, e)
 
 
 def cached_attention(q_bthe: jax.Array, k_btke: jax.Array, v_btke: jax.Array, positions_t: jax.Array,
                      kv_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | int, dtype: Any,
-                     impl: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """(causal attention of the new queries, updated cache): without a cache over the new keys alone; with
-    one ([B, T, K, e] buffers), the new keys/values are written at `pos` and every cached position is
-    visible up to each query's own."""
+                     attention: Callable, layout: "CacheLayout") -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """(causal `attention` of the new queries, updated cache): without a cache over the new keys alone; with
+    one (token-major `layout` buffers [B, T, K, e]), the new keys/values are written at `pos` and every cached
+    position is visible up to each query's own."""
     if kv_cache is None:
-        return attention(q_bthe, k_btke, v_btke, positions_t, None, dtype, impl), None
-    kv_cache = update_cache(*kv_cache, k_btke, v_btke, pos, time_axis=1)
+        return attention(q_bthe, k_btke, v_btke, positions_t, None, dtype), None
+    kv_cache = layout.write(kv_cache, k_btke, v_btke, pos)
     keys, values = kv_cache
-    return attention(q_bthe, keys, values, positions_t, jnp.arange(keys.shape[1]), dtype, impl), kv_cache
+    return attention(q_bthe, keys, values, positions_t, jnp.arange(keys.shape[1]), dtype), kv_cache
 
 
 def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | int,
@@ -204,3 +134,35 @@ def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Ar
         return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), tuple(start))
 
     return put(cache_k, k), put(cache_v, v)
+
+
+# --- the KV-cache protocol --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """How every family's KV cache stores keys and values: a cache is {"k": buffers, "v": buffers}, the
+    buffers one array per layer (a tuple: the paper model decodes unrolled) or one stacked [L, ...] array
+    (Llama scans its layers); either way each layer's buffer ends in [..., T, K, hd] (token-major) or
+    [..., K, T, hd] (`head_major`), so the time axis counted from the end is the same for every family.
+    Chosen by the config's kernels (`core.backend`): the dtype, and head-major for the paper model's fused
+    xla_cpu attention."""
+
+    dtype: Any
+    head_major: bool
+
+    @property
+    def time_axis(self) -> int:
+        return -2 if self.head_major else -3
+
+    def empty(self, lead: tuple[int, ...], batch: int, length: int, heads: int, head_dim: int) -> jax.Array:
+        """One zero buffer [*lead, B, T, K, hd] (or [*lead, B, K, T, hd])."""
+        inner = (heads, length) if self.head_major else (length, heads)
+        return jnp.zeros((*lead, batch, *inner, head_dim), self.dtype)
+
+    def length(self, cache: Any) -> int:
+        """The positions a cache holds."""
+        return jax.tree.leaves(cache)[0].shape[self.time_axis]
+
+    def write(self, kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array,
+              pos: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        """One layer's (keys, values) buffers with new ones (in this layout) written at position `pos`."""
+        return update_cache(*kv, k, v, pos, time_axis=kv[0].ndim + self.time_axis)

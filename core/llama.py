@@ -10,7 +10,7 @@ MLP `down(silu(gate(x)) * up(x))`; no biases; tied or untied input/output embedd
 The family registers itself with `core.families` (param specs, forward, final hidden states, cache,
 LoRA targets, Hugging Face tensor names), so `sampling.sample`, `step.make_train_step`, `lora`,
 `sharding` and the run records work unchanged. It shares RMSNorm (with gain), RoPE and grouped-query
-attention with the paper model (`core.layers`), and the `impl`/`remat` switches with it.
+attention with the paper model (`core.layers`), and the backend (`cfg.numerics`, `core.backend`) with it.
 
 Parameter layout (a flat dict; "L" = layers stacked on the leading axis and run with `lax.scan`):
 
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import families, layers
+from forgetting.core import backend, families, layers
 from forgetting.core import hf_config as hf_config_lib
 from forgetting.core import rope_scaling as rope_lib
 from forgetting.core.families import ParamSpec
@@ -90,7 +90,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shape and numerics of a Llama-family decoder (hashable: a static jit argument)."""
+    """Shape of a Llama-family decoder, and how it is computed (`numerics`); hashable: a static jit argument."""
 
     vocab_size: int = 512  # V
     d_model: int = 64  # D (HF hidden_size)
@@ -109,12 +109,7 @@ class LlamaConfig:
     bos_id: int = 0  # beginning-of-text token (the self-generated replay prompt)
     eos_id: int = 1  # end-of-text token
     init_std: float = 0.02  # HF initializer_range, for `init`
-    impl: str = "auto"  # auto | reference | xla_cpu (see core.layers)
-    remat: str = "none"  # activation checkpointing: none | block | dots
-    kv_cache_dtype: str = "auto"  # auto (f32 on xla_cpu, else dtype) | bfloat16 | float32
-    unroll: int = 0  # layer-loop unroll; 0 = backend default
-    loss_chunk: int = 0  # fused loss head logits elements per chunk; 0 = default
-    streams: int = 0  # independent row groups through the layers; 0 = backend default
+    numerics: backend.Numerics = backend.Numerics()  # how it is computed (see core.backend)
 
     # Architecture switches of the families built on this block (class constants, not fields: a family
     # is a config subclass that sets them, so a run record's family name fixes them).
@@ -136,7 +131,8 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("bfloat16", "float32"):
                 raise ValueError(f"{name} must be 'bfloat16' or 'float32', got {getattr(self, name)!r}")
-        layers.check_numerics_fields(self)
+        if not isinstance(self.numerics, backend.Numerics):
+            raise TypeError(f"numerics must be a core.backend.Numerics, got {type(self.numerics).__name__}")
 
     @property
     def rope_attention_scaling(self) -> float:
@@ -273,26 +269,26 @@ def rope_tables(cfg: LlamaConfig, positions_t: jax.Array, pos: jax.Array | int =
 
 
 def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, q_positions_t: jax.Array,
-              k_positions_s: jax.Array, dtype: Any = jnp.float32, impl: str = "xla_cpu") -> jax.Array:
-    """Causal grouped-query attention (`layers.attention`): q [B,t,H,e], k/v [B,s,K,e]; f32 out."""
-    return layers.attention(q_bthe, k_bske, v_bske, q_positions_t, k_positions_s, dtype, impl)
+              k_positions_s: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Causal grouped-query attention written out (`layers.softmax_attention`): q [B,t,H,e], k/v [B,s,K,e]; f32 out."""
+    return layers.softmax_attention(q_bthe, k_bske, v_bske, q_positions_t, k_positions_s, dtype)
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, length: int | None = None) -> Cache:
-    """Empty KV cache [L, B, length, K, hd] for keys and values (`layers.kv_cache_dtype`); length
-    defaults to seq_len."""
-    shape = (cfg.n_layers, batch_size, cfg.seq_len if length is None else length, cfg.n_kv_heads, cfg.head_dim)
-    dt = layers.kv_cache_dtype(cfg)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    """Empty KV cache for keys and values: one stacked [L, B, length, K, hd] buffer each (scanned with the
+    layers), in the kernels' `layers.CacheLayout`; length defaults to seq_len."""
+    layout = backend.kernels_for(cfg).cache
+    length = cfg.seq_len if length is None else length
+    return {name: layout.empty((cfg.n_layers,), batch_size, length, cfg.n_kv_heads, cfg.head_dim) for name in ("k", "v")}
 
 
-def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
+def _block(cfg: LlamaConfig, kernels: backend.Kernels, x_btd: jax.Array, layer: Params, positions_t: jax.Array,
            rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
            pos: jax.Array | int):
     cdt = cfg.compute_dtype
 
     def dense(spec, a, w):
-        return layers.dense(spec, a, w, cdt, impl)
+        return kernels.dense(spec, a, w, cdt)
 
     h = layers.rms_norm(x_btd, cfg.norm_eps, layer["attn_norm"])
     q = dense("btd,dhe->bthe", h, layer["wq"])
@@ -305,7 +301,8 @@ def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positio
         k = layers.rms_norm(k, cfg.norm_eps, layer["k_norm"])
     q = layers.apply_rope(q, *rope_sin_cos)
     k = layers.apply_rope(k, *rope_sin_cos)
-    attended, kv_cache = layers.cached_attention(q, k, v, positions_t, kv_cache, pos, cdt, impl)
+    attended, kv_cache = layers.cached_attention(q, k, v, positions_t, kv_cache, pos, cdt, kernels.attention,
+                                                 kernels.cache)
     x_btd = x_btd + dense("bthe,hed->btd", attended, layer["wo"])
     h = layers.rms_norm(x_btd, cfg.norm_eps, layer["mlp_norm"])
     hidden = jax.nn.silu(dense("btd,df->btf", h, layer["w_gate"])) * dense("btd,df->btf", h, layer["w_up"])
@@ -314,21 +311,21 @@ def _block(cfg: LlamaConfig, impl: str, x_btd: jax.Array, layer: Params, positio
 
 def _run(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache | None, pos: jax.Array | int):
     """(normed final hidden states f32 [B, t, D], new cache or None)."""
-    impl = layers.resolve_impl(cfg.impl)
+    kernels = backend.kernels_for(cfg)
     positions_t = pos + jnp.arange(tokens_bt.shape[1])
-    rope_sin_cos = rope_tables(cfg, positions_t, pos, None if cache is None else cache["k"].shape[2])
+    rope_sin_cos = rope_tables(cfg, positions_t, pos, None if cache is None else kernels.cache.length(cache))
     x_btd = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.float32)
     stacked = {name: params[name] for name in layer_leaves(cfg)}
     new_cache = None
     if cache is None:
         def body(x, layer):
-            return _block(cfg, impl, x, layer, positions_t, rope_sin_cos, None, pos)[0], None
+            return _block(cfg, kernels, x, layer, positions_t, rope_sin_cos, None, pos)[0], None
 
-        x_btd, _ = jax.lax.scan(layers.remat_block(cfg, body), x_btd, stacked, unroll=layers.scan_unroll(cfg))
+        x_btd, _ = jax.lax.scan(kernels.checkpoint_block(body), x_btd, stacked, unroll=kernels.unroll)
     else:
         def body(x, layer_and_cache):
             layer, k, v = layer_and_cache
-            return _block(cfg, impl, x, layer, positions_t, rope_sin_cos, (k, v), pos)
+            return _block(cfg, kernels, x, layer, positions_t, rope_sin_cos, (k, v), pos)
 
         x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (stacked, cache["k"], cache["v"]))
         new_cache = {"k": ks, "v": vs}
@@ -355,8 +352,7 @@ def forward(cfg: LlamaConfig, params: Params, tokens_bt: jax.Array, cache: Cache
     """Logits f32 [B, t, V] for int tokens [B, t] at positions pos..pos+t-1; with a cache (from
     `init_cache`) also returns the updated cache (same contract as `core.model.forward`)."""
     h, new_cache = _run(cfg, params, tokens_bt, cache, pos)
-    logits_btv = layers.dense("btd,vd->btv", h, output_embedding(cfg, params), cfg.compute_dtype,
-                              layers.resolve_impl(cfg.impl))
+    logits_btv = backend.kernels_for(cfg).dense("btd,vd->btv", h, output_embedding(cfg, params), cfg.compute_dtype)
     return logits_btv if cache is None else (logits_btv, new_cache)
 
 

@@ -1,5 +1,5 @@
 """einsum with low-precision inputs and f32 accumulation, and a gradient that keeps that recipe (the
-`impl="xla_cpu"` matmul, see `core.xla_cpu`; `core.layers.dense` picks it)."""
+xla_cpu matmul, see `core.xla_cpu`; `core.backend` puts it into the kernels record)."""
 from __future__ import annotations
 
 import functools

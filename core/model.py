@@ -7,11 +7,10 @@ does not grow with depth. Parameters are f32; matmuls take `cfg.dtype` inputs (b
 accumulate in f32; norms, softmax and logits are f32.
 
 This file is the architecture in plain JAX, built from the shared blocks of `core.layers` (the same
-RMSNorm, RoPE and grouped-query attention Llama uses, here with kv heads == heads). `cfg.impl` picks
-their implementation: "reference" is autodiff of these formulas (attention through
-`jax.nn.dot_product_attention`); "xla_cpu" swaps in the kernels tuned for XLA's CPU backend
-(`core.xla_cpu`: custom bf16 VJPs, a feature-major attention, the fused loss head); "auto" picks by
-backend. `cfg.remat` checkpoints activations per block.
+RMSNorm, RoPE and grouped-query attention Llama uses, here with kv heads == heads). How it is computed
+is `cfg.numerics` (`core.backend.Numerics`): its kernels record (`backend.kernels_for(cfg)`) gives the
+matmul, the attention (or the fused attention sub-block of XLA-CPU), the cache layout, the layer-loop
+unroll, activation checkpointing and the row streams; this file asks the record and never the `impl`.
 
 The parameter layout matches the authors' released `weights.npz`: `embed_in` [V,D], `embed_out` [V,D],
 `qkv` [L,3,H,D,hd], `out` [L,H,hd,D], `up` [L,D,4D], `down` [L,4D,D].
@@ -25,16 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import families, layers, xla_cpu
+from forgetting.core import backend, families, layers, xla_cpu
 from forgetting.core.families import ParamSpec as ParamSpec  # re-exported: part of this module's API
 
 Params = dict[str, jax.Array]
-Cache = dict[str, Any]  # {"k": per-layer arrays, "v": ...}; a model family defines its own layout
+Cache = dict[str, Any]  # {"k": per-layer buffers, "v": ...} in the kernels' `layers.CacheLayout`
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Shape and numerics of the paper's transformer."""
+class Architecture:
+    """The shape fields of the paper's transformer (unchecked: `ModelConfig` checks them)."""
 
     vocab_size: int = 4096  # V: number of token ids
     d_model: int = 256  # D: residual width
@@ -45,12 +44,13 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-6  # RMSNorm epsilon
     dtype: str = "bfloat16"  # matmul input dtype (f32 accumulation); "float32" for exact arithmetic
-    impl: str = "auto"  # auto | reference | xla_cpu: kernels for attention, loss head, matmul gradients
-    remat: str = "none"  # activation checkpointing: none | block (recompute each block) | dots
-    kv_cache_dtype: str = "auto"  # auto (f32 on xla_cpu, else dtype) | bfloat16 | float32
-    unroll: int = 0  # layer-loop unroll for lax.scan; 0 = backend default (full on xla_cpu, else 1)
-    loss_chunk: int = 0  # fused loss head: logits elements per chunk; 0 = default (8 MB of f32)
-    streams: int = 0  # independent row groups through the layers; 0 = backend default
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Architecture):
+    """The paper's transformer: its architecture, and how it is computed (`numerics`)."""
+
+    numerics: backend.Numerics = backend.Numerics()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "head_dim", "seq_len", "mlp_ratio"):
@@ -63,7 +63,8 @@ class ModelConfig:
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
         layers.check_rope_and_norm(self.rope_base, "rope_base", self.norm_eps, "norm_eps")
-        layers.check_numerics_fields(self)
+        if not isinstance(self.numerics, backend.Numerics):
+            raise TypeError(f"numerics must be a core.backend.Numerics, got {type(self.numerics).__name__}")
 
     @property
     def n_heads(self) -> int:
@@ -147,45 +148,47 @@ def rope(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
 auto_streams = xla_cpu.auto_streams
 
 
+def _cache_layout(kernels: backend.Kernels) -> layers.CacheLayout:
+    return kernels.cache_layout(fused=True)  # the fused attention sub-block, where the kernels have one
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> Cache:
     """An empty KV cache for `batch_size` rows and `length` (default `cfg.seq_len`) positions: per layer,
-    keys and values in separate buffers ([B, T, H, hd]; head-major [B, H, T, hd] on xla_cpu), so a decoding step
-    updates each layer's buffer alone (a stacked [L, ...] cache was re-stacked, i.e. copied, at every
-    step: sampling 32x128 tokens went from 557 to 373 ms on the benchmark model)."""
+    keys and values in separate buffers (the kernels' `layers.CacheLayout`), so a decoding step updates each
+    layer's buffer alone (a stacked [L, ...] cache was re-stacked, i.e. copied, at every step: sampling
+    32x128 tokens went from 557 to 373 ms on the benchmark model)."""
+    layout = _cache_layout(backend.kernels_for(cfg))
     length = cfg.seq_len if length is None else length
-    if layers.resolve_impl(cfg.impl) == "xla_cpu":
-        shape = (batch_size, cfg.n_heads, length, cfg.head_dim)
-    else:
-        shape = (batch_size, length, cfg.n_heads, cfg.head_dim)
-    dt = layers.kv_cache_dtype(cfg)
-    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)) for name in ("k", "v")}
+    return {name: tuple(layout.empty((), batch_size, length, cfg.n_heads, cfg.head_dim) for _ in range(cfg.n_layers))
+            for name in ("k", "v")}
 
 
-def _attention(cfg: ModelConfig, impl: str, h_btd: jax.Array, layer: Params, positions_t: Any,
+def _attention(cfg: ModelConfig, kernels: backend.Kernels, h_btd: jax.Array, layer: Params, positions_t: Any,
                rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
                pos: jax.Array | int):
     """The attention sub-block: qkv projection, QK-norm, RoPE, causal attention, output projection."""
-    if impl == "xla_cpu":
-        return xla_cpu.paper_attention(h_btd, layer["qkv"], layer["out"], *rope_sin_cos, cfg.norm_eps,
+    if kernels.fused_attention is not None:
+        return kernels.fused_attention(h_btd, layer["qkv"], layer["out"], *rope_sin_cos, cfg.norm_eps,
                                        positions_t, cfg.dtype, kv_cache, pos)
-    cdt = cfg.compute_dtype
-    q, k, v = layers.dense("btd,khde->kbthe", h_btd, layer["qkv"], cdt, impl)  # each [B, t, H, hd]
+    cdt, dense = cfg.compute_dtype, kernels.dense
+    q, k, v = dense("btd,khde->kbthe", h_btd, layer["qkv"], cdt)  # each [B, t, H, hd]
     q = layers.apply_rope(layers.rms_norm(q, cfg.norm_eps), *rope_sin_cos)
     k = layers.apply_rope(layers.rms_norm(k, cfg.norm_eps), *rope_sin_cos)
-    attended, kv_cache = layers.cached_attention(q, k, v, positions_t, kv_cache, pos, cdt, impl)
-    return layers.dense("bthe,hed->btd", attended, layer["out"], cdt, impl), kv_cache
+    attended, kv_cache = layers.cached_attention(q, k, v, positions_t, kv_cache, pos, cdt, kernels.attention,
+                                                 kernels.cache)
+    return dense("bthe,hed->btd", attended, layer["out"], cdt), kv_cache
 
 
-def _block(cfg: ModelConfig, impl: str, x_btd: jax.Array, layer: Params, positions_t: Any,
+def _block(cfg: ModelConfig, kernels: backend.Kernels, x_btd: jax.Array, layer: Params, positions_t: Any,
            rope_sin_cos: tuple[jax.Array, jax.Array], kv_cache: tuple[jax.Array, jax.Array] | None,
            pos: jax.Array | int):
     cdt = cfg.compute_dtype
-    attended, kv_cache = _attention(cfg, impl, layers.rms_norm(x_btd, cfg.norm_eps), layer, positions_t,
+    attended, kv_cache = _attention(cfg, kernels, layers.rms_norm(x_btd, cfg.norm_eps), layer, positions_t,
                                     rope_sin_cos, kv_cache, pos)
     x_btd = x_btd + attended
     h = layers.rms_norm(x_btd, cfg.norm_eps)
-    hidden = jax.nn.gelu(layers.dense("btd,df->btf", h, layer["up"], cdt, impl))
-    x_btd = x_btd + layers.dense("btf,fd->btd", hidden, layer["down"], cdt, impl)
+    hidden = jax.nn.gelu(kernels.dense("btd,df->btf", h, layer["up"], cdt))
+    x_btd = x_btd + kernels.dense("btf,fd->btd", hidden, layer["down"], cdt)
     return x_btd, kv_cache
 
 
@@ -216,14 +219,14 @@ def final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: ja
 
 
 def _final_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, pos: jax.Array | int) -> jax.Array:
-    impl = layers.resolve_impl(cfg.impl)
+    kernels = backend.kernels_for(cfg)
     x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos)
 
     def body(x, layer):
-        x, _ = _block(cfg, impl, x, layer, positions_t, rope_sin_cos, None, pos)
+        x, _ = _block(cfg, kernels, x, layer, positions_t, rope_sin_cos, None, pos)
         return x, None
 
-    x_btd, _ = jax.lax.scan(layers.remat_block(cfg, body), x_btd, _layers(params), unroll=layers.scan_unroll(cfg))
+    x_btd, _ = jax.lax.scan(kernels.checkpoint_block(body), x_btd, _layers(params), unroll=kernels.unroll)
     return layers.rms_norm(x_btd, cfg.norm_eps)
 
 
@@ -233,20 +236,19 @@ def output_embedding(cfg: ModelConfig, params: Params) -> jax.Array:
 
 def unembed(cfg: ModelConfig, params: Params, hidden_btd: jax.Array) -> jax.Array:
     """Logits f32 [B, t, V] from `final_hidden`."""
-    return layers.dense("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype,
-                        layers.resolve_impl(cfg.impl))
+    return backend.kernels_for(cfg).dense("btd,vd->btv", hidden_btd, params["embed_out"], cfg.compute_dtype)
 
 
 def _decode_hidden(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, cache: Cache, pos: jax.Array | int):
     """(normed final hidden states f32 [B, t, D], new cache) of a forward with a cache."""
-    impl = layers.resolve_impl(cfg.impl)
-    cache_length = cache["k"][0].shape[2 if impl == "xla_cpu" else 1]  # see init_cache
+    kernels = backend.kernels_for(cfg)
+    cache_length = _cache_layout(kernels).length(cache)
     x_btd, positions_t, rope_sin_cos = _embed(cfg, params, tokens_bt, pos, cache_length)
     stacked = _layers(params)
     ks, vs = list(cache["k"]), list(cache["v"])
     for i in range(cfg.n_layers):  # decoding is unrolled; one cache buffer per layer
         layer = {name: w[i] for name, w in stacked.items()}
-        x_btd, (ks[i], vs[i]) = _block(cfg, impl, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
+        x_btd, (ks[i], vs[i]) = _block(cfg, kernels, x_btd, layer, positions_t, rope_sin_cos, (ks[i], vs[i]), pos)
     return layers.rms_norm(x_btd, cfg.norm_eps), {"k": tuple(ks), "v": tuple(vs)}
 
 

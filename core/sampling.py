@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting.core import families, layers, model
+from forgetting.core import backend, families, model
 
 
 def _block_width(vocab: int) -> int:
@@ -116,7 +116,7 @@ def _sample(cfg: Any, params: Any, prompt_bp: jax.Array, prompt_len_b: jax.Array
             return logits_b1v, None, cache
         # The family's forward is the unembedding of these hidden states (the protocol's contract).
         h_b1d, cache = families.decode_hidden(cfg, params, tokens_b1, cache, i)
-        logits_b1v = layers.dense("btd,vd->btv", h_b1d, unembedding_vd, cfg.compute_dtype, layers.resolve_impl(cfg.impl))
+        logits_b1v = backend.kernels_for(cfg).dense("btd,vd->btv", h_b1d, unembedding_vd, cfg.compute_dtype)
         return logits_b1v, h_b1d, cache
 
     def is_eos(tokens_b):

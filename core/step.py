@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from forgetting.core import families, fused_head, layers, losses, xla_cpu
+from forgetting.core import backend, families, losses, xla_cpu
 from forgetting.core import lora as lora_lib
 
 Batch = dict[str, jax.Array]
@@ -39,64 +39,47 @@ def init_state(trainable: Any, opt: optax.GradientTransformation) -> TrainState:
 
 
 class _Head:
-    """The loss head of a config's family and implementation: on xla_cpu the chunked fused head
-    (`core.fused_head`, no [B, T, V] logits), on reference autodiff of `core.losses` on the logits.
-    `streams` None means the config's (`xla_cpu.streams_for`)."""
+    """The loss head of a config's family and kernels (`backend.Kernels.head`: on xla_cpu the chunked fused
+    head, `core.fused_head`, no [B, T, V] logits; on reference `core.losses` on the logits). `streams` None
+    means the config's (`backend.Kernels.streams`)."""
 
     def __init__(self, cfg: Any, streams: int | None):
         self.cfg, self.family = cfg, families.of(cfg)
-        self.fused = layers.resolve_impl(cfg.impl) == "xla_cpu"
+        self.kernels = backend.kernels_for(cfg)
         self.streams = streams
-        self.chunk = xla_cpu.loss_chunk_elements(cfg)
 
     def hidden(self, params, tokens_bt):
-        streams = xla_cpu.streams_for(self.cfg, tokens_bt.shape[0]) if self.streams is None else self.streams
+        streams = self.kernels.streams(tokens_bt.shape[0]) if self.streams is None else self.streams
         return xla_cpu.in_streams(lambda t: self.family.final_hidden(self.cfg, params, t), tokens_bt, streams)
 
-    def logits(self, params, hidden_btd):
-        w = self.family.output_embedding(self.cfg, params)
-        return layers.dense("btd,vd->btv", hidden_btd, w, self.cfg.compute_dtype, layers.resolve_impl(self.cfg.impl))
+    def _w(self, params):
+        return self.family.output_embedding(self.cfg, params)
 
     def next_token_loss(self, params, hidden_btd, tokens_bt, mask_bt):
-        if self.fused:
-            return fused_head.next_token_loss(hidden_btd, self.family.output_embedding(self.cfg, params), tokens_bt,
-                                              mask_bt, self.cfg.dtype, self.chunk)
-        return losses.next_token_loss(self.logits(params, hidden_btd), tokens_bt, mask_bt)
+        return self.kernels.head.next_token_loss(hidden_btd, self._w(params), tokens_bt, mask_bt, self.cfg.dtype,
+                                                 self.kernels.loss_chunk)
 
     def kl_to_reference(self, params, hidden_btd, ref, ref_hidden_btd):
-        if self.fused:
-            return fused_head.kl_to_reference(hidden_btd, self.family.output_embedding(self.cfg, params),
-                                              ref_hidden_btd, self.family.output_embedding(self.cfg, ref), None,
-                                              self.cfg.dtype, self.chunk)
-        ref_logits = jax.lax.stop_gradient(self.logits(ref, ref_hidden_btd))
-        return losses.kl_to_reference(self.logits(params, hidden_btd), ref_logits)
+        return self.kernels.head.kl_to_reference(hidden_btd, self._w(params), ref_hidden_btd, self._w(ref), None,
+                                                 self.cfg.dtype, self.kernels.loss_chunk)
 
     def nll_per_position(self, params, hidden_btd, tokens_bt):
-        if self.fused:
-            return fused_head.nll_per_position(hidden_btd, self.family.output_embedding(self.cfg, params), tokens_bt,
-                                               self.cfg.dtype, self.chunk)
-        return losses.next_token_nll(self.logits(params, hidden_btd), tokens_bt)
+        return self.kernels.head.nll_per_position(hidden_btd, self._w(params), tokens_bt, self.cfg.dtype,
+                                                  self.kernels.loss_chunk)
 
     def nll_and_kl_per_position(self, params, hidden_btd, tokens_bt, ref, ref_hidden_btd):
-        if self.fused:
-            return fused_head.nll_and_kl_per_position(
-                hidden_btd, self.family.output_embedding(self.cfg, params), tokens_bt, ref_hidden_btd,
-                self.family.output_embedding(self.cfg, ref), self.cfg.dtype, self.chunk)
-        logits = self.logits(params, hidden_btd)
-        return losses.next_token_nll(logits, tokens_bt), losses.kl_per_position(logits, self.logits(ref, ref_hidden_btd))
+        return self.kernels.head.nll_and_kl_per_position(hidden_btd, self._w(params), tokens_bt, ref_hidden_btd,
+                                                         self._w(ref), self.cfg.dtype, self.kernels.loss_chunk)
 
     def kl_per_position(self, params, hidden_btd, ref, ref_hidden_btd):
-        if self.fused:
-            return fused_head.kl_per_position(hidden_btd, self.family.output_embedding(self.cfg, params),
-                                              ref_hidden_btd, self.family.output_embedding(self.cfg, ref),
-                                              self.cfg.dtype, self.chunk)
-        return losses.kl_per_position(self.logits(params, hidden_btd), self.logits(ref, ref_hidden_btd))
+        return self.kernels.head.kl_per_position(hidden_btd, self._w(params), ref_hidden_btd, self._w(ref),
+                                                 self.cfg.dtype, self.kernels.loss_chunk)
 
 
 def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
                  use_lora: bool = False, streams: int | None = None) -> Callable:
     """loss(trainable, frozen, batch) -> (objective, metrics), for a config of any registered family.
-    `streams`: see `xla_cpu.in_streams` (None: the config's `streams`, 0 there = backend default)."""
+    `streams`: see `xla_cpu.in_streams` (None: the config's `numerics.streams`, 0 there = backend default)."""
     if reg_method not in losses.REGULARIZERS:
         raise ValueError(f"unknown regularizer {reg_method!r}; choose one of {losses.REGULARIZERS}")
     head = _Head(cfg, streams)

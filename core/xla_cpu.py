@@ -1,4 +1,5 @@
-"""The implementation tuned for XLA's CPU backend (`impl="xla_cpu"`), kept out of the model files.
+"""The implementation tuned for XLA's CPU backend (`impl="xla_cpu"`), kept out of the model files
+(`core.backend` puts these kernels into a config's `Kernels` record).
 
 What it changes against the reference formulas, and why (measured with `python -m forgetting.bench`
 on the benchmark model; see each kernel's module for the details):
@@ -10,8 +11,7 @@ on the benchmark model; see each kernel's module for the details):
 - `core.fused_head`: the loss computed from the final hidden states one chunk of positions at a time,
   with its gradient formed in the forward pass, so the [B, T, V] logits never exist whole.
 - An f32 KV cache with f32 decode attention on values rounded as the bf16 forward's matmul inputs
-  (see `layers.kv_cache_dtype`; decoding then gives the forward's numbers), fully unrolled layer loops
-  (`layers.scan_unroll`), and `streams`: independent row groups that keep a second core busy where
+  (decoding then gives the forward's numbers), fully unrolled layer loops, and `streams`: independent row groups that keep a second core busy where
   XLA-CPU runs an op single-threaded.
 All of it is reverse-mode only (custom VJPs); the reference path is the one for `jax.jvp`.
 """
@@ -76,19 +76,3 @@ def in_streams(fn: Callable[[jax.Array], jax.Array], tokens_bt: jax.Array, strea
     groups = tokens_bt.reshape(B // streams, streams, *tokens_bt.shape[1:])
     outs = [fn(groups[:, s]) for s in range(streams)]
     return jnp.stack(outs, axis=1).reshape(B, *outs[0].shape[1:])
-
-
-def streams_for(cfg: Any, rows: int) -> int:
-    """The config's `streams`, or for 0 `auto_streams` on xla_cpu and 1 elsewhere."""
-    if cfg.streams:
-        return cfg.streams
-    return auto_streams(rows) if layers.resolve_impl(cfg.impl) == "xla_cpu" else 1
-
-
-def loss_chunk_elements(cfg: Any) -> int:
-    """The fused head's logits budget per chunk: the config's `loss_chunk`, or `fused_head.CHUNK_ELEMENTS`
-    (8 MB of f32 logits: a CPU last-level cache)."""
-    from forgetting.core import fused_head
-
-    return cfg.loss_chunk or fused_head.CHUNK_ELEMENTS
-

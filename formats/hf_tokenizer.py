@@ -19,11 +19,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import tiktoken
+
+from forgetting.formats import gguf_file
 
 # Llama 3's pre-tokenizer (Meta's tokenizer.py and the Split regex of its tokenizer.json).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -217,9 +220,7 @@ def load_tokenizer(path: str | Path, hf_config: dict | None = None) -> Tokenizer
     `tokenizer.model` or `original/tokenizer.model`), a tokenizer.json file, or a `.gguf` file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from forgetting.formats import gguf_checkpoint
-
-        return gguf_checkpoint.load_gguf_tokenizer(path)
+        return load_gguf_tokenizer(path)
     if path.is_file() and path.suffix == ".json":
         directory, json_file = path.parent, path
     else:
@@ -239,3 +240,80 @@ def load_tokenizer(path: str | Path, hf_config: dict | None = None) -> Tokenizer
             bos, eos = resolve_bos_eos(special.get, tok_config, hf_config, str(directory))
             return TiktokenTokenizer(enc, bos_id=bos, eos_id=eos[0], eos_ids=tuple(eos))
     raise FileNotFoundError(f"no tokenizer.json or tiktoken-format tokenizer.model in {directory}")
+
+
+# --- the tokenizer in GGUF metadata: byte-level BPE ("gpt2" tokenizer model) from tokens, merges and token
+# types, with the pre-tokenizer named by `tokenizer.ggml.pre`, built as a tokenizer.json and read by `tokenizers`.
+# Control tokens become special added tokens, user-defined ones plain added tokens. ---
+# tokenizer.ggml.pre -> the tokenizer.json pre_tokenizer of the family (regexes from the families' own files).
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+PRE_TOKENIZERS: dict[str, tuple[dict, bool]] = {  # pre -> (pre_tokenizer, ignore_merges)
+    "default": (_byte_level(True), False),
+    "gpt-2": (_byte_level(True), False),
+    "smollm": ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                      _byte_level(True)]}, False),
+    "llama-bpe": ({"type": "Sequence", "pretokenizers": [_split(LLAMA3_PATTERN), _byte_level(False)]},
+                  True),
+    "llama3": ({"type": "Sequence", "pretokenizers": [_split(LLAMA3_PATTERN), _byte_level(False)]},
+               True),
+    "qwen2": ({"type": "Sequence", "pretokenizers": [_split(_QWEN2_REGEX), _byte_level(False)]}, False),
+}
+_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+
+
+def tokenizer_json_from_gguf(g: gguf_file.GGUFFile) -> dict:
+    """A tokenizer.json dict equivalent to the GGUF's tokenizer metadata (byte-level BPE only)."""
+    model = g.require("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{g.path}: GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+    pre = g.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{g.path}: tokenizer.ggml.pre {pre!r} is not supported "
+                         f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+    pre_tokenizer, ignore_merges = PRE_TOKENIZERS[pre]
+    tokens = list(g.require("tokenizer.ggml.tokens"))
+    types = list(g.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [m.split(" ") for m in g.require("tokenizer.ggml.merges")]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{g.path}: a tokenizer.ggml.merges entry is not two space-separated tokens")
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] == _TOKEN_TYPE_CONTROL}
+             for i, t in enumerate(tokens) if types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": ignore_merges, "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+    }
+
+
+def tokenizer_from_gguf(g: gguf_file.GGUFFile) -> HFTokenizer:
+    full, ordinary = tokenizers_from_json(tokenizer_json_from_gguf(g))
+    bos, eos = g.get("tokenizer.ggml.bos_token_id"), g.get("tokenizer.ggml.eos_token_id")
+    if bos is None or eos is None:
+        raise ValueError(f"{g.path}: GGUF metadata lacks tokenizer.ggml.bos_token_id or eos_token_id")
+    eos_ids = [int(eos)]
+    eot = g.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) not in eos_ids:
+        eos_ids.append(int(eot))
+    return HFTokenizer(full, ordinary, bos_id=int(bos), eos_id=int(eos), eos_ids=tuple(eos_ids))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """The tokenizer in a GGUF file's metadata (see the module doc)."""
+    return tokenizer_from_gguf(gguf_file.open_gguf(path))

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetting.core import files
+from forgetting.core import families, files
 from forgetting.core import model as model_lib
 from forgetting.training import cli, runs
 
@@ -218,7 +218,7 @@ def export(cfg: ExportConfig) -> dict:
         raise ValueError(f"{src} is not a run directory of this project (no config.json with a resolved model); "
                          "export takes a finished run of the train stage")
     loaded = runs.load_run(src, dtype=None)
-    if not isinstance(loaded.model_cfg, model_lib.ModelConfig):
+    if families.of(loaded.model_cfg).name != "paper":
         raise ValueError(f"{src} is a {type(loaded.model_cfg).__name__} run; only paper-model runs export to the "
                          "authors' layout")
     saved = json.loads((src / runs.CONFIG_FILE).read_text())

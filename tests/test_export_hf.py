@@ -14,7 +14,7 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers", reason="needs the hf extra")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="needs the hf extra")
 
-from forgetting.core import families, llama  # noqa: E402
+from forgetting.core import backend, families, llama  # noqa: E402
 from forgetting.stages import export  # noqa: E402
 from forgetting.formats import hf_checkpoint  # noqa: E402
 from forgetting.training import runs  # noqa: E402
@@ -25,7 +25,7 @@ TOKENS = [3, 17, 250, 41, 5, 99, 128, 7, 200, 12]
 
 
 def _logits(cfg, params, tokens=TOKENS) -> np.ndarray:
-    cfg = dataclasses.replace(cfg, dtype="float32", impl="reference")
+    cfg = backend.with_numerics(dataclasses.replace(cfg, dtype="float32"), impl="reference")
     return np.asarray(families.forward(cfg, params, jnp.asarray([tokens], jnp.int32))[0])
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting.core import families, layers, llama, lora, sharding, step
+from forgetting.core import backend, families, layers, llama, lora, sharding, step
 from forgetting.core import model as model_lib
 from forgetting.formats import hf_checkpoint
 from forgetting.training import runs
@@ -30,15 +30,17 @@ def test_lookup_by_config_type_and_name():
 
 
 @pytest.mark.parametrize("cfg", [
-    model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16, remat="block"),
-    llama.LlamaConfig(rope_scaling=llama.RopeScaling(), impl="reference", tie_embeddings=False),
+    model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16,
+                          numerics=backend.Numerics(remat="block")),
+    llama.LlamaConfig(rope_scaling=llama.RopeScaling(), numerics=backend.Numerics(impl="reference"),
+                      tie_embeddings=False),
 ])
 def test_run_record_round_trip(cfg):
     record = runs.model_to_dict(cfg)
     assert ("family" in record) == (not isinstance(cfg, model_lib.ModelConfig))  # paper records keep their form
     assert runs.model_config_from_dict(record) == cfg
     old_paper_record = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "head_dim": 16, "seq_len": 16}
-    assert runs.model_config_from_dict(old_paper_record).impl == "auto"  # records before the switch still load
+    assert runs.model_config_from_dict(old_paper_record).numerics.impl == "auto"  # records before the switch still load
 
 
 def test_every_leaf_has_logical_axes_and_lora_targets_are_leaves():
@@ -76,12 +78,12 @@ def test_shared_blocks():
     kv = jax.random.normal(jax.random.key(2), (2, 1, 5, 2, 8))
     pos = jnp.arange(5)
     for impl in ("reference", "xla_cpu"):
-        grouped = layers.attention(q, kv[0], kv[1], pos, pos, jnp.float32, impl)
-        full = layers.attention(q, jnp.repeat(kv[0], 2, axis=2), jnp.repeat(kv[1], 2, axis=2), pos, pos,
-                                jnp.float32, impl)
+        attention = backend.kernels(backend.Numerics(impl=impl), "float32").attention
+        grouped = attention(q, kv[0], kv[1], pos, pos, jnp.float32)
+        full = attention(q, jnp.repeat(kv[0], 2, axis=2), jnp.repeat(kv[1], 2, axis=2), pos, pos, jnp.float32)
         np.testing.assert_allclose(grouped, full, rtol=1e-6, atol=1e-6)
         # No key positions = causal over the queries' own positions (is_causal on the reference path).
-        np.testing.assert_allclose(layers.attention(q, kv[0], kv[1], pos, None, jnp.float32, impl), grouped,
+        np.testing.assert_allclose(attention(q, kv[0], kv[1], pos, None, jnp.float32), grouped,
                                    rtol=1e-6, atol=1e-6)
 
 
@@ -107,3 +109,33 @@ def test_a_new_family_plugs_into_step_lora_and_sharding():
     mesh = sharding.make_mesh(1, 1)
     assert set(sharding.param_shardings(cfg, mesh, "fsdp")) == set(params)
     assert runs.model_config_from_dict(runs.model_to_dict(cfg)) == cfg
+
+
+def test_flat_numerics_records_of_older_runs_load_into_the_sub_config():
+    """Run records written before `numerics` was a sub-config hold its six fields flat beside the shape."""
+    old_llama = {**runs.model_to_dict(llama.LlamaConfig()), "impl": "reference", "remat": "dots", "streams": 2}
+    old_llama.pop("numerics")
+    got = runs.model_config_from_dict(old_llama)
+    assert got == llama.LlamaConfig(numerics=backend.Numerics(impl="reference", remat="dots", streams=2))
+    new = runs.model_to_dict(got)
+    assert new["numerics"]["remat"] == "dots" and "remat" not in new  # written nested, read back equal
+    assert runs.model_config_from_dict(new) == got
+    with pytest.raises(ValueError, match="remat must be one of"):
+        runs.model_config_from_dict({**new, "numerics": {"remat": "all"}})
+
+
+def test_kernels_record_is_chosen_once_from_the_numerics():
+    paper = model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16)
+    ref = backend.kernels_for(backend.with_numerics(paper, impl="reference"))
+    cpu = backend.kernels_for(backend.with_numerics(paper, impl="xla_cpu", unroll=3))
+    assert backend.kernels_for(backend.with_numerics(paper, impl="reference")) is ref  # one record per config
+    assert (ref.name, ref.fused_attention, ref.unroll, ref.streams(32)) == ("reference", None, 1, 1)
+    assert (cpu.name, cpu.unroll, cpu.fused_attention is not None) == ("xla_cpu", 3, True)
+    # One cache protocol: the paper model's fused xla_cpu attention reads head-major buffers, everything
+    # else token-major; the time axis (from the end) is the layout's, whatever the family stacks.
+    assert model_lib.init_cache(backend.with_numerics(paper, impl="xla_cpu"), 3, 8)["k"][0].shape == (3, 2, 8, 16)
+    assert model_lib.init_cache(backend.with_numerics(paper, impl="reference"), 3, 8)["k"][0].shape == (3, 8, 2, 16)
+    small = llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_mlp=32)
+    for impl in ("reference", "xla_cpu"):
+        cache = llama.init_cache(backend.with_numerics(small, impl=impl), 3, 8)
+        assert cache["k"].shape == (2, 3, 8, 1, 8) and backend.kernels_for(small).cache.length(cache) == 8

@@ -17,18 +17,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as hst
 
-from forgetting.core import families, layers, llama, step
+from forgetting.core import backend, families, llama, step
 from forgetting.core import model as model_lib
 
 
 def paper_cfg(dtype: str, **kw) -> model_lib.ModelConfig:
-    return model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16, dtype=dtype, **kw)
+    return model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, head_dim=16, seq_len=16, dtype=dtype,
+                                 numerics=backend.Numerics(**kw))
 
 
 def llama_cfg(dtype: str, **kw) -> llama.LlamaConfig:
     # init_std 0.2: the HF default 0.02 makes the tiny model's logits almost constant
     return llama.LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                             d_mlp=64, seq_len=16, dtype=dtype, init_std=0.2, **kw)
+                             d_mlp=64, seq_len=16, dtype=dtype, init_std=0.2, numerics=backend.Numerics(**kw))
 
 
 CONFIGS = {"paper": paper_cfg, "llama": llama_cfg}
@@ -133,9 +134,9 @@ def test_jacfwd_equals_jacrev_on_reference_loss():
 
 
 def test_auto_resolves_by_backend_and_fields_are_checked():
-    assert layers.auto_impl("cpu") == "xla_cpu"
-    assert layers.auto_impl("gpu") == "reference" and layers.auto_impl("tpu") == "reference"
-    assert layers.resolve_impl("reference") == "reference"
+    assert backend.auto_impl("cpu") == "xla_cpu"
+    assert backend.auto_impl("gpu") == "reference" and backend.auto_impl("tpu") == "reference"
+    assert backend.resolve_impl("reference") == "reference"
     for bad in ({"impl": "cuda"}, {"remat": "all"}, {"kv_cache_dtype": "int8"}, {"unroll": -1}):
         field = next(iter(bad))
         with pytest.raises(ValueError, match=field):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forgetting.core import llama
+from forgetting.core import backend, llama
 from forgetting.core import model as model_lib
 from forgetting.training import cli, runs, train_setup
 from forgetting.training import train_config as tc
@@ -21,11 +21,15 @@ NON_DEFAULT = {"vocab_size": 100, "d_model": 64, "n_layers": 3, "head_dim": 32, 
 
 
 def test_every_model_config_field_is_a_flag():
-    fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    # ModelConfig = its architecture fields + one `numerics` sub-config; both are flat --model.* flags
+    numerics_fields = {f.name for f in dataclasses.fields(backend.Numerics)}
+    fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)} - {"numerics"} | numerics_fields
     assert fields == set(NON_DEFAULT)
     argv = REQUIRED + [a for name, v in NON_DEFAULT.items() for a in (f"--model.{name}", str(v))]
     cfg = cli.parse(tc.TrainConfig, argv)
-    assert cfg.model.model_config() == model_lib.ModelConfig(**NON_DEFAULT)
+    shape = {k: v for k, v in NON_DEFAULT.items() if k not in numerics_fields}
+    numerics = backend.Numerics(**{k: v for k, v in NON_DEFAULT.items() if k in numerics_fields})
+    assert cfg.model.model_config() == model_lib.ModelConfig(**shape, numerics=numerics)
     assert cli.parse(tc.TrainConfig, cli.to_argv(cfg)) == cfg  # flags round-trip
 
 
@@ -57,4 +61,4 @@ def test_numerics_flags_apply_to_a_loaded_model():
                                                 "--model.impl", "reference", "--model.d_model", "64"])
     # (--model.d_model 64 is the checkpoint's own: a contradicting value is refused, issue 28 / test_inputs.py)
     got = train_setup._model_config(cfg, loaded, 0)
-    assert got == dataclasses.replace(loaded_cfg, remat="block", impl="reference")  # shape from the checkpoint
+    assert got == backend.with_numerics(loaded_cfg, remat="block", impl="reference")  # shape from the checkpoint

@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory) -> str:
 
 
 def test_train_flags_plan_the_gpu_path_with_replay_and_the_loaded_shape(tiny_run, monkeypatch):
-    from forgetting.core import layers
+    from forgetting.core import backend
     from forgetting.core import step as step_lib
 
     case = plan.train_case(["--data.path", "new.bin", "--model.load_path", tiny_run, "--model.d_model", "999",
@@ -64,7 +64,7 @@ def test_train_flags_plan_the_gpu_path_with_replay_and_the_loaded_shape(tiny_run
     make = step_lib.make_train_step
 
     def recording(cfg, *a, **kw):
-        compiled_impls.append((layers.resolve_impl(cfg.impl), kw.get("reg_method")))
+        compiled_impls.append((backend.kernels_for(cfg).name, kw.get("reg_method")))
         return make(cfg, *a, **kw)
 
     monkeypatch.setattr(step_lib, "make_train_step", recording)

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("tokenizers", reason="needs the hf extra")
 pytest.importorskip("safetensors", reason="needs the hf extra")
 
-from forgetting.core import families, llama
+from forgetting.core import backend, families, llama
 from forgetting.formats import hf_checkpoint
 from forgetting.training import runs
 import numpy_reference  # (tests/)
@@ -32,7 +32,7 @@ def _numpy_logits(hf: dict, tensors: dict, **switches) -> np.ndarray:
 
 def _our_logits(path, impl: str) -> tuple[object, np.ndarray]:
     loaded = runs.load_run(path, dtype="float32")
-    cfg = dataclasses.replace(loaded.model_cfg, impl=impl)
+    cfg = backend.with_numerics(loaded.model_cfg, impl=impl)
     logits = families.forward(cfg, loaded.params, jnp.asarray([TOKENS], jnp.int32))
     return loaded.model_cfg, np.asarray(logits[0], np.float64)
 
@@ -55,7 +55,7 @@ def test_logits_match_numpy(tmp_path, model_type, tie, impl):
 def test_cache_decoding_and_run_record(tmp_path, model_type):
     write_qwen_checkpoint(tmp_path / "ckpt", model_type, tie=True)
     loaded = runs.load_run(tmp_path / "ckpt", dtype="float32")
-    cfg = dataclasses.replace(loaded.model_cfg, impl="reference")
+    cfg = backend.with_numerics(loaded.model_cfg, impl="reference")
     tokens = jnp.asarray([TOKENS], jnp.int32)
     full = families.forward(cfg, loaded.params, tokens)
     cache = families.init_cache(cfg, 1)

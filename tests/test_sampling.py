@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgetting.core import model, sampling
+from forgetting.core import backend, model, sampling
 
 fwd = jax.jit(model.forward, static_argnums=0)
 B = 8
@@ -359,7 +359,7 @@ def test_grow_cache_pads_the_time_axis_of_every_layout(tiny_cfg):
     Llama family's stacked cache keep their values and gain zero positions at the end."""
     from forgetting.core import llama
 
-    cfgs = [tiny_cfg, dataclasses.replace(tiny_cfg, impl="reference"),
+    cfgs = [tiny_cfg, backend.with_numerics(tiny_cfg, impl="reference"),
             llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_mlp=32,
                               seq_len=16)]
     for cfg in cfgs:

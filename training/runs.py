@@ -27,6 +27,7 @@ import numpy as np
 
 from forgetting.core import families, files, multihost, sharded_checkpoint
 from forgetting.core import data as data_lib
+from forgetting.core import backend
 from forgetting.core import model as model_lib
 from forgetting.training import cli
 
@@ -431,8 +432,9 @@ def read_run_config(path: str | Path) -> dict:
 
 
 def model_to_dict(model_cfg: Any) -> dict:
-    """The resolved-model record of a run: the config's fields, plus `"family": name` for every family
-    but the paper model's (paper-model records keep their old form: no family key)."""
+    """The resolved-model record of a run: the config's fields (its numerics as a "numerics" dict), plus
+    `"family": name` for every family but the paper model's (paper-model records keep their old form: no
+    family key)."""
     d = cli.to_dict(model_cfg)
     name = families.of(model_cfg).name
     if name != "paper":
@@ -441,9 +443,15 @@ def model_to_dict(model_cfg: Any) -> dict:
 
 
 def model_config_from_dict(model_dict: dict) -> Any:
-    """Inverse of `model_to_dict`: the config of the recorded family (the paper model without a key)."""
+    """Inverse of `model_to_dict`: the config of the recorded family (the paper model without a key). Also
+    reads the records written before the numerics had their own sub-config (the six fields flat beside the
+    shape); a record with neither gets the default numerics."""
     d = dict(model_dict)
-    return families.by_name(d.pop("family", "paper")).from_dict(d)
+    numerics = dict(d.pop("numerics", None) or {})
+    for name in (f.name for f in dataclasses.fields(backend.Numerics)):
+        if name in d:
+            numerics.setdefault(name, d.pop(name))
+    return families.by_name(d.pop("family", "paper")).from_dict(dict(d, numerics=backend.Numerics(**numerics)))
 
 
 def abstract_params(model_cfg: Any) -> dict:

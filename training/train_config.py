@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from forgetting.core import backend
 from forgetting.core import data as data_lib
 from forgetting.core import model as model_lib
 
@@ -78,20 +79,21 @@ class ModelArgs:
 
     def model_config(self, vocab_size: int | None = None) -> model_lib.ModelConfig:
         """The ModelConfig these flags describe (`vocab_size` fills in a 0 = from-the-data vocabulary)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.ModelConfig)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(model_lib.Architecture)}
         if self.dtype == "auto":  # (a run's plan resolves it before this: `plan.resolve_dtype`, the one place)
             from forgetting.training.plan import resolve_dtype
 
             fields["dtype"] = resolve_dtype(self.dtype)["dtype"]
         fields["vocab_size"] = self.vocab_size or vocab_size or 1  # 1: a placeholder for checking the rest
-        return model_lib.ModelConfig(**fields)
+        return model_lib.ModelConfig(**fields, **self.numerics())
 
     def numerics(self) -> dict:
-        """The fields that apply to any family's loaded config (not its shape)."""
-        return {name: getattr(self, name) for name in NUMERICS_FIELDS}
+        """{"numerics": these flags' `backend.Numerics`}: the keyword that applies them to any family's
+        config, whose shape stays its own (`dataclasses.replace(loaded_cfg, **args.numerics())`). Checks them."""
+        return {"numerics": backend.Numerics(**{name: getattr(self, name) for name in NUMERICS_FIELDS})}
 
 
-NUMERICS_FIELDS = ("impl", "remat", "kv_cache_dtype", "unroll", "loss_chunk", "streams")
+NUMERICS_FIELDS = tuple(f.name for f in dataclasses.fields(backend.Numerics))
 
 
 @dataclass(frozen=True)
