@@ -289,10 +289,10 @@ def validate_model_args(m: ModelArgs) -> None:
         raise ValueError(f"--model.vocab_size must be >= 0 (0 = from the data sidecar), got {m.vocab_size}")
     checked = m
     if m.loads:  # the checkpoint gives the shape: only the numerics fields (and seq_len, the HF/GGUF loading length)
-        checked = ModelArgs(**m.numerics(), seq_len=m.seq_len, dtype=m.dtype)
+        checked = ModelArgs(**{name: getattr(m, name) for name in NUMERICS_FIELDS}, seq_len=m.seq_len, dtype=m.dtype)
     if m.dtype == "auto":  # a placeholder: checking a flag must not run the auto probe
         checked = dataclasses.replace(checked, dtype="float32")
-    try:
+    try:  # (the numerics' own checks run in model_config, through `numerics()`)
         checked.model_config()  # (vocab_size 0 = from the data: model_config puts a placeholder)
     except ValueError as e:
         raise ValueError(_as_model_flags(str(e))) from None
@@ -307,7 +307,7 @@ def validate_model_args(m: ModelArgs) -> None:
 
 def _as_model_flags(message: str) -> str:
     """ModelConfig's message in flag words: `head_dim=7 must be even` -> `--model.head_dim 7 must be even`."""
-    names = "|".join(f.name for f in dataclasses.fields(model_lib.ModelConfig))
+    names = "|".join(f.name for f in dataclasses.fields(ModelArgs))
     message = re.sub(rf"(?<![\w.-])({names})(=| )", lambda g: f"--model.{g[1]} ", message)
     if message.startswith("--model.dtype "):
         message += " (or auto: the faster one on this machine)"
