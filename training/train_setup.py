@@ -16,7 +16,7 @@ from forgetting.core import data as data_lib
 from forgetting.core import families, lora, optim, sharded_checkpoint, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import step as step_lib
-from forgetting.training import prompts, replay, runs
+from forgetting.training import prompts, replay, replay_cache, runs
 from forgetting.training.train_config import TrainConfig, with_resolved_dtype
 
 
@@ -230,6 +230,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
             reference_hidden = "sampler" if keep_hidden else "forward" if r.method == "kl_pre" else None
             replay_source = replay.SelfGeneratedReplay(model_cfg, ref, prompt_ids, rows, r.buffer, r.temperature,
                                                        cfg.run.seed, prefetch=one_device, keep_hidden=keep_hidden)
+            if r.replay_cache and one_device:  # a sharded or multi-process sampler samples its own (replay_cache's docstring)
+                replay_cache.attach(replay_source, loaded.path, cfg.run.dir, runs.model_to_dict(model_cfg))
         else:
             if r.path and _is_loaded_runs_data(r.path, loaded):
                 # The loaded run's data, however spelled: its own training split, so that replay never draws
