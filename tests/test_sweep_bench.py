@@ -59,7 +59,8 @@ def test_summary_ratios_are_per_sitting_and_identity_ignores_wall_clock(tmp_path
     def way(wall, name, **changes):
         run = _metrics(tmp_path / f"{name}-{wall}", [{**row, "train_seconds": wall, "wall_time": wall * 2,
                                                       "tokens_per_s": 1 / wall, **changes}])
-        return {"wall_s": wall, "runs": [{"coeff": 1.0, "checkpoint": run}]}
+        return {"wall_s": wall, "runs": [{"coeff": 1.0, "checkpoint": run, "train_seconds": wall / 2},
+                                         {"coeff": 2.0, "checkpoint": run, "train_seconds": 1.0}]}
 
     sittings = [{"cache": way(10, "c"), "nocache": way(12, "n"), "authors": way(50, "a")},
                 {"cache": way(20, "c"), "nocache": way(30, "n"), "authors": way(60, "a")},
@@ -69,6 +70,9 @@ def test_summary_ratios_are_per_sitting_and_identity_ignores_wall_clock(tmp_path
     assert s["ratio"]["authors/cache"] == {"median": 4.0, "min": 3.0, "max": 5.0}  # 50/10, 60/20, 100/25
     assert s["ratio"]["nocache/cache"] == {"median": 1.2, "min": 1.0, "max": 1.5}
     assert s["cache_metrics_identical"] is True
+    assert s["train_s"]["authors"] == {"median": 31.0, "min": 26.0, "max": 51.0}  # 50/2 + 1, 60/2 + 1, 100/2 + 1
+    assert "| authors | 60.0 [50.0–100.0] | 31.0 [26.0–51.0] |" in sweep.report(s, {"processor": "X", "cpus": 2, "jax": "j",
+                                                                                   "python": "p"}, sweep.SweepConfig())
     sittings[1]["nocache"] = way(31, "n", valid_ntp=1.2500001)
     assert sweep.summarize(sittings)["cache_metrics_identical"] is False
     alone = [{k: v for k, v in x.items() if k != "authors"} for x in sittings]
