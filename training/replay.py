@@ -8,9 +8,10 @@ buffer, never reused — and hands out one slice per step.
 """
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -67,7 +68,8 @@ class SelfGeneratedReplay:
 
     def __init__(self, model_cfg: Any, ref_params: Any, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
                  rows: int, buffer: int, temperature: float, seed: int, prefetch: bool = True,
-                 keep_hidden: bool = False, last_index: int | None = None):
+                 keep_hidden: bool = False, last_index: int | None = None,
+                 cache: Callable[[Any], Any] | None = None):
         if not prompt_ids:
             raise ValueError("self-generated replay needs at least one prompt id (--reg.prompt_ids)")
         self.model_cfg, self.ref_params = model_cfg, ref_params
@@ -87,6 +89,12 @@ class SelfGeneratedReplay:
         self.sampling_seconds = 0.0
         self.keep_hidden = keep_hidden
         self._hidden: jax.Array | None = None
+        # `cache(self)`: the stream's `replay_cache.ReplayCache` (built last: its key reads the finished source)
+        self.cache: Any = cache(self) if cache is not None else None
+
+    def _draw(self, index: int) -> tuple[np.ndarray, jax.Array | None]:
+        """Buffer `index`: from the stream's cache when there is one (which samples and writes it once)."""
+        return self._sample(index) if self.cache is None else self.cache.draw(index, self._sample)
 
     def _sample(self, index: int) -> tuple[np.ndarray, jax.Array | None]:
         out = sampling.sample(self.model_cfg, self.ref_params, self.prompts, jax.random.fold_in(self.key, index),
@@ -99,13 +107,13 @@ class SelfGeneratedReplay:
         if index != self._buffer_index:
             start = time.perf_counter()
             future = self._pending.pop(index, None)
-            self._buffer, self._hidden = future.result() if future is not None else self._sample(index)
+            self._buffer, self._hidden = future.result() if future is not None else self._draw(index)
             self._buffer_index = index
             for stale in [i for i in self._pending if i < index]:
                 self._pending.pop(stale).cancel()
             nxt = index + 1
             if self._pool is not None and nxt not in self._pending and (self.last_index is None or nxt <= self.last_index):
-                self._pending[nxt] = self._pool.submit(self._sample, nxt)
+                self._pending[nxt] = self._pool.submit(self._draw, nxt)
             self.sampling_seconds += time.perf_counter() - start
 
     def _rows_of(self, buffer: Any, step: int) -> Any:
@@ -129,3 +137,5 @@ class SelfGeneratedReplay:
                 future.cancel()
             self._pool.shutdown(wait=True)
             self._pending = {}
+        if self.cache is not None:
+            print(f"note: {self.cache.summary()}", file=sys.stderr)

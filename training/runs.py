@@ -39,7 +39,7 @@ FAULT_ENV = "FORGETTING_FAULT_AT"  # tests: `kill -9` the run at this named poin
 # Fields that change where or how a run is shown or placed, not its numbers: left out of the hash.
 _UNHASHED = {("run", "dir"), ("run", "mesh"), ("run", "mesh_model"), ("log", "wandb"),
              ("log", "wandb_project"), ("log", "progress"), ("log", "checkpoint_every_steps"),
-             ("log", "checkpoint_minutes")}
+             ("log", "checkpoint_minutes"), ("reg", "replay_cache")}
 
 
 # Input paths: named by the file they point at, so `x.bin`, `$PWD/x.bin` and `dir/` vs `dir` are one run.

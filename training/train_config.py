@@ -123,6 +123,9 @@ class RegConfig:
     # them (no second forward of the reference; equal to it up to float rounding) or from a forward in the
     # train step: auto (sampler on one device in one process) | sampler | forward
     reference_hidden: str = "auto"
+    # Self-generated replay: read each buffer from the stream's cache beside the reference (written by the
+    # first run that samples it; `training.replay_cache`), with the same numbers as sampling. Not in the run's hash.
+    replay_cache: bool = True
 
 
 @dataclass(frozen=True)

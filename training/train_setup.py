@@ -16,7 +16,7 @@ from forgetting.core import families, optim, sharding
 from forgetting.core import model as model_lib
 from forgetting.core import sharded_checkpoint
 from forgetting.core import step as step_lib
-from forgetting.training import prompts, replay, runs
+from forgetting.training import prompts, replay, replay_cache, runs
 from forgetting.training.train_config import TrainConfig
 
 
@@ -223,9 +223,12 @@ def build_replay(cfg: TrainConfig, loaded: runs.LoadedRun | None, data: Datasets
     if r.method == "kl_pre":  # what --reg.reference_hidden came to (self-generated kl_pre)
         record = {"reference_hidden": "sampler" if keep_hidden else "forward", **record}
     last_index = None if total_steps is None else (total_steps - 1) // r.buffer  # no buffer past the last step
+    cache = None  # --reg.replay_cache: a sharded or multi-process sampler samples its own (replay_cache's docstring)
+    if r.replay_cache and one_device:
+        cache = replay_cache.factory(loaded.path, cfg.run.dir, runs.model_to_dict(model_cfg))
     source = replay.SelfGeneratedReplay(model_cfg, ref_params, prompt_ids, rows, r.buffer, r.temperature,
                                         cfg.run.seed, prefetch=one_device, keep_hidden=keep_hidden,
-                                        last_index=last_index)
+                                        last_index=last_index, cache=cache)
     return source, record
 
 

@@ -1,0 +1,172 @@
+"""A sweep of self-generated-KL coefficients from one pretrained model, three ways on one machine in one sitting.
+
+    python -m forgetting.bench sweep --reference ~/src/forgetting-authors      # all three ways
+    python -m forgetting.bench.sweep --reference DIR --sittings 3 --json sweep.json
+
+The ways, each the whole sweep (8 coefficients by default) one run after another, every run its own process
+timed from spawn to exit as in `bench.versus` (whose runs, data and tutorial-size defaults it reuses):
+- `cache`: this project's train stage with the replay cache (`training.replay_cache`), emptied before the
+  sweep, so its first run samples and writes the replay and the other runs read it;
+- `nocache`: the same runs with `--reg.replay_cache false` (every run samples its own replay);
+- `authors`: the authors' `train_single.py` from `--reference` (a checkout of github.com/martin-marek/forgetting,
+  imported at run time in a child process, never part of this project).
+All three finetune from one pretrained model: the authors' pretraining run with `--reference` (the project
+loads their checkpoint), else the project's. Pretraining is done once and is not part of any sweep's wall.
+The ways take turns going first from one sitting to the next. Printed: each way's whole-sweep wall, the
+ratios authors/cache, authors/nocache and nocache/cache (the cache's own share of the gain) per sitting,
+their median and range, the processor (`/proc/cpuinfo` model name, as lscpu prints it), and whether the
+cache and nocache runs of each coefficient logged the same metrics (they must: wall-clock fields aside).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from forgetting.bench import versus
+from forgetting.training import cli
+
+WAYS = ("cache", "nocache", "authors")
+WALL_CLOCK = ("train_seconds", "wall_time", "tokens_per_s")
+_SIZE_UNUSED = ("reference", "modes", "pairs", "reg_coeff", "work", "json", "python")  # bench.versus flags the sweep sets itself
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Whole-sweep wall time of self-generated-KL coefficients: project with and without the replay cache, and the authors'."""
+
+    reference: str = ""  # checkout of the authors' code (has train_single.py); empty = the project's two ways alone
+    coeffs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # the swept --reg.coeff values
+    sittings: int = 1  # repetitions of the three ways (median and range over them)
+    # the run: the authors' tutorial size by default (bench.versus's flags; its --modes and --pairs are unused)
+    size: versus.VersusConfig = dataclasses.field(default_factory=versus.VersusConfig)
+    work: str = ""  # working folder (data, runs, logs); empty = a fresh temporary folder
+    json: str = ""  # also write every run and the summary here
+    python: str = ""  # interpreter for every run (empty = this one)
+
+    def validate(self) -> None:
+        if len(self.coeffs) < 1 or any(c < 0 for c in self.coeffs):
+            raise ValueError(f"--coeffs must be one or more KL coefficients >= 0, got {list(self.coeffs)}")
+        if len(set(self.coeffs)) < len(self.coeffs):
+            raise ValueError(f"--coeffs repeats a value ({list(self.coeffs)}); a repeated run would be reused, not timed")
+        if self.sittings < 1:
+            raise ValueError("--sittings must be at least 1")
+        inert = {f.name: getattr(self.size, f.name) for f in dataclasses.fields(versus.VersusConfig)
+                 if f.name in _SIZE_UNUSED and getattr(self.size, f.name) != f.default}
+        if inert:
+            raise ValueError(f"{', '.join('--size.' + k for k in inert)}: not used by the sweep (it sets the coefficients, "
+                             "reference, work folder, output and interpreter itself); use --coeffs, --reference, --work, "
+                             "--json, --python")
+        dataclasses.replace(self.size, reference=self.reference).validate()
+
+    @property
+    def ways(self) -> tuple[str, ...]:
+        return WAYS if self.reference else WAYS[:2]
+
+
+def metrics_without_wall_clock(run_dir: str) -> str:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return "\n".join(json.dumps({k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK}, sort_keys=True)
+                     for x in lines)
+
+
+def pretrain(cfg: SweepConfig, python: str, data: dict, work: Path) -> str:
+    """The one pretrained model of every way: the authors' checkpoint with --reference, else the project's run."""
+    size = dataclasses.replace(cfg.size, reference=cfg.reference)
+    run = versus.run_authors if cfg.reference else versus.run_project
+    result = run(size, python, "pretrain", data, "", work / "runs" / "pretrain")
+    print(f"pretrain ({'authors' if cfg.reference else 'project'}) wall {result['wall_s']:.1f} s: {result['checkpoint']}",
+          flush=True)
+    return result["checkpoint"]
+
+
+def sweep_one_way(cfg: SweepConfig, way: str, python: str, data: dict, checkpoint: str, folder: Path) -> dict:
+    """The whole sweep one run after another; `wall_s` from the first spawn to the last exit."""
+    from forgetting.training import replay_cache
+
+    if way == "cache":  # a cold cache: the sweep's first run pays for sampling and writing it
+        shutil.rmtree(Path(checkpoint) / replay_cache.CACHE_DIR, ignore_errors=True)
+    flags = (*cfg.size.project_flags, *(("--reg.replay_cache", "false") if way == "nocache" else ()))
+    run = versus.run_authors if way == "authors" else versus.run_project
+    runs = []
+    start = time.perf_counter()
+    for coeff in cfg.coeffs:
+        size = dataclasses.replace(cfg.size, reference=cfg.reference, reg_coeff=coeff, project_flags=flags)
+        result = run(size, python, "kl_self", data, checkpoint, folder / f"coeff-{coeff:g}")
+        runs.append({"coeff": coeff, **result})
+        print(f"  {way:<7} coeff {coeff:<8g} wall {result['wall_s']:7.1f} s  valid_ntp {result['valid_ntp']:.4f}  "
+              f"prev_ntp {result['prev_ntp']:.4f}", flush=True)
+    return {"wall_s": time.perf_counter() - start, "runs": runs}
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+RATIOS = {"authors/cache": ("authors", "cache"), "authors/nocache": ("authors", "nocache"),
+          "nocache/cache": ("nocache", "cache")}
+
+
+def summarize(sittings: list[dict]) -> dict:
+    """Each way's whole-sweep wall and the wall ratios, sitting by sitting, as median and range."""
+    ways = [w for w in WAYS if all(w in s for s in sittings)]
+    summary: dict = {"wall_s": {w: _spread([s[w]["wall_s"] for s in sittings]) for w in ways}, "ratio": {},
+                     # training time alone (the authors' measure_time definition on both sides): less exposed to
+                     # a busy machine's startup and compilation delays than the wall
+                     "train_s": {w: _spread([sum(r["train_seconds"] for r in s[w]["runs"]) for s in sittings]) for w in ways}}
+    for name, (slow, fast) in RATIOS.items():
+        if slow in ways and fast in ways:
+            summary["ratio"][name] = _spread([s[slow]["wall_s"] / s[fast]["wall_s"] for s in sittings])
+    summary["cache_metrics_identical"] = all(
+        metrics_without_wall_clock(a["checkpoint"]) == metrics_without_wall_clock(b["checkpoint"])
+        for s in sittings for a, b in zip(s["cache"]["runs"], s["nocache"]["runs"], strict=True))
+    return summary
+
+
+def report(summary: dict, machine: dict, cfg: SweepConfig) -> str:
+    fmt = versus._fmt
+    lines = [f"{machine['processor']}, {machine['cpus']} CPUs, jax {machine['jax']}, Python {machine['python']}; "
+             f"{len(cfg.coeffs)} coefficients, median [range] over {cfg.sittings} sitting(s)",
+             "| way | whole-sweep wall s | training s, summed over runs |", "|---|---|---|"]
+    lines += [f"| {w} | {fmt(s, ',.1f')} | {fmt(summary['train_s'][w], ',.1f')} |" for w, s in summary["wall_s"].items()]
+    lines += [f"| {name} | {fmt(s, '.2f')}× | |" for name, s in summary["ratio"].items()]
+    lines.append(f"\ncache and nocache runs logged the same metrics (wall-clock fields aside): "
+                 f"{'yes' if summary['cache_metrics_identical'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def bench(cfg: SweepConfig) -> dict:
+    cfg.validate()
+    python = cfg.python or sys.executable
+    work = Path(cfg.work).expanduser() if cfg.work else Path(tempfile.mkdtemp(prefix="sweep_"))
+    data = versus.make_data(cfg.size, work / "data")
+    checkpoint = pretrain(cfg, python, data, work)
+    sittings = []
+    for sitting in range(cfg.sittings):
+        shift = sitting % len(cfg.ways)
+        order = [*cfg.ways[shift:], *cfg.ways[:shift]]
+        row: dict = {"sitting": sitting, "order": order}
+        for way in order:
+            row[way] = sweep_one_way(cfg, way, python, data, checkpoint, work / "runs" / f"{way}-{sitting}")
+            print(f"sitting {sitting} {way:<7} whole sweep {row[way]['wall_s']:8.1f} s", flush=True)
+        sittings.append(row)
+    return {"config": cli.to_dict(cfg), "machine": versus.machine(), "sittings": sittings,
+            "summary": summarize(sittings)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = cli.parse(SweepConfig, argv)
+    result = bench(cfg)
+    print("\n" + report(result["summary"], result["machine"], cfg))
+    if cfg.json:
+        cli.write_json_atomic(Path(cfg.json), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""bench.sweep: each way gets the runs it names (the cache emptied first, or switched off), the summary's
+ratios are sitting by sitting, and the cache/no-cache identity check compares metrics, not timings."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forgetting.bench import sweep, versus
+from forgetting.training import cli, replay_cache
+from forgetting.training.train_config import TrainConfig
+
+DATA = {"c4_en.bin": Path("/d/c4_en.bin"), "c4_es.bin": Path("/d/c4_es.bin")}
+
+
+def _metrics(folder: Path, rows: list[dict]) -> str:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def test_each_way_runs_the_sweep_it_names(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / replay_cache.CACHE_DIR / "old-stream").mkdir(parents=True)
+    seen: list[tuple] = []
+
+    def fake(side):
+        def run(cfg, python, mode, data, load, folder):
+            cache_left = (checkpoint / replay_cache.CACHE_DIR).exists()
+            args = (versus.project_args(cfg, mode, data, load, folder) if side == "project"
+                    else versus.authors_args(cfg, mode, data, load, folder))
+            seen.append((side, mode, load, cache_left, args))
+            return {"wall_s": 1.0, "checkpoint": str(folder), "valid_ntp": 1.0, "prev_ntp": 2.0}
+        return run
+
+    monkeypatch.setattr(versus, "run_project", fake("project"))
+    monkeypatch.setattr(versus, "run_authors", fake("authors"))
+    cfg = sweep.SweepConfig(reference="", coeffs=(0.5, 5.0))
+    for way in ("cache", "nocache", "authors"):
+        sweep.sweep_one_way(cfg, way, "python", DATA, str(checkpoint), tmp_path / way)
+    assert [(s[0], s[1], s[2]) for s in seen] == [("project", "kl_self", str(checkpoint))] * 4 + [
+        ("authors", "kl_self", str(checkpoint))] * 2
+    assert not seen[0][3]  # the cache way starts from an empty cache
+    cache_runs = [cli.parse(TrainConfig, s[4]) for s in seen[:2]]
+    nocache_runs = [cli.parse(TrainConfig, s[4]) for s in seen[2:4]]
+    assert [c.reg.coeff for c in cache_runs] == [c.reg.coeff for c in nocache_runs] == [0.5, 5.0]
+    assert all(c.reg.replay_cache for c in cache_runs) and not any(c.reg.replay_cache for c in nocache_runs)
+    assert all(c.reg.synth and c.reg.method == "kl_pre" for c in cache_runs + nocache_runs)
+    authors = [dict(a.split("=", 1) for a in s[4]) for s in seen[4:]]
+    assert [float(a["reg.coeff"]) for a in authors] == [0.5, 5.0] and all(a["reg.synth"] == "true" for a in authors)
+
+
+def test_summary_ratios_are_per_sitting_and_identity_ignores_wall_clock(tmp_path):
+    row = {"step": 4, "valid_ntp": 1.25, "prev_ntp": 2.5}
+
+    def way(wall, name, **changes):
+        run = _metrics(tmp_path / f"{name}-{wall}", [{**row, "train_seconds": wall, "wall_time": wall * 2,
+                                                      "tokens_per_s": 1 / wall, **changes}])
+        return {"wall_s": wall, "runs": [{"coeff": 1.0, "checkpoint": run, "train_seconds": wall / 2},
+                                         {"coeff": 2.0, "checkpoint": run, "train_seconds": 1.0}]}
+
+    sittings = [{"cache": way(10, "c"), "nocache": way(12, "n"), "authors": way(50, "a")},
+                {"cache": way(20, "c"), "nocache": way(30, "n"), "authors": way(60, "a")},
+                {"cache": way(25, "c"), "nocache": way(25, "n"), "authors": way(100, "a")}]
+    s = sweep.summarize(sittings)
+    assert s["wall_s"]["cache"] == {"median": 20, "min": 10, "max": 25}
+    assert s["ratio"]["authors/cache"] == {"median": 4.0, "min": 3.0, "max": 5.0}  # 50/10, 60/20, 100/25
+    assert s["ratio"]["nocache/cache"] == {"median": 1.2, "min": 1.0, "max": 1.5}
+    assert s["cache_metrics_identical"] is True
+    assert s["train_s"]["authors"] == {"median": 31.0, "min": 26.0, "max": 51.0}  # 50/2 + 1, 60/2 + 1, 100/2 + 1
+    assert "| authors | 60.0 [50.0–100.0] | 31.0 [26.0–51.0] |" in sweep.report(s, {"processor": "X", "cpus": 2, "jax": "j",
+                                                                                   "python": "p"}, sweep.SweepConfig())
+    sittings[1]["nocache"] = way(31, "n", valid_ntp=1.2500001)
+    assert sweep.summarize(sittings)["cache_metrics_identical"] is False
+    alone = [{k: v for k, v in x.items() if k != "authors"} for x in sittings]
+    assert set(sweep.summarize(alone)["ratio"]) == {"nocache/cache"}
+
+
+def test_bad_flags_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="repeats a value"):
+        sweep.SweepConfig(coeffs=(1.0, 1.0)).validate()
+    with pytest.raises(ValueError, match="--size.reg_coeff: not used by the sweep"):
+        sweep.SweepConfig(size=versus.VersusConfig(reg_coeff=3.0)).validate()
+    with pytest.raises(ValueError, match="no train_single.py there"):
+        sweep.SweepConfig(reference=str(tmp_path)).validate()
+
+
+def test_bench_module_dispatches_sweep():
+    out = subprocess.run([sys.executable, "-m", "forgetting.bench", "sweep", "--coeffs", "1", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--coeffs repeats a value" in out.stderr
