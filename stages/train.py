@@ -156,6 +156,10 @@ class _Trainer:
             if span:
                 row[f"acc/{name}"] = evaluation.exact_match(s.model_cfg, params, dataset, s.eval_batch_size, span,
                                                             cfg.eval.max_tokens)
+        if cfg.eval.token_accuracy:
+            row["valid_token_acc"] = evaluation.split_token_accuracy(s.model_cfg, params, self._split("valid", s.dataset))
+        row.update(evaluation.ref_path_measures(self._splits, cfg.eval.ref_paths, s.model_cfg, params, ref, same,
+                                                s.eval_batch_size, s.dataset.token_file.meta.get("tokenizer_sha256")))
         row.update(self._lm_eval_scores(params, step))
         row["weight_norm"] = _norm(params)
         if ref is not None:

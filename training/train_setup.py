@@ -305,6 +305,10 @@ def _input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, dataset, prev_
     --reg.prompt_text into ids (a resumed run tokenizes the text again)."""
     files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
     files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
+    for i, p in enumerate(cfg.eval.ref_paths):  # (and the loss mask their sidecar names)
+        files[f"--eval.ref_paths[{i}]"] = p
+        mask = data_lib.TokenFile(p).meta.get("loss_mask") if Path(p).is_file() else None
+        files.update({f"--eval.ref_paths[{i}] (loss mask)": str(Path(p).parent / mask)} if mask else {})
     if prev_dataset is not None:
         files["the loaded run's data"] = str(prev_dataset.token_file.path)
     old = getattr(replay_source, "dataset", None)
