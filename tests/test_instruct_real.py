@@ -289,3 +289,55 @@ def test_real_mini_killed_in_an_arm_resumes_to_the_uninterrupted_summary(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert [row["step"] for row in summary["runs"]["ft_kl_self_c1"]["trajectory"]] == [0, 1, 2, 3]
+
+
+def test_train_stage_logs_ref_paths_and_token_accuracy(tmp_path):
+    """A finetune with --eval.ref_paths and --eval.token_accuracy: kl/<stem> is exactly 0 at step 0 and
+    moves after training, ntp/<stem> is the masked mean of the whole file at its own row length (the
+    loaded weights at step 0), and the files (with the mask) are fingerprinted inputs of the run."""
+    import dataclasses
+
+    import jax
+
+    import hf_fixtures
+    from forgetting.evals import evaluation
+    from forgetting.stages import train
+    from forgetting.training import runs as stage_runs
+    from forgetting.training import train_config as tc
+
+    seq = 16
+    hf_dir = tmp_path / "hf"
+    hf_fixtures.write_tiny_hf_checkpoint(hf_dir, hf_fixtures.tiny_config(seq_len=2 * seq), jax.random.key(0))
+    loaded = stage_runs.load_run(hf_dir, dtype="float32", seq_len=seq)
+    vocab, sha = loaded.model_cfg.vocab_size, loaded.tokenizer_sha256
+    meta = {"dataset_id": 1, "vocab_size": vocab, "tokenizer_sha256": sha}
+    rng = np.random.default_rng(5)
+    ir.write_split_file(tmp_path / "domain.bin", rng.integers(2, vocab, (24, seq)), rng.integers(2, vocab, (4, seq)), meta)
+    chat = rng.integers(2, vocab, (3, seq + 6)).astype(np.int32)  # rows longer than the training rows
+    mask = np.zeros(chat.shape, np.float32)
+    mask[:, 10:] = 1
+    ir.write_chat_file(tmp_path / "chat.bin", chat, mask, meta)
+    cfg = tc.TrainConfig(
+        run=tc.RunConfig(dir=str(tmp_path / "runs")),
+        data=tc.DataConfig(path=str(tmp_path / "domain.bin"), num_tokens_valid=4 * seq),
+        model=tc.ModelArgs(load_path=str(hf_dir), seq_len=seq, dtype="float32"),
+        opt=tc.OptConfig(batch_size=4, peak_lr=1e-2, warmup_tokens=0, weight_decay=0.0),
+        stop=tc.StopConfig(num_tokens_train=2 * 4 * seq),
+        eval=tc.EvalConfig(ref_paths=(str(tmp_path / "chat.bin"),), token_accuracy=True),
+        log=tc.LogConfig(every_steps=2, progress=False))
+    result = train.train(cfg)
+    rows = stage_runs.read_metrics(result["run_dir"])
+    assert [r["step"] for r in rows] == [0, 2]
+    assert rows[0]["kl/chat"] == 0.0 and rows[1]["kl/chat"] > 0
+    wide = dataclasses.replace(loaded.model_cfg, seq_len=seq + 6)
+    want = evaluation.masked_means(wide, loaded.params, [(chat, mask)])
+    assert rows[0]["ntp/chat"] == pytest.approx(want["ntp"], rel=1e-5)
+    assert rows[0]["token_acc/chat"] == pytest.approx(want["token_acc"])
+    from forgetting.core import data as data_lib
+
+    ds = data_lib.SequenceDataset(data_lib.TokenFile(tmp_path / "domain.bin"), seq, num_tokens_valid=4 * seq, split_seed=0)
+    valid = np.concatenate(list(ds.valid_batches(4)))
+    want_acc = evaluation.masked_means(loaded.model_cfg, loaded.params, [(valid, np.ones(valid.shape, np.float32))])
+    assert rows[0]["valid_token_acc"] == pytest.approx(want_acc["token_acc"])
+    inputs = stage_runs.read_run_config(result["run_dir"])["inputs"]
+    assert "--eval.ref_paths[0]" in inputs and "--eval.ref_paths[0] (loss mask)" in inputs
