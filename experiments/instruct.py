@@ -148,6 +148,9 @@ class Knobs:
     def validate(self) -> None:
         if self.model_path and self.hf_path:
             raise ValueError("give --model_path (real-model mini) or --hf_path (train-stage protocol), not both")
+        if self.seeds > 1 and not self.model_path:
+            raise ValueError(f"--seeds {self.seeds} applies to the real-model mini (--model_path) only; the train-stage "
+                             "protocol (smoke / paper) runs one seed: drop --seeds")
         if self.model_path and self.steps < 1:
             raise ValueError(f"--steps must be >= 1 for the real-model mini, got {self.steps}")
         unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]

@@ -150,6 +150,21 @@ def test_ref_paths_flag_is_checked():
         tc.replace(base, **{"eval.ref_paths": ("a/x.bin", "b/x.bin")}).validate()
 
 
+def test_seeds_knob_names_the_arms_and_is_refused_where_it_would_be_ignored(tmp_path, monkeypatch):
+    from forgetting.experiments import instruct
+
+    with pytest.raises(ValueError, match="--seeds 2 applies to the real-model mini"):
+        instruct.Knobs(seeds=2).validate()
+    monkeypatch.setattr(packaged_models, "smollm2_gguf", lambda: tmp_path / "m.gguf")
+    knobs = instruct.Knobs(model_path="smollm2", steps=1, methods=("none", "kl_self"), coeffs=(1.0,), seeds=2, seed=3)
+    specs = {s.name: s for s in instruct.runs(knobs, tmp_path)}
+    assert set(specs) == {"prepare_real", "ft_none_s3", "ft_none_s4", "after_ft_none_s3", "after_ft_none_s4",
+                          "ft_kl_self_c1_s3", "ft_kl_self_c1_s4", "after_ft_kl_self_c1_s3", "after_ft_kl_self_c1_s4"}
+    kl = specs["ft_kl_self_c1_s4"].config
+    assert kl.run.seed == 4 and kl.reg.synth and kl.reg.prompt_ids == (0,) and kl.reg.method == "kl_pre"
+    assert specs["ft_none_s3"].config.run.seed == 3 and specs["ft_none_s3"].config.reg.method == "none"
+
+
 def test_t_interval():
     from forgetting.experiments import instruct
 
