@@ -1,6 +1,8 @@
 """Evaluation over a dataset's validation split, shared by the train and evaluate stages."""
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -108,3 +110,92 @@ def exact_match(model_cfg: Any, params: Any, dataset: data_lib.SequenceDataset, 
         correct += int(np.sum(np.all(predicted[:, start:end] == batch[:, start:end], axis=1)))
         total += batch.shape[0]
     return correct / max(total, 1)
+
+
+# --- whole-file sets scored against the frozen reference (--eval.ref_paths) and token accuracy -----------
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_sums(cfg: Any, params: Any, ref_params: Any, tokens_bt, target_mask_bt) -> dict:
+    """Sums over the target positions `target_mask_bt[:, 1:]` marks of NLL, argmax hits and (with a
+    reference) KL(ref ‖ θ) at the positions that predict those targets."""
+    import jax.numpy as jnp
+
+    from forgetting.core import model
+
+    logp = jax.nn.log_softmax(model.forward(cfg, params, tokens_bt)[:, :-1].astype(jnp.float32), axis=-1)
+    targets = tokens_bt[:, 1:]
+    mask = target_mask_bt[:, 1:].astype(jnp.float32)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    hits = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
+    out = {"nll": jnp.sum(nll * mask), "hits": jnp.sum(hits * mask), "count": jnp.sum(mask)}
+    if ref_params is not None:
+        ref_logp = jax.nn.log_softmax(model.forward(cfg, ref_params, tokens_bt)[:, :-1].astype(jnp.float32), axis=-1)
+        out["kl"] = jnp.sum(jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1) * mask)
+    return out
+
+
+def masked_means(cfg: Any, params: Any, batches, ref_params: Any = None) -> dict[str, float]:
+    """{"ntp", "token_acc"[, "kl"]}: means over the masked targets of (tokens [B, T], mask [B, T]) batches
+    (the mask marks the tokens that count as targets; KL(ref ‖ θ) at the positions predicting them)."""
+    totals: dict[str, float] = {}
+    for tokens, mask in batches:
+        for k, v in jax.device_get(_masked_sums(cfg, params, ref_params, tokens, mask)).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if not totals.get("count"):
+        raise ValueError("no target position to score: every mask is 0")
+    out = {"ntp": totals["nll"] / totals["count"], "token_acc": totals["hits"] / totals["count"]}
+    if "kl" in totals:
+        out["kl"] = totals["kl"] / totals["count"]
+    return out
+
+
+def split_token_accuracy(model_cfg: Any, params: Any, split: EvalSplit) -> float:
+    """Fraction of the split's (masked) next-token targets the argmax predicts (`--eval.token_accuracy`)."""
+    return masked_means(model_cfg, params, split.batches)["token_acc"]
+
+
+class RowSet:
+    """Every row of a token file, scored whole (no split; the first token is not overwritten): rows of the
+    sidecar's `packed_seq_len` (else `seq_len`), targets where its `loss_mask` file says 1 (else all), in
+    fixed batches of `batch_size` rows (a short last batch is filled with rows of mask 0)."""
+
+    def __init__(self, path: str | Path, vocab_size: int, seq_len: int, batch_size: int, tokenizer_sha256: str | None = None):
+        token_file = data_lib.TokenFile(path, vocab_size=vocab_size)
+        sha = token_file.meta.get("tokenizer_sha256")
+        if sha and tokenizer_sha256 and sha != tokenizer_sha256:
+            raise ValueError(f"--eval.ref_paths {path} was tokenized with tokenizer {sha[:12]}…, but the run's data with "
+                             f"{tokenizer_sha256[:12]}…; re-tokenize it with the run's tokenizer")
+        self.path, self.seq_len = token_file.path, int(token_file.meta.get("packed_seq_len") or seq_len)
+        n = token_file.num_tokens // self.seq_len
+        if n == 0:
+            raise ValueError(f"--eval.ref_paths {path}: {token_file.num_tokens} tokens, fewer than one row of {self.seq_len}")
+        tokens = np.asarray(token_file.tokens[: n * self.seq_len], np.int32).reshape(n, self.seq_len)
+        mask = np.ones(tokens.shape, np.float32)
+        if token_file.meta.get("loss_mask"):
+            mask_file = token_file.path.parent / token_file.meta["loss_mask"]
+            mask = np.fromfile(mask_file, np.uint8)[: n * self.seq_len].reshape(n, self.seq_len).astype(np.float32)
+        self.batches = []
+        for start in range(0, n, batch_size):
+            t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
+            short = batch_size - t.shape[0]
+            self.batches.append((np.concatenate([t, np.zeros((short, self.seq_len), np.int32)]),
+                                 np.concatenate([m, np.zeros((short, self.seq_len), np.float32)])))
+
+
+def ref_path_measures(cache: dict, paths: tuple[str, ...], model_cfg: Any, params: Any, ref_params: Any,
+                      same_as_ref: bool, batch_size: int, tokenizer_sha256: str | None = None) -> dict[str, float]:
+    """`--eval.ref_paths`: per file (by stem), `ntp/<stem>`, `token_acc/<stem>` and `kl/<stem>` =
+    KL(p_ref ‖ θ) over its whole rows (`RowSet`), at the file's own row length. `cache` keeps the opened sets
+    between evals; `same_as_ref` (θ is bitwise the reference) makes the KL exactly 0 without running it."""
+    import dataclasses
+
+    row: dict[str, float] = {}
+    for path in paths:
+        key = f"ref_path/{path}"
+        if key not in cache:
+            cache[key] = RowSet(path, model_cfg.vocab_size, model_cfg.seq_len, batch_size, tokenizer_sha256)
+        rows: RowSet = cache[key]
+        cfg = model_cfg if rows.seq_len <= model_cfg.seq_len else dataclasses.replace(model_cfg, seq_len=rows.seq_len)
+        m = masked_means(cfg, params, rows.batches, None if same_as_ref else ref_params)
+        stem = Path(path).stem
+        row.update({f"ntp/{stem}": m["ntp"], f"token_acc/{stem}": m["token_acc"], f"kl/{stem}": m.get("kl", 0.0)})
+    return row

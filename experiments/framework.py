@@ -220,21 +220,40 @@ def execute(spec: RunSpec, out: str | Path) -> dict:
             return read_done(path)
         from forgetting.training.train_config import TrainConfig
 
-        if isinstance(spec.config, TrainConfig):  # the train stage in-process, as its command line runs it
-            from forgetting import training
+        try:
+            if isinstance(spec.config, TrainConfig):  # the train stage in-process, as its command line runs it
+                from forgetting import training
 
-            return training.run(spec.config).as_dict()
-        return importlib.import_module(spec.module).run(spec.config)
+                return training.run(spec.config).as_dict()
+            return importlib.import_module(spec.module).run(spec.config)
+        finally:
+            release_freed_memory()
     if is_done(path):
         return read_result(path)
     path.mkdir(parents=True, exist_ok=True)
     cli.write_json_atomic(path / CONFIG, {"name": spec.name, "fn": _fn_name(spec.fn), "config": cli.to_dict(spec.config)})
     t0 = time.time()
-    result = spec.fn(spec.config, path)
+    try:
+        result = spec.fn(spec.config, path)
+    finally:
+        release_freed_memory()
     result = {} if result is None else result
     cli.write_json_atomic(path / RESULT, result)
     cli.write_json_atomic(path / DONE, {"name": spec.name, "wall_time": time.time() - t0})
     return result
+
+
+def release_freed_memory() -> None:
+    """Hands the memory a finished in-process run freed back to the OS: glibc keeps it otherwise, and the
+    next run's peak stacks on it (the instruct mini's prepare run: RSS 2.2 GB -> 0.76 GB; no JAX array
+    is alive after a run). A no-op where libc has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _fn_name(fn: Callable) -> str:

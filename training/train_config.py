@@ -167,6 +167,11 @@ class EvalConfig:
     lm_eval_limit: float = 0.0  # at most this many documents per task (< 1: that fraction); 0 = all
     lm_eval_batch_size: int = 8  # rows per forward while scoring them
     lm_eval_tokenizer: str = ""  # their tokenizer ("" = the loaded model's, or the training data's .tiktoken)
+    # Token files scored whole at every eval against the frozen reference (finetuning only): ntp/<stem>,
+    # token_acc/<stem> and kl/<stem> = KL(p_ref ‖ θ), over the targets their sidecar's loss_mask marks (else
+    # all), at their own row length (sidecar packed_seq_len, else --model.seq_len); no split, token 0 kept
+    ref_paths: tuple[str, ...] = ()
+    token_accuracy: bool = False  # also log valid_token_acc: argmax next-token accuracy on --data.path's validation split
 
 
 @dataclass(frozen=True)
@@ -371,6 +376,7 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     _non_negative("--eval.batch_size", cfg.eval.batch_size, " (0 = the training batch size)")
     _non_negative("--eval.max_tokens", cfg.eval.max_tokens, " (0 = the whole split)")
     _check_lm_eval(cfg.eval)
+    _check_ref_paths(cfg)
 
     m = cfg.model
     if (m.load_dir != "") != (m.load_idx >= 0):
@@ -424,3 +430,21 @@ def _check_lm_eval(e: EvalConfig) -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError("--eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'forgetting[lmeval]' "
                          "(or lm-eval>=0.4.9), or drop the flag")
+
+
+def _check_ref_paths(cfg: "TrainConfig") -> None:
+    """--eval.ref_paths: a reference to compare with, and metric names that do not collide."""
+    paths = cfg.eval.ref_paths
+    if not paths:
+        return
+    from pathlib import Path
+
+    if not cfg.model.loads:
+        raise ValueError("--eval.ref_paths scores KL to the frozen reference, which only a finetune has: add "
+                         "--model.load_path, or list the files in --eval.extra_paths instead")
+    stems = [Path(p).stem for p in paths]
+    twice = sorted({x for x in stems if stems.count(x) > 1})
+    shared = sorted(set(stems) & {Path(p).stem for p in cfg.eval.extra_paths})
+    if twice or shared:
+        raise ValueError(f"--eval.ref_paths: file stems {twice or shared} appear twice (in --eval.ref_paths or also in "
+                         "--eval.extra_paths); their metrics ntp/<stem> would collide: rename or link one of them")

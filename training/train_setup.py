@@ -272,6 +272,10 @@ def input_files(cfg: TrainConfig, loaded: runs.LoadedRun | None, data: Datasets,
     --reg.prompt_text into ids (a resumed run tokenizes the text again)."""
     files = {"--data.path": cfg.data.path, "--mix.path": cfg.mix.path, "--reg.path": cfg.reg.path}
     files.update({f"--eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)})
+    for i, p in enumerate(cfg.eval.ref_paths):  # (and the loss mask their sidecar names)
+        files[f"--eval.ref_paths[{i}]"] = p
+        mask = data_lib.TokenFile(p).meta.get("loss_mask") if Path(p).is_file() else None
+        files.update({f"--eval.ref_paths[{i}] (loss mask)": str(Path(p).parent / mask)} if mask else {})
     if data.prev is not None:
         files["the loaded run's data"] = str(data.prev.token_file.path)
     old = replay_source.dataset if isinstance(replay_source, replay.RealReplay) else None
