@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 def create_temp_file(directory: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
@@ -22,14 +22,20 @@ def create_temp_file(directory: str | os.PathLike, prefix: str, suffix: str = ".
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` through a temp file in the same directory: flush, fsync, rename over `path`, fsync of
-    the directory (so the rename itself survives a crash)."""
+    """Writes `text` (UTF-8) atomically: `write_bytes_atomic`."""
+    write_bytes_atomic(path, [text.encode("utf-8")])
+
+
+def write_bytes_atomic(path: str | os.PathLike, chunks: Iterable[Any]) -> None:
+    """Writes the bytes-like `chunks` through a temp file in the same directory: flush, fsync, rename over
+    `path`, fsync of the directory (so the rename itself survives a crash)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp_file(path.parent, f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -197,20 +197,8 @@ class ReplayCache:
                              for n, a in arrays.items()]}
         head = json.dumps(header, sort_keys=True).encode()
         path = self.path(index)
-        fd, tmp = files.create_temp_file(self.dir, f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + len(head).to_bytes(_HEADER_LEN_BYTES, "little") + head)
-                for a in arrays.values():
-                    f.write(a.reshape(-1).view(np.uint8).data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        files.fsync_dir(self.dir)
+        files.write_bytes_atomic(path, [_MAGIC + len(head).to_bytes(_HEADER_LEN_BYTES, "little") + head,
+                                        *(a.reshape(-1).view(np.uint8).data for a in arrays.values())])
 
     def _read(self, path: Path, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         data = path.read_bytes()
