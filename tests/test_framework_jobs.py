@@ -259,7 +259,7 @@ def _toy(out: Path, cache: str, *flags: str) -> None:
     for name in compile_cache.settings(out):
         env.pop(name, None)
     proc = subprocess.run([sys.executable, "-m", "forgetting.experiments.toy_continual", "--out", str(out), *TOY,
-                           *flags], env=env, capture_output=True, text=True, timeout=1200)
+                           "--seeds", "1", *flags], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
