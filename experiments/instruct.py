@@ -560,12 +560,12 @@ def _measures(row: dict) -> dict:
 
 
 def t_interval(values: list[float]) -> dict:
-    """Mean and the half-width of its 95% Student-t interval (None for one value)."""
-    from scipy import stats
+    """Mean and the half-width of its 95% Student-t interval (`experiments.stats`; None for one value)."""
+    from forgetting.experiments import stats
 
-    x = np.asarray(values, np.float64)
-    half = None if len(x) < 2 else float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return {"mean": float(x.mean()), "ci95": half, "n": len(x), "values": [float(v) for v in x]}
+    x = [float(v) for v in values]
+    half = None if len(x) < 2 else (lambda lo_hi: (lo_hi[1] - lo_hi[0]) / 2)(stats.t_interval(x))
+    return {"mean": stats.mean(x), "ci95": half, "n": len(x), "values": x}
 
 
 def _real_arm(dirs: dict, name: str, start: dict) -> dict | None:
