@@ -39,3 +39,13 @@ def keep_freed_memory() -> bool:
     results = [mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)]
     _applied = all(r == 1 for r in results)
     return _applied
+
+
+def release_freed_memory() -> None:
+    """Hands the memory a finished in-process run freed back to the OS (`malloc_trim`): with the settings above
+    glibc keeps it, and the next run's peak stacks on it (the instruct mini's prepare run: RSS 2.2 GB -> 0.76 GB;
+    no JAX array is alive after a run). A no-op where libc has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
