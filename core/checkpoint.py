@@ -522,6 +522,7 @@ def restore(path: str | Path, template: Any, *, strict: bool = True) -> Any:
             problems.append(f"{name}: expected PRNG impl {jax.random.key_impl(leaf)}, found {record['impl']}")
             continue
         value = _record_value(record)
+        record["value"] = None  # each leaf's bytes are let go once converted: the peak is one state, not two
         if isinstance(leaf, (bool, int, float, complex)):
             out.append(type(leaf)(value.item()))
         elif isinstance(leaf, np.generic):

@@ -125,6 +125,15 @@ class Plan:
     def initial_state(self) -> step_lib.TrainState:
         return self.placement.put_state(step_lib.init_state(self.model.trainable, self.schedule.optimizer))
 
+    def abstract_state(self) -> step_lib.TrainState:
+        """The initial state's shapes, dtypes and shardings with nothing allocated: what a resume restores
+        into (a materialized template would hold a second, zeroed optimizer state beside the restored one)."""
+        abstract = jax.eval_shape(lambda p: step_lib.init_state(p, self.schedule.optimizer), self.model.trainable)
+        if self.placement.state_sharding is None:
+            return abstract
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            self.placement.state_sharding)
+
 
 def resolve(cfg: TrainConfig) -> Plan:
     """`resolve_config` then `build`."""

@@ -108,12 +108,10 @@ class Trainer:
     def start(self) -> tuple[loop.LoopState, bool]:
         """(the loop state to train from, whether it is fresh): the checkpoint's (metrics after it dropped),
         else step 0's."""
-        initial = self.plan.initial_state()
-        restored = self.rd.restore_state(loop.checkpoint_template(initial, self.eval_every))
-        if restored is None:
+        if not self.rd.has_state():
             self.rd.keep_metrics_until(-1)  # rows of an attempt killed before its first checkpoint
-            return loop.LoopState.start(initial), True
-        tree, step = restored
+            return loop.LoopState.start(self.plan.initial_state()), True
+        tree, step = self.rd.restore_state(loop.checkpoint_template(self.plan.abstract_state(), self.eval_every))
         st = loop.LoopState.from_checkpoint({"state": self.plan.placement.put_state(tree["state"]),
                                              "extras": tree["extras"]}, step)
         kept = self.rd.keep_metrics_until(step)
