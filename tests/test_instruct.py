@@ -235,6 +235,15 @@ def _english_like(n: int) -> list[str]:
                                                                   rng.choice(words, 4))) for _ in range(n)]
 
 
+def test_knobs_without_a_model_say_what_to_give():
+    """No --model_path and no paper inputs: refused, naming both ways to run (before: a tiny random Llama
+    stand-in, `--scale smoke`, was written and trained)."""
+    from forgetting.experiments import instruct
+
+    with pytest.raises(ValueError, match=r"nothing to start from: give --model_path .* or --hf_path, --domain_path"):
+        instruct.Knobs().validate()
+
+
 @pytest.mark.slow
 def test_instruct_paper_pipeline_end_to_end(tmp_path):
     """`--scale paper` on inputs the test writes (the paper's files cut down): a tiny random HF-layout Llama with
