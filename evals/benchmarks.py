@@ -483,7 +483,7 @@ def evaluate_benchmarks(cfg: Any, params: Any, encode: Callable[[str], list[int]
 
 
 def write_tiny_benchmarks(directory: str | Path) -> dict[str, Path]:
-    """Writes a few hand-made questions per benchmark in the standard layouts (for `--scale mini`):
+    """Writes a few hand-made questions per benchmark in the standard layouts (the tests' stand-ins for the real files):
     mmlu.jsonl (cais/mmlu), arc_challenge.jsonl (allenai/ai2_arc), commonsense_qa.jsonl
     (tau/commonsense_qa). Returns name -> path."""
     directory = Path(directory)

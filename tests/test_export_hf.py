@@ -82,7 +82,7 @@ def test_lora_finetuned_qwen3_run_exports_and_reloads(tmp_path):
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                                      {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}])
 def test_llama_checkpoint_round_trips_with_rope_scaling(tmp_path, scaling):
-    from experiments.standin_checkpoint import tiny_config, write_tiny_hf_checkpoint
+    from standin_checkpoint import tiny_config, write_tiny_hf_checkpoint
 
     cfg = tiny_config(tie_embeddings=False, dtype="float32",
                       rope_scaling=None if scaling is None else llama.RopeScaling.from_hf(scaling, 128))

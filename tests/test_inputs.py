@@ -139,7 +139,7 @@ def test_hf_directory_binds_its_tokenizer_and_fingerprints_config_and_tokenizer(
     pytest.importorskip("tokenizers")
     import jax
 
-    from forgetting.experiments import standin_checkpoint
+    import standin_checkpoint  # tests/: the tiny HF-layout checkpoint
     from forgetting.stages import tokenize_hf
 
     hf = tmp_path / "tiny-llama"

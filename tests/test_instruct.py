@@ -212,15 +212,64 @@ def test_tensor_parallel_llama_step_matches_single_device(tmp_path, hf_dir):
 
 
 # ---------------------------------------------------------------------------------- the figure file
+def _pyranet_rows(n: int) -> list[dict]:
+    """`n` templated Verilog modules as PyraNet-Verilog rows (`code`, `description` holding the JSON metadata),
+    plus one that did not compile and one with a too-short description: the authors' filters drop those two."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(n):
+        op = str(rng.choice(("+", "-", "^", "&")))
+        code = f"module u{i}(input [7:0] a, output [7:0] y);\n  assign y = a {op} {i};\nendmodule"
+        meta = {"description": f"Unit {i}: y is a {op} {i}.", "compile_status": "No error!"}
+        rows.append({"code": code, "description": json.dumps(meta)})
+    bad = [{"description": "A register that never compiled at all.", "compile_status": "Error: syntax"},
+           {"description": "Too short.", "compile_status": "No error!"}]
+    return rows + [{"code": rows[0]["code"], "description": json.dumps(m)} for m in bad]
+
+
+def _english_like(n: int) -> list[str]:
+    """Templated English-like paragraphs: the old (pretraining-like) text."""
+    rng = np.random.default_rng(1)
+    words = ("river", "garden", "teacher", "city", "window", "market", "forest", "letter", "winter", "bridge")
+    return [" ".join(f"The {a} {v} the {b}." for a, v, b in zip(rng.choice(words, 4), rng.choice(("sees", "finds", "keeps"), 4),
+                                                                  rng.choice(words, 4))) for _ in range(n)]
+
+
+def test_knobs_without_a_model_say_what_to_give():
+    """No --model_path and no paper inputs: refused, naming both ways to run (before: a tiny random Llama
+    stand-in, `--scale smoke`, was written and trained)."""
+    from forgetting.experiments import instruct
+
+    with pytest.raises(ValueError, match=r"nothing to start from: give --model_path .* or --hf_path, --domain_path"):
+        instruct.Knobs().validate()
+
+
 @pytest.mark.slow
-def test_instruct_mini_end_to_end(tmp_path):
+def test_instruct_paper_pipeline_end_to_end(tmp_path):
+    """`--scale paper` on inputs the test writes (the paper's files cut down): a tiny random HF-layout Llama with
+    a chat template, PyraNet-layout Verilog rows (prepare_chat turns them into chat rows), an old-text token file
+    made by tokenize_hf, tiny benchmark files; the paper's sizes cut by knobs."""
+    pytest.importorskip("jinja2", reason="needs the hf extra (jinja2)")
+    pytest.importorskip("tokenizers", reason="needs the hf extra (tokenizers)")
+    from forgetting.evals import benchmarks
     from forgetting.experiments import framework, instruct
 
+    seq = 128  # one conversation per row: the chat template's system turn + request + code fit in 128 tokens
+    hf = tmp_path / "tiny-llama-instruct"
+    cfg = hf_fixtures.write_tiny_hf_checkpoint(hf, hf_fixtures.tiny_config(seq_len=seq), jax.random.key(0))
+    hf_fixtures.add_chat_tokenizer(hf, cfg.vocab_size)
+    verilog = tmp_path / "pyranet.jsonl"
+    verilog.write_text("".join(json.dumps(r) + "\n" for r in _pyranet_rows(30)))
+    tokenize_hf.tokenize(tokenize_hf.Config(sources=(str(_corpus(tmp_path / "old.jsonl", _english_like(80))),),
+                                            hf_tokenizer=str(hf), out=str(tmp_path / "old.bin")))
+    bench = benchmarks.write_tiny_benchmarks(tmp_path / "bench")
     out = tmp_path / "instruct"
-    argv = ["--scale", "smoke", "--out", str(out), "--seq_len", "32", "--batch_size", "4", "--replay_batch", "4", "--buffer", "2",
-            "--mini_docs", "40", "--mini_pretrain_steps", "4", "--num_tokens_train", str(2 * 4 * 32),
-            "--num_tokens_valid", str(4 * 32), "--eval_every_tokens", str(2 * 4 * 32), "--bench_seq_len", "64",
-            "--methods", "kl_self"]
+    argv = ["--scale", "paper", "--out", str(out), "--hf_path", str(hf), "--verilog_source", str(verilog),
+            "--old_path", str(tmp_path / "old.bin"), "--mmlu", str(bench["mmlu"]), "--arc", str(bench["arc_challenge"]),
+            "--csqa", str(bench["commonsense_qa"]), "--seq_len", str(seq), "--batch_size", "4", "--replay_batch", "4",
+            "--buffer", "2", "--num_epochs", "0", "--num_tokens_train", str(2 * 4 * seq), "--num_tokens_valid",
+            str(4 * seq), "--eval_every_tokens", str(2 * 4 * seq), "--warmup_tokens", str(seq), "--peak_lr", "1e-3",
+            "--dtype", "float32", "--bench_seq_len", "256", "--coeffs", "10", "--methods", "kl_self"]
     summary = framework.main(instruct.Knobs, instruct.PRESETS, instruct.runs, instruct.summarize, instruct.plot,
                              doc=instruct.__doc__, argv=argv, progress=False)
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -228,9 +277,20 @@ def test_instruct_mini_end_to_end(tmp_path):
     for r in (summary["start"], *summary["runs"].values()):
         assert {"average", "mmlu", "arc_challenge", "commonsense_qa", "domain_token_acc"} <= set(r)
         assert r["average"] == pytest.approx(np.mean([r["mmlu"], r["arc_challenge"], r["commonsense_qa"]]))
-    assert summary["runs"]["ft_kl_self_c10"]["method"] == "kl_pre"
-    assert summary["runs"]["ft_kl_self_c10"]["source"] == "self"
+    run = summary["runs"]["ft_kl_self_c10"]
+    assert (run["method"], run["source"], run["steps"]) == ("kl_pre", "self", 2)
+    assert np.isfinite(run["old_ntp"])  # the old-text file is evaluated beside the domain data
     assert (out / "instruct.png").stat().st_size > 0
-    # the starting checkpoint is a HF-layout directory the project wrote
-    ckpt = next(out.glob("prepare-*")) / "ckpt"
-    assert runs.is_hf_checkpoint(ckpt) and (ckpt / "model.safetensors").exists()
+    # the paper path on the given inputs: prepare_chat kept the rows passing the authors' filters, the finetune
+    # started from the given directory on prepare_chat's chat rows, every question was scored chat-style
+    _, knobs = framework.parse_args(instruct.Knobs, instruct.PRESETS, argv)
+    dirs = framework.locate(instruct.runs(knobs, out), out)
+    prep = framework.read_result(dirs["prepare_chat"])
+    assert prep["conversations"] == prep["rows"] == 30 and prep["dropped"]["compile_status"] == 1 and prep["dropped"]["description"] == 1
+    saved = runs.read_run_config(dirs["ft_kl_self_c10"])["config"]
+    assert saved["model"]["load_path"] == str(hf)
+    assert saved["data"]["path"] == str(dirs["prepare_chat"] / instruct.CHAT_FILE)
+    assert saved["reg"]["synth"] is True and saved["reg"]["method"] == "kl_pre"
+    start = framework.read_result(dirs["eval_start"])
+    counts = {n: sum(1 for _ in open(p)) for n, p in bench.items()}
+    assert {n: start[f"{n}_n"] for n in counts} == counts and not any(start[f"{n}_skipped"] for n in counts)

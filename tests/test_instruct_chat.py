@@ -19,17 +19,7 @@ from forgetting.stages import evaluate_benchmarks as eb, tokenize_hf
 
 import hf_fixtures  # (tests/)
 
-# A Llama-3-Instruct-shaped template: BOS, a system turn always present, header tokens, <|eot_id|> ends a turn.
-LLAMA3_TEMPLATE = """{{ bos_token }}<|start_header_id|>system<|end_header_id|>
-
-You are helpful.<|eot_id|>
-{%- for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>
-
-{{ m['content'] | trim }}<|eot_id|>
-{%- endfor %}
-{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
-
-{% endif %}"""
+LLAMA3_TEMPLATE = hf_fixtures.LLAMA3_TEMPLATE
 SEQ = 128
 CODE = "module inv(input a, output y);\n  assign y = ~a;\nendmodule"
 
@@ -47,25 +37,7 @@ def chat_ckpt(tmp_path_factory):
     Llama 3's special tokens) and a chat template in tokenizer_config.json."""
     d = tmp_path_factory.mktemp("chat") / "tiny-llama-instruct"
     cfg = hf_fixtures.write_tiny_hf_checkpoint(d, hf_fixtures.tiny_config(seq_len=SEQ), jax.random.key(0))
-    n_ranks = cfg.vocab_size - 16
-    tokens = hf_fixtures.tiny_tokenizer_tokens(n_ranks)
-    byte_map = hf_fixtures.bytes_to_unicode()
-    vocab = {"".join(byte_map[b] for b in t): i for i, t in enumerate(tokens)}
-    merges = [["".join(byte_map[b] for b in a), "".join(byte_map[b] for b in b_)]
-              for a, b_ in hf_fixtures.bpe_merges(tokens)]
-    added = [{"id": n_ranks + i, "content": name, "special": True, "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False} for i, name in enumerate(hc.llama3_special_tokens(16))]
-    (d / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {**vocab, **{a["content"]: a["id"] for a in added}}, "merges": merges,
-                  "byte_fallback": False},
-        "added_tokens": added,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": hc.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}))
-    config = json.loads((d / "tokenizer_config.json").read_text())
-    config.update(chat_template=LLAMA3_TEMPLATE, eos_token="<|eot_id|>")
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_fixtures.add_chat_tokenizer(d, cfg.vocab_size)
     return d
 
 

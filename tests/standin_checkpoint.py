@@ -1,9 +1,7 @@
-"""The instruct experiment's `--scale mini` stand-in: a tiny random Llama checkpoint in the Hugging Face
-layout (config.json, safetensors, a tiktoken-format tokenizer.model learned on a built-in text,
-tokenizer_config.json), also used by the tests (tests/hf_fixtures.py re-exports it).
-
-It lives with the experiment that needs it, not in the loader (`stages.hf_checkpoint`); once the mini runs
-on the SmolLM2 GGUF of the `smollm2` extra it can move into tests/ entirely.
+"""A test fixture: a tiny random Llama checkpoint in the Hugging Face layout (config.json, safetensors, a
+tiktoken-format tokenizer.model learned on a built-in text, tokenizer_config.json). Tests import it as a
+sibling module (`import standin_checkpoint`; tests/hf_fixtures.py re-exports it). Not library code: the
+loader it exercises is `formats.hf_checkpoint`.
 """
 from __future__ import annotations
 
