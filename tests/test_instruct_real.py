@@ -404,7 +404,7 @@ def test_kill_at_every_phase_boundary_of_an_instruct_arm(tmp_path, capfd):
 
     from forgetting.experiments import instruct
     from forgetting.stages import train
-    from forgetting.training import cli
+    from forgetting.training import cli, compile_cache
     from forgetting.training import runs as stage_runs
     from forgetting.training import train_config as tc
 
@@ -428,7 +428,9 @@ def test_kill_at_every_phase_boundary_of_an_instruct_arm(tmp_path, capfd):
         cfg = arm(tmp_path / point.replace(":", "_"))
         argv = cli.to_argv(cfg)
         assert cli.parse(tc.TrainConfig, argv) == cfg  # the subprocess runs this very config
-        proc = stage_process(argv, env={stage_runs.FAULT_ENV: point})
+        # a compile cache of the test's own: the subprocesses after the first load its executables (fast),
+        # whatever state a shared ~/.cache is in
+        proc = stage_process(argv, env={stage_runs.FAULT_ENV: point, compile_cache.ENV: str(tmp_path / "jax")})
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == -signal.SIGKILL, (point, err[-2000:])
         out = train.run_dir(cfg)
