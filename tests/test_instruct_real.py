@@ -387,7 +387,7 @@ def test_train_stage_logs_ref_paths_and_token_accuracy(tmp_path):
     assert "--eval.ref_paths[0]" in inputs and "--eval.ref_paths[0] (loss mask)" in inputs
 
 
-@pytest.mark.slow  # ~1 min on 2 cores: a reference run and six killed-and-resumed runs of a tiny model
+@pytest.mark.slow  # ~1.5 min on 2 cores: a reference run and six killed-and-resumed runs of a tiny model
 def test_kill_at_every_phase_boundary_of_an_instruct_arm(tmp_path, capfd):
     """An instruct arm (the experiment's own `real_arm_config`: a finetune from a HF checkpoint with
     --eval.ref_paths, --eval.token_accuracy, old text as --eval.extra_paths, KL on self-generated replay
@@ -398,8 +398,9 @@ def test_kill_at_every_phase_boundary_of_an_instruct_arm(tmp_path, capfd):
     Two changes to the arm make the test sharper: --log.checkpoint_every_steps 1 with an eval every 2
     steps puts checkpoints between evals (they carry the pending losses, and step 1 is mid-way through a
     2-step replay buffer), and --reg.replay_cache false makes every run, resumed ones included, draw its
-    replay from the sampler rather than from buffers a killed attempt left in the cache (the cache's own
-    equality is tests/test_replay_cache.py's). Neither is in the run's hash."""
+    replay from the sampler rather than from buffers a killed attempt left in the cache (with the cache, a
+    sampler that restarted its stream at a resume went unnoticed; the cache's own equality is
+    tests/test_replay_cache.py's). Neither is in the run's hash."""
     from test_integrity import run_record, stage_process
 
     from forgetting.experiments import instruct
@@ -412,12 +413,13 @@ def test_kill_at_every_phase_boundary_of_an_instruct_arm(tmp_path, capfd):
     knobs = instruct.Knobs(model_path=str(standin.hf_dir), seq_len=16, batch_size=2, replay_batch=2, sample_batch=4,
                            steps=3, eval_every=2, eval_rows=4, peak_lr=1e-2, warmup_tokens=0)
 
-    def arm(out: Path) -> tc.TrainConfig:
+    def arm(out: Path, sharper: bool = True) -> tc.TrainConfig:
         cfg = instruct.real_arm_config(knobs, standin.prep_dir, standin.hf_dir, out, "ft_kl_self_c1", "kl_pre", "self",
                                        1.0, knobs.seed)
-        return tc.replace(cfg, **{"log.checkpoint_every_steps": 1, "reg.replay_cache": False})
+        return tc.replace(cfg, **{"log.checkpoint_every_steps": 1, "reg.replay_cache": False}) if sharper else cfg
 
     cfg = arm(tmp_path / "reference")
+    assert train.run_dir(cfg) == train.run_dir(arm(tmp_path / "reference", sharper=False))  # the arm's own run
     assert cfg.reg.synth and cfg.reg.method == "kl_pre" and cfg.reg.buffer == 2 and cfg.eval.ref_paths
     reference = train.train(cfg)
     expected = run_record(Path(reference["run_dir"]))
