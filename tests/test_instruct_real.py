@@ -3,9 +3,11 @@ NumPy reference on the tiny model, the refusal to run without the model, and (sl
 extra and gensim's Lee corpus) the whole pipeline at a toy size on SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -306,39 +308,66 @@ def test_real_mini_killed_in_an_arm_resumes_to_the_uninterrupted_summary(tmp_pat
     assert [row["step"] for row in summary["runs"]["ft_kl_self_c1"]["trajectory"]] == [0, 1, 2, 3]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Standin:
+    """A tiny stand-in for the real-model mini's inputs (see `_standin_prepare`)."""
+
+    hf_dir: Path  # the tiny random HF-layout Llama (the arms' --model.load_path)
+    prep_dir: Path  # the token files, in the layout `prepare_real` writes
+    loaded: object  # the checkpoint as the train stage loads it (stage_runs.load_run)
+    chat: np.ndarray  # chat.bin's rows [3, seq + 6]
+    mask: np.ndarray  # and their answer mask
+
+
+def _standin_prepare(root: Path, seq: int) -> _Standin:
+    """A tiny random HF-layout Llama in root/hf and, in root/prepare, the files `prepare_real` writes for it
+    (ir.DOMAIN, ir.OLD: split files with 4 measure rows; ir.HELDOUT: BOS-prompted rows; ir.CHAT: rows longer
+    than the training rows with their answer mask), random ids in its vocabulary in place of real text."""
+    import jax
+
+    import hf_fixtures
+    from forgetting.core import data as data_lib
+    from forgetting.training import runs as stage_runs
+
+    hf_dir, prep = root / "hf", root / "prepare"
+    hf_fixtures.write_tiny_hf_checkpoint(hf_dir, hf_fixtures.tiny_config(seq_len=2 * seq), jax.random.key(0))
+    loaded = stage_runs.load_run(hf_dir, dtype="float32", seq_len=seq)
+    vocab, sha = loaded.model_cfg.vocab_size, loaded.tokenizer_sha256
+    meta = {"dataset_id": 0, "vocab_size": vocab, "tokenizer_sha256": sha}  # dataset_id: prepare_real's separator 0
+    prep.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    ir.write_split_file(prep / ir.DOMAIN, rng.integers(2, vocab, (24, seq)), rng.integers(2, vocab, (4, seq)), meta)
+    chat = rng.integers(2, vocab, (3, seq + 6)).astype(np.int32)  # rows longer than the training rows
+    mask = np.zeros(chat.shape, np.float32)
+    mask[:, 10:] = 1
+    ir.write_chat_file(prep / ir.CHAT, chat, mask, meta)
+    ir.write_split_file(prep / ir.OLD, rng.integers(2, vocab, (8, seq)), rng.integers(2, vocab, (4, seq)), meta)
+    held = rng.integers(2, vocab, (4, seq)).astype(np.int32)
+    held[:, 0] = 0  # sampled after the document-start prompt
+    data_lib.write_token_file(prep / ir.HELDOUT, held, meta)
+    return _Standin(hf_dir, prep, loaded, chat, mask)
+
+
 def test_train_stage_logs_ref_paths_and_token_accuracy(tmp_path):
     """A finetune with --eval.ref_paths and --eval.token_accuracy: kl/<stem> is exactly 0 at step 0 and
     moves after training, ntp/<stem> is the masked mean of the whole file at its own row length (the
     loaded weights at step 0), and the files (with the mask) are fingerprinted inputs of the run."""
-    import dataclasses
-
-    import jax
-
-    import hf_fixtures
     from forgetting.evals import evaluation
     from forgetting.stages import train
     from forgetting.training import runs as stage_runs
     from forgetting.training import train_config as tc
 
     seq = 16
-    hf_dir = tmp_path / "hf"
-    hf_fixtures.write_tiny_hf_checkpoint(hf_dir, hf_fixtures.tiny_config(seq_len=2 * seq), jax.random.key(0))
-    loaded = stage_runs.load_run(hf_dir, dtype="float32", seq_len=seq)
-    vocab, sha = loaded.model_cfg.vocab_size, loaded.tokenizer_sha256
-    meta = {"dataset_id": 1, "vocab_size": vocab, "tokenizer_sha256": sha}
-    rng = np.random.default_rng(5)
-    ir.write_split_file(tmp_path / "domain.bin", rng.integers(2, vocab, (24, seq)), rng.integers(2, vocab, (4, seq)), meta)
-    chat = rng.integers(2, vocab, (3, seq + 6)).astype(np.int32)  # rows longer than the training rows
-    mask = np.zeros(chat.shape, np.float32)
-    mask[:, 10:] = 1
-    ir.write_chat_file(tmp_path / "chat.bin", chat, mask, meta)
+    standin = _standin_prepare(tmp_path, seq)
+    hf_dir, loaded, chat, mask = standin.hf_dir, standin.loaded, standin.chat, standin.mask
+    domain, chat_path = standin.prep_dir / ir.DOMAIN, standin.prep_dir / ir.CHAT
     cfg = tc.TrainConfig(
         run=tc.RunConfig(dir=str(tmp_path / "runs")),
-        data=tc.DataConfig(path=str(tmp_path / "domain.bin"), num_tokens_valid=4 * seq),
+        data=tc.DataConfig(path=str(domain), num_tokens_valid=4 * seq),
         model=tc.ModelArgs(load_path=str(hf_dir), seq_len=seq, dtype="float32"),
         opt=tc.OptConfig(batch_size=4, peak_lr=1e-2, warmup_tokens=0, weight_decay=0.0),
         stop=tc.StopConfig(num_tokens_train=2 * 4 * seq),
-        eval=tc.EvalConfig(ref_paths=(str(tmp_path / "chat.bin"),), token_accuracy=True),
+        eval=tc.EvalConfig(ref_paths=(str(chat_path),), token_accuracy=True),
         log=tc.LogConfig(every_steps=2, progress=False))
     result = train.train(cfg)
     rows = stage_runs.read_metrics(result["run_dir"])
@@ -350,9 +379,71 @@ def test_train_stage_logs_ref_paths_and_token_accuracy(tmp_path):
     assert rows[0]["token_acc/chat"] == pytest.approx(want["token_acc"])
     from forgetting.core import data as data_lib
 
-    ds = data_lib.SequenceDataset(data_lib.TokenFile(tmp_path / "domain.bin"), seq, num_tokens_valid=4 * seq, split_seed=0)
+    ds = data_lib.SequenceDataset(data_lib.TokenFile(domain), seq, num_tokens_valid=4 * seq, split_seed=0)
     valid = np.concatenate(list(ds.valid_batches(4)))
     want_acc = evaluation.masked_means(loaded.model_cfg, loaded.params, [(valid, np.ones(valid.shape, np.float32))])
     assert rows[0]["valid_token_acc"] == pytest.approx(want_acc["token_acc"])
     inputs = stage_runs.read_run_config(result["run_dir"])["inputs"]
     assert "--eval.ref_paths[0]" in inputs and "--eval.ref_paths[0] (loss mask)" in inputs
+
+
+@pytest.mark.slow  # ~1.5 min on 2 cores: a reference run and six killed-and-resumed runs of a tiny model
+def test_kill_at_every_phase_boundary_of_an_instruct_arm(tmp_path, capfd):
+    """An instruct arm (the experiment's own `real_arm_config`: a finetune from a HF checkpoint with
+    --eval.ref_paths, --eval.token_accuracy, old text as --eval.extra_paths, KL on self-generated replay
+    prompted by --reg.prompt_ids) on a tiny stand-in model and prepare_real-layout files: `kill -9` after
+    each state save, during the final params write and before done.json, then the same config again, ends
+    with the uninterrupted arm's metrics.jsonl and done.json byte for byte (wall-clock fields aside).
+
+    Two changes to the arm make the test sharper: --log.checkpoint_every_steps 1 with an eval every 2
+    steps puts checkpoints between evals (they carry the pending losses, and step 1 is mid-way through a
+    2-step replay buffer), and --reg.replay_cache false makes every run, resumed ones included, draw its
+    replay from the sampler rather than from buffers a killed attempt left in the cache (with the cache, a
+    sampler that restarted its stream at a resume went unnoticed; the cache's own equality is
+    tests/test_replay_cache.py's). Neither is in the run's hash."""
+    from test_integrity import run_record, stage_process
+
+    from forgetting.experiments import instruct
+    from forgetting.stages import train
+    from forgetting.training import cli, compile_cache
+    from forgetting.training import runs as stage_runs
+    from forgetting.training import train_config as tc
+
+    standin = _standin_prepare(tmp_path, 16)
+    knobs = instruct.Knobs(model_path=str(standin.hf_dir), seq_len=16, batch_size=2, replay_batch=2, sample_batch=4,
+                           steps=3, eval_every=2, eval_rows=4, peak_lr=1e-2, warmup_tokens=0)
+
+    def arm(out: Path, sharper: bool = True) -> tc.TrainConfig:
+        cfg = instruct.real_arm_config(knobs, standin.prep_dir, standin.hf_dir, out, "ft_kl_self_c1", "kl_pre", "self",
+                                       1.0, knobs.seed)
+        return tc.replace(cfg, **{"log.checkpoint_every_steps": 1, "reg.replay_cache": False}) if sharper else cfg
+
+    cfg = arm(tmp_path / "reference")
+    assert train.run_dir(cfg) == train.run_dir(arm(tmp_path / "reference", sharper=False))  # the arm's own run
+    assert cfg.reg.synth and cfg.reg.method == "kl_pre" and cfg.reg.buffer == 2 and cfg.eval.ref_paths
+    reference = train.train(cfg)
+    expected = run_record(Path(reference["run_dir"]))
+    rows = stage_runs.read_metrics(reference["run_dir"])
+    assert [r["step"] for r in rows] == [0, 2, 3] and rows[-1]["kl/heldout"] > 0 and "token_acc/chat" in rows[-1]
+    points = [f"state_saved:{s}" for s in range(4)] + ["params_write", "before_done"]
+    for point in points:
+        cfg = arm(tmp_path / point.replace(":", "_"))
+        argv = cli.to_argv(cfg)
+        assert cli.parse(tc.TrainConfig, argv) == cfg  # the subprocess runs this very config
+        # a compile cache of the test's own: the subprocesses after the first load its executables (fast),
+        # whatever state a shared ~/.cache is in
+        proc = stage_process(argv, env={stage_runs.FAULT_ENV: point, compile_cache.ENV: str(tmp_path / "jax")})
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (point, err[-2000:])
+        out = train.run_dir(cfg)
+        assert not stage_runs.is_done(out) and (out / stage_runs.STATE_FILE).exists(), point
+        if point == "params_write":
+            assert list(out.glob(".params.msgpack.*.tmp"))  # the kill left a temp file behind
+        capfd.readouterr()
+        resumed = train.train(cfg)
+        assert resumed["status"] == "finished" and resumed["run_dir"] == str(out), point
+        err = capfd.readouterr().err
+        step = int(point.split(":")[1]) if point.startswith("state_saved") else 3
+        assert f"resuming {out} at step {step}" in err and "took over the stale lock of pid" in err, (point, err)
+        assert run_record(out) == expected, point
+        assert not (out.parent / "replay_cache").exists(), point  # replay came from the sampler
