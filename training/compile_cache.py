@@ -89,6 +89,8 @@ def enable() -> Path | None:
     except OSError as e:  # a read-only home: runs still work, they compile
         print(f"warning: compilation cache off ({ENV}={path}: {e})", file=sys.stderr)
         return None
+    if max_bytes() > 0:
+        repair(path)
     for name, value in settings(path).items():
         os.environ.setdefault(name, value)
     if "jax" in sys.modules:  # the environment is read when JAX is imported; later, set it directly
@@ -99,3 +101,26 @@ def enable() -> Path | None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         jax.config.update("jax_compilation_cache_max_size", max_bytes())
     return path
+
+
+def repair(path: Path) -> list[str]:
+    """Gives every entry that lacks its `-atime` file one (time 0: evicted first); returns their keys.
+
+    Why: JAX's evicting cache writes an entry's `-cache` file, then its `-atime` file, and before every write
+    reads the `-atime` file of every entry. A process killed between the two writes (a kill -9, an OOM kill)
+    leaves an entry without one, and from then on every write to the directory fails with FileNotFoundError
+    (JAX warns and compiles): the cache silently stops growing. Run under JAX's own lock."""
+    import filelock
+
+    fixed = []
+    try:
+        with filelock.FileLock(str(path / ".lockfile"), timeout=60):
+            for entry in path.glob("*-cache"):
+                atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+                if not atime.exists():
+                    atime.write_bytes((0).to_bytes(8, "little"))
+                    fixed.append(entry.name.removesuffix("-cache"))
+    except (filelock.Timeout, OSError) as e:  # a stuck lock or a read-only directory: runs compile as without it
+        print(f"warning: compilation cache at {path} not checked ({e})", file=sys.stderr)
+    return fixed
+
