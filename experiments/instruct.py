@@ -576,6 +576,6 @@ def plot(knobs: Knobs, out: Path, summary: dict) -> None:
 if __name__ == "__main__":
     # glibc's own allocator, not core.host_memory's heap-keeping setting (made for the tiny figure models'
     # per-step buffers): for the 135M model that setting's single heap fragmented as sampling and training
-    # steps interleaved, and a self-generated-KL arm's peak RSS went from 5.8 GB to 10.5 GB.
+    # steps interleaved, and a self-generated-KL arm's peak RSS went from 5.7 GiB to 10.2 GiB.
     os.environ.setdefault("FORGETTING_MALLOC", "default")
     framework.main(Knobs, PRESETS, runs, summarize, plot, doc=__doc__)
