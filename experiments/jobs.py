@@ -3,10 +3,13 @@
 A run starts as soon as the runs it depends on (`after`) are finished, in wave order, at most N at once.
 Each run is a child process: a stage run is `python -m <module> <flags>` (the command `--list` prints), an
 in-process (`fn`) run is the figure itself with `--only NAME --no_summary`. A child sees only its share of
-the cores (`os.sched_setaffinity` before it starts, so XLA sizes its thread pools to the share; the shares
-are rebalanced whenever a run starts or ends, so a run that is alone gets every core): N tiny runs then do
-not fight over the same cores. The runs compute what they compute one by one (same program, same seed), so
-their metrics are identical to `--jobs 1`; only wall-clock fields differ (tests/test_framework_jobs.py).
+the cores (`os.sched_setaffinity`; the shares are rebalanced whenever a run starts or ends, so a run that is
+alone gets every core): N tiny runs then do not fight over the same cores. XLA sizes its CPU thread pool
+from the cores a process may use, and its matmuls split their sums by that size, so a child is told the
+figure's own core count (`PJRT_NPROC`): its pool, and so its numbers, are those of the run done one by one
+(with one core of two, a KL run's evals differed in the 8th digit). The runs then compute what they compute
+one by one (same program, same seed, same thread pool), so their metrics are identical to `--jobs 1`; only
+wall-clock fields differ (tests/test_framework_jobs.py).
 
 Output: one progress bar; each run's own output goes to `<out>/logs/<run name>.log` (appended, so a
 resumed run keeps its history); a failed run is reported with the tail of its log.
@@ -41,6 +44,7 @@ LOG_DIR = "logs"
 TAIL_LINES = 30
 POLL_SECS = 0.2
 PIN_ENV = "FORGETTING_JOBS_PIN"  # "0": do not give children their own cores (to measure the difference)
+POOL_ENVS = ("PJRT_NPROC", "NPROC")  # read by jaxlib's CPU client for its thread pool size, in this order
 
 
 def parse_jobs(text: str) -> int | str:
@@ -92,6 +96,15 @@ def available_cores() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux: no pinning, every share is "all cores"
         return list(range(os.cpu_count() or 1))
+
+
+def child_environment(cores: Sequence[int]) -> dict[str, str]:
+    """The environment of a child run: this one, with XLA's CPU thread pool sized for `cores` (every core the
+    figure has), not for the child's share, unless the user sized it already (then the child inherits that)."""
+    env = dict(os.environ)
+    if not any(k in env for k in POOL_ENVS):
+        env[POOL_ENVS[0]] = str(len(cores))
+    return env
 
 
 def child_command(spec: Any, figure: Sequence[str]) -> list[str]:
@@ -171,7 +184,7 @@ class Pool:
             f.write(f"$ {shlex.join(command)}\n")  # the run's command, to rerun it by hand
             f.flush()
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=setup)
+                                    start_new_session=True, preexec_fn=setup, env=child_environment(self.cores))
         child = Child(spec.name, proc, log, share)
         self.children.append(child)
         self.rebalance()

@@ -295,3 +295,53 @@ def test_compile_cache_sets_no_size_limit_without_filelock(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "filelock" else real(name, *a))
     assert compile_cache.max_bytes() == -1, "JAX raises at the first compile when a limit is set without filelock"
     assert compile_cache.settings(Path("/c"))["JAX_COMPILATION_CACHE_MAX_SIZE"] == "-1"
+
+
+def _kl_finetune(tmp_path: Path) -> TrainConfig:
+    """A finetune with KL on real old text at the shapes where XLA's CPU matmuls split their sums by the thread
+    pool's size (found by bisecting the learning-rate mini's config: T 64, 32 + 32 rows, 4096 validation tokens)."""
+    from forgetting.stages import generate, train
+
+    T = 64
+    paths = []
+    for lang in (0, 1):
+        out = tmp_path / f"lang{lang}.bin"
+        generate.generate(generate.Config(corpus="synthetic", language=lang, num_tokens=40_000, vocab_size=64,
+                                          seq_len=T, out=str(out)))
+        paths.append(str(out))
+    common = {"data.num_tokens_valid": 4096, "model.d_model": 16, "model.n_layers": 1, "model.head_dim": 16,
+              "model.seq_len": T, "model.dtype": "float32", "opt.batch_size": 32, "opt.warmup_tokens": 256,
+              "opt.peak_lr": 3e-3, "log.every_steps": 2, "log.progress": False}
+    pre = train.train(replace(TrainConfig(), **common, **{"data.path": paths[0], "stop.num_tokens_train": 32 * T * 8,
+                                                          "run.dir": str(tmp_path / "pre")}))
+    return replace(TrainConfig(), **common, **{
+        "data.path": paths[1], "model.load_path": pre["run_dir"], "reg.method": "kl_pre", "reg.path": paths[0],
+        "reg.batch_size": 32, "reg.coeff": 1.0, "stop.num_tokens_train": 32 * T * 6,
+        "eval.extra_paths": (paths[0], paths[1]), "run.dir": str(tmp_path / "ft")})
+
+
+@pytest.mark.skipif(len(jobs.available_cores()) < 2, reason="needs two cores: a child on one of them")
+def test_a_child_on_one_core_of_two_computes_the_numbers_of_the_run_done_one_by_one(tmp_path):
+    """A child pinned to a share of the cores keeps the figure's XLA thread pool size: with a pool sized for
+    its one core, this run's evals differed from the in-process run's in the 8th digit."""
+    from forgetting.stages import train
+
+    cfg = _kl_finetune(tmp_path)
+    alone = train.train(cfg)  # in this process: the pool of every core, as `--jobs 1` runs it
+    side = replace(cfg, **{"run.dir": str(tmp_path / "side")})
+    pool = jobs.Pool(tmp_path / "out")
+    neighbour = pool.start(argparse.Namespace(name="neighbour"), [sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        child = pool.start(argparse.Namespace(name="ft"),
+                           [sys.executable, "-m", "forgetting.stages.train", *cli.to_argv(side)])
+        assert len(child.cores) == len(jobs.available_cores()) // 2, "the run got its share, not every core"
+        assert child.proc.wait(timeout=600) == 0, jobs.log_tail(child.log)
+    finally:
+        neighbour.proc.kill()
+        neighbour.proc.wait()
+
+    def metrics(run_dir: str | Path) -> list[dict]:
+        return [{k: v for k, v in m.items() if k not in WALL_CLOCK} for m in framework.read_metrics(Path(run_dir))]
+
+    [side_dir] = [p.parent for p in (tmp_path / "side").glob(f"*/{framework.DONE}")]
+    assert len(metrics(alone["run_dir"])) == 4 and metrics(side_dir) == metrics(alone["run_dir"])
