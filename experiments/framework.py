@@ -300,7 +300,8 @@ def write_summary(summary: dict, out: str | Path) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-_FRAMEWORK_FLAGS = ("scale", "out", "list", "shard", "wave", "only", "plot_only", "help", "slurm", "jobs", "no_summary")
+_FRAMEWORK_FLAGS = ("scale", "out", "list", "shard", "wave", "only", "plot_only", "help", "slurm", "jobs", "no_summary",
+                    "worker")
 
 
 def _framework_parser(add_help: bool, scales: Sequence[str], default_out: str) -> argparse.ArgumentParser:
@@ -485,6 +486,12 @@ def main(
     if args.slurm is not None:  # tasks may start in another directory: every path in their commands is absolute
         out = out.resolve()
     specs = _checked_runs(runs, knobs, out)
+    if args.worker:  # a --jobs N worker: runs what the figure sends it (experiments/jobs.py)
+        from forgetting.experiments import jobs
+        from forgetting.training import compile_cache
+
+        compile_cache.enable()
+        raise SystemExit(jobs.serve(specs, out))
     wave_list = waves(specs)
 
     selected = wave_list
@@ -556,6 +563,7 @@ def _add_jobs_flags(g: argparse._ArgumentGroup) -> None:
                         "experiments/jobs.py) (default: %(default)s)")
     g.add_argument("--no_summary", action="store_true",
                    help="run the selected runs, then exit without summarizing or plotting")
+    g.add_argument(jobs.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)  # a --jobs N worker process
 
 
 def _check_jobs_flags(args: argparse.Namespace) -> None:

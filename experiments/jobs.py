@@ -44,6 +44,8 @@ LOG_DIR = "logs"
 TAIL_LINES = 30
 POLL_SECS = 0.2
 PIN_ENV = "FORGETTING_JOBS_PIN"  # "0": do not give children their own cores (to measure the difference)
+WORKER_FLAG = "--worker"  # the figure as a worker process (framework.main -> serve)
+WORKER_LOG = "workers.log"  # what workers print outside any run
 POOL_ENVS = ("PJRT_NPROC", "NPROC")  # read by jaxlib's CPU client for its thread pool size, in this order
 
 
@@ -130,10 +132,20 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Child:
+    """A run in progress and the worker process running it."""
     name: str
     proc: subprocess.Popen
     log: Path
     cores: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Worker:
+    """A figure process that runs the runs it is sent, one at a time, in-process (`serve`)."""
+    proc: subprocess.Popen
+    cores: list[int]
+    run: Child | None = None
+    pending: bytes = b""  # a partial report line
 
 
 def _pin(pid: int, cores: Sequence[int]) -> None:
@@ -162,17 +174,22 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 class Pool:
-    """The running children, with the cores shared among them."""
+    """Up to N worker processes (the figure with `--worker`), started as runs need them and kept for the next
+    run: a run then pays neither Python's and JAX's start nor a compile its worker already did, as one by one.
+    The cores are shared among the workers that are running a run."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, figure: Sequence[str]):
         self.out = out
-        self.children: list[Child] = []
+        self.figure = list(figure)
+        self.workers: list[Worker] = []
         self.cores = available_cores()
 
-    def start(self, spec: Any, command: list[str]) -> Child:
-        log = self.out / LOG_DIR / f"{spec.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        share = core_shares(self.cores, len(self.children) + 1)[-1]
+    @property
+    def children(self) -> list[Child]:
+        """The runs in progress."""
+        return [w.run for w in self.workers if w.run is not None]
+
+    def _spawn(self, share: list[int]) -> Worker:
         pin = _pinning()
 
         def setup() -> None:
@@ -180,54 +197,173 @@ class Pool:
             if pin:
                 os.sched_setaffinity(0, share)
 
+        (self.out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        with open(self.out / LOG_DIR / WORKER_LOG, "a") as err:
+            proc = subprocess.Popen(worker_command(self.figure), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err, start_new_session=True, preexec_fn=setup,
+                                    env=child_environment(self.cores))
+        os.set_blocking(proc.stdout.fileno(), False)
+        worker = Worker(proc, share)
+        self.workers.append(worker)
+        return worker
+
+    def start(self, spec: Any, command: list[str]) -> Child:
+        """Runs `spec` on an idle worker (a new one if none is idle). `command` runs it alone (its log's first line)."""
+        log = self.out / LOG_DIR / f"{spec.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(command)}\n")  # the run's command, to rerun it by hand
-            f.flush()
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=setup, env=child_environment(self.cores))
-        child = Child(spec.name, proc, log, share)
-        self.children.append(child)
+        idle = [w for w in self.workers if w.run is None]
+        busy = len(self.children) + 1
+        worker = idle[0] if idle else self._spawn(core_shares(self.cores, busy)[-1])
+        worker.run = Child(spec.name, worker.proc, log, worker.cores)
+        try:
+            worker.proc.stdin.write(f"{spec.name}\n".encode())
+            worker.proc.stdin.flush()
+        except OSError:  # it died since the last reap: reported as the run's failure there
+            pass
         self.rebalance()
-        return child
+        return worker.run
 
     def rebalance(self) -> None:
-        if not _pinning() or not self.children:
+        running = [w for w in self.workers if w.run is not None]
+        if not _pinning() or not running:
             return
-        for child, share in zip(self.children, core_shares(self.cores, len(self.children))):
-            if share != child.cores:
-                child.cores = share
-                _pin(child.proc.pid, share)
+        for worker, share in zip(running, core_shares(self.cores, len(running))):
+            if share != worker.cores:
+                worker.cores = worker.run.cores = share
+                _pin(worker.proc.pid, share)
+
+    def _reports(self, worker: Worker) -> list[tuple[int, str]]:
+        """(exit code, run name) lines the worker wrote since the last call."""
+        try:
+            chunk = os.read(worker.proc.stdout.fileno(), 65536)
+        except BlockingIOError:
+            chunk = b""
+        except OSError:
+            chunk = b""
+        worker.pending += chunk
+        *lines, worker.pending = worker.pending.split(b"\n")
+        reports = [line.decode().split(" ", 1) for line in lines if line.strip()]
+        return [(int(code), name) for code, name in reports]
 
     def reap(self) -> list[tuple[Child, int]]:
-        """The children that ended since the last call, with their exit codes."""
-        ended = [(c, c.proc.poll()) for c in self.children]
-        ended = [(c, rc) for c, rc in ended if rc is not None]
+        """The runs that ended since the last call, with an exit code: 0 finished, 1 failed, 128 + n stopped by
+        signal n, or the worker's own exit status where it died during the run."""
+        ended = []
+        for worker in list(self.workers):
+            for code, name in self._reports(worker):
+                if worker.run is not None and worker.run.name == name:
+                    ended.append((worker.run, code))
+                    worker.run = None
+            if worker.proc.poll() is not None:
+                self._reports(worker)
+                if worker.run is not None:
+                    ended.append((worker.run, worker.proc.returncode or 1))
+                    worker.run = None
+                self.workers.remove(worker)
         if ended:
-            self.children = [c for c in self.children if c.proc.returncode is None]
             self.rebalance()
         return ended
 
     def signal_all(self, signum: int) -> None:
-        for c in self.children:
+        for w in self.workers:
             try:
-                c.proc.send_signal(signum)
+                w.proc.send_signal(signum)
             except ProcessLookupError:
                 pass
 
+    def close(self) -> None:
+        """No more runs: every worker exits once its run (if any) is over."""
+        for w in self.workers:
+            try:
+                w.proc.stdin.close()
+            except OSError:
+                pass
+
     def wait_all(self, timeout: float | None = None) -> list[tuple[Child, int]]:
-        """Waits for every child (killing those still running after `timeout` seconds)."""
+        """Closes the workers and waits for them (killing those still running after `timeout` seconds); the
+        runs they had, with the workers' exit codes."""
+        self.close()
         deadline = None if timeout is None else time.time() + timeout
         ended: list[tuple[Child, int]] = []
-        for c in list(self.children):
+        for w in list(self.workers):
             left = None if deadline is None else max(0.0, deadline - time.time())
             try:
-                rc = c.proc.wait(left)
+                rc = w.proc.wait(left)
             except subprocess.TimeoutExpired:
-                c.proc.kill()
-                rc = c.proc.wait()
-            ended.append((c, rc))
-        self.children = []
+                w.proc.kill()
+                rc = w.proc.wait()
+            reported = {n: code for code, n in self._reports(w)}
+            if w.run is not None:
+                ended.append((w.run, reported.get(w.run.name, rc)))
+        self.workers = []
         return ended
+
+
+def worker_command(figure: Sequence[str]) -> list[str]:
+    base = list(figure)
+    if base and base[0] == "python":
+        base[0] = sys.executable
+    return [*base, WORKER_FLAG, "--no_summary"]
+
+
+def serve(specs: Sequence[Any], out: Path) -> int:
+    """A worker's loop (`--worker`): reads run names from stdin, runs each in this process as `--jobs 1`
+    would (`framework.execute`), its output appended to `<out>/logs/<name>.log`, and reports
+    `<exit code> <name>` on stdout (0 finished, 1 failed, 128 + n stopped by signal n). Ends at EOF (0) or
+    after a stop request (128 + the signal): a train run checkpoints first, an in-process run finishes; a
+    second signal stops at once."""
+    from forgetting.training import stopping
+
+    by_name = {s.name: s for s in specs}
+    report = os.fdopen(os.dup(1), "w", buffering=1)
+    between = os.open(os.devnull, os.O_WRONLY)  # stdout outside a run; stderr stays the workers' log
+    os.dup2(between, 1)
+    os.close(between)
+    with stopping.StopRequests("the running run saves a checkpoint, then this worker stops") as stop:
+        for line in sys.stdin:
+            name = line.strip()
+            code = stop.exit_code if stop.signum is not None else _serve_one(by_name[name], out, stop)
+            report.write(f"{code} {name}\n")
+            if stop.signum is not None:
+                break
+    return stop.exit_code if stop.signum is not None else 0
+
+
+def _serve_one(spec: Any, out: Path, stop: Any) -> int:
+    """Runs one run with its output in its log: 0 finished, 1 failed, 128 + n stopped."""
+    import traceback
+
+    from forgetting.experiments import framework
+    from forgetting.training import runs as stage_runs
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(out / LOG_DIR / f"{spec.name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        framework.execute(spec, out)
+        return 0
+    except stage_runs.Interrupted as e:
+        if stop.signum is None:
+            stop.request(e.exit_code - 128)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a second signal: at once
+        sys.stderr.flush()
+        os._exit(stop.exit_code)
+    except Exception:  # noqa: BLE001 - reported per run; the worker takes the next
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved_fd in zip((1, 2), saved):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def _stopped_message(signum: int, stopped: Sequence[str], at_once: bool, resume: str) -> str:
@@ -253,7 +389,7 @@ class Scheduler:
         self.pending = [s for w in selected for s in w]
         self.wave = {s.name: k for k, w in enumerate(selected) for s in w}
         self.out, self.n, self.figure, self.bar = out, n, figure, bar
-        self.pool = Pool(out)
+        self.pool = Pool(out, figure)
         self.failed: list[str] = []
         self.skipped: list[str] = []
         self._shown = ""
@@ -353,7 +489,7 @@ def run_parallel(selected: Sequence[Sequence[Any]], specs: Sequence[Any], out: P
     finally:
         if sched.pool.children:  # an unexpected error: leave no run behind
             sched.pool.signal_all(signal.SIGTERM)
-            sched.pool.wait_all(timeout=60)
+        sched.pool.wait_all(timeout=60)  # idle workers end with their input
         bar.close()
         if sched.failed:
             _log(f"failed runs: {sched.failed}")
