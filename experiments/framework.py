@@ -42,7 +42,7 @@ Command line of every figure file (`--help` lists the knobs with their preset va
     --wave k             only runs of wave k
     --only NAME          only the named run(s) (comma-separated); `--list` uses it for in-process runs
     --plot_only          summarize and plot from existing run directories, run nothing
-    --jobs N|auto        up to N runs at once, each a child process on its own cores (experiments/jobs.py)
+    --jobs N|auto        up to N runs at once, in worker processes on their own cores (experiments/jobs.py)
     --no_summary         run the selected runs, then exit without summarizing or plotting
     --slurm DIR          write Slurm job arrays (one task per run, a wave per array, afterok between
                          waves) and DIR/submit.sh; --slurm_cpus/_mem/_gpus/_time/... set resources
@@ -558,8 +558,8 @@ def _add_jobs_flags(g: argparse._ArgumentGroup) -> None:
     from forgetting.experiments import jobs
 
     g.add_argument("--jobs", type=jobs.parse_jobs, default=1, metavar="N|auto",
-                   help="run up to N independent runs at once, each in its own process on its own share of the "
-                        "cores, output in OUT/logs/<run>.log; auto: one per core for small models (see "
+                   help="run up to N independent runs at once, in up to N worker processes on their own share "
+                        "of the cores, output in OUT/logs/<run>.log; auto: one per core for small models (see "
                         "experiments/jobs.py) (default: %(default)s)")
     g.add_argument("--no_summary", action="store_true",
                    help="run the selected runs, then exit without summarizing or plotting")
@@ -582,7 +582,7 @@ def _check_jobs_flags(args: argparse.Namespace) -> None:
 
 def _run_selected(args: argparse.Namespace, knobs: Any, runs: Callable, selected: list[list[RunSpec]],
                   specs: list[RunSpec], out: Path, *, progress: bool, resume: str) -> bool:
-    """Runs the selected runs one by one in this process (`--jobs 1`), or side by side in child processes
+    """Runs the selected runs one by one in this process (`--jobs 1`), or side by side in worker processes
     (`--jobs N`, experiments/jobs.py); turns the compilation cache on first (training/compile_cache.py)."""
     from forgetting.experiments import jobs
     from forgetting.training import compile_cache

@@ -1,23 +1,27 @@
-"""`--jobs N`: a figure's independent runs side by side, each in its own process on its own share of the cores.
+"""`--jobs N`: a figure's independent runs side by side, on up to N worker processes with their own share of the cores.
 
 A run starts as soon as the runs it depends on (`after`) are finished, in wave order, at most N at once.
-Each run is a child process: a stage run is `python -m <module> <flags>` (the command `--list` prints), an
-in-process (`fn`) run is the figure itself with `--only NAME --no_summary`. A child sees only its share of
-the cores (`os.sched_setaffinity`; the shares are rebalanced whenever a run starts or ends, so a run that is
-alone gets every core): N tiny runs then do not fight over the same cores. XLA sizes its CPU thread pool
-from the cores a process may use, and its matmuls split their sums by that size, so a child is told the
-figure's own core count (`PJRT_NPROC`): its pool, and so its numbers, are those of the run done one by one
-(with one core of two, a KL run's evals differed in the 8th digit). The runs then compute what they compute
-one by one (same program, same seed, same thread pool), so their metrics are identical to `--jobs 1`; only
-wall-clock fields differ (tests/test_framework_jobs.py).
+A worker is the figure itself with `--worker`: it reads run names from the figure and runs each in-process
+exactly as `--jobs 1` does (`framework.execute`), then waits for the next, so a run pays neither Python's
+and JAX's start nor a compile its worker already did. Each run's log starts with the command that reruns it
+alone (a stage run: `python -m <module> <flags>`, the command `--list` prints; an in-process (`fn`) run: the
+figure with `--only NAME`). A worker sees only its share of the cores (`os.sched_setaffinity`; the shares
+are rebalanced among the workers with a run whenever a run starts or ends, so a run that is alone gets every
+core): N tiny runs then do not fight over the same cores. XLA sizes its CPU thread pool from the cores a
+process may use, and its matmuls split their sums by that size, so a worker is told the figure's own core
+count (`PJRT_NPROC`): its pool, and so its numbers, are those of the run done one by one (with a pool of one
+core of two, the learning-rate mini's KL runs differed in the 8th digit). The runs then compute what they
+compute one by one (same program, same seed, same thread pool), so their metrics are identical to
+`--jobs 1`; only wall-clock fields differ (tests/test_framework_jobs.py).
 
 Output: one progress bar; each run's own output goes to `<out>/logs/<run name>.log` (appended, so a
-resumed run keeps its history); a failed run is reported with the tail of its log.
+resumed run keeps its history), what workers print between runs to `<out>/logs/workers.log`; a failed run
+is reported with the tail of its log, and its worker takes the next run.
 
-Ctrl-C / SIGTERM: forwarded once to every running child (they are in their own sessions, so a terminal's
-Ctrl-C reaches them only through the figure): each checkpoints and exits, no run starts, the resume
-command is printed, the exit code is 128 + the signal. A second signal is forwarded too (the children stop
-at once, keeping their last checkpoint).
+Ctrl-C / SIGTERM: forwarded once to every worker (they are in their own sessions, so a terminal's Ctrl-C
+reaches them only through the figure): a running train run checkpoints, an in-process run finishes, no run
+starts, the resume command is printed, the exit code is 128 + the signal. A second signal is forwarded too
+(the workers stop at once, keeping their runs' last checkpoints).
 
 `--jobs auto` (`auto_jobs`): one run per core when every model of the selected runs is at most
 `AUTO_MAX_WIDTH` wide, else one run at a time. Measured on a 2-core AMD EPYC (issue 26): two tiny training
@@ -366,6 +370,24 @@ def _serve_one(spec: Any, out: Path, stop: Any) -> int:
             os.close(saved_fd)
 
 
+def dependents(specs: Sequence[Any]) -> dict[str, int]:
+    """How many runs wait on each run, directly or through others (`after`)."""
+    direct: dict[str, set[str]] = {s.name: set() for s in specs}
+    for s in specs:
+        for d in s.after:
+            direct.setdefault(d, set()).add(s.name)
+    closure: dict[str, set[str]] = {}
+
+    def reach(name: str) -> set[str]:
+        if name not in closure:
+            closure[name] = set()
+            for child in direct.get(name, ()):
+                closure[name] |= {child} | reach(child)
+        return closure[name]
+
+    return {s.name: len(reach(s.name)) for s in specs}
+
+
 def _stopped_message(signum: int, stopped: Sequence[str], at_once: bool, resume: str) -> str:
     sig = signal.Signals(signum).name
     if at_once:
@@ -386,7 +408,11 @@ class Scheduler:
 
         self.fw = framework
         self.by_name = {s.name: s for s in specs}
-        self.pending = [s for w in selected for s in w]
+        # Runs that others wait for start first (most dependents first, then wave order): the dependents can
+        # then run beside the rest of the wave instead of after it, with a core idle at the end.
+        waiting = dependents(specs)
+        order = [s for w in selected for s in w]
+        self.pending = sorted(order, key=lambda s: (-waiting[s.name], order.index(s)))
         self.wave = {s.name: k for k, w in enumerate(selected) for s in w}
         self.out, self.n, self.figure, self.bar = out, n, figure, bar
         self.pool = Pool(out, figure)
@@ -454,7 +480,7 @@ class Scheduler:
 
 def run_parallel(selected: Sequence[Sequence[Any]], specs: Sequence[Any], out: Path, n: int, *,
                  figure: Sequence[str], progress: bool, resume: str) -> bool:
-    """Runs the selected runs, up to `n` child processes at once; True if none failed. Runs whose
+    """Runs the selected runs, up to `n` at once in worker processes; True if none failed. Runs whose
     dependencies failed or are not selected and unfinished are skipped with a message. A stop request
     (Ctrl-C / SIGTERM) is forwarded to the children; then SystemExit(128 + signal) after the resume command."""
     from tqdm.auto import tqdm

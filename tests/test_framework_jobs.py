@@ -341,3 +341,11 @@ def test_a_child_on_one_core_of_two_computes_the_numbers_of_the_run_done_one_by_
 
     [side_dir] = [p.parent for p in (tmp_path / "side").glob(f"*/{framework.DONE}")]
     assert len(metrics(alone["run_dir"])) == 4 and metrics(side_dir) == metrics(alone["run_dir"])
+
+
+def test_runs_that_others_wait_on_start_first():
+    specs = [RunSpec("mix", None, fn=print), RunSpec("pre", None, fn=print), RunSpec("ft1", None, fn=print, after=("pre",)),
+             RunSpec("ft2", None, fn=print, after=("pre",)), RunSpec("eval", None, fn=print, after=("ft1",))]
+    assert jobs.dependents(specs) == {"mix": 0, "pre": 3, "ft1": 1, "ft2": 0, "eval": 0}
+    sched = jobs.Scheduler(framework.waves(specs), specs, Path("/nonexistent"), 2, ["fig"], None)
+    assert [s.name for s in sched.pending] == ["pre", "ft1", "mix", "ft2", "eval"]

@@ -242,3 +242,27 @@ def test_sharded_run_matches_single_device(corpora, tmp_path):
     for mesh in ("dp", "fsdp"):
         for key in ("valid_ntp", "train_loss", "weight_norm"):
             assert results[mesh][key] == pytest.approx(results[""][key], rel=1e-4), (mesh, key)
+
+
+def test_extra_paths_that_are_the_runs_data_are_measured_once_per_eval(pretrained, corpora, tmp_path, monkeypatch):
+    """--eval.extra_paths naming the training data and the old data (as the LM figures pass them) report the
+    NTP of the valid and prev splits, which hold the same rows, without a pass of their own; another file
+    still gets its own."""
+    from forgetting.evals import evaluation
+
+    other = tmp_path / "lang1_resampled.bin"  # other rows of the same language: a file of its own
+    generate.generate(generate.Config(corpus="synthetic", language=1, num_tokens=40_000, vocab_size=64, seq_len=T,
+                                      sample_seed=5, out=str(other)))
+    passes = []
+    real = evaluation.ntp_and_kl_split
+    monkeypatch.setattr(evaluation, "ntp_and_kl_split", lambda *a, **k: passes.append(1) or real(*a, **k))
+    cfg = tiny(corpora, tmp_path, **{"data.path": corpora[1], "model.load_path": pretrained, "reg.method": "none",
+                                     "stop.num_tokens_train": 8 * T * 4,
+                                     "eval.extra_paths": (corpora[0], corpora[1], str(other))})
+    train.train(cfg)
+    rows = runs.read_metrics(train.run_dir(cfg))
+    stem0, stem1 = Path(corpora[0]).stem, Path(corpora[1]).stem
+    for r in rows:
+        assert r[f"ntp/{stem0}"] == r["prev_ntp"] and r[f"ntp/{stem1}"] == r["valid_ntp"]
+        assert r[f"ntp/{other.stem}"] != r["valid_ntp"]
+    assert len(passes) == 3 * len(rows), "valid, prev and the other file: one pass each per eval"

@@ -25,6 +25,12 @@ def same_tree(a: Any, b: Any) -> bool:
     return all(bool(v) for v in jax.device_get([jnp.array_equal(x, y) for x, y in pairs]))
 
 
+def same_rows(a: Any, b: Any) -> bool:
+    """Whether two `evaluation.EvalSplit`s hold the same batches (tokens and loss masks)."""
+    return len(a.batches) == len(b.batches) and all(
+        np.array_equal(ta, tb) and np.array_equal(ma, mb) for (ta, ma), (tb, mb) in zip(a.batches, b.batches))
+
+
 def _norm(tree: Any) -> float:
     return float(optax.tree.norm(tree))
 
@@ -82,16 +88,20 @@ class Evaluator:
         # θ is bitwise the reference at the start of a run: KL is exactly 0 and the reference need not run
         same = step == 0 and kl_ref is not None and same_tree(params, kl_ref)
         row: dict = {}
+        ntp_of: dict[int, float] = {}  # id(EvalSplit) -> its NTP in this eval: rows kept twice are measured once
         for prefix, dataset in (("valid", p.data.train), ("prev", p.data.prev), ("mix", p.data.mix)):
             if dataset is None:
                 continue
-            m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, self._split(prefix, dataset),
-                                            kl_ref, same)
+            split = self._split(prefix, dataset)
+            m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split, kl_ref, same)
+            ntp_of.setdefault(id(split), m["ntp"])
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
             row.update(self._accuracy(params, dataset, f"{prefix}_acc"))
         for name, dataset in p.data.extra.items():
             split = self._split(f"extra/{name}", dataset)
-            row[f"ntp/{name}"] = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split)["ntp"]
+            if id(split) not in ntp_of:
+                ntp_of[id(split)] = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split)["ntp"]
+            row[f"ntp/{name}"] = ntp_of[id(split)]
             row.update(self._accuracy(params, dataset, f"acc/{name}"))
         if self.cfg.eval.token_accuracy:
             row["valid_token_acc"] = evaluation.split_token_accuracy(p.model_cfg, params, self._split("valid", p.data.train))
@@ -123,7 +133,10 @@ class Evaluator:
             # The reference's hidden states are kept on the one-device, one-process path only.
             single = not cfg.run.mesh and jax.process_count() == 1
             budget = cfg.eval.reference_cache_mb * 2**20 if single else 0
-            self._splits[key] = evaluation.EvalSplit(dataset, self.plan.eval_batch_size, cfg.eval.max_tokens, budget)
+            split = evaluation.EvalSplit(dataset, self.plan.eval_batch_size, cfg.eval.max_tokens, budget)
+            # an --eval.extra_paths file that is the training data (or the old data) has the same validation
+            # rows: keep them once, and measure them once per eval (the figures pass both files as extras)
+            self._splits[key] = next((kept for kept in self._splits.values() if same_rows(kept, split)), split)
         return self._splits[key]
 
 
