@@ -1,18 +1,23 @@
-"""`--jobs N`: a figure's independent runs side by side, on up to N worker processes with their own share of the cores.
+"""`--jobs N`: a figure's independent runs side by side, on up to N worker processes.
 
 A run starts as soon as the runs it depends on (`after`) are finished, in wave order, at most N at once.
 A worker is the figure itself with `--worker`: it reads run names from the figure and runs each in-process
 exactly as `--jobs 1` does (`framework.execute`), then waits for the next, so a run pays neither Python's
 and JAX's start nor a compile its worker already did. Each run's log starts with the command that reruns it
 alone (a stage run: `python -m <module> <flags>`, the command `--list` prints; an in-process (`fn`) run: the
-figure with `--only NAME`). A worker sees only its share of the cores (`os.sched_setaffinity`; the shares
-are rebalanced among the workers with a run whenever a run starts or ends, so a run that is alone gets every
-core): N tiny runs then do not fight over the same cores. XLA sizes its CPU thread pool from the cores a
-process may use, and its matmuls split their sums by that size, so a worker is told the figure's own core
-count (`PJRT_NPROC`): its pool, and so its numbers, are those of the run done one by one (with a pool of one
-core of two, the learning-rate mini's KL runs differed in the 8th digit). The runs then compute what they
-compute one by one (same program, same seed, same thread pool), so their metrics are identical to
-`--jobs 1`; only wall-clock fields differ (tests/test_framework_jobs.py).
+figure with `--only NAME`).
+
+Cores: XLA sizes its CPU thread pool from the cores a process may use, and its matmuls split their sums by
+that size, so a worker is told the figure's own core count (`PJRT_NPROC`): its pool, and so its numbers,
+are those of the run done one by one (with a pool for one core of two, the learning-rate mini's KL runs
+differed in the 8th digit). The runs then compute what they compute one by one (same program, same seed,
+same thread pool), so their metrics are identical to `--jobs 1`; only wall-clock fields differ
+(tests/test_framework_jobs.py). Splitting the pools between the workers would change the numbers; pinning
+each worker to its share of the cores (`FORGETTING_JOBS_PIN=1`: `os.sched_setaffinity`, rebalanced among the
+workers with a run whenever a run starts or ends) keeps them, but measured slower than letting the kernel
+place the threads (2-core AMD EPYC, one seed, fresh `--out` and compilation cache: the model-capacity mini
+163.7 s pinned vs 141.6 s not, the learning-rate mini 284.0 s vs 291.3 s), so workers are not pinned by
+default.
 
 Output: one progress bar; each run's own output goes to `<out>/logs/<run name>.log` (appended, so a
 resumed run keeps its history), what workers print between runs to `<out>/logs/workers.log`; a failed run
@@ -47,7 +52,7 @@ AUTO_MAX_WIDTH = 32  # widest d_model measured to gain from a neighbour run (1.2
 LOG_DIR = "logs"
 TAIL_LINES = 30
 POLL_SECS = 0.2
-PIN_ENV = "FORGETTING_JOBS_PIN"  # "0": do not give children their own cores (to measure the difference)
+PIN_ENV = "FORGETTING_JOBS_PIN"  # "1": give each worker its own share of the cores (measured slower; see above)
 WORKER_FLAG = "--worker"  # the figure as a worker process (framework.main -> serve)
 WORKER_LOG = "workers.log"  # what workers print outside any run
 POOL_ENVS = ("PJRT_NPROC", "NPROC")  # read by jaxlib's CPU client for its thread pool size, in this order
@@ -166,7 +171,7 @@ def _pin(pid: int, cores: Sequence[int]) -> None:
 
 
 def _pinning() -> bool:
-    return hasattr(os, "sched_setaffinity") and os.environ.get(PIN_ENV, "1") != "0"
+    return hasattr(os, "sched_setaffinity") and os.environ.get(PIN_ENV, "0") == "1"
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:

@@ -79,8 +79,8 @@ def test_child_command_of_fn_run_is_the_figure_with_only(tmp_path):
 # ------------------------------------------------------------------------------------ the fake figure
 
 
-def _figure(out: Path, *flags: str, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FORGETTING_COMPILE_CACHE="off")
+def _figure(out: Path, *flags: str, pin: bool = False, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FORGETTING_COMPILE_CACHE="off", **{jobs.PIN_ENV: "1" if pin else "0"})
     return subprocess.run([sys.executable, str(FIGURE), "--out", str(out), *flags], capture_output=True, text=True,
                           env=env, timeout=900, **kw)
 
@@ -89,9 +89,10 @@ def _results(out: Path, **knobs) -> dict:
     return {n: framework.read_result(d) for n, d in framework.locate(_runs(out, **knobs), out).items()}
 
 
-def test_jobs_2_runs_independent_runs_at_once_on_their_own_cores_and_dependents_after(tmp_path):
+@pytest.mark.parametrize("pin", [False, True])
+def test_jobs_2_runs_independent_runs_at_once_and_dependents_after(tmp_path, pin):
     out = tmp_path / "o"
-    proc = _figure(out, "--jobs", "2", "--hold", "1.5")
+    proc = _figure(out, "--jobs", "2", "--hold", "1.5", pin=pin)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _results(out, hold=1.5)
     assert r["a"]["met"] and r["b"]["met"], "a and b ran at the same time"
@@ -100,7 +101,9 @@ def test_jobs_2_runs_independent_runs_at_once_on_their_own_cores_and_dependents_
     assert {r[n]["pid"] for n in "cd"} <= {r[n]["pid"] for n in "ab"}, "later runs reuse the workers"
     assert r["c"]["start"] >= max(r["a"]["end"], r["b"]["end"]) and r["d"]["start"] >= r["c"]["end"]
     cores = jobs.available_cores()
-    if len(cores) >= 2:
+    if not pin:
+        assert all(r[n]["cores"] == cores for n in "abcd"), "unpinned: the kernel places every worker's threads"
+    elif len(cores) >= 2:  # FORGETTING_JOBS_PIN=1
         assert not set(r["a"]["cores"]) & set(r["b"]["cores"]), "runs side by side share no core"
         assert r["c"]["cores"] == cores, "a run alone gets every core"
     assert (out / "logs" / "a.log").is_file() and "--only a" in (out / "logs" / "a.log").read_text()
