@@ -3,13 +3,16 @@
     python -m forgetting.bench sweep --reference ~/src/forgetting-authors      # all three ways
     python -m forgetting.bench.sweep --reference DIR --sittings 3 --json sweep.json
 
-The ways, each the whole sweep (8 coefficients by default) one run after another, every run its own process
-timed from spawn to exit as in `bench.versus` (whose runs, data and tutorial-size defaults it reuses):
+The ways, each the whole sweep (8 coefficients by default) one run after another, with `bench.versus`'s
+runs, data and tutorial-size defaults:
 - `cache`: this project's train stage with the replay cache (`training.replay_cache`), emptied before the
   sweep, so its first run samples and writes the replay and the other runs read it;
 - `nocache`: the same runs with `--reg.replay_cache false` (every run samples its own replay);
 - `authors`: the authors' `train_single.py` from `--reference` (a checkout of github.com/martin-marek/forgetting,
-  imported at run time in a child process, never part of this project).
+  imported at run time in a child process, never part of this project), every run its own process.
+The project's sweep is one process that runs its runs in turn, as a figure's `--jobs 1` does
+(`bench.sweep_process`: JAX imported once, compiled steps reused in memory), timed from spawn to exit;
+`--project_process run` gives every project run its own process instead (as `bench.versus` times them).
 All three finetune from one pretrained model: the authors' pretraining run with `--reference` (the project
 loads their checkpoint), else the project's. Pretraining is done once and is not part of any sweep's wall.
 The ways take turns going first from one sitting to the next. Printed: each way's whole-sweep wall, the
@@ -32,6 +35,7 @@ from forgetting.bench import versus
 from forgetting.training import cli
 
 WAYS = ("cache", "nocache", "authors")
+PROJECT_PROCESS = ("sweep", "run")
 WALL_CLOCK = ("train_seconds", "wall_time", "tokens_per_s")
 _SIZE_UNUSED = ("reference", "modes", "pairs", "reg_coeff", "work", "json", "python")  # bench.versus flags the sweep sets itself
 
@@ -48,8 +52,11 @@ class SweepConfig:
     work: str = ""  # working folder (data, runs, logs); empty = a fresh temporary folder
     json: str = ""  # also write every run and the summary here
     python: str = ""  # interpreter for every run (empty = this one)
+    project_process: str = "sweep"  # sweep: the project's whole sweep in one process; run: a process per run
 
     def validate(self) -> None:
+        if self.project_process not in PROJECT_PROCESS:
+            raise ValueError(f"--project_process must be one of {' '.join(PROJECT_PROCESS)}, got {self.project_process!r}")
         if len(self.coeffs) < 1 or any(c < 0 for c in self.coeffs):
             raise ValueError(f"--coeffs must be one or more KL coefficients >= 0, got {list(self.coeffs)}")
         if len(set(self.coeffs)) < len(self.coeffs):
@@ -92,16 +99,42 @@ def sweep_one_way(cfg: SweepConfig, way: str, python: str, data: dict, checkpoin
     if way == "cache":  # a cold cache: the sweep's first run pays for sampling and writing it
         shutil.rmtree(Path(checkpoint) / replay_cache.CACHE_DIR, ignore_errors=True)
     flags = (*cfg.size.project_flags, *(("--reg.replay_cache", "false") if way == "nocache" else ()))
-    run = versus.run_authors if way == "authors" else versus.run_project
-    runs = []
-    start = time.perf_counter()
-    for coeff in cfg.coeffs:
-        size = dataclasses.replace(cfg.size, reference=cfg.reference, reg_coeff=coeff, project_flags=flags)
-        result = run(size, python, "kl_self", data, checkpoint, folder / f"coeff-{coeff:g}")
-        runs.append({"coeff": coeff, **result})
-        print(f"  {way:<7} coeff {coeff:<8g} wall {result['wall_s']:7.1f} s  valid_ntp {result['valid_ntp']:.4f}  "
-              f"prev_ntp {result['prev_ntp']:.4f}", flush=True)
-    return {"wall_s": time.perf_counter() - start, "runs": runs}
+    sizes = [dataclasses.replace(cfg.size, reference=cfg.reference, reg_coeff=c, project_flags=flags) for c in cfg.coeffs]
+    if way != "authors" and cfg.project_process == "sweep":
+        start = time.perf_counter()
+        results = run_project_sweep(sizes, python, data, checkpoint, folder)
+        wall = time.perf_counter() - start
+    else:
+        run = versus.run_authors if way == "authors" else versus.run_project
+        start = time.perf_counter()
+        results = [run(size, python, "kl_self", data, checkpoint, folder / f"coeff-{size.reg_coeff:g}") for size in sizes]
+        wall = time.perf_counter() - start
+    runs = [{"coeff": c, **r} for c, r in zip(cfg.coeffs, results, strict=True)]
+    for r in runs:
+        print(f"  {way:<7} coeff {r['coeff']:<8g} wall {r['wall_s']:7.1f} s  valid_ntp {r['valid_ntp']:.4f}  "
+              f"prev_ntp {r['prev_ntp']:.4f}", flush=True)
+    return {"wall_s": wall, "runs": runs}
+
+
+def run_project_sweep(sizes: list[versus.VersusConfig], python: str, data: dict, checkpoint: str,
+                      folder: Path) -> list[dict]:
+    """The project's runs of `sizes` in one process (`bench.sweep_process`); per run as `versus.run_project`
+    gives it, with `wall_s` the run's own seconds in that process (the first run's include the process start)."""
+    versus._fresh(folder)
+    argvs = [versus.project_args(size, "kl_self", data, checkpoint, folder / "runs") for size in sizes]
+    (folder / "runs.json").write_text(json.dumps(argvs))
+    log = folder / "log.txt"
+    wall, rss, code = versus._timed([python, "-m", "forgetting.bench.sweep_process", str(folder / "runs.json"),
+                                     str(folder / "results.json")], log)
+    if code != 0:
+        raise versus._failed("project", "kl_self sweep", code, log)
+    rows = json.loads((folder / "results.json").read_text())
+    tokens_per_step = sizes[0].batch_size * sizes[0].seq_len
+    in_runs = sum(r["seconds"] for r in rows)
+    return [{"wall_s": r["seconds"] + (wall - in_runs if i == 0 else 0.0), "peak_rss_mb": rss, "steps": int(r["steps"]),
+             "train_seconds": r["train_seconds"], "checkpoint": r["run_dir"],
+             "train_tokens_per_s": versus._rate(int(r["steps"]), tokens_per_step, r["train_seconds"]),
+             "valid_ntp": r.get("valid_ntp"), "prev_ntp": r.get("prev_ntp")} for i, r in enumerate(rows)]
 
 
 def _spread(values: list[float]) -> dict:

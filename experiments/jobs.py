@@ -424,9 +424,21 @@ class Scheduler:
         self.failed: list[str] = []
         self.skipped: list[str] = []
         self._shown = ""
+        self._dirs: dict[str, Path] = {}
+        self._finished: set[str] = set()
+        self._changed = True  # a run ended (or none was started yet): what can start may have changed
 
     def done(self, name: str) -> bool:
-        return self.fw.is_done(self.fw.run_dir(self.by_name[name], self.out))
+        # A run's directory is its config's hash: computed once per run, and a finished run stays finished
+        # (the poll asks for every pending run's dependencies several times a second).
+        if name in self._finished:
+            return True
+        if name not in self._dirs:
+            self._dirs[name] = self.fw.run_dir(self.by_name[name], self.out)
+        if self.fw.is_done(self._dirs[name]):
+            self._finished.add(name)
+            return True
+        return False
 
     def _state(self, spec: Any) -> tuple[str, list[str]]:
         """('done' | 'ready' | 'wait' (a dependency is still to run) | 'blocked', the dependencies that block it:
@@ -475,8 +487,11 @@ class Scheduler:
         return stopped
 
     def step(self) -> None:
-        self.finished(self.pool.reap(), stopping=False)
-        self.launch()
+        ended = self.pool.reap()
+        if ended or self._changed:  # nothing can start between two ends: no run became ready or free to run
+            self.finished(ended, stopping=False)
+            self.launch()
+            self._changed = False
 
     @property
     def busy(self) -> bool:

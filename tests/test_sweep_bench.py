@@ -2,6 +2,7 @@
 ratios are sitting by sitting, and the cache/no-cache identity check compares metrics, not timings."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def test_each_way_runs_the_sweep_it_names(tmp_path, monkeypatch):
 
     monkeypatch.setattr(versus, "run_project", fake("project"))
     monkeypatch.setattr(versus, "run_authors", fake("authors"))
-    cfg = sweep.SweepConfig(reference="", coeffs=(0.5, 5.0))
+    cfg = sweep.SweepConfig(reference="", coeffs=(0.5, 5.0), project_process="run")
     for way in ("cache", "nocache", "authors"):
         sweep.sweep_one_way(cfg, way, "python", DATA, str(checkpoint), tmp_path / way)
     assert [(s[0], s[1], s[2]) for s in seen] == [("project", "kl_self", str(checkpoint))] * 4 + [
@@ -86,6 +87,31 @@ def test_bad_flags_are_refused(tmp_path):
         sweep.SweepConfig(size=versus.VersusConfig(reg_coeff=3.0)).validate()
     with pytest.raises(ValueError, match="no train_single.py there"):
         sweep.SweepConfig(reference=str(tmp_path)).validate()
+
+
+TINY = versus.VersusConfig(d_model=16, n_layers=1, head_dim=8, seq_len=32, vocab_size=256, batch_size=4,
+                           pretrain_tokens=4096, finetune_tokens=2048, valid_tokens=1024, eval_every_tokens=1024,
+                           data_tokens=40_000, replay_batch=2, replay_buffer=2, finetune_lr=1e-2)
+
+
+def test_the_one_process_sweep_ends_each_run_as_its_own_process_would(tmp_path):
+    """The project's sweep in one process, reading the replay cache, logs per coefficient the metrics of a
+    train-stage process per coefficient that samples its own replay."""
+    data = versus.make_data(TINY, tmp_path / "data")
+    checkpoint = versus.run_project(TINY, sys.executable, "pretrain", data, "", tmp_path / "pretrain")["checkpoint"]
+    cfg = sweep.SweepConfig(coeffs=(0.3, 3.0), size=TINY)
+    together = sweep.sweep_one_way(cfg, "cache", sys.executable, data, checkpoint, tmp_path / "together")
+    assert [r["coeff"] for r in together["runs"]] == [0.3, 3.0]
+    assert (Path(checkpoint) / replay_cache.CACHE_DIR).is_dir()  # the first run wrote the stream, the second read it
+    apart = sweep.sweep_one_way(dataclasses.replace(cfg, project_process="run"), "nocache", sys.executable, data,
+                                checkpoint, tmp_path / "apart")
+    for one, alone in zip(together["runs"], apart["runs"], strict=True):
+        config = json.loads((Path(one["checkpoint"]) / "config.json").read_text())
+        assert config["config"]["reg"]["coeff"] == one["coeff"] and config["config"]["reg"]["synth"] is True
+        assert one["steps"] == alone["steps"] == 2048 // (4 * 32)
+        assert sweep.metrics_without_wall_clock(one["checkpoint"]) == sweep.metrics_without_wall_clock(alone["checkpoint"])
+    assert together["runs"][0]["valid_ntp"] != together["runs"][1]["valid_ntp"]  # the coefficients differ in effect
+    assert together["wall_s"] >= sum(r["wall_s"] for r in together["runs"]) - 1e-6
 
 
 def test_bench_module_dispatches_sweep():
