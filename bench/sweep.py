@@ -100,15 +100,13 @@ def sweep_one_way(cfg: SweepConfig, way: str, python: str, data: dict, checkpoin
         shutil.rmtree(Path(checkpoint) / replay_cache.CACHE_DIR, ignore_errors=True)
     flags = (*cfg.size.project_flags, *(("--reg.replay_cache", "false") if way == "nocache" else ()))
     sizes = [dataclasses.replace(cfg.size, reference=cfg.reference, reg_coeff=c, project_flags=flags) for c in cfg.coeffs]
+    start = time.perf_counter()
     if way != "authors" and cfg.project_process == "sweep":
-        start = time.perf_counter()
         results = run_project_sweep(sizes, python, data, checkpoint, folder)
-        wall = time.perf_counter() - start
     else:
         run = versus.run_authors if way == "authors" else versus.run_project
-        start = time.perf_counter()
         results = [run(size, python, "kl_self", data, checkpoint, folder / f"coeff-{size.reg_coeff:g}") for size in sizes]
-        wall = time.perf_counter() - start
+    wall = time.perf_counter() - start
     runs = [{"coeff": c, **r} for c, r in zip(cfg.coeffs, results, strict=True)]
     for r in runs:
         print(f"  {way:<7} coeff {r['coeff']:<8g} wall {r['wall_s']:7.1f} s  valid_ntp {r['valid_ntp']:.4f}  "
