@@ -37,11 +37,12 @@ def test_auto_jobs_rule():
     # measured: two runs at once gain at d_model 8..32 on 2 cores (1.96x..1.27x); wider is not measured
     assert jobs.auto_jobs(2, [8, 8, None])[0] == 2
     assert jobs.auto_jobs(16, [32])[0] == 16
-    assert jobs.auto_jobs(2, [8, 64])[0] == 1, "one wide model: one run at a time"
+    assert jobs.auto_jobs(2, [8, 64])[0] == 2, "the toy's d_model 64 gained 1.34x from a neighbour"
+    assert jobs.auto_jobs(2, [8, 128])[0] == 1, "one wide model: one run at a time"
     assert jobs.auto_jobs(1, [8])[0] == 1, "one core"
     assert jobs.auto_jobs(4, [None, None])[0] == 1, "no model width known"
-    n, why = jobs.auto_jobs(2, [8, 64])
-    assert "64" in why and str(jobs.AUTO_MAX_WIDTH) in why
+    n, why = jobs.auto_jobs(2, [8, 128])
+    assert "128" in why and str(jobs.AUTO_MAX_WIDTH) in why
 
 
 @pytest.mark.parametrize("cores,n", [(2, 1), (2, 2), (2, 3), (16, 3), (16, 16), (5, 2)])
