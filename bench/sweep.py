@@ -19,6 +19,11 @@ The ways take turns going first from one sitting to the next. Printed: each way'
 ratios authors/cache, authors/nocache and nocache/cache (the cache's own share of the gain) per sitting,
 their median and range, the processor (`/proc/cpuinfo` model name, as lscpu prints it), and whether the
 cache and nocache runs of each coefficient logged the same metrics (they must: wall-clock fields aside).
+
+With `--json`, the file is rewritten after every sitting, and a sweep started again with the same `--json`
+(same flags but `--sittings`, same machine) keeps the sittings it holds and runs the rest, each way's turn to
+go first following the sitting's number; the pretrained model is reused while its folder exists. Each sitting
+records the project's git revision, and the report names them when they differ.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import dataclasses
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +56,7 @@ class SweepConfig:
     # the run: the authors' tutorial size by default (bench.versus's flags; its --modes and --pairs are unused)
     size: versus.VersusConfig = dataclasses.field(default_factory=versus.VersusConfig)
     work: str = ""  # working folder (data, runs, logs); empty = a fresh temporary folder
-    json: str = ""  # also write every run and the summary here
+    json: str = ""  # also write every run and the summary here (after every sitting; a file from the same flags is continued)
     python: str = ""  # interpreter for every run (empty = this one)
     project_process: str = "sweep"  # sweep: the project's whole sweep in one process; run: a process per run
 
@@ -153,6 +159,7 @@ def summarize(sittings: list[dict]) -> dict:
     for name, (slow, fast) in RATIOS.items():
         if slow in ways and fast in ways:
             summary["ratio"][name] = _spread([s[slow]["wall_s"] / s[fast]["wall_s"] for s in sittings])
+    summary["revisions"] = [s.get("revision", "") for s in sittings]
     summary["cache_metrics_identical"] = all(
         metrics_without_wall_clock(a["checkpoint"]) == metrics_without_wall_clock(b["checkpoint"])
         for s in sittings for a, b in zip(s["cache"]["runs"], s["nocache"]["runs"], strict=True))
@@ -162,32 +169,81 @@ def summarize(sittings: list[dict]) -> dict:
 def report(summary: dict, machine: dict, cfg: SweepConfig) -> str:
     fmt = versus._fmt
     lines = [f"{machine['processor']}, {machine['cpus']} CPUs, jax {machine['jax']}, Python {machine['python']}; "
-             f"{len(cfg.coeffs)} coefficients, median [range] over {cfg.sittings} sitting(s)",
+             f"{len(cfg.coeffs)} coefficients, median [range] over {len(summary['revisions'])} sitting(s)",
              "| way | whole-sweep wall s | training s, summed over runs |", "|---|---|---|"]
     lines += [f"| {w} | {fmt(s, ',.1f')} | {fmt(summary['train_s'][w], ',.1f')} |" for w, s in summary["wall_s"].items()]
     lines += [f"| {name} | {fmt(s, '.2f')}× | |" for name, s in summary["ratio"].items()]
     lines.append(f"\ncache and nocache runs logged the same metrics (wall-clock fields aside): "
                  f"{'yes' if summary['cache_metrics_identical'] else 'NO'}")
+    revisions = summary.get("revisions", [])
+    if len(set(revisions)) > 1:
+        lines.append("project revision by sitting: " + ", ".join(r or "unknown" for r in revisions))
     return "\n".join(lines)
+
+
+def revision() -> str:
+    """The project's git commit (short), with `+` when its tracked files differ from it; empty outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
+def earlier_sittings(cfg: SweepConfig, machine: dict) -> dict:
+    """What an earlier sweep with this `--json` finished: {"sittings": [...], "pretrained": path or ""};
+    nothing without --json or its file. Refused when its flags (but --sittings) or its machine differ."""
+    if not cfg.json or not Path(cfg.json).expanduser().is_file():
+        return {"sittings": [], "pretrained": ""}
+    path = Path(cfg.json).expanduser()
+    earlier = json.loads(path.read_text())
+    flags = {k: v for k, v in cli.to_dict(cfg).items() if k != "sittings"}
+    theirs = {k: v for k, v in earlier.get("config", {}).items() if k != "sittings"}
+    if theirs != flags:
+        changed = sorted(k for k in flags.keys() | theirs.keys() if flags.get(k) != theirs.get(k))
+        raise ValueError(f"--json {path} holds a sweep with other flags ({', '.join('--' + k for k in changed)}): "
+                         "its sittings cannot be continued; give the same flags, or another --json for a new sweep")
+    if earlier.get("machine") != machine:
+        raise ValueError(f"--json {path} holds sittings from another machine or software ({earlier.get('machine')}, "
+                         f"this one {machine}); sittings are compared on one machine: give another --json")
+    pretrained = earlier.get("pretrained", "")
+    return {"sittings": earlier.get("sittings", []), "pretrained": pretrained if Path(pretrained or "/-").is_dir() else ""}
 
 
 def bench(cfg: SweepConfig) -> dict:
     cfg.validate()
     python = cfg.python or sys.executable
     work = Path(cfg.work).expanduser() if cfg.work else Path(tempfile.mkdtemp(prefix="sweep_"))
-    data = versus.make_data(cfg.size, work / "data")
-    checkpoint = pretrain(cfg, python, data, work)
-    sittings = []
-    for sitting in range(cfg.sittings):
-        shift = sitting % len(cfg.ways)
-        order = [*cfg.ways[shift:], *cfg.ways[:shift]]
-        row: dict = {"sitting": sitting, "order": order}
-        for way in order:
-            row[way] = sweep_one_way(cfg, way, python, data, checkpoint, work / "runs" / f"{way}-{sitting}")
-            print(f"sitting {sitting} {way:<7} whole sweep {row[way]['wall_s']:8.1f} s", flush=True)
-        sittings.append(row)
-    return {"config": cli.to_dict(cfg), "machine": versus.machine(), "sittings": sittings,
-            "summary": summarize(sittings)}
+    here = versus.machine()
+    earlier = earlier_sittings(cfg, here)
+    sittings = list(earlier["sittings"])
+    if sittings:
+        print(f"{cfg.json}: {len(sittings)} sitting(s) already done; {max(cfg.sittings - len(sittings), 0)} to run",
+              flush=True)
+    result: dict = {"config": cli.to_dict(cfg), "machine": here, "pretrained": earlier["pretrained"],
+                    "sittings": sittings, "summary": summarize(sittings) if sittings else {}}
+    if len(sittings) < cfg.sittings:
+        data = versus.make_data(cfg.size, work / "data")
+        checkpoint = earlier["pretrained"] or pretrain(cfg, python, data, work)
+        result["pretrained"] = checkpoint
+        for sitting in range(len(sittings), cfg.sittings):
+            shift = sitting % len(cfg.ways)
+            order = [*cfg.ways[shift:], *cfg.ways[:shift]]
+            row: dict = {"sitting": sitting, "order": order, "revision": revision()}
+            for way in order:
+                row[way] = sweep_one_way(cfg, way, python, data, checkpoint, work / "runs" / f"{way}-{sitting}")
+                print(f"sitting {sitting} {way:<7} whole sweep {row[way]['wall_s']:8.1f} s", flush=True)
+            sittings.append(row)
+            result["summary"] = summarize(sittings)
+            if cfg.json:  # a later sweep with this --json goes on from here
+                cli.write_json_atomic(Path(cfg.json).expanduser(), result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = bench(cfg)
     print("\n" + report(result["summary"], result["machine"], cfg))
     if cfg.json:
-        cli.write_json_atomic(Path(cfg.json), result)
+        cli.write_json_atomic(Path(cfg.json).expanduser(), result)
     return result
 
 

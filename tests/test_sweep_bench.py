@@ -118,3 +118,48 @@ def test_bench_module_dispatches_sweep():
     out = subprocess.run([sys.executable, "-m", "forgetting.bench", "sweep", "--coeffs", "1", "1"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--coeffs repeats a value" in out.stderr
+
+
+def test_a_sweep_started_again_with_its_json_runs_only_the_missing_sittings(tmp_path, monkeypatch):
+    calls: list[tuple] = []
+
+    def fake_run(cfg, python, mode, data, load, folder):
+        calls.append((mode, folder.parent.name if mode != "pretrain" else "pretrain"))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "valid_ntp": cfg.reg_coeff}) + "\n")
+        return {"wall_s": 1.0, "checkpoint": str(folder), "train_seconds": 0.5,
+                "valid_ntp": 1.0, "prev_ntp": 2.0}
+
+    monkeypatch.setattr(versus, "run_project", fake_run)
+    monkeypatch.setattr(versus, "make_data", lambda cfg, folder: DATA)
+    out = tmp_path / "sweep.json"
+    flags = ["--coeffs", "1", "2", "--project_process", "run", "--work", str(tmp_path / "w"), "--json", str(out)]
+    first = sweep.main([*flags, "--sittings", "1"])
+    assert [s["order"] for s in first["sittings"]] == [["cache", "nocache"]]
+    assert json.loads(out.read_text())["pretrained"] == first["pretrained"]
+    n_first = len(calls)
+    assert calls.count(("pretrain", "pretrain")) == 1
+    again = sweep.main([*flags, "--sittings", "3"])
+    assert calls.count(("pretrain", "pretrain")) == 1  # the pretrained model's folder is still there: reused
+    assert len(calls) - n_first == 2 * 2 * 2  # two more sittings of two ways of two coefficients
+    assert [s["sitting"] for s in again["sittings"]] == [0, 1, 2]
+    assert [s["order"] for s in again["sittings"]] == [["cache", "nocache"], ["nocache", "cache"], ["cache", "nocache"]]
+    assert again["sittings"][0] == first["sittings"][0]  # kept as it was, not run again
+    assert len(again["summary"]["revisions"]) == 3 and set(again["summary"]["ratio"]) == {"nocache/cache"}
+    assert len(json.loads(out.read_text())["sittings"]) == 3
+    sweep.main([*flags, "--sittings", "2"])  # fewer than the file holds: nothing runs, nothing is dropped
+    assert len(calls) - n_first == 8 and len(json.loads(out.read_text())["sittings"]) == 3
+    with pytest.raises(ValueError, match="other flags \\(--coeffs\\)"):
+        sweep.main(["--coeffs", "1", "3", *flags[3:], "--sittings", "3"])
+    saved = json.loads(out.read_text())
+    saved["machine"]["processor"] = "another CPU"
+    out.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="another machine"):
+        sweep.main([*flags, "--sittings", "4"])
+
+
+def test_revision_names_the_checkout():
+    rev = sweep.revision()
+    head = subprocess.run(["git", "-C", str(Path(sweep.__file__).resolve().parents[1]), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    assert rev.rstrip("+") == (head.stdout.strip() if head.returncode == 0 else "")
