@@ -175,7 +175,7 @@ def report(summary: dict, machine: dict, cfg: SweepConfig) -> str:
     lines += [f"| {name} | {fmt(s, '.2f')}× | |" for name, s in summary["ratio"].items()]
     lines.append(f"\ncache and nocache runs logged the same metrics (wall-clock fields aside): "
                  f"{'yes' if summary['cache_metrics_identical'] else 'NO'}")
-    revisions = summary.get("revisions", [])
+    revisions = summary["revisions"]
     if len(set(revisions)) > 1:
         lines.append("project revision by sitting: " + ", ".join(r or "unknown" for r in revisions))
     return "\n".join(lines)
@@ -199,9 +199,9 @@ def revision() -> str:
 def earlier_sittings(cfg: SweepConfig, machine: dict) -> dict:
     """What an earlier sweep with this `--json` finished: {"sittings": [...], "pretrained": path or ""};
     nothing without --json or its file. Refused when its flags (but --sittings) or its machine differ."""
-    if not cfg.json or not Path(cfg.json).expanduser().is_file():
-        return {"sittings": [], "pretrained": ""}
     path = Path(cfg.json).expanduser()
+    if not cfg.json or not path.is_file():
+        return {"sittings": [], "pretrained": ""}
     earlier = json.loads(path.read_text())
     flags = {k: v for k, v in cli.to_dict(cfg).items() if k != "sittings"}
     theirs = {k: v for k, v in earlier.get("config", {}).items() if k != "sittings"}
@@ -213,7 +213,7 @@ def earlier_sittings(cfg: SweepConfig, machine: dict) -> dict:
         raise ValueError(f"--json {path} holds sittings from another machine or software ({earlier.get('machine')}, "
                          f"this one {machine}); sittings are compared on one machine: give another --json")
     pretrained = earlier.get("pretrained", "")
-    return {"sittings": earlier.get("sittings", []), "pretrained": pretrained if Path(pretrained or "/-").is_dir() else ""}
+    return {"sittings": earlier.get("sittings", []), "pretrained": pretrained if pretrained and Path(pretrained).is_dir() else ""}
 
 
 def bench(cfg: SweepConfig) -> dict:
@@ -250,9 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli.parse(SweepConfig, argv)
     result = bench(cfg)
     print("\n" + report(result["summary"], result["machine"], cfg))
-    if cfg.json:
-        cli.write_json_atomic(Path(cfg.json).expanduser(), result)
-    return result
+    return result  # with --json, `bench` wrote the file after each sitting it ran
 
 
 if __name__ == "__main__":
