@@ -10,6 +10,7 @@ import numpy as np
 
 from forgetting.core import data as data_lib
 from forgetting.core import sampling
+from forgetting.evals import reference_memo
 
 
 def _limited_batches(dataset: data_lib.SequenceDataset, batch_size: int, max_tokens: int):
@@ -54,33 +55,51 @@ class EvalSplit:
         self._ref_hidden: list | None = None
         self._ref_id: int | None = None
 
-    def ref_hidden(self, hidden_fn: Callable, ref_params: Any) -> list:
-        """Per batch, the reference's hidden states (None where they are not kept)."""
+    @functools.cached_property
+    def rows_sha256(self) -> str:
+        return reference_memo.rows_sha256(self.batches)
+
+    def ref_hidden(self, hidden_fn: Callable, ref_params: Any, memo_key: tuple | None = None) -> list:
+        """Per batch, the reference's hidden states (None where they are not kept); with `memo_key`, those an
+        earlier run of this process kept for the same model, reference and rows (`reference_memo`)."""
         if self._ref_hidden is None or self._ref_id != id(ref_params):
-            kept: list = []
-            used = 0
-            for tokens, _ in self.batches:
-                hidden = hidden_fn(ref_params, tokens) if used < self.budget_bytes else None
-                used += 0 if hidden is None else hidden.nbytes
-                kept.append(hidden if used <= self.budget_bytes else None)
+            def compute() -> list:
+                kept: list = []
+                used = 0
+                for tokens, _ in self.batches:
+                    hidden = hidden_fn(ref_params, tokens) if used < self.budget_bytes else None
+                    used += 0 if hidden is None else hidden.nbytes
+                    kept.append(hidden if used <= self.budget_bytes else None)
+                return kept
+
+            use_memo = memo_key is not None and self.budget_bytes > 0
+            kept = reference_memo.MEMO.hidden(("hidden", *memo_key), compute, self.budget_bytes) if use_memo else compute()
             self._ref_hidden, self._ref_id = kept, id(ref_params)
         return self._ref_hidden
 
 
 def ntp_and_kl_split(eval_step: Callable, hidden_fn: Callable, params: Any, split: EvalSplit, ref_params: Any = None,
-                     same_as_ref: bool = False) -> dict[str, float]:
+                     same_as_ref: bool = False, memo_key: tuple | None = None) -> dict[str, float]:
     """`ntp_and_kl` over a kept `EvalSplit` (`hidden_fn`: `step.make_hidden_fn`, needed only when the split
     keeps hidden states): one pass per batch computes ntp, ntp_h2 and KL together, the
     reference's hidden states come from the split's cache, and `same_as_ref` (θ is bitwise the reference,
-    as at step 0) skips the reference altogether: KL(ref ‖ ref) is exactly 0."""
+    as at step 0) skips the reference altogether: KL(ref ‖ ref) is exactly 0. With `memo_key` (the model
+    config and the reference's sha256, `reference_memo`), the reference's hidden states and its step-0 sums
+    are taken from earlier runs in this process when they evaluated the same rows."""
     use_ref = ref_params is not None and not same_as_ref
-    hidden = split.ref_hidden(hidden_fn, ref_params) if use_ref else [None] * len(split.batches)
-    pending = [eval_step(params, batch, ref_params if use_ref else None, mask, h)
-               for (batch, mask), h in zip(split.batches, hidden)]
-    totals: dict[str, float] = {}
-    for sums in jax.device_get(pending):
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+    key = None if memo_key is None else (*memo_key, split.rows_sha256)
+    hidden = split.ref_hidden(hidden_fn, ref_params, key) if use_ref else [None] * len(split.batches)
+
+    def compute() -> dict[str, float]:
+        pending = [eval_step(params, batch, ref_params if use_ref else None, mask, h)
+                   for (batch, mask), h in zip(split.batches, hidden)]
+        sums: dict[str, float] = {}
+        for batch_sums in jax.device_get(pending):
+            for k, v in batch_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return sums
+
+    totals = reference_memo.MEMO.sums(("step0", *key), compute) if same_as_ref and key is not None else compute()
     out = {"ntp": totals["ntp_sum"] / totals["ntp_count"], "ntp_h2": totals["ntp_h2_sum"] / totals["ntp_h2_count"]}
     if ref_params is not None:
         out["kl"] = totals["kl_sum"] / totals["kl_count"] if use_ref else 0.0

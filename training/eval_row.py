@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from forgetting.core import lora
+from forgetting.core import digest, lora
 from forgetting.core import step as step_lib
 from forgetting.training.loop import Clock
 
@@ -48,6 +48,7 @@ class Evaluator:
         self.hidden_fn = step_lib.make_hidden_fn(plan.model_cfg)
         self._splits: dict[str, Any] = {}  # evaluation.EvalSplit by dataset key
         self._harness = _lm_eval_scorer(plan)
+        self._ref_sha256: tuple | None = None  # (reference params, their sha256), hashed once per run
 
     def params_now(self, train_state: Any) -> Any:
         """The model's parameters in a train state (LoRA adapters merged into their base)."""
@@ -87,13 +88,14 @@ class Evaluator:
         kl_ref = ref if ref is not None else p.model.init_params  # pretraining: KL to the initialization
         # θ is bitwise the reference at the start of a run: KL is exactly 0 and the reference need not run
         same = step == 0 and kl_ref is not None and same_tree(params, kl_ref)
+        memo_key = self._memo_key(kl_ref)
         row: dict = {}
         ntp_of: dict[int, float] = {}  # id(EvalSplit) -> its NTP in this eval: rows kept twice are measured once
         for prefix, dataset in (("valid", p.data.train), ("prev", p.data.prev), ("mix", p.data.mix)):
             if dataset is None:
                 continue
             split = self._split(prefix, dataset)
-            m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split, kl_ref, same)
+            m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split, kl_ref, same, memo_key)
             ntp_of.setdefault(id(split), m["ntp"])
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
             row.update(self._accuracy(params, dataset, f"{prefix}_acc"))
@@ -109,6 +111,15 @@ class Evaluator:
         row.update(evaluation.ref_path_measures(self._splits, self.cfg.eval.ref_paths, p.model_cfg, params, ref, same,
                                                 p.eval_batch_size, p.data.train.token_file.meta.get("tokenizer_sha256")))
         return row
+
+    def _memo_key(self, ref: Any) -> tuple | None:
+        """(model config, the reference's sha256): how `reference_memo` knows this run's reference, on the
+        one-device, one-process path (elsewhere the reference is not on one host to hash), else None."""
+        if ref is None or self.cfg.run.mesh or jax.process_count() > 1:
+            return None
+        if self._ref_sha256 is None or self._ref_sha256[0] is not ref:
+            self._ref_sha256 = (ref, digest.tree_sha256(ref))
+        return self.plan.model_cfg, self._ref_sha256[1]
 
     def _accuracy(self, params: Any, dataset: Any, key: str) -> dict:
         from forgetting.evals import evaluation

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from forgetting.core import files
+from forgetting.core import digest, files
 
 CACHE_DIR = "replay_cache"
 MANIFEST = "manifest.json"
@@ -54,26 +54,12 @@ class CorruptBuffer(ValueError):
     """A buffer file that is not the complete, matching buffer it claims to be."""
 
 
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
-
-
-def params_digest(params: Any) -> str:
-    """sha256 over a parameter tree: every leaf's path, dtype, shape and bytes (the reference's content)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-        digest.update(_sha256(array).encode())
-    return digest.hexdigest()
-
-
 def _code_digest() -> str:
     """sha256 of the `core` package's sources (model, sampler, layers): a change there may change the draws."""
-    digest = hashlib.sha256()
+    sources = hashlib.sha256()
     for source in sorted(_CORE_DIR.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
-    return digest.hexdigest()
+        sources.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return sources.hexdigest()
 
 
 def stream_key(replay: Any, model_record: dict) -> dict:
@@ -83,11 +69,11 @@ def stream_key(replay: Any, model_record: dict) -> dict:
     device = jax.devices()[0]
     lengths = replay.prompt_lengths
     return {
-        "format": FORMAT, "reference_params_sha256": params_digest(replay.ref_params), "model": model_record,
+        "format": FORMAT, "reference_params_sha256": digest.tree_sha256(replay.ref_params), "model": model_record,
         "key_data": np.asarray(jax.random.key_data(replay.key)).tolist(), "temperature": float(replay.temperature),
         "rows_per_step": int(replay.rows_per_step), "buffer": int(replay.buffer),
-        "prompts_sha256": _sha256(np.asarray(replay.prompts)) + f"|{np.asarray(replay.prompts).shape}",
-        "prompt_lengths_sha256": None if lengths is None else _sha256(np.asarray(lengths)),
+        "prompts_sha256": digest.array_sha256(np.asarray(replay.prompts)) + f"|{np.asarray(replay.prompts).shape}",
+        "prompt_lengths_sha256": None if lengths is None else digest.array_sha256(np.asarray(lengths)),
         "keep_hidden": bool(replay.keep_hidden), "core_sources_sha256": _code_digest(),
         "jax": jax.__version__, "backend": jax.default_backend(), "device_kind": device.device_kind,
         "processor": processor(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -193,7 +179,7 @@ class ReplayCache:
         if self.key["keep_hidden"]:
             arrays["hidden"] = np.ascontiguousarray(np.asarray(hidden))
         header = {"format": FORMAT, "stream": self.digest, "index": index,
-                  "arrays": [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape), "sha256": _sha256(a)}
+                  "arrays": [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape), "sha256": digest.array_sha256(a)}
                              for n, a in arrays.items()]}
         head = json.dumps(header, sort_keys=True).encode()
         path = self.path(index)
@@ -220,7 +206,7 @@ class ReplayCache:
             if offset + size > len(data):
                 raise CorruptBuffer("is truncated")
             array = np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape)
-            if _sha256(array) != spec["sha256"]:
+            if digest.array_sha256(array) != spec["sha256"]:
                 raise CorruptBuffer(f"has {spec['name']} whose sha256 does not match its header")
             out[spec["name"]] = array
             offset += size

@@ -161,7 +161,7 @@ class EvalConfig:
     extra_paths: tuple[str, ...] = ()  # .bin files evaluated at every eval (their validation split)
     batch_size: int = 0  # eval batch size; 0 = the training batch size
     max_tokens: int = 0  # cap on tokens evaluated per set (0 = the whole validation split)
-    reference_cache_mb: int = 1024  # keep the frozen reference's hidden states of the eval sets up to this size (0 = recompute every eval)
+    reference_cache_mb: int = 1024  # keep the frozen reference's hidden states of the eval sets up to this size, across runs of a process too (0 = recompute every eval)
     lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or YAML files scored at evals (the lmeval extra)
     lm_eval_every: int = 1  # score them at every this-many-th eval (eval index = step // eval cadence; step 0 included)
     lm_eval_limit: float = 0.0  # at most this many documents per task (< 1: that fraction); 0 = all
