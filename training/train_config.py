@@ -108,7 +108,7 @@ class RegConfig:
     temperature: float = 1.0  # self-generated replay sampling temperature
     path: str = ""  # real replay data (.bin); default: the loaded run's training data (train split only)
     prompt_ids: tuple[int, ...] = ()  # self-generated replay prompts; default: the loaded run's dataset ids
-    # Self-generated replay prompts as text (one or more; row i gets prompt i % n), tokenized with the loaded
+    # Self-generated replay prompts as text (one or more; row i gets prompt i mod n), tokenized with the loaded
     # checkpoint's tokenizer, special-token text such as <|im_start|> read as its id. Nothing is added for HF
     # and GGUF tokenizers (write <|endoftext|> etc. into the text for a BOS); the paper model's .tiktoken
     # tokenizers put the run's dataset id first. Rows hold the prompt, then samples, to the full length; the
@@ -161,7 +161,8 @@ class EvalConfig:
     extra_paths: tuple[str, ...] = ()  # .bin files evaluated at every eval (their validation split)
     batch_size: int = 0  # eval batch size; 0 = the training batch size
     max_tokens: int = 0  # cap on tokens evaluated per set (0 = the whole validation split)
-    reference_cache_mb: int = 1024  # keep the frozen reference's hidden states of the eval sets up to this size, across runs of a process too (0 = recompute every eval)
+    # keep the frozen reference's hidden states of the eval sets up to this size, across runs of a process too
+    reference_cache_mb: int = 1024  # (0 = recompute at every eval)
     lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or YAML files scored at evals (the lmeval extra)
     lm_eval_every: int = 1  # score them at every this-many-th eval (eval index = step // eval cadence; step 0 included)
     lm_eval_limit: float = 0.0  # at most this many documents per task (< 1: that fraction); 0 = all
