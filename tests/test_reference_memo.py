@@ -2,9 +2,6 @@
 with every metric unchanged, and never taken for another model, reference or split."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,13 +12,11 @@ from hypothesis import strategies as st
 from forgetting.core import step
 from forgetting.evals import evaluation, reference_memo
 from forgetting.stages import train
-from forgetting.training import runs
-from forgetting.training.train_config import TrainConfig, replace
 from tests.conftest import tiny_config
+from tests.test_replay_cache import T, metrics_text, tiny
 
 MEMO = reference_memo.MEMO
-T = 32
-WALL_CLOCK = ("train_seconds", "wall_time", "tokens_per_s")
+SIX_STEPS = {"stop.num_tokens_train": 8 * T * 6}
 
 
 class _Rows:
@@ -145,23 +140,9 @@ def test_rows_sha256_tells_apart_any_change_of_token_mask_dtype_or_shape(n, widt
 # --- runs of one process ----------------------------------------------------------------------------------------
 
 
-def _tiny(corpora, run_dir: Path, **changes) -> TrainConfig:
-    return replace(TrainConfig(), **{
-        "data.path": corpora[0], "data.num_tokens_valid": 2048, "model.d_model": 32, "model.n_layers": 1,
-        "model.head_dim": 16, "model.seq_len": T, "model.dtype": "float32", "opt.batch_size": 8,
-        "opt.warmup_tokens": 256, "opt.peak_lr": 3e-3, "stop.num_tokens_train": 8 * T * 6,
-        "log.every_steps": 2, "log.progress": False, "run.dir": str(run_dir), **changes})
-
-
-def _metrics(cfg: TrainConfig) -> str:
-    lines = (Path(train.run_dir(cfg)) / runs.METRICS_FILE).read_text().splitlines()
-    return "\n".join(json.dumps({k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK}, sort_keys=True)
-                     for x in lines)
-
-
 @pytest.mark.slow
 def test_a_run_after_another_from_the_same_model_ends_with_its_metrics_computed_alone(corpora, tmp_path, memo):
-    pretrained = train.train(_tiny(corpora, tmp_path / "pre", **{"stop.num_tokens_train": 8 * T * 8}))["run_dir"]
+    pretrained = train.train(tiny(corpora, tmp_path / "pre", **{"stop.num_tokens_train": 8 * T * 8}))["run_dir"]
     finetunes = {  # two finetunes of one model (the reference of both), as in a sweep
         "plain": {"data.path": corpora[1], "model.load_path": pretrained},
         "kl": {"data.path": corpora[1], "model.load_path": pretrained, "reg.method": "kl_pre", "reg.coeff": 1.0,
@@ -170,15 +151,15 @@ def test_a_run_after_another_from_the_same_model_ends_with_its_metrics_computed_
     alone = {}
     for name, changes in finetunes.items():
         memo.clear()
-        cfg = _tiny(corpora, tmp_path / f"alone-{name}", **changes)
+        cfg = tiny(corpora, tmp_path / f"alone-{name}", **SIX_STEPS, **changes)
         train.train(cfg)
-        alone[name] = _metrics(cfg)
+        alone[name] = metrics_text(cfg)
     memo.clear()
     in_turn = {}
     for name, changes in finetunes.items():
-        cfg = _tiny(corpora, tmp_path / f"turn-{name}", **changes)
+        cfg = tiny(corpora, tmp_path / f"turn-{name}", **SIX_STEPS, **changes)
         train.train(cfg)
-        in_turn[name] = _metrics(cfg)
+        in_turn[name] = metrics_text(cfg)
         if name == "plain":
             assert memo.hits == 0
     # the second run read the reference's hidden states and step-0 sums on both splits (valid and prev)
