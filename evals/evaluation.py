@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from forgetting.core import data as data_lib
+from forgetting.core import digest
 from forgetting.core import sampling
 from forgetting.evals import reference_memo
 
@@ -57,7 +58,7 @@ class EvalSplit:
 
     @functools.cached_property
     def rows_sha256(self) -> str:
-        return reference_memo.rows_sha256(self.batches)
+        return digest.tree_sha256(self.batches)
 
     def ref_hidden(self, hidden_fn: Callable, ref_params: Any, memo_key: tuple | None = None) -> list:
         """Per batch, the reference's hidden states (None where they are not kept); with `memo_key`, those an

@@ -5,32 +5,18 @@ Runs that start from one model (a sweep of coefficients, a figure's finetunes in
 reference side of every eval's KL) and, at step 0, where θ is bitwise the reference, its own NTP. The
 first such run computes them and the later ones read them.
 
-Entries are keyed by the model config (which fixes the compiled program), the reference's content (sha256
-of every leaf) and the split's rows (sha256 of tokens and masks, with their shapes), so a hit returns the
-arrays and sums a fresh process computes for the same inputs, and runs read it with their metrics
-unchanged (tests/test_reference_memo.py). Hidden states are kept up to a byte budget (the run's
+Entries are keyed by the model config (which fixes the compiled program), the reference's content and the
+split's rows (`core.digest.tree_sha256` of the parameters and of the token and mask batches: every array's
+dtype, shape and bytes), so a hit returns the arrays and sums a fresh process computes for the same inputs,
+and runs read it with their metrics unchanged (tests/test_reference_memo.py). Hidden states are kept up to a byte budget (the run's
 `--eval.reference_cache_mb`), least recently used first out.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 from typing import Callable, Hashable
 
-import numpy as np
-
 NTP_ENTRIES = 256  # step-0 sums kept (a few floats each)
-
-
-def rows_sha256(batches: list[tuple[np.ndarray, np.ndarray]]) -> str:
-    """sha256 over a split's (tokens, mask) batches: their dtypes, shapes and bytes, in order."""
-    digest = hashlib.sha256()
-    for batch in batches:
-        for array in batch:
-            array = np.ascontiguousarray(array)
-            digest.update(f"{array.dtype}|{array.shape}|".encode())
-            digest.update(array.reshape(-1).view(np.uint8))
-    return digest.hexdigest()
 
 
 class ReferenceMemo:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgetting.core import step
+from forgetting.core import digest, step
 from forgetting.evals import evaluation, reference_memo
 from forgetting.stages import train
 from tests.conftest import tiny_config
@@ -57,8 +57,6 @@ def _measure(small, ref, rows, *, same=False, memo_key=None, budget=2**30, param
 
 
 def _key(small, ref):
-    from forgetting.core import digest
-
     return small[0], digest.tree_sha256(ref)
 
 
@@ -122,19 +120,19 @@ def test_hidden_states_are_kept_within_the_budget_least_recently_used_first_out(
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 6), st.data())
-def test_rows_sha256_tells_apart_any_change_of_token_mask_dtype_or_shape(n, width, data):
+def test_the_rows_digest_tells_apart_any_change_of_token_mask_dtype_or_shape(n, width, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     batches = [(rng.integers(0, 50, (2, width)).astype(np.int32), np.ones((2, width), np.float32)) for _ in range(n)]
-    base = reference_memo.rows_sha256(batches)
-    assert reference_memo.rows_sha256([(t.copy(), m.copy()) for t, m in batches]) == base
+    base = digest.tree_sha256(batches)
+    assert digest.tree_sha256([(t.copy(), m.copy()) for t, m in batches]) == base
     b, which, i, j = (data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, 1)), data.draw(st.integers(0, 1)),
                       data.draw(st.integers(0, width - 1)))
     changed = [(t.copy(), m.copy()) for t, m in batches]
     changed[b][which][i, j] += 1
-    assert reference_memo.rows_sha256(changed) != base
+    assert digest.tree_sha256(changed) != base
     as_uint16 = [(t.astype(np.uint16), m) for t, m in batches]
-    assert reference_memo.rows_sha256(as_uint16) != base
-    assert reference_memo.rows_sha256([(t.reshape(1, -1), m.reshape(1, -1)) for t, m in batches]) != base
+    assert digest.tree_sha256(as_uint16) != base
+    assert digest.tree_sha256([(t.reshape(1, -1), m.reshape(1, -1)) for t, m in batches]) != base
 
 
 # --- runs of one process ----------------------------------------------------------------------------------------
