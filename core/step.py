@@ -13,7 +13,9 @@ training LoRA adapters); absent ones are None.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import collections
+import functools
+from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,20 +115,68 @@ def make_loss_fn(cfg: Any, *, reg_method: str = "none", reg_coeff: float = 0.0,
     return loss_fn
 
 
+# Jitted steps kept for reuse within the process: a later run of the same program (another seed, another
+# run of a sweep at the same shapes) then neither traces nor lowers it again, nor reads the persistent
+# compilation cache. Bounded: the least recently used program is dropped first.
+REUSED_STEPS = 32
+_reused: collections.OrderedDict = collections.OrderedDict()
+
+
+def _reuse(key: Hashable | None, build: Callable[[], Callable]) -> Callable:
+    """`build()`, or the function an earlier call with an equal `key` built (None or unhashable: no reuse)."""
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    if key is None:
+        return build()
+    if key in _reused:
+        _reused.move_to_end(key)
+        return _reused[key]
+    fn = _reused[key] = build()
+    while len(_reused) > REUSED_STEPS:
+        _reused.popitem(last=False)
+    return fn
+
+
+def clear_reused_steps() -> None:
+    """Forgets every kept step (tests; a process that changes JAX's configuration between runs)."""
+    _reused.clear()
+
+
 def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: str = "none",
                     reg_coeff: float = 0.0, use_lora: bool = False, donate: bool = True,
-                    state_sharding: Any = None, batch_sharding: Any = None, streams: int | None = None) -> Callable:
+                    state_sharding: Any = None, batch_sharding: Any = None, streams: int | None = None,
+                    reuse_key: Hashable | None = None) -> Callable:
     """step(state, batch, frozen) -> (state, metrics), jitted with the state donated.
 
     `state_sharding`/`batch_sharding` (pytrees of `jax.sharding.Sharding`, see `core.sharding`) pin the
     placement of the state across steps, e.g. for FSDP; without them placement follows the inputs.
     `streams`: see `make_loss_fn`.
-    """
-    loss_fn = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff, use_lora=use_lora, streams=streams)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: Batch, frozen: dict):
-        grads, metrics = grad_fn(state.params, frozen, batch)
+    `reuse_key`: a hashable value that determines `opt` (its kind, hyperparameters and schedule); with it,
+    and without shardings (one device), the step is one compiled program per key and other arguments, kept
+    for the rest of the process, with the coefficient an input of it rather than a constant: a later run
+    with an equal key (another seed, another coefficient of a sweep) neither traces nor compiles.
+    """
+    if reuse_key is not None and state_sharding is None and batch_sharding is None:
+        key = ("train", reuse_key, cfg, reg_method, use_lora, donate, streams)
+        program = _reuse(key, lambda: _jit_step(cfg, opt, reg_method, None, use_lora, donate, None, None, streams))
+        coeff = jnp.asarray(reg_coeff, jnp.float32)
+        return functools.partial(program, reg_coeff=coeff)
+    return _jit_step(cfg, opt, reg_method, reg_coeff, use_lora, donate, state_sharding, batch_sharding, streams)
+
+
+def _jit_step(cfg: Any, opt: optax.GradientTransformation, reg_method: str, reg_coeff: float | None,
+              use_lora: bool, donate: bool, state_sharding: Any, batch_sharding: Any, streams: int | None) -> Callable:
+    """The jitted step: `reg_coeff` a constant of the program, or None for a keyword input `reg_coeff`."""
+    fixed = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=0.0 if reg_coeff is None else reg_coeff,
+                         use_lora=use_lora, streams=streams)  # (checks reg_method now, not at the first call)
+
+    def step(state: TrainState, batch: Batch, frozen: dict, reg_coeff=None):
+        loss_fn = fixed if reg_coeff is None else make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff,
+                                                               use_lora=use_lora, streams=streams)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
@@ -149,8 +199,13 @@ def make_eval_step(cfg: Any) -> Callable:
     drops target positions from the NTP sums and positions from the KL sums. `ref_hidden` [B, T, D], the
     reference's final hidden states of these tokens (`make_hidden_fn`), saves its forward pass: a
     frozen reference on a fixed validation split gives the same ones at every eval.
-    """
 
+    Kept for reuse: a later call with an equal config returns the same jitted function.
+    """
+    return _reuse(("eval", cfg), lambda: _build_eval_step(cfg))
+
+
+def _build_eval_step(cfg: Any) -> Callable:
     head = _Head(cfg, None)
 
     def eval_step(params, tokens_bt: jax.Array, ref_params=None, mask_bt: jax.Array | None = None,
@@ -181,6 +236,5 @@ def make_eval_step(cfg: Any) -> Callable:
 
 def make_hidden_fn(cfg: Any) -> Callable:
     """hidden(params, tokens [B, T]) -> the final hidden states f32 [B, T, D] the loss heads start from,
-    exactly as `make_eval_step` computes them (the eval step's `ref_hidden`)."""
-    head = _Head(cfg, None)
-    return jax.jit(head.hidden)
+    exactly as `make_eval_step` computes them (the eval step's `ref_hidden`). Kept for reuse, as the eval step."""
+    return _reuse(("hidden", cfg), lambda: jax.jit(_Head(cfg, None).hidden))

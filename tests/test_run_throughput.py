@@ -116,6 +116,38 @@ def test_auto_dtype_is_measured_once_and_kept(tmp_path, monkeypatch):
     assert auto_dtype.choose({"bfloat16_gflops": 210.0, "float32_gflops": 200.0}) == "float32"
 
 
+def test_auto_dtype_probe_takes_turns_so_a_burst_of_load_slows_both_dtypes():
+    # a fake clock: bf16 calls take 1, f32 calls 2, every call 4x as long during a burst of other load that
+    # covers the first 12 calls (as a finishing process or a compile in the background might)
+    now, n = [0.0], [0]
+
+    def call(cost):
+        def run():
+            n[0] += 1
+            now[0] += cost * (4 if n[0] <= 12 else 1)
+        return run
+
+    best = auto_dtype.best_seconds({"bfloat16": call(1.0), "float32": call(2.0)}, 12, lambda: now[0])
+    assert best == {"bfloat16": 1.0, "float32": 2.0} and n[0] == 24
+    rates = {f"{k}_gflops": 1 / v for k, v in best.items()}
+    assert auto_dtype.choose(rates) == "bfloat16"  # one dtype's calls after the other's: 1/4 against 1/2, float32
+
+
+def test_a_choice_kept_by_an_older_probe_is_measured_again(tmp_path, monkeypatch):
+    import json
+
+    import jax
+
+    monkeypatch.setenv("FORGETTING_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(auto_dtype, "_chosen", None)
+    old_key = f"{auto_dtype.processor()} | cpu | jax {jax.__version__}"  # the key before the probe had a version
+    (tmp_path / "auto_dtype.json").write_text(json.dumps({old_key: {"dtype": "float32", "why": "old probe"}}))
+    monkeypatch.setattr(auto_dtype, "measure", lambda: {"bfloat16_gflops": 420.0, "float32_gflops": 215.0})
+    assert auto_dtype.auto_dtype()["dtype"] == "bfloat16"
+    kept = json.loads((tmp_path / "auto_dtype.json").read_text())
+    assert kept[old_key]["why"] == "old probe" and len(kept) == 2
+
+
 @pytest.mark.slow
 def test_auto_dtype_run_records_its_choice_and_a_flag_wins(corpora, tmp_path, monkeypatch):
     monkeypatch.setattr(auto_dtype, "_chosen", {"dtype": "float32", "why": "auto on CPU (test): float32"})

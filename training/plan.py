@@ -155,9 +155,13 @@ def build(cfg: TrainConfig, dtype_choice: dict) -> Plan:
     replay_source, replay_record = train_setup.build_replay(cfg, loaded, data, model_cfg, reference.params,
                                                             schedule.total_steps)
     r = cfg.reg
+    # `opt` is optimizer_for(cfg.opt, optim.schedule(peak_lr, warmup, total_steps, lr_decay)): this key fixes it,
+    # so a later run of this process with the same program reuses the compiled step
+    opt_key = (cfg.opt, schedule.warmup_steps, schedule.total_steps)
     train_step = step_lib.make_train_step(
         model_cfg, opt, reg_method=r.method if r.method != "replace" else "none", reg_coeff=r.coeff,
-        use_lora=model.use_lora, state_sharding=placement.state_sharding, batch_sharding=placement.batch_sharding)
+        use_lora=model.use_lora, state_sharding=placement.state_sharding, batch_sharding=placement.batch_sharding,
+        reuse_key=opt_key)
     record = _record(model_cfg, loaded, data, schedule) | replay_record
     return Plan(cfg=cfg, dtype_choice=dtype_choice, data=data, model=model, reference=reference, replay=replay_source,
                 schedule=schedule, placement=placement, train_step=train_step,
