@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from forgetting.core import lru
+
 # tree_sha256 of trees of JAX arrays, by the identity of their leaves: a JAX array never changes, so the
 # same leaf objects have the same digest (a run's reference is keyed by the replay cache and by the eval
 # memo; the leaves are held here, so their ids cannot be reused by other arrays).
@@ -23,18 +25,17 @@ def array_sha256(array: Any) -> str:
 def tree_sha256(tree: Any) -> str:
     """sha256 over a pytree of arrays: every leaf's path, dtype, shape and bytes (a model's content)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    immutable = bool(flat) and all(isinstance(leaf, jax.Array) for _, leaf in flat)
-    key = (treedef, tuple(id(leaf) for _, leaf in flat)) if immutable else None
-    if key in _by_leaves:
-        _by_leaves.move_to_end(key)
-        return _by_leaves[key][1]
-    digest = hashlib.sha256()
-    for path, leaf in flat:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-        digest.update(array_sha256(array).encode())
-    if key is not None:
-        _by_leaves[key] = ([leaf for _, leaf in flat], digest.hexdigest())
-        while len(_by_leaves) > KEPT_TREE_DIGESTS:
-            _by_leaves.popitem(last=False)
-    return digest.hexdigest()
+
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for path, leaf in flat:
+            array = np.asarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+            digest.update(array_sha256(array).encode())
+        return digest.hexdigest()
+
+    if not (flat and all(isinstance(leaf, jax.Array) for _, leaf in flat)):
+        return compute()
+    key = (treedef, tuple(id(leaf) for _, leaf in flat))
+    kept = lru.get_or_compute(_by_leaves, key, lambda: ([leaf for _, leaf in flat], compute()), KEPT_TREE_DIGESTS)
+    return kept[1]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from forgetting.core import backend, families, losses, xla_cpu
+from forgetting.core import backend, families, losses, lru, xla_cpu
 from forgetting.core import lora as lora_lib
 
 Batch = dict[str, jax.Array]
@@ -128,19 +128,11 @@ def _reuse(key: Hashable | None, build: Callable[[], Callable]) -> Callable:
         hash(key)
     except TypeError:
         key = None
-    if key is None:
-        return build()
-    if key in _reused:
-        _reused.move_to_end(key)
-        return _reused[key]
-    fn = _reused[key] = build()
-    while len(_reused) > REUSED_STEPS:
-        _reused.popitem(last=False)
-    return fn
+    return build() if key is None else lru.get_or_compute(_reused, key, build, REUSED_STEPS)
 
 
 def clear_reused_steps() -> None:
-    """Forgets every kept step (tests; a process that changes JAX's configuration between runs)."""
+    """Forgets every kept step (tests that count traces or compiles)."""
     _reused.clear()
 
 
@@ -169,13 +161,12 @@ def make_train_step(cfg: Any, opt: optax.GradientTransformation, *, reg_method: 
 
 def _jit_step(cfg: Any, opt: optax.GradientTransformation, reg_method: str, reg_coeff: float | None,
               use_lora: bool, donate: bool, state_sharding: Any, batch_sharding: Any, streams: int | None) -> Callable:
-    """The jitted step: `reg_coeff` a constant of the program, or None for a keyword input `reg_coeff`."""
-    fixed = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=0.0 if reg_coeff is None else reg_coeff,
-                         use_lora=use_lora, streams=streams)  # (checks reg_method now, not at the first call)
+    """The jitted step: `reg_coeff` a constant of the program (the default of its `reg_coeff` argument, which
+    jit does not trace), or None for a program that takes it as a keyword input."""
+    make_loss_fn(cfg, reg_method=reg_method, use_lora=use_lora, streams=streams)  # checks reg_method now
 
-    def step(state: TrainState, batch: Batch, frozen: dict, reg_coeff=None):
-        loss_fn = fixed if reg_coeff is None else make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff,
-                                                               use_lora=use_lora, streams=streams)
+    def step(state: TrainState, batch: Batch, frozen: dict, reg_coeff=reg_coeff):
+        loss_fn = make_loss_fn(cfg, reg_method=reg_method, reg_coeff=reg_coeff, use_lora=use_lora, streams=streams)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
