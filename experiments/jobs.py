@@ -227,12 +227,12 @@ class Pool:
         busy = len(self.children) + 1
         worker = idle[0] if idle else self._spawn(core_shares(self.cores, busy)[-1])
         worker.run = Child(spec.name, worker.proc, log, worker.cores)
+        self.rebalance()  # before the worker hears of the run: the run starts on its share, not the last one
         try:
             worker.proc.stdin.write(f"{spec.name}\n".encode())
             worker.proc.stdin.flush()
         except OSError:  # it died since the last reap: reported as the run's failure there
             pass
-        self.rebalance()
         return worker.run
 
     def rebalance(self) -> None:
