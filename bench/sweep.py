@@ -161,9 +161,15 @@ def summarize(sittings: list[dict]) -> dict:
             summary["ratio"][name] = _spread([s[slow]["wall_s"] / s[fast]["wall_s"] for s in sittings])
     summary["revisions"] = [s.get("revision", "") for s in sittings]
     summary["cache_metrics_identical"] = all(
-        metrics_without_wall_clock(a["checkpoint"]) == metrics_without_wall_clock(b["checkpoint"])
-        for s in sittings for a, b in zip(s["cache"]["runs"], s["nocache"]["runs"], strict=True))
+        s["cache_metrics_identical"] if "cache_metrics_identical" in s else cache_metrics_identical(s) for s in sittings)
     return summary
+
+
+def cache_metrics_identical(sitting: dict) -> bool:
+    """Whether the sitting's cache and nocache runs logged the same metrics (wall-clock fields aside), read from
+    their run folders; a sitting keeps the answer, as its folders need not outlive the machine."""
+    return all(metrics_without_wall_clock(a["checkpoint"]) == metrics_without_wall_clock(b["checkpoint"])
+               for a, b in zip(sitting["cache"]["runs"], sitting["nocache"]["runs"], strict=True))
 
 
 def report(summary: dict, machine: dict, cfg: SweepConfig) -> str:
@@ -212,8 +218,14 @@ def earlier_sittings(cfg: SweepConfig, machine: dict) -> dict:
     if earlier.get("machine") != machine:
         raise ValueError(f"--json {path} holds sittings from another machine or software ({earlier.get('machine')}, "
                          f"this one {machine}); sittings are compared on one machine: give another --json")
+    sittings = earlier.get("sittings", [])
+    for s in sittings:  # written before sittings kept the answer: their folders, else the summary of that time
+        if "cache_metrics_identical" not in s:
+            folders = [r["checkpoint"] for w in ("cache", "nocache") for r in s[w]["runs"]]
+            s["cache_metrics_identical"] = (cache_metrics_identical(s) if all(Path(f).is_dir() for f in folders)
+                                            else bool(earlier.get("summary", {}).get("cache_metrics_identical", False)))
     pretrained = earlier.get("pretrained", "")
-    return {"sittings": earlier.get("sittings", []), "pretrained": pretrained if pretrained and Path(pretrained).is_dir() else ""}
+    return {"sittings": sittings, "pretrained": pretrained if pretrained and Path(pretrained).is_dir() else ""}
 
 
 def bench(cfg: SweepConfig) -> dict:
@@ -239,6 +251,7 @@ def bench(cfg: SweepConfig) -> dict:
             for way in order:
                 row[way] = sweep_one_way(cfg, way, python, data, checkpoint, work / "runs" / f"{way}-{sitting}")
                 print(f"sitting {sitting} {way:<7} whole sweep {row[way]['wall_s']:8.1f} s", flush=True)
+            row["cache_metrics_identical"] = cache_metrics_identical(row)
             sittings.append(row)
             result["summary"] = summarize(sittings)
             if cfg.json:  # a later sweep with this --json goes on from here

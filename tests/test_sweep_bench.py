@@ -163,3 +163,37 @@ def test_revision_names_the_checkout():
     head = subprocess.run(["git", "-C", str(Path(sweep.__file__).resolve().parents[1]), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True)
     assert rev.rstrip("+") == (head.stdout.strip() if head.returncode == 0 else "")
+
+
+def test_a_sweep_goes_on_after_its_run_folders_are_gone(tmp_path, monkeypatch):
+    """A kept --json outlives the machine's folders: a sitting keeps whether its cache and nocache metrics were
+    identical, and one written before sittings kept it takes the summary of its time."""
+    import shutil
+
+    calls: list[str] = []
+
+    def fake_run(cfg, python, mode, data, load, folder):
+        calls.append(mode)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "valid_ntp": cfg.reg_coeff}) + "\n")
+        return {"wall_s": 1.0, "checkpoint": str(folder), "train_seconds": 0.5, "valid_ntp": 1.0, "prev_ntp": 2.0}
+
+    monkeypatch.setattr(versus, "run_project", fake_run)
+    monkeypatch.setattr(versus, "make_data", lambda cfg, folder: DATA)
+    out, work = tmp_path / "sweep.json", tmp_path / "w"
+    flags = ["--coeffs", "1", "2", "--project_process", "run", "--work", str(work), "--json", str(out)]
+    first = sweep.main([*flags, "--sittings", "1"])
+    assert first["sittings"][0]["cache_metrics_identical"] is True
+    for identical in (True, False):  # an older file: no per-sitting answer, its summary's of that time
+        saved = json.loads(out.read_text())
+        saved["sittings"] = saved["sittings"][:1]
+        del saved["sittings"][0]["cache_metrics_identical"]
+        saved["summary"]["cache_metrics_identical"] = identical
+        out.write_text(json.dumps(saved))
+        shutil.rmtree(work)  # the machine was reset: run folders and the pretrained model are gone
+        pretrains = calls.count("pretrain")
+        again = sweep.main([*flags, "--sittings", "2"])
+        assert calls.count("pretrain") == pretrains + 1, "the pretrained model is made again"
+        assert [s["cache_metrics_identical"] for s in again["sittings"]] == [identical, True]
+        assert again["summary"]["cache_metrics_identical"] is identical
+        assert json.loads(out.read_text())["sittings"][1]["cache_metrics_identical"] is True
