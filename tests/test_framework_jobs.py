@@ -77,6 +77,29 @@ def test_child_command_of_fn_run_is_the_figure_with_only(tmp_path):
                    "--jobs", "1", "--no_summary"]
 
 
+def test_a_pinned_worker_is_moved_onto_its_share_before_it_hears_of_its_run(tmp_path, monkeypatch):
+    """The worker may start (and end) a short run as soon as the name arrives: the re-pin must come first."""
+    events: list[tuple] = []
+
+    class Stdin:
+        def write(self, data: bytes) -> None:
+            events.append(("name", data.decode().strip()))
+
+        def flush(self) -> None:
+            pass
+
+    class Proc:
+        pid, stdin = 12345, Stdin()
+
+    monkeypatch.setenv(jobs.PIN_ENV, "1")
+    monkeypatch.setattr(jobs, "_pin", lambda pid, cores: events.append(("pin", list(cores))))
+    pool = jobs.Pool(tmp_path, ["fig.py"])
+    pool.cores = [0, 1]
+    pool.workers = [jobs.Worker(Proc(), [0]), jobs.Worker(Proc(), [1])]  # both idle, left on their halves
+    pool.start(RunSpec("c", {}, fn=lambda c, d: {}), ["python", "fig.py", "--only", "c"])
+    assert events == [("pin", [0, 1]), ("name", "c")], "a run alone gets every core before it starts"
+
+
 # ------------------------------------------------------------------------------------ the fake figure
 
 
