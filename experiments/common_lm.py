@@ -63,6 +63,9 @@ class LMKnobs:
     pretrain_lr_decay: str = "none"  # pretraining LR schedule after warm-up: none (constant) | cosine
     finetune_lr_decay: str = "none"  # finetuning LR schedule after warm-up: none | cosine (needs a run length)
     extra_evals: bool = True  # also evaluate both datasets at every eval as ntp/<stem> (model_capacity reads them)
+    # finetunes measure the old data (prev_*) at every this-many-th eval; 0 = before finetuning and at the
+    # end only (what a figure reading only end points needs); the last eval always measures it
+    prev_every: int = 1
     seed: int = 0  # first training seed (init, batch order, replay sampling)
     seeds: int = 3  # independent repetitions (seeds seed, seed+1, ...; each repeats pretraining too): mean and 95-percent t interval
 
@@ -71,7 +74,7 @@ class LMKnobs:
                                              "batch_size", "lr", "valid_tokens", "evals", "seeds")},
         "seq_len": (framework.at_least(2),), "share": (framework.fraction,), "dtype": (framework.one_of("auto", "float32", "bfloat16"),),
         **{k: (framework.nonnegative,) for k in ("warmup_steps", "weight_decay", "pretrain_eval_tokens",
-                                                "finetune_eval_tokens", "seed", "data_seed")},
+                                                "finetune_eval_tokens", "seed", "data_seed", "prev_every")},
         "pretrain_lr_decay": (framework.one_of("none", "cosine"),), "finetune_lr_decay": (framework.one_of("none", "cosine"),),
     }
 
@@ -230,7 +233,7 @@ def finetune_config(k: LMKnobs, pre: TrainConfig, paths: dict[str, str], *, name
           "mix.path": "", "mix.coeff": 0.0,
           "stop.tokens_per_param": 0.0, "stop.num_tokens_train": 0 if max_epochs else int(max_tokens),
           "stop.target_loss": float(target_loss), "stop.early_stop_evals": int(early_stop_evals),
-          "reg.method": method}
+          "reg.method": method, "eval.prev_every": k.prev_every}
     ch.update(_cadence(k, k.finetune_eval_tokens, max_tokens, evals))
     if max_epochs:
         ch["stop.num_epochs"] = float(max_epochs)

@@ -98,6 +98,10 @@ class _Recorder:
     def evaluate(self, st):
         return {"step": st.step, "valid_ntp": float(np.mean(st.losses))}
 
+    def complete(self, st, row):
+        self.calls.append(("complete", row["step"]))
+        return row
+
     def log(self, row):
         self.calls.append(("eval", row["step"]))
 
@@ -107,11 +111,13 @@ def test_the_loop_evaluates_checkpoints_and_stops_where_the_decisions_say():
     st = loop.run(steps, loop.LoopState.start(train_state=None))
     assert st.step == 10 and st.stop_reason == "num_tokens_train"
     assert steps.calls == [("save", 3), ("eval", 4), ("save", 4), ("save", 6), ("eval", 8), ("save", 8),
-                           ("save", 9), ("eval", 10), ("save", 10)]
+                           ("save", 9), ("complete", 10), ("eval", 10), ("save", 10)]
     # early stop: 2.0 at step 2 is the best; the evals at 4 and 6 bring none (> 1 in a row: stop)
     steps = _Recorder(None, 2, StopConfig(early_stop_evals=1), [2.0, 2.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
     st = loop.run(steps, loop.LoopState.start(train_state=None))
     assert st.stop_reason == "early_stop" and st.step == 6 and st.evals_since_best == 2
+    assert [c for c in steps.calls if c[0] == "complete"] == [("complete", 6)]  # the last row only, before it is logged
+    assert steps.calls.index(("complete", 6)) == steps.calls.index(("eval", 6)) - 1
 
 
 # ---------------------------------------------------------------------------------------------- state

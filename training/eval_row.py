@@ -3,6 +3,7 @@ clocks. `Evaluator.row` builds it in one function, one block per kind of measure
 lines there)."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -49,6 +50,9 @@ class Evaluator:
         self._splits: dict[str, Any] = {}  # evaluation.EvalSplit by dataset key
         self._harness = _lm_eval_scorer(plan)
         self._ref_sha256: tuple | None = None  # (reference params, their sha256), hashed once per run
+        if self.cfg.eval.prev_every != 1 and plan.data.prev is None:
+            print(f"warning: --eval.prev_every {self.cfg.eval.prev_every} has nothing to thin out: the loaded model "
+                  "brings no data of its own here, so this run logs no prev_* metrics", file=sys.stderr)
 
     def params_now(self, train_state: Any) -> Any:
         """The model's parameters in a train state (LoRA adapters merged into their base)."""
@@ -62,7 +66,7 @@ class Evaluator:
         row: dict = {"step": step, "tokens": step * p.schedule.tokens_per_step, "lr": float(p.schedule.schedule(step)),
                      "epoch": step * cfg.opt.batch_size / p.data.train.num_train}
         row.update(_train_losses(losses, terms))
-        row.update(self._datasets(params, step))
+        row.update(self._datasets(params, step, with_prev=self.prev_due(step)))
         row.update(self._lm_eval_scores(params, step))
         row["weight_norm"] = _norm(params)
         ref = p.reference.params
@@ -78,9 +82,24 @@ class Evaluator:
         row["tokens_per_s"] = clock.tokens_per_s(step, p.schedule.tokens_per_step)
         return row
 
-    def _datasets(self, params: Any, step: int) -> dict:
+    def prev_due(self, step: int) -> bool:
+        """Whether the eval after `step` measures the loaded run's data (--eval.prev_every; the last eval
+        always does, through `complete`)."""
+        every = self.cfg.eval.prev_every
+        index = step // self.plan.schedule.eval_every
+        return step == 0 or every == 1 or (every > 1 and index % every == 0)
+
+    def complete(self, train_state: Any, row: dict) -> dict:
+        """The run's last eval row with what --eval.prev_every left out of it (the other measures as they were)."""
+        if self.prev_due(row["step"]) or self.plan.data.prev is None:
+            return row
+        full = self._datasets(self.params_now(train_state), row["step"])
+        return {**row, **{k: v for k, v in full.items() if k not in row}}
+
+    def _datasets(self, params: Any, step: int, with_prev: bool = True) -> dict:
         """NTP (and KL to the reference) on the training data's, the loaded run's and the mix's validation
-        splits, NTP on --eval.extra_paths; exact-match accuracy where a dataset has answer spans."""
+        splits, NTP on --eval.extra_paths; exact-match accuracy where a dataset has answer spans. Without
+        `with_prev`, the loaded run's split and the extra paths with its rows are left out."""
         from forgetting.evals import evaluation
 
         p = self.plan
@@ -91,16 +110,22 @@ class Evaluator:
         memo_key = self._memo_key(kl_ref)
         row: dict = {}
         ntp_of: dict[int, float] = {}  # id(EvalSplit) -> its NTP in this eval: rows kept twice are measured once
+        left_out: set[int] = set()  # id(EvalSplit) of the loaded run's split when this eval skips it
         for prefix, dataset in (("valid", p.data.train), ("prev", p.data.prev), ("mix", p.data.mix)):
             if dataset is None:
                 continue
             split = self._split(prefix, dataset)
+            if prefix == "prev" and not with_prev:
+                left_out.add(id(split))
+                continue
             m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split, kl_ref, same, memo_key)
             ntp_of.setdefault(id(split), m["ntp"])
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
             row.update(self._accuracy(params, dataset, f"{prefix}_acc"))
         for name, dataset in p.data.extra.items():
             split = self._split(f"extra/{name}", dataset)
+            if id(split) in left_out and id(split) not in ntp_of:
+                continue
             if id(split) not in ntp_of:
                 ntp_of[id(split)] = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split)["ntp"]
             row[f"ntp/{name}"] = ntp_of[id(split)]

@@ -161,6 +161,7 @@ class Steps(Protocol):
     def on_step(self, st: LoopState, metrics: dict) -> None: ...  # hooks: progress bar, throughput
     def maybe_checkpoint(self, st: LoopState, at_eval: bool) -> None: ...
     def evaluate(self, st: LoopState) -> dict: ...  # the eval row (pending losses included)
+    def complete(self, st: LoopState, row: dict) -> dict: ...  # the last eval row: what the cadences left out added
     def log(self, row: dict) -> None: ...
 
 
@@ -185,6 +186,8 @@ def run(steps: Steps, st: LoopState) -> LoopState:
         decided = after_eval(st.best_valid, st.evals_since_best, row["valid_ntp"], steps.stop, timeout, at_end,
                              steps.length_criterion)
         st.best_valid, st.evals_since_best, st.stop_reason = decided.best_valid, decided.evals_since_best, decided.stop_reason
+        if st.stop_reason is not None:  # known only once the row's validation loss is: the row is then completed
+            row = steps.complete(st, row)
         steps.log(row)
         steps.maybe_checkpoint(st, at_eval=True)
     return st

@@ -98,7 +98,7 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         if self.last_row is None or self.last_row["step"] != st.step:
-            self.log(self.evaluator.row(st.train, st.step, st.losses, st.terms, st.clock))
+            self.log(self.complete(st, self.evaluator.row(st.train, st.step, st.losses, st.terms, st.clock)))
         final = dict(self.last_row, stop_reason=st.stop_reason, steps=st.step)
         self.rd.finish(self.evaluator.params_now(st.train), cli.to_dict(self.plan.model_cfg), final)
         if self.logger is not None:
@@ -183,6 +183,9 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise FloatingPointError(divergence_message(self.plan, self.rd, mean_loss, st.step - len(st.losses), st.step))
         return self.evaluator.row(st.train, st.step, st.losses, st.terms, st.clock)
+
+    def complete(self, st: loop.LoopState, row: dict) -> dict:
+        return self.evaluator.complete(st.train, row)
 
     def log(self, row: dict) -> None:
         self.rd.append_metrics(row)

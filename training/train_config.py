@@ -173,6 +173,9 @@ class EvalConfig:
     # all), at their own row length (sidecar packed_seq_len, else --model.seq_len); no split, token 0 kept
     ref_paths: tuple[str, ...] = ()
     token_accuracy: bool = False  # also log valid_token_acc: argmax next-token accuracy on --data.path's validation split
+    # The loaded run's data (prev_*, and the --eval.extra_paths that are its rows) at every this-many-th eval
+    # (eval index as --eval.lm_eval_every); 0 = at the first eval only. The run's last eval always has them.
+    prev_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,10 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     _non_negative("--eval.reference_cache_mb", cfg.eval.reference_cache_mb, " (0 = recompute at every eval)")
     _non_negative("--eval.batch_size", cfg.eval.batch_size, " (0 = the training batch size)")
     _non_negative("--eval.max_tokens", cfg.eval.max_tokens, " (0 = the whole split)")
+    _non_negative("--eval.prev_every", cfg.eval.prev_every, " (0 = the first and the last eval only)")
+    if cfg.eval.prev_every != 1 and not (cfg.model.load_path or cfg.model.load_dir):
+        raise ValueError(f"--eval.prev_every {cfg.eval.prev_every} thins the loaded run's data (prev_*) out of evals, "
+                         "and this run loads none: drop the flag, or add --model.load_path")
     _check_lm_eval(cfg.eval)
     _check_ref_paths(cfg)
 
