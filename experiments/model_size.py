@@ -41,9 +41,8 @@ from forgetting.experiments.framework import RunSpec
 class Knobs(C.LMKnobs):
     """Knobs of the model-size figure (shared data/model/optimizer knobs first)."""
 
-    # the figure reads end points only: no ntp/<stem> extras, the old data before and after finetuning
-    extra_evals: bool = False
-    prev_every: int = 0
+    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
+    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
     widths: tuple[int, ...] = (8, 12, 16, 32, 64)  # model widths D swept (D=8 saturates near 1.58 nats, D=64 near 1.39)
     pretrain_target: float = 1.6  # every size is pretrained until old-data valid loss <= this
     pretrain_max_tokens: int = 5_000_000  # cap on pretraining tokens (a size that cannot reach the target stops here)
