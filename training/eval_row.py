@@ -93,8 +93,30 @@ class Evaluator:
         """The run's last eval row with what --eval.prev_every left out of it (the other measures as they were)."""
         if self.prev_due(row["step"]) or self.plan.data.prev is None:
             return row
-        full = self._datasets(self.params_now(train_state), row["step"])
-        return {**row, **{k: v for k, v in full.items() if k not in row}}
+        return {**self._prev_measures(self.params_now(train_state), row["step"]), **row}
+
+    def _reference_args(self, params: Any, step: int) -> tuple:
+        """(the model KL is measured against, whether θ is bitwise it, its `reference_memo` key)."""
+        ref = self.plan.reference.params
+        kl_ref = ref if ref is not None else self.plan.model.init_params  # pretraining: KL to the initialization
+        # θ is bitwise the reference at the start of a run: KL is exactly 0 and the reference need not run
+        same = step == 0 and kl_ref is not None and same_tree(params, kl_ref)
+        return kl_ref, same, self._memo_key(kl_ref)
+
+    def _prev_measures(self, params: Any, step: int) -> dict:
+        """What `_datasets(with_prev=False)` leaves out: prev_* and the extra paths with the loaded run's rows."""
+        from forgetting.evals import evaluation
+
+        p = self.plan
+        split = self._split("prev", p.data.prev)
+        m = evaluation.ntp_and_kl_split(self.eval_step, self.hidden_fn, params, split, *self._reference_args(params, step))
+        row = {f"prev_{k}": v for k, v in m.items()}
+        row.update(self._accuracy(params, p.data.prev, "prev_acc"))
+        for name, dataset in p.data.extra.items():
+            if self._split(f"extra/{name}", dataset) is split:
+                row[f"ntp/{name}"] = m["ntp"]
+                row.update(self._accuracy(params, dataset, f"acc/{name}"))
+        return row
 
     def _datasets(self, params: Any, step: int, with_prev: bool = True) -> dict:
         """NTP (and KL to the reference) on the training data's, the loaded run's and the mix's validation
@@ -104,10 +126,7 @@ class Evaluator:
 
         p = self.plan
         ref = p.reference.params
-        kl_ref = ref if ref is not None else p.model.init_params  # pretraining: KL to the initialization
-        # θ is bitwise the reference at the start of a run: KL is exactly 0 and the reference need not run
-        same = step == 0 and kl_ref is not None and same_tree(params, kl_ref)
-        memo_key = self._memo_key(kl_ref)
+        kl_ref, same, memo_key = self._reference_args(params, step)
         row: dict = {}
         ntp_of: dict[int, float] = {}  # id(EvalSplit) -> its NTP in this eval: rows kept twice are measured once
         left_out: set[int] = set()  # id(EvalSplit) of the loaded run's split when this eval skips it
