@@ -83,6 +83,15 @@ class LMKnobs:
         return self.batch_size * self.seq_len
 
 
+@dataclass(frozen=True)
+class EndPointKnobs(LMKnobs):
+    """`LMKnobs` of a figure that reads each run's end points only (learning rate, high LR, model size,
+    pretraining length, 2-D grid): evaluations measure no more than that needs."""
+
+    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
+    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
+
+
 # The authors' defaults (their train_single.py) that every paper preset shares.
 AUTHORS_WARMUP_STEPS = 153  # their 10M warm-up tokens at B=256, T=256: ceil(10_000_000 / 65_536)
 AUTHORS_VALID_TOKENS = 10_000_000  # their data.num_tokens_valid

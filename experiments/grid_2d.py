@@ -42,11 +42,9 @@ SETTINGS = ("none", "kl")
 
 
 @dataclass(frozen=True)
-class Knobs(C.LMKnobs):
+class Knobs(C.EndPointKnobs):
     """Knobs of the 2-D grid (shared data/model/optimizer knobs first)."""
 
-    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
-    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
     widths: tuple[int, ...] = (8, 16, 32, 64)  # model widths D (grid rows)
     tpps: tuple[float, ...] = (10.0, 31.6, 100.0, 316.0)  # pretraining tokens per parameter (grid columns)
     finetune_target: float = 1.7  # finetuning stops once new-data valid loss <= this

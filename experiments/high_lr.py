@@ -42,11 +42,9 @@ from forgetting.experiments.framework import RunSpec
 
 
 @dataclass(frozen=True)
-class Knobs(C.LMKnobs):
+class Knobs(C.EndPointKnobs):
     """Knobs of the high-LR-vs-replay figure (shared data/model/optimizer knobs first)."""
 
-    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
-    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
     d_model: int = 16  # the one model width D
     pretrain_tpp: float = 1000.0  # pretraining tokens per parameter
     high_lr: float = 3e-3  # finetuning LR of the replay family (and the top of the lowered family)

@@ -37,11 +37,9 @@ SETTINGS = G.SETTINGS
 
 
 @dataclass(frozen=True)
-class Knobs(C.LMKnobs):
+class Knobs(C.EndPointKnobs):
     """Knobs of the learning-rate figure (shared data/model/optimizer knobs first; `lr` is unused)."""
 
-    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
-    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
     d_model: int = 16  # the one model width D
     pretrain_tpp: float = 300.0  # pretraining tokens per parameter (when pretrain_target is 0)
     pretrain_target: float = 0.0  # >0: pretrain every LR until old-data valid loss <= this instead of a TPP

@@ -38,11 +38,9 @@ from forgetting.experiments.framework import RunSpec
 
 
 @dataclass(frozen=True)
-class Knobs(C.LMKnobs):
+class Knobs(C.EndPointKnobs):
     """Knobs of the model-size figure (shared data/model/optimizer knobs first)."""
 
-    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
-    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
     widths: tuple[int, ...] = (8, 12, 16, 32, 64)  # model widths D swept (D=8 saturates near 1.58 nats, D=64 near 1.39)
     pretrain_target: float = 1.6  # every size is pretrained until old-data valid loss <= this
     pretrain_max_tokens: int = 5_000_000  # cap on pretraining tokens (a size that cannot reach the target stops here)

@@ -35,11 +35,9 @@ from forgetting.experiments import model_size as MS
 
 
 @dataclass(frozen=True)
-class Knobs(C.LMKnobs):
+class Knobs(C.EndPointKnobs):
     """Knobs of the pretraining-length figure (shared data/model/optimizer knobs first)."""
 
-    extra_evals: bool = False  # the figure reads end points only: no ntp/<stem> extras (true: both datasets at every eval)
-    prev_every: int = 0  # finetunes measure the old data before and at the end only (1: at every eval, its curve)
     d_model: int = 8  # the one model width D (small: it saturates near 1.58 nats, 1.75 on a 50/50 mixture)
     tpps: tuple[float, ...] = (10.0, 31.6, 100.0, 316.0, 1000.0, 3160.0, 10000.0)  # tokens per parameter of pretraining
     finetune_target: float = 1.85  # finetuning stops once new-data valid loss <= this
