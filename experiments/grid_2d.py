@@ -68,8 +68,7 @@ PRESETS = {
     "mini": Knobs(pretrain_lr_decay="cosine"),
     # The authors' experiments/2d_grid sweep (FineWeb-Edu -> Nemotron-CC-Math: pass their .bin files).
     "paper": Knobs(seeds=1, widths=_PAPER_WIDTHS, tpps=_PAPER_TPPS, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096,
-                   dtype="bfloat16",
-                   extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
+                   dtype="bfloat16", batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
                    valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_lr_decay="cosine",
                    pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
                    finetune_target=C.authors_loss(2.2, 256), finetune_max_tokens=2_000_000_000, finetune_lr=1e-4,

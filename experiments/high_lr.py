@@ -68,7 +68,6 @@ PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/high_lr sweeps (lr.yaml and rep.yaml; 1/256 is run twice, as theirs).
     "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
-                   extra_evals=False,
                    batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_eval_tokens=C.DEFAULT_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
                    pretrain_tpp=1000.0, high_lr=1e-3, lowered_lrs=_PAPER_LRS,

@@ -65,7 +65,6 @@ PRESETS = {
     "mini": Knobs(),
     # The authors' experiments/learning_rate sweep: every pretraining LR to their loss 3.2, finetuning to 3.2.
     "paper": Knobs(seeds=1, d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, dtype="bfloat16",
-                   extra_evals=False,
                    batch_size=256, warmup_steps=C.AUTHORS_WARMUP_STEPS, valid_tokens=C.AUTHORS_VALID_TOKENS,
                    pretrain_eval_tokens=C.TARGET_EVAL_TOKENS, finetune_eval_tokens=C.TARGET_EVAL_TOKENS,
                    pretrain_target=C.authors_loss(3.2, 256), pretrain_max_tokens=20_000_000_000,

@@ -66,7 +66,7 @@ PRESETS = {
     # kl_pre on real replay of a full batch (256 rows) at LR 3e-4, cosine over 10 epochs, to their 2.76.
     "paper": Knobs(seeds=1, widths=(256, 384, 512, 640, 768), n_layers=6, head_dim=64, seq_len=256,
                    vocab_size=4096, dtype="bfloat16",
-                   extra_evals=False, batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
+                   batch_size=256, lr=1e-3, warmup_steps=C.AUTHORS_WARMUP_STEPS,
                    valid_tokens=C.AUTHORS_VALID_TOKENS, pretrain_eval_tokens=C.TARGET_EVAL_TOKENS,
                    finetune_eval_tokens=C.TARGET_EVAL_TOKENS, finetune_lr_decay="cosine",
                    pretrain_target=C.authors_loss(3.0, 256), pretrain_max_tokens=20_000_000_000,
